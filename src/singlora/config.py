@@ -1,0 +1,192 @@
+"""``SingLoRAConfig``: one typed config, validated once, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import SingLoRAError
+from .functional import scaling
+
+INIT_METHODS = ("normal", "kaiming_uniform", "gaussian")
+
+# Default targets per transformers ``model_type`` (attention query + value, as the paper's GLUE runs).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_patterns(name: str, value: Any, allow_none: bool = True) -> None:
+    """A pattern field is a regex string (full match) or a list of names/suffixes."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        if not value:
+            raise SingLoRAError(f"{name}='' is empty: give module names, a regex, or 'all-linear'")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise SingLoRAError(f"{name}={value!r} is not a valid regex: {exc}") from None
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        if not value:
+            raise SingLoRAError(f"{name}=[] is empty: give at least one module name")
+        return
+    raise SingLoRAError(f"{name}={value!r} must be a regex string or a list of non-empty module names")
+
+
+@dataclass
+class SingLoRAConfig:
+    """How to adapt a model with SingLoRA: ``W = W0 + s * u(t) * A @ A.T``.
+
+    Attributes:
+        r: Rank of ``A`` (n, r). 1 <= r <= n for every targeted layer.
+        alpha: Scale numerator: ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+        target_modules: Which modules to adapt. A list matches module names exactly or by dotted suffix
+            (``"query"`` matches ``encoder.layer.0.attention.self.query``); each entry must match something.
+            A string is a regex that must fully match a module name. ``"all-linear"``: every Linear / Conv1D but
+            the output layer. ``None``: a default for known transformers ``model_type`` values.
+        exclude_modules: Same forms as ``target_modules``; matching modules are not adapted.
+        modules_to_save: Modules (name or suffix) trained fully and saved with the adapter, e.g. a classifier.
+        dropout: Dropout probability applied to the adapter's input.
+        ramp_up_steps: ``T`` of ``u = min(t / T, 1)``, t = optimizer steps. An int is a number of steps
+            (0 = no ramp, u = 1); a float in (0, 1] is a fraction of ``total_steps``.
+        total_steps: Total optimizer steps of the run; needed when ``ramp_up_steps`` is a fraction.
+        init: ``normal`` (N(0, 1/n), default), ``kaiming_uniform`` (what public implementations do; for their
+            checkpoints) or ``gaussian`` (N(0, init_std^2)).
+        init_std: Standard deviation for ``init="gaussian"``.
+        rank_pattern: ``{module name or suffix regex: r}`` overriding ``r`` for matching modules.
+        alpha_pattern: ``{module name or suffix regex: alpha}`` overriding ``alpha`` for matching modules.
+        use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    target_modules: Union[list[str], str, None] = None
+    exclude_modules: Union[list[str], str, None] = None
+    modules_to_save: Union[list[str], None] = None
+    dropout: float = 0.0
+    ramp_up_steps: Union[int, float] = 100
+    total_steps: Union[int, None] = None
+    init: str = "normal"
+    init_std: Union[float, None] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``SingLoRAError`` naming the field and value."""
+        if not _is_int(self.r) or self.r < 1:
+            raise SingLoRAError(f"r={self.r!r} must be an int >= 1")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise SingLoRAError(f"alpha={self.alpha!r} must be a finite number > 0")
+        _check_patterns("target_modules", self.target_modules)
+        _check_patterns("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            raise SingLoRAError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise SingLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
+            raise SingLoRAError(f"total_steps={self.total_steps!r} must be an int >= 1 or None")
+        if _is_int(self.ramp_up_steps):
+            if self.ramp_up_steps < 0:
+                raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps!r} must be >= 0")
+        elif isinstance(self.ramp_up_steps, float):
+            if not 0.0 < self.ramp_up_steps <= 1.0:
+                raise SingLoRAError(
+                    f"ramp_up_steps={self.ramp_up_steps!r}: a float is a fraction of total_steps and must be in (0, 1]"
+                )
+        else:
+            raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps!r} must be an int (steps) or a float (fraction)")
+        if self.init not in INIT_METHODS:
+            raise SingLoRAError(f"init={self.init!r} must be one of {INIT_METHODS}")
+        if self.init == "gaussian":
+            if not _is_number(self.init_std) or not math.isfinite(self.init_std) or self.init_std <= 0:
+                raise SingLoRAError(f"init_std={self.init_std!r} must be a number > 0 when init='gaussian'")
+        elif self.init_std is not None:
+            raise SingLoRAError(f"init_std={self.init_std!r} is only used with init='gaussian' (init={self.init!r})")
+        for name, pattern, check in (
+            ("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v >= 1),
+            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+        ):
+            if not isinstance(pattern, dict):
+                raise SingLoRAError(f"{name}={pattern!r} must be a dict of {{module pattern: value}}")
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    raise SingLoRAError(f"{name} key {key!r} must be a non-empty string")
+                if not check(value):
+                    raise SingLoRAError(f"{name}[{key!r}]={value!r} is not a valid {'r' if name[0] == 'r' else 'alpha'}")
+        if not isinstance(self.use_rslora, bool):
+            raise SingLoRAError(f"use_rslora={self.use_rslora!r} must be a bool")
+
+    def ramp_steps(self) -> int:
+        """``T`` in optimizer steps, resolving a fraction against ``total_steps``."""
+        if _is_int(self.ramp_up_steps):
+            return self.ramp_up_steps
+        if self.total_steps is None:
+            raise SingLoRAError(
+                f"ramp_up_steps={self.ramp_up_steps} is a fraction of the total steps: set total_steps, "
+                "or give ramp_up_steps as an int number of steps"
+            )
+        return max(1, round(self.ramp_up_steps * self.total_steps))
+
+    def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+        for key, value in pattern.items():
+            if re.fullmatch(rf"(.*\.)?{key}", module_name):
+                return value
+        return default
+
+    def rank_for(self, module_name: str) -> int:
+        """``r`` for a module, after ``rank_pattern``."""
+        return self._pattern_value(self.rank_pattern, module_name, self.r)
+
+    def scale_for(self, module_name: str) -> float:
+        """``s`` for a module, after ``rank_pattern`` and ``alpha_pattern``."""
+        alpha = self._pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return scaling(self.rank_for(module_name), alpha, self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SingLoRAConfig":
+        """Build from a dict (e.g. ``adapter_config.json``); unknown fields are an error naming ``source``."""
+        if not isinstance(data, dict):
+            raise SingLoRAError(f"{source}: expected an object of config fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SingLoRAError(f"{source}: unknown config field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            return cls(**data)
+        except SingLoRAError as exc:
+            raise SingLoRAError(f"{source}: {exc}") from None

@@ -1,0 +1,231 @@
+"""Adapter layers: a thin ``nn.Module`` around the original layer (``base_layer``) plus named SingLoRA adapters.
+
+``SingLoRALayer.forward(x) = base_layer(x) + sum over active adapters of ((dropout(x) @ A_in) * c) @ A_out.T``
+with ``c = s * u(t)``; the dense update is built only to merge (``functional.delta_weight``).
+
+State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) and ``m.singlora.<adapter>.A``,
+``m.singlora.<adapter>.step``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SingLoRAError
+from .functional import LayerKind, delta_weight, init_A, matrix_dims, ramp
+
+
+def _transformers_conv1d() -> type | None:
+    """transformers' ``Conv1D`` class if transformers is already imported (never imports it)."""
+    import sys
+
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The SingLoRA layer kind of a module, or None if it cannot be adapted."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    conv1d = _transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d_t"
+    return None
+
+
+class SingLoRAAdapter(nn.Module):
+    """One named adapter on one layer: ``A`` (n, r), the ramp ``step``, and its constants.
+
+    Attributes:
+        A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
+        step: 0-dim int64 buffer, optimizer steps taken (``t``).
+        scale: ``s``. ramp_steps: ``T`` (0 = no ramp).
+    """
+
+    def __init__(
+        self, n: int, r: int, *, scale: float, ramp_steps: int, dropout: float, init: str, init_std: float | None,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.scale = scale
+        self.ramp_steps = ramp_steps
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        init_A(self.A, init, init_std)
+        self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+
+    def coefficient(self) -> Tensor:
+        """``c = s * u(t)``: 0-dim float32 tensor, no host sync."""
+        return ramp(self.step, self.ramp_steps) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"
+
+
+class SingLoRALayer(nn.Module):
+    """Wraps ``base_layer`` (Linear, transformers Conv1D, Conv1d/2d, Embedding) with named SingLoRA adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise SingLoRAError(f"{type(base_layer).__name__} cannot be adapted (Linear, Conv1D, Conv1d/2d, Embedding)")
+        if kind == "conv" and base_layer.groups != 1:
+            raise SingLoRAError(f"{base_layer!r} has groups={base_layer.groups}; SingLoRA supports groups=1 only")
+        self.base_layer = base_layer
+        self.kind: LayerKind = kind
+        self.d_out, self.d_in = matrix_dims(kind, base_layer.weight.shape)
+        self.singlora = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, r: int, **kwargs) -> None:
+        """Add adapter ``name`` with rank ``r``; kwargs go to ``SingLoRAAdapter``."""
+        n = max(self.d_out, self.d_in)
+        if r > n:
+            raise SingLoRAError(f"r={r} exceeds n=max(d_out={self.d_out}, d_in={self.d_in})={n}")
+        weight = self.base_layer.weight
+        # Low-precision (fp16/bf16) or quantized bases get a float32 adapter, as PEFT does; float64 stays float64.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.singlora[name] = SingLoRAAdapter(n, r, device=weight.device, dtype=dtype, **kwargs)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.singlora[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # ---- math -------------------------------------------------------------------------------------------------
+
+    def _merge_dtype(self) -> torch.dtype:
+        """float32, or float64 for a float64 base: merging never computes below float32."""
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+
+    def get_delta_weight(self, name: str, coefficient: float | None = None) -> Tensor:
+        """Dense update of adapter ``name`` in the base weight's layout, in float32 (float64 for float64 bases).
+
+        ``coefficient`` defaults to the adapter's current ``c = s * u(t)``.
+        """
+        adapter = self.singlora[name]
+        dtype = self._merge_dtype()
+        c = adapter.coefficient().to(dtype) if coefficient is None else coefficient
+        return delta_weight(adapter.A.detach().to(dtype), self.kind, self.base_layer.weight.shape, c)
+
+    def _adapter_output(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
+        """Factored update output for input ``x``; same shape as ``base_layer(x)``."""
+        A = adapter.A
+        coefficient = adapter.coefficient().to(A.dtype)
+        if self.kind == "embedding":  # (..., ) ids -> (..., num rows of A) -> (..., dim)
+            base = self.base_layer
+            h = F.embedding(x, A[: self.d_out], max_norm=None, norm_type=base.norm_type,
+                            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+            return F.linear(h * coefficient, A[: self.d_in])
+        x = adapter.dropout(x.to(A.dtype))
+        if self.kind == "conv":  # (N, in, *S) -> conv with r filters -> (N, r, *S') -> 1x1 conv -> (N, out, *S')
+            base = self.base_layer
+            kernel = A[: self.d_in].T.reshape(A.shape[1], *base.weight.shape[1:])
+            h = base._conv_forward(x, kernel, None) * coefficient
+            pointwise = A[: self.d_out].reshape(self.d_out, A.shape[1], *([1] * (h.dim() - 2)))
+            return F.conv1d(h, pointwise) if h.dim() == 3 else F.conv2d(h, pointwise)
+        # linear / conv1d_t: (..., d_in) -> (..., r) -> (..., d_out)
+        return F.linear(F.linear(x, A[: self.d_in].T) * coefficient, A[: self.d_out])
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            if self.merged_adapters:
+                raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._adapter_output(x, self.singlora[name]).to(result.dtype)
+        return result
+
+    # ---- merging ----------------------------------------------------------------------------------------------
+
+    def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weight, in float32; already merged: no-op.
+
+        ``safe=True`` refuses (``SingLoRAError``) a result with NaN/Inf, leaving the weight unchanged.
+        """
+        weight = self.base_layer.weight
+        for name in list(self.active_adapters if names is None else names):
+            if name in self.merged_adapters:
+                continue
+            adapter = self.singlora[name]
+            coefficient = float(adapter.coefficient())
+            merged = weight.data.to(self._merge_dtype()) + self.get_delta_weight(name, coefficient)
+            if safe and not torch.isfinite(merged).all():
+                raise SingLoRAError(f"merging adapter {name!r} gives non-finite weights; nothing was merged")
+            weight.data.copy_(merged.to(weight.dtype))
+            adapter.merged_coefficient = coefficient
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Subtract merged adapters (default: all merged) from the base weight, in float32; not merged: no-op."""
+        weight = self.base_layer.weight
+        for name in list(reversed(self.merged_adapters) if names is None else names):
+            if name not in self.merged_adapters:
+                continue
+            adapter = self.singlora[name]
+            delta = self.get_delta_weight(name, adapter.merged_coefficient)
+            weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
+            adapter.merged_coefficient = None
+            self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d_out={self.d_out}, d_in={self.d_in}, active={self.active_adapters}"
+
+
+class TrainableCopy(nn.Module):
+    """A module of ``modules_to_save``: the frozen original plus one fully trainable copy per adapter.
+
+    The copy of the first active adapter that has one runs; with none (or adapters disabled) the original runs.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        replica = copy.deepcopy(self.original_module)
+        for parameter in replica.parameters():
+            parameter.requires_grad_(True)
+        self.copies[name] = replica
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def active_module(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)

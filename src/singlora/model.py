@@ -1,0 +1,319 @@
+"""Model surgery: ``SingLoRAModel`` wraps any ``nn.Module`` (transformers models included), injects SingLoRA
+layers into the targeted modules, and manages named adapters, the ramp step, merging and unloading.
+
+    model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
+    model.bind_optimizer(optimizer)      # u(t) follows optimizer steps
+    ...train...
+    model.save_adapter("out/")           # adapter_config.json + adapter_model.safetensors
+    plain = model.merge_and_unload()     # the original module classes, adapters folded in
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Union
+
+import torch
+from torch import nn
+
+from .config import SingLoRAConfig
+from .errors import SingLoRAError
+from .layers import SingLoRALayer, TrainableCopy
+from .targets import resolve_modules_to_save, resolve_targets
+
+AdapterNames = Union[str, list[str]]
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class SingLoRAModel(nn.Module):
+    """A model with SingLoRA adapters. Calls and unknown attributes go to the wrapped ``model``.
+
+    Attributes:
+        model: The wrapped model, modified in place (targeted modules replaced by ``SingLoRALayer``).
+        configs: ``{adapter name: SingLoRAConfig}``.
+        active_adapters: Names of the adapters that run in forward and train.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: SingLoRAConfig | None, adapter_name: str = "default"
+    ) -> None:
+        """Wrap ``model``; with a ``config``, add adapter ``adapter_name`` and make it active."""
+        super().__init__()
+        self.model = model
+        self.configs: dict[str, SingLoRAConfig] = {}
+        self.active_adapters: list[str] = []
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- the adapted modules --------------------------------------------------------------------------------
+
+    def singlora_layers(self) -> Iterator[tuple[str, SingLoRALayer]]:
+        """``(module name in the wrapped model, layer)`` for every adapted module."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, SingLoRALayer):
+                yield name, module
+
+    def trainable_copies(self) -> Iterator[tuple[str, TrainableCopy]]:
+        """``(module name, wrapper)`` for every ``modules_to_save`` module."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, TrainableCopy):
+                yield name, module
+
+    def adapter_modules(self, adapter_name: str) -> dict[str, nn.Module]:
+        """``{module name: module}`` holding adapter ``adapter_name``: its ``SingLoRAAdapter``s and saved copies."""
+        self._check_names([adapter_name])
+        found: dict[str, nn.Module] = {}
+        for name, layer in self.singlora_layers():
+            if adapter_name in layer.singlora:
+                found[name] = layer.singlora[adapter_name]
+        for name, wrapper in self.trainable_copies():
+            if adapter_name in wrapper.copies:
+                found[name] = wrapper.copies[adapter_name]
+        return found
+
+    # ---- named adapters ---------------------------------------------------------------------------------------
+
+    def _check_names(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.configs:
+                raise SingLoRAError(f"adapter {name!r} does not exist; adapters are {sorted(self.configs)}")
+
+    def add_adapter(self, adapter_name: str, config: SingLoRAConfig) -> None:
+        """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change."""
+        if not isinstance(config, SingLoRAConfig):
+            raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+        if adapter_name in self.configs:
+            raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+        config.validate()
+        ramp_steps = config.ramp_steps()
+        targets = resolve_targets(self.model, config)
+        saved = resolve_modules_to_save(self.model, config)
+        plans = []
+        for name in targets:
+            module = self.model.get_submodule(name)
+            layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
+            r = config.rank_for(name)
+            n = max(layer.d_out, layer.d_in)
+            if r > n:
+                raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={layer.d_out}, d_in={layer.d_in})={n}")
+            plans.append((name, module, layer, r))
+        # Validated: from here on nothing raises on user input.
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        for name, module, layer, r in plans:
+            layer.add_adapter(
+                adapter_name, r, scale=config.scale_for(name), ramp_steps=ramp_steps, dropout=config.dropout,
+                init=config.init, init_std=config.init_std,
+            )
+            if layer is not module:
+                _set_submodule(self.model, name, layer)
+        for name in saved:
+            module = self.model.get_submodule(name)
+            wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+            wrapper.add_adapter(adapter_name)
+            if wrapper is not module:
+                _set_submodule(self.model, name, wrapper)
+        self.configs[adapter_name] = config
+        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: AdapterNames) -> None:
+        """Make ``adapter_names`` the active (running, trainable) adapters; all other adapters are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        self.active_adapters = names
+        for _, layer in self.singlora_layers():
+            layer.active_adapters = [n for n in names if n in layer.singlora]
+            for adapter_name, adapter in layer.singlora.items():
+                adapter.A.requires_grad_(adapter_name in names)
+        for _, wrapper in self.trainable_copies():
+            wrapper.active_adapters = [n for n in names if n in wrapper.copies]
+            for adapter_name, replica in wrapper.copies.items():
+                replica.requires_grad_(adapter_name in names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; modules left without adapters get their original module back."""
+        self._check_names([adapter_name])
+        for name, layer in list(self.singlora_layers()):
+            if adapter_name in layer.singlora:
+                layer.delete_adapter(adapter_name)
+                if not len(layer.singlora):
+                    _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self.trainable_copies()):
+            if adapter_name in wrapper.copies:
+                wrapper.delete_adapter(adapter_name)
+                if not len(wrapper.copies):
+                    _set_submodule(self.model, name, wrapper.original_module)
+        del self.configs[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        self.set_adapter(self.active_adapters)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside the block (merged adapters are unmerged, then merged back)."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.singlora_layers()}
+        modules = [m for _, m in self.singlora_layers()] + [m for _, m in self.trainable_copies()]
+        self.unmerge()
+        try:
+            for module in modules:
+                module.disabled = True
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+            for name, layer in self.singlora_layers():
+                layer.merge(merged.get(name, []))
+
+    # ---- ramp-up: t counts optimizer steps ----------------------------------------------------------------------
+
+    def _step_buffers(self, adapter_names: list[str]) -> list[torch.Tensor]:
+        return [
+            layer.singlora[n].step for _, layer in self.singlora_layers() for n in adapter_names if n in layer.singlora
+        ]
+
+    def step(self, n: int = 1) -> None:
+        """Advance the ramp of the active adapters by ``n`` optimizer steps (no host sync)."""
+        buffers = self._step_buffers(self.active_adapters)
+        if buffers:
+            torch._foreach_add_(buffers, n)
+
+    def get_step(self, adapter_name: str | None = None) -> int:
+        """Optimizer steps taken by an adapter (default: the first active one)."""
+        name = adapter_name or self.active_adapters[0]
+        self._check_names([name])
+        return int(self._step_buffers([name])[0])
+
+    def set_step(self, step: int, adapter_name: str | None = None) -> None:
+        """Set the ramp step of an adapter (default: every active one), e.g. when resuming."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise SingLoRAError(f"step={step!r} must be an int >= 0")
+        names = [adapter_name] if adapter_name else self.active_adapters
+        self._check_names(names)
+        for buffer in self._step_buffers(names):
+            buffer.fill_(step)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
+
+        Under gradient accumulation only real optimizer steps count; a step skipped by a ``GradScaler`` (inf/NaN
+        gradients) never calls ``optimizer.step`` and does not count.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_post_hook(lambda *_: self.step())
+
+    # ---- parameters ---------------------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self, print_fn: Callable[[str], Any] = print) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print_fn(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- merging and unloading ----------------------------------------------------------------------------------
+
+    def merge(self, adapter_names: AdapterNames | None = None, safe: bool = False) -> None:
+        """Fold adapters (default: active) into the base weights in float32. Idempotent.
+
+        ``safe=True``: a non-finite result anywhere raises ``SingLoRAError`` and nothing stays merged by this call.
+        """
+        names = self.active_adapters if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        )
+        self._check_names(names)
+        done: list[tuple[SingLoRALayer, list[str]]] = []
+        try:
+            for module_name, layer in self.singlora_layers():
+                todo = [n for n in names if n in layer.singlora and n not in layer.merged_adapters]
+                done.append((layer, todo))
+                try:
+                    layer.merge(todo, safe=safe)
+                except SingLoRAError as exc:
+                    raise SingLoRAError(f"module {module_name!r}: {exc}") from None
+        except SingLoRAError:
+            for layer, todo in done:
+                layer.unmerge(todo)
+            raise
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weights. Idempotent."""
+        for _, layer in self.singlora_layers():
+            layer.unmerge()
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging (merged ones are unmerged first); returns the original model."""
+        self.unmerge()
+        return self._restore_originals()
+
+    def merge_and_unload(self, safe: bool = False) -> nn.Module:
+        """Merge the active adapters and return the wrapped model with its original module classes."""
+        self.merge(safe=safe)
+        return self._restore_originals()
+
+    def _restore_originals(self) -> nn.Module:
+        for name, layer in list(self.singlora_layers()):
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self.trainable_copies()):
+            _set_submodule(self.model, name, wrapper.active_module())
+        self.configs.clear()
+        self.active_adapters = []
+        return self.model
+
+    # ---- files --------------------------------------------------------------------------------------------------
+
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: first active)."""
+        from .adapter_file import save_adapter
+
+        save_adapter(self, directory, adapter_name or self.active_adapters[0])
+
+    save_pretrained = save_adapter
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = True) -> None:
+        """Add adapter ``adapter_name`` from files written by ``save_adapter`` and make it active.
+
+        Keys, shapes and config are checked against this model before anything changes.
+        """
+        from .adapter_file import load_adapter
+
+        load_adapter(self, directory, adapter_name)
+        self.set_adapter(adapter_name)
+        if not is_trainable:
+            for module in self.adapter_modules(adapter_name).values():
+                module.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "SingLoRAModel":
+        """Wrap ``model`` with an adapter loaded from ``directory`` (frozen unless ``is_trainable``)."""
+        wrapped = cls(model, None)
+        wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        return wrapped
+
+def get_singlora_model(model: nn.Module, config: SingLoRAConfig, adapter_name: str = "default") -> SingLoRAModel:
+    """Inject SingLoRA adapters into ``model`` (in place) and return the wrapper, with the adapter active."""
+    return SingLoRAModel(model, config, adapter_name)
