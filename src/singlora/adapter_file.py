@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .functional import matrix_dims
-from .layers import layer_kind
+from .layers import layer_kind, weight_shape
 from .targets import resolve_modules_to_save, resolve_targets
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def expected_shapes(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str,
     for name in resolve_targets(model.model, config):
         module = model.model.get_submodule(name)
         base = getattr(module, "base_layer", module)
-        d_out, d_in = matrix_dims(layer_kind(base), base.weight.shape)
+        d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
         shapes[f"{name}.{A_SUFFIX}"] = (max(d_out, d_in), config.rank_for(name))
     for name in resolve_modules_to_save(model.model, config):
         module = model.model.get_submodule(name)

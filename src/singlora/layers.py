@@ -42,6 +42,14 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """Logical shape of a module's weight. Linear layers report ``(out_features, in_features)``, which also holds
+    for quantized ones whose stored weight is packed (bitsandbytes 4-bit stores ``(out * in / 2, 1)`` uint8)."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
 class SingLoRAAdapter(nn.Module):
     """One named adapter on one layer: ``A`` (n, r), the ramp ``step``, and its constants.
 
@@ -84,7 +92,7 @@ class SingLoRALayer(nn.Module):
             raise SingLoRAError(f"{base_layer!r} has groups={base_layer.groups}; SingLoRA supports groups=1 only")
         self.base_layer = base_layer
         self.kind: LayerKind = kind
-        self.d_out, self.d_in = matrix_dims(kind, base_layer.weight.shape)
+        self.d_out, self.d_in = matrix_dims(kind, weight_shape(base_layer))
         self.singlora = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -129,7 +137,7 @@ class SingLoRALayer(nn.Module):
         adapter = self.singlora[name]
         dtype = self._merge_dtype()
         c = adapter.coefficient().to(dtype) if coefficient is None else coefficient
-        return delta_weight(adapter.A.detach().to(dtype), self.kind, self.base_layer.weight.shape, c)
+        return delta_weight(adapter.A.detach().to(dtype), self.kind, weight_shape(self.base_layer), c)
 
     def _adapter_output(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
         """Factored update output for input ``x``; same shape as ``base_layer(x)``."""
@@ -169,6 +177,11 @@ class SingLoRALayer(nn.Module):
         ``safe=True`` refuses (``SingLoRAError``) a result with NaN/Inf, leaving the weight unchanged.
         """
         weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise SingLoRAError(
+                f"cannot merge into a {weight.dtype} (quantized) base weight; dequantize first "
+                "(singlora.quantized.dequantize_and_merge) or keep the adapter unmerged"
+            )
         for name in list(self.active_adapters if names is None else names):
             if name in self.merged_adapters:
                 continue
