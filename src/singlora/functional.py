@@ -56,14 +56,14 @@ def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def ramp(step: Tensor, ramp_steps: int) -> Tensor:
-    """``u = min(t / T, 1)`` as a 0-dim float32 tensor (no host sync); ``T = 0`` means no ramp (``u = 1``).
+def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``u = min(t / T, 1)`` as a 0-dim ``dtype`` tensor (no host sync); ``T = 0`` means no ramp (``u = 1``).
 
     ``step`` is a 0-dim integer tensor counting optimizer steps.
     """
     if ramp_steps == 0:
-        return torch.ones((), dtype=torch.float32, device=step.device)
-    return (step.to(torch.float32) / ramp_steps).clamp(max=1.0)
+        return torch.ones((), dtype=dtype, device=step.device)
+    return (step.to(dtype) / ramp_steps).clamp(max=1.0)
 
 
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:

