@@ -10,18 +10,28 @@ Format ``singlora``, version 1:
     - ``<module>.singlora_A``: ``(n, r)`` for every adapted module, ``<module>`` its name in the base model
       (e.g. ``encoder.layer.0.attention.self.query.singlora_A``); the adapter name is not part of the key.
     - ``<module>.<tensor>``: the full state of every ``modules_to_save`` module (e.g. ``classifier.weight``).
+
+Loading treats both files as hostile: each must be a regular file under a size cap; the JSON is parsed strictly
+(no NaN, no duplicate keys); the safetensors header (8-byte length + JSON) is parsed and checked here, against the
+file size and against the keys, shapes and dtypes this model needs, before any tensor is read; then the data
+(whose size is now bounded by the model's own adapter size) is read once and checked for NaN/Inf. Only then does
+the model change. Pickled weights (``.bin``, ``.pt``, ...) are never opened.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from .config import SingLoRAConfig
@@ -39,6 +49,16 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 A_SUFFIX = "singlora_A"
 _META_FIELDS = ("format", "format_version", "ramp_step", "base_model_name_or_path")
+MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json
+MAX_HEADER_BYTES = 16 * 2**20  # the JSON header of adapter_model.safetensors
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# safetensors dtype name -> (torch dtype, bytes per element). Unknown names are refused.
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -96,81 +116,272 @@ def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_n
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
+# ---- reading, hostile input first ---------------------------------------------------------------------------
+
+
+def _open_regular(path: Path, limit: int | None, what: str) -> tuple[Any, int]:
+    """Open ``path`` for reading if it is a regular file (symlinks to one are fine, as in the HF cache) no larger
+    than ``limit`` bytes; returns ``(handle, size)``. FIFOs, devices and directories are refused unopened."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: no such file ({what})") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot stat: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise AdapterFileError(f"{path}: not a regular file ({what})")
+    if limit is not None and info.st_size > limit:
+        raise AdapterFileError(f"{path}: {info.st_size} bytes, over the {limit}-byte limit for {what}")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot open: {exc.strerror}") from None
+    return handle, info.st_size
+
+
+def _strict_json(text: bytes, path: Path) -> Any:
+    """``json.loads`` that refuses NaN/Infinity constants, duplicate keys, non-UTF-8 and absurd nesting."""
+
+    def no_constant(name: str) -> None:
+        raise AdapterFileError(f"{path}: JSON constant {name} is not allowed")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document:
+                raise AdapterFileError(f"{path}: duplicate JSON key {key!r}")
+            document[key] = value
+        return document
+
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(f"{path}: not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path}: JSON nested too deeply") from None
+
+
+def _unsafe_regex(pattern: str) -> str | None:
+    """Why a regex from a file could backtrack catastrophically (a repeat inside a repeat), or None.
+
+    A heuristic, enough for module-name patterns: loading must not hang on a crafted ``target_modules``.
+    """
+    import re._parser as sre_parse  # the stdlib's own regex parser (3.11+)
+
+    def repeats(items: Any, depth: int) -> str | None:
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = arg
+                if high > 1 and depth > 0:
+                    return "a repeat nested inside a repeat"
+                found = repeats(sub, depth + (high > 1))
+            elif name == "SUBPATTERN":
+                found = repeats(arg[-1], depth)
+            elif name == "BRANCH":
+                if depth > 0:
+                    return "an alternation inside a repeat"
+                found = next((r for branch in arg[1] if (r := repeats(branch, depth))), None)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                found = repeats(arg[1], depth)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    if len(pattern) > 1000:
+        return f"{len(pattern)} characters long (limit 1000)"
+    try:
+        return repeats(sre_parse.parse(pattern), 0)
+    except Exception as exc:  # re.error, or a parser internal on odd input
+        return f"not a valid regex: {exc}"
+
+
+def _check_file_patterns(path: Path, fields: dict[str, Any]) -> None:
+    """Refuse regexes in a config file that could hang matching (``target_modules``, pattern-dict keys)."""
+    checks: list[tuple[str, Any]] = []
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(fields.get(name), str) and fields[name] != "all-linear":
+            checks.append((name, fields[name]))
+    for name in ("rank_pattern", "alpha_pattern"):
+        if isinstance(fields.get(name), dict):
+            checks.extend((f"{name} key", key) for key in fields[name])
+    for name, pattern in checks:
+        reason = _unsafe_regex(pattern) if isinstance(pattern, str) else None
+        if reason:
+            raise AdapterFileError(f"{path}: {name} {pattern!r} is refused: {reason}")
+
+
 def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, dict[str, Any]]:
     """Parse and validate ``adapter_config.json``: ``(config, {format, format_version, ramp_step, ...})``."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: no such file (is {directory} a singlora adapter directory?)")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path}: not valid JSON: {exc}") from None
+    if not Path(directory).is_dir():
+        raise AdapterFileError(f"{directory}: not a directory (expected a singlora adapter directory)")
+    handle, _ = _open_regular(path, MAX_CONFIG_BYTES, f"is {directory} a singlora adapter directory?")
+    with handle:
+        document = _strict_json(handle.read(MAX_CONFIG_BYTES + 1), path)
     if not isinstance(document, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(document).__name__}")
     if document.get("format") != FORMAT_NAME:
         hint = " (a PEFT adapter: load it with peft)" if "peft_type" in document else ""
         raise AdapterFileError(f"{path}: format={document.get('format')!r}, expected {FORMAT_NAME!r}{hint}")
     version = document.get("format_version")
-    if version != FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
         raise AdapterFileError(
             f"{path}: format_version={version!r} is not supported (this singlora reads version {FORMAT_VERSION})"
         )
     step = document.get("ramp_step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise AdapterFileError(f"{path}: ramp_step={step!r} must be an int >= 0")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+        raise AdapterFileError(f"{path}: ramp_step={step!r} must be an int in [0, 2**63)")
+    base = document.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterFileError(f"{path}: base_model_name_or_path={base!r} must be a string or null")
     meta = {k: document[k] for k in _META_FIELDS if k in document}
     fields = {k: v for k, v in document.items() if k not in _META_FIELDS}
+    _check_file_patterns(path, fields)
     try:
         config = SingLoRAConfig.from_dict(fields, source=str(path))
     except SingLoRAError as exc:
         raise AdapterFileError(str(exc)) from None
+    except (TypeError, ValueError, re.error, RecursionError) as exc:  # a field value the validator did not foresee
+        raise AdapterFileError(f"{path}: invalid config: {exc!r}") from None
     return config, meta
 
 
-def expected_shapes(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[int, ...]]:
-    """File keys and shapes that ``config`` implies for ``model``'s modules (no change to the model)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def _expected_tensors(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for ``model`` (no change to it)."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name in resolve_targets(model.model, config):
         module = model.model.get_submodule(name)
         base = getattr(module, "base_layer", module)
         d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
-        shapes[f"{name}.{A_SUFFIX}"] = (max(d_out, d_in), config.rank_for(name))
+        expected[f"{name}.{A_SUFFIX}"] = ((max(d_out, d_in), config.rank_for(name)), torch.float32)
     for name in resolve_modules_to_save(model.model, config):
         module = model.model.get_submodule(name)
         original = getattr(module, "original_module", module)
         for key, value in original.state_dict().items():
-            shapes[f"{name}.{key}"] = tuple(value.shape)
-    return shapes
+            expected[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
+    return expected
 
 
-def read_adapter_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Load ``path``'s tensors, checking keys, shapes (from the header, before loading), dtypes and finiteness."""
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: no such file")
+def expected_shapes(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[int, ...]]:
+    """File keys and shapes that ``config`` implies for ``model``'s modules (no change to the model)."""
+    return {key: shape for key, (shape, _) in _expected_tensors(model, config).items()}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """Parse and check a safetensors header without the safetensors library and without reading any tensor.
+
+    Returns ``(metadata, {key: (dtype name, shape, begin, end)})``, offsets relative to the data section. Checks:
+    a regular file; header length <= ``MAX_HEADER_BYTES`` and inside the file; strict JSON; every entry has a
+    known dtype, a shape of non-negative ints and offsets whose span is exactly ``numel * itemsize``; the spans
+    tile the data section (no gaps, overlaps, or bytes past the file's end).
+    """
+    handle, size = _open_regular(path, None, "adapter weights")
+    with handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise AdapterFileError(f"{path}: {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise AdapterFileError(f"{path}: header declares {length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + length > size:
+            raise AdapterFileError(f"{path}: header declares {length} bytes but the file has {size} (truncated?)")
+        document = _strict_json(handle.read(length), path)
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{path}: header is a JSON {type(document).__name__}, expected an object")
+    metadata = document.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(f"{path}: __metadata__={metadata!r} must be an object of strings")
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for key, entry in document.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise AdapterFileError(f"{path}: {key!r}: header entry {entry!r} needs exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise AdapterFileError(f"{path}: {key!r}: dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise AdapterFileError(f"{path}: {key!r}: shape {shape!r} must be a list of ints >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise AdapterFileError(f"{path}: {key!r}: data_offsets {offsets!r} must be [begin, end], 0 <= begin <= end")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != nbytes:
+            raise AdapterFileError(
+                f"{path}: {key!r}: shape {shape} of {dtype} is {nbytes} bytes, data_offsets {offsets} span "
+                f"{offsets[1] - offsets[0]}"
+            )
+        entries[key] = (dtype, tuple(shape), offsets[0], offsets[1])
+    data_size, position = size - 8 - length, 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != position:
+            raise AdapterFileError(f"{path}: {key!r}: data starts at {begin}, expected {position} (gap or overlap)")
+        position = end
+    if position != data_size:
+        raise AdapterFileError(f"{path}: tensors cover {position} data bytes, the file holds {data_size} (truncated?)")
+    return metadata, entries
+
+
+def _pickle_hint(directory: Path) -> str:
+    """A note on pickled weights found in ``directory`` (never opened), with a safe conversion command."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT_NAME:
-                raise AdapterFileError(f"{path}: metadata format={metadata.get('format')!r}, expected {FORMAT_NAME!r}")
-            keys = set(handle.keys())
-            missing = sorted(set(shapes) - keys)
-            if missing:
-                raise AdapterFileError(f"{path}: missing tensor(s) for this model: {missing[:10]}")
-            unexpected = sorted(keys - set(shapes))
-            if unexpected:
-                raise AdapterFileError(f"{path}: tensor(s) matching no module of this model: {unexpected[:10]}")
-            for key, shape in shapes.items():
-                found = tuple(handle.get_slice(key).get_shape())
-                if found != shape:
-                    raise AdapterFileError(f"{path}: {key} has shape {found}, the model needs {shape}")
-            tensors = {key: handle.get_tensor(key) for key in shapes}
-    except AdapterFileError:
-        raise
-    except Exception as exc:  # safetensors raises its own types for corrupt headers and truncated data
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    except OSError:
+        return ""
+    if not pickles:
+        return ""
+    return (
+        f"; found pickled weights {pickles}, which singlora never loads (unpickling can run arbitrary code). "
+        "Convert them once, in a process you trust, with torch's weights-only unpickler: python -c \"import torch; "
+        "from safetensors.torch import save_file; "
+        f"save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_FILE}', "
+        f"metadata={{'format': '{FORMAT_NAME}', 'format_version': '{FORMAT_VERSION}'}})\" (keys must be "
+        f"'<module>.{A_SUFFIX}')"
+    )
+
+
+def read_adapter_tensors(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load ``path``'s tensors, checking keys, shapes and dtypes from the header (``read_safetensors_header``)
+    before reading any data, then finiteness. ``dtypes``: the model's dtype per key, for non-``A`` tensors (a
+    floating tensor needs a floating file dtype; an integer/bool one needs exactly its own)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise AdapterFileError(f"{path}: no such file{_pickle_hint(path.parent)}")
+    metadata, entries = read_safetensors_header(path)
+    if metadata.get("format") != FORMAT_NAME:
+        raise AdapterFileError(f"{path}: metadata format={metadata.get('format')!r}, expected {FORMAT_NAME!r}")
+    missing = sorted(set(shapes) - set(entries))
+    if missing:
+        raise AdapterFileError(f"{path}: missing tensor(s) for this model: {missing[:10]}")
+    unexpected = sorted(set(entries) - set(shapes))
+    if unexpected:
+        raise AdapterFileError(f"{path}: tensor(s) matching no module of this model: {unexpected[:10]}")
+    for key, shape in shapes.items():
+        dtype, found, _, _ = entries[key]
+        if found != tuple(shape):
+            raise AdapterFileError(f"{path}: {key} has shape {found}, the model needs {tuple(shape)}")
+        wanted = torch.float32 if key.endswith(A_SUFFIX) else (dtypes or {}).get(key, torch.float32)
+        if wanted.is_floating_point and dtype not in _FLOAT_DTYPES:
+            raise AdapterFileError(f"{path}: {key} has dtype {dtype}, expected a floating-point type {_FLOAT_DTYPES}")
+        if not wanted.is_floating_point and SAFETENSORS_DTYPES[dtype][0] != wanted:
+            raise AdapterFileError(f"{path}: {key} has dtype {dtype}, the model holds {wanted}")
+    # The data size now equals what this model's adapter needs: reading it is a bounded allocation. Read the file
+    # once and parse those same bytes (no window for the file to change between the checks and the load).
+    handle, size = _open_regular(path, None, "adapter weights")
+    with handle:
+        blob = handle.read()
+    if len(blob) != size:
+        raise AdapterFileError(f"{path}: changed while being read")
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except Exception as exc:  # already checked above; anything left is still a corrupt file, never a crash
         raise AdapterFileError(f"{path}: not a readable safetensors file: {exc}") from None
     for key, tensor in tensors.items():
-        if key.endswith(A_SUFFIX) and not tensor.is_floating_point():
-            raise AdapterFileError(f"{path}: {key} has dtype {tensor.dtype}, expected a floating-point type")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{path}: {key} contains NaN or Inf")
     return tensors
@@ -178,19 +389,29 @@ def read_adapter_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict
 
 def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
     """Add adapter ``adapter_name`` to ``model`` from ``directory``. Everything is validated first: on any
-    error the model is left exactly as it was."""
+    error the model is left exactly as it was (modules, tensors, ``requires_grad`` flags)."""
     config, meta = read_adapter_config(directory)
     if adapter_name in model.configs:
         raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
     path = Path(directory) / WEIGHTS_FILE
     try:
-        shapes = expected_shapes(model, config)
+        expected = _expected_tensors(model, config)
     except SingLoRAError as exc:
         raise AdapterFileError(f"{Path(directory) / CONFIG_FILE}: does not fit this model: {exc}") from None
-    tensors = read_adapter_tensors(path, shapes)
-    model.add_adapter(adapter_name, config)
-    state = adapter_state_dict(model, adapter_name)
-    with torch.no_grad():
-        for key, target in state.items():
-            target.copy_(tensors[key])
-    model.set_step(meta["ramp_step"], adapter_name)
+    tensors = read_adapter_tensors(
+        path, {k: shape for k, (shape, _) in expected.items()}, {k: dtype for k, (_, dtype) in expected.items()}
+    )
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.add_adapter(adapter_name, config)
+        state = adapter_state_dict(model, adapter_name)
+        with torch.no_grad():
+            for key, target in state.items():
+                target.copy_(tensors[key])
+        model.set_step(meta["ramp_step"], adapter_name)
+    except BaseException:  # roll back: the model is as it was
+        if adapter_name in model.configs:
+            model.delete_adapter(adapter_name)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        raise
