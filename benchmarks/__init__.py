@@ -1,0 +1,1 @@
+"""Benchmark suite: SingLoRA vs PEFT LoRA, side by side in one process. Run ``python -m benchmarks.run --help``."""
