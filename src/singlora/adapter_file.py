@@ -258,7 +258,10 @@ def _expected_tensors(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[st
         module = model.model.get_submodule(name)
         base = getattr(module, "base_layer", module)
         d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
-        expected[f"{name}.{A_SUFFIX}"] = ((max(d_out, d_in), config.rank_for(name)), torch.float32)
+        n, r = max(d_out, d_in), config.rank_for(name)
+        if r > n:
+            raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
+        expected[f"{name}.{A_SUFFIX}"] = ((n, r), torch.float32)
     for name in resolve_modules_to_save(model.model, config):
         module = model.model.get_submodule(name)
         original = getattr(module, "original_module", module)
@@ -297,6 +300,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterFileError(f"{path}: __metadata__={metadata!r} must be an object of strings")
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    data_size = size - 8 - length
     for key, entry in document.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise AdapterFileError(f"{path}: {key!r}: header entry {entry!r} needs exactly dtype, shape, data_offsets")
@@ -314,8 +318,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
                 f"{path}: {key!r}: shape {shape} of {dtype} is {nbytes} bytes, data_offsets {offsets} span "
                 f"{offsets[1] - offsets[0]}"
             )
+        if offsets[1] > data_size:
+            raise AdapterFileError(
+                f"{path}: {key!r}: data_offsets {offsets} end past the {data_size} data bytes of the file (truncated?)"
+            )
         entries[key] = (dtype, tuple(shape), offsets[0], offsets[1])
-    data_size, position = size - 8 - length, 0
+    position = 0
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin != position:
             raise AdapterFileError(f"{path}: {key!r}: data starts at {begin}, expected {position} (gap or overlap)")
