@@ -1,0 +1,115 @@
+"""Adapter files: round trip, documented keys, and clear errors for files that do not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_model import IDS, toy
+
+from singlora import AdapterFileError, SingLoRAConfig, SingLoRAModel, get_singlora_model
+
+
+def trained(tmp_path: Path, **kwargs) -> tuple[SingLoRAModel, Path]:
+    config = SingLoRAConfig(r=3, target_modules=["embed", "up", "down"], modules_to_save=["head"], ramp_up_steps=10, **kwargs)
+    adapted = get_singlora_model(toy(), config)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    adapted.bind_optimizer(optimizer)
+    for _ in range(4):
+        optimizer.zero_grad()
+        adapted(IDS).square().sum().backward()
+        optimizer.step()
+    adapted.save_adapter(tmp_path / "adapter")
+    return adapted, tmp_path / "adapter"
+
+
+def fresh_base(seed_model: SingLoRAModel) -> torch.nn.Module:
+    """A new Toy with the same base weights as the adapted model."""
+    base = toy()
+    state = {k.replace("base_layer.", "").replace("original_module.", ""): v
+             for k, v in seed_model.model.state_dict().items() if "singlora" not in k and "copies" not in k}
+    base.load_state_dict(state, strict=True)
+    return base
+
+
+def test_round_trip_is_bitwise_and_restores_step(tmp_path: Path) -> None:
+    adapted, directory = trained(tmp_path)
+    loaded = SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+    assert loaded.get_step() == adapted.get_step() == 4
+    for (name, layer), (name2, layer2) in zip(adapted.singlora_layers(), loaded.singlora_layers()):
+        assert name == name2 and torch.equal(layer.singlora["default"].A, layer2.singlora["default"].A)
+    assert torch.equal(loaded(IDS), adapted(IDS))
+    assert not any(p.requires_grad for p in loaded.parameters())  # from_pretrained: inference by default
+
+
+def test_documented_keys_and_config(tmp_path: Path) -> None:
+    adapted, directory = trained(tmp_path)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    assert sorted(tensors) == ["down.singlora_A", "embed.singlora_A", "head.bias", "head.weight", "up.singlora_A"]
+    assert tensors["up.singlora_A"].shape == (10, 3) and tensors["embed.singlora_A"].shape == (11, 3)
+    document = json.loads((directory / "adapter_config.json").read_text())
+    assert document["format"] == "singlora" and document["format_version"] == 1 and document["ramp_step"] == 4
+    assert document["r"] == 3 and document["target_modules"] == ["embed", "up", "down"]
+    assert not list(directory.glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_load_into_second_adapter_slot(tmp_path: Path) -> None:
+    adapted, directory = trained(tmp_path)
+    expected = adapted(IDS)
+    model = get_singlora_model(fresh_base(adapted), SingLoRAConfig(r=2, target_modules=["square"]))
+    model.load_adapter(directory, "loaded")
+    assert model.active_adapters == ["loaded"]
+    assert torch.equal(model(IDS), expected)
+
+
+def corrupt(directory: Path, edit) -> None:
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.update(format_version=99), "format_version=99 is not supported"),
+        (lambda d: d.update(format="peft"), "format='peft'"),
+        (lambda d: d.update(r=0), "r=0 must be an int >= 1"),
+        (lambda d: d.update(r="8"), "r='8'"),
+        (lambda d: d.update(bogus=1), r"unknown config field\(s\) \['bogus'\]"),
+        (lambda d: d.update(ramp_step=-3), "ramp_step=-3"),
+        (lambda d: d.update(r=4), r"embed.singlora_A has shape \(11, 3\), the model needs \(11, 4\)"),
+        (lambda d: d.update(target_modules=["up", "nope"]), "'nope' matches no module"),
+        (lambda d: d.update(target_modules=["up", "down"]), r"matching no module of this model: \['embed.singlora_A'\]"),
+        (lambda d: d.update(target_modules=["up", "down", "embed", "square"]), r"missing tensor\(s\).*square.singlora_A"),
+    ],
+)
+def test_config_errors_name_file_and_field_and_change_nothing(tmp_path: Path, edit, match: str) -> None:
+    adapted, directory = trained(tmp_path)
+    corrupt(directory, edit)
+    base = fresh_base(adapted)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=match) as info:
+        SingLoRAModel.from_pretrained(base, directory)
+    assert "adapter_" in str(info.value)  # names the file
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+    assert all(type(m).__name__ != "SingLoRALayer" for m in base.modules())
+
+
+def test_weights_errors(tmp_path: Path) -> None:
+    adapted, directory = trained(tmp_path)
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["up.singlora_A"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "singlora", "format_version": "1"})
+    with pytest.raises(AdapterFileError, match="up.singlora_A contains NaN"):
+        SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors: "):
+        SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+    (directory / "adapter_config.json").unlink()
+    with pytest.raises(AdapterFileError, match="adapter_config.json: no such file"):
+        SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
