@@ -1,0 +1,293 @@
+"""The ``singlora`` command: fine-tune, evaluate, merge, export and inspect adapters.
+
+    singlora train --model PATH --train-data DATA --output-dir OUT [--method singlora|lora|dora|loraplus|full] ...
+    singlora evaluate OUT/adapter --data DATA
+    singlora merge OUT/adapter MERGED_DIR
+    singlora export OUT/adapter LORA_DIR [--format peft|diffusers|kohya]
+    singlora inspect OUT/adapter
+    singlora report OUT1 OUT2 ... [--plot curves.png]
+
+Each subcommand is a typed function plus an ``add_parser(subparsers)`` that registers it. Other modules add
+subcommands the same way: list them in ``EXTERNAL_SUBCOMMANDS`` (imported only if they exist).
+Errors about user input (``SingLoRAError``) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import SingLoRAError
+
+# Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
+EXTERNAL_SUBCOMMANDS = ["singlora.diffusion.cli"]
+
+
+# ---- argparse from a dataclass ----------------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field of dataclass ``cls``; the help is the field's ``metadata["help"]``."""
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        kind = hints[spec.name]
+        help_text = spec.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(_flag(spec.name), action=argparse.BooleanOptionalAction, default=spec.default,
+                                help=help_text)
+            continue
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        parser.add_argument(_flag(spec.name), type=base, default=spec.default,
+                            help=f"{help_text} (default: {spec.default})")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls)})
+
+
+# ---- subcommands ------------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.loop import TrainConfig, train
+
+    train(dataclass_from_args(TrainConfig, args))
+
+
+def _add_train(subparsers: Any) -> None:
+    from .train.loop import TrainConfig  # light: no transformers import at module level
+
+    parser = subparsers.add_parser("train", help="fine-tune a transformers model (SingLoRA, LoRA, DoRA, LoRA+, full)",
+                                   description=TrainConfig.__doc__)
+    add_dataclass_arguments(parser, TrainConfig)
+    parser.set_defaults(func=cmd_train)
+
+
+def evaluate(adapter: str, data: str, *, model: str | None = None, batch_size: int = 32,
+             encoding: str | None = None, output: str | None = None, quiet: bool = False) -> dict[str, float]:
+    """Metrics of a trained output folder (``<output-dir>/adapter``) on ``data`` (same formats as training)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .train import data as D
+    from .train.evaluate import evaluate_model
+    from .train.loop import load_tokenizer
+    from .train.methods import load_trained
+
+    trained, info = load_trained(adapter, model)
+    tokenizer = load_tokenizer(info["tokenizer"])
+    if info["task"] == "classification":
+        texts, names = D.read_classification(data, info["text_column"], info["label_column"], encoding)
+        dataset = D.tokenize_classification(tokenizer, texts, D.label_ids(names, info["labels"], data), info["max_length"])
+    else:
+        dataset = D.tokenize_lm(tokenizer, D.read_texts(data, info["text_column"], encoding), info["max_length"])
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=D.Collator(tokenizer.pad_token_id,
+                                                                             info["task"] == "causal-lm"))
+    with torch.inference_mode():
+        metrics = evaluate_model(trained, loader, info["task"], len(info.get("labels") or []))
+    metrics["examples"] = len(dataset)
+    if output:
+        from .adapter_file import atomic_write
+
+        atomic_write(output, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    if not quiet:
+        print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _add_evaluate(subparsers: Any) -> None:
+    parser = subparsers.add_parser("evaluate", help="metrics of a trained adapter on a dataset")
+    parser.add_argument("adapter", help="adapter folder written by `singlora train` (<output-dir>/adapter)")
+    parser.add_argument("--data", required=True, help="dataset (same formats as --train-data)")
+    parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, else latin-1)")
+    parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=lambda a: evaluate(a.adapter, a.data, model=a.model, batch_size=a.batch_size,
+                                                encoding=a.encoding, output=a.output, quiet=a.quiet))
+
+
+def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False) -> Path:
+    """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer)."""
+    from .model import SingLoRAModel
+    from .train.loop import load_tokenizer
+    from .train.methods import load_trained
+
+    trained, info = load_trained(adapter, model)
+    if isinstance(trained, SingLoRAModel):
+        plain = trained.merge_and_unload(safe=True)
+    elif info["method"] == "full":
+        plain = trained
+    else:
+        plain = trained.merge_and_unload(safe_merge=True)
+    out = Path(output)
+    plain.save_pretrained(out)
+    load_tokenizer(info["tokenizer"]).save_pretrained(out)
+    if not quiet:
+        print(f"merged model written to {out}")
+    return out
+
+
+def _add_merge(subparsers: Any) -> None:
+    parser = subparsers.add_parser("merge", help="base + adapter -> a standalone transformers model folder")
+    parser.add_argument("adapter", help="adapter folder written by `singlora train`")
+    parser.add_argument("output", help="folder for the merged model")
+    parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet))
+
+
+def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False) -> Path:
+    """Write a SingLoRA adapter as an exact plain LoRA (``singlora.export.export_lora``)."""
+    from .export import export_lora
+    from .train.methods import load_base, read_run_info
+
+    info = read_run_info(adapter)
+    if info["method"] != "singlora":
+        raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
+    base = load_base(model or info["base_model"], info["task"], info.get("labels"))
+    written = export_lora(adapter, output, format=format, base_model=base)
+    if not quiet:
+        print(f"plain LoRA ({format}) written to {written}")
+    return written
+
+
+def _add_export(subparsers: Any) -> None:
+    parser = subparsers.add_parser("export", help="SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, kohya)")
+    parser.add_argument("adapter", help="adapter folder written by `singlora train`")
+    parser.add_argument("output", help="folder for the LoRA files")
+    parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
+    parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet))
+
+
+def inspect_adapter(adapter: str) -> dict[str, Any]:
+    """A SingLoRA adapter folder's config, ramp step, u, parameter count, and per-module shape and norms.
+
+    Per module: ``shape`` (n, r) of A, ``norm_A`` = ||A||_F and ``norm_update`` = s * u * ||A A^T||_F (the
+    update's norm when the layer is square; an upper bound on the truncated block otherwise).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
+
+    if not Path(adapter).is_dir():
+        raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
+    config, meta = read_adapter_config(adapter)
+    tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
+    T = config.ramp_steps()
+    step = meta["ramp_step"]
+    u = 1.0 if T == 0 else min(step / T, 1.0)
+    modules = {}
+    for key, tensor in sorted(tensors.items()):
+        if not key.endswith("." + A_SUFFIX):
+            continue
+        name = key[: -len(A_SUFFIX) - 1]
+        A = tensor.double()
+        modules[name] = {
+            "shape": list(A.shape), "norm_A": float(A.norm()),
+            "norm_update": float(config.scale_for(name) * u * torch.linalg.matrix_norm(A.T @ A)),
+        }
+    return {
+        "adapter": str(adapter), "ramp_step": step, "ramp_steps": T, "u": u,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "adapter_parameters": sum(tensors[k].numel() for k in tensors if k.endswith("." + A_SUFFIX)),
+        "saved_modules": sorted({k.rsplit(".", 1)[0] for k in tensors if not k.endswith("." + A_SUFFIX)}),
+        "config": config.to_dict(), "modules": modules, **{k: v for k, v in meta.items() if k != "ramp_step"},
+    }
+
+
+def _print_inspection(report: dict[str, Any]) -> None:
+    print(f"adapter: {report['adapter']}  (format {report['format']} v{report['format_version']})")
+    print(f"base model: {report.get('base_model_name_or_path')}")
+    print(f"ramp step t = {report['ramp_step']}, T = {report['ramp_steps']}, u = {report['u']:.4f}")
+    print(f"parameters: {report['parameters']:,} ({report['adapter_parameters']:,} in A matrices)")
+    config = report["config"]
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items() if v not in (None, {}, [])))
+    if report["saved_modules"]:
+        print(f"trained fully and saved: {report['saved_modules']}")
+    width = max((len(n) for n in report["modules"]), default=6)
+    print(f"{'module'.ljust(width)}  {'A shape':>12}  {'||A||':>9}  {'s*u*||AtA||':>12}")
+    for name, row in report["modules"].items():
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{name.ljust(width)}  {shape:>12}  {row['norm_A']:9.4f}  {row['norm_update']:12.4f}")
+
+
+def _add_inspect(subparsers: Any) -> None:
+    parser = subparsers.add_parser("inspect", help="an adapter's config, step, u, parameters, shapes and norms")
+    parser.add_argument("adapter", help="a SingLoRA adapter folder")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(args: argparse.Namespace) -> None:
+        report = inspect_adapter(args.adapter)
+        print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+
+    parser.set_defaults(func=run)
+
+
+def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | None = None) -> str:
+    """Summary table of finished runs (their output folders), and optionally their curves side by side."""
+    from .train.metrics import read_summary, summary_table
+
+    summaries = [read_summary(run) for run in runs]
+    if names:
+        for summary, name in zip(summaries, names):
+            summary["name"] = name
+    table = summary_table(summaries)
+    print(table)
+    if plot:
+        from .train.plots import plot_runs
+
+        print(f"curves: {plot_runs(runs, plot, [s['name'] for s in summaries])}")
+    return table
+
+
+def _add_report(subparsers: Any) -> None:
+    parser = subparsers.add_parser("report", help="compare finished runs: a table and side-by-side curves")
+    parser.add_argument("runs", nargs="+", help="output folders of `singlora train`")
+    parser.add_argument("--plot", default=None, help="write the curves of all runs to this PNG")
+    parser.set_defaults(func=lambda a: report(a.runs, a.plot))
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_evaluate, _add_merge, _add_export, _add_inspect,
+                                            _add_report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="singlora", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    for module_name in EXTERNAL_SUBCOMMANDS:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) and importlib.util.find_spec(module_name):
+            importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 on a user-input error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SingLoRAError as exc:
+        print(f"singlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""PNG curves from ``metrics.jsonl``: training loss and eval metric per optimizer step, several runs side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .metrics import read_metrics, read_summary
+
+
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Write one PNG with two panels: training loss and the eval metric (accuracy, or loss for causal LM).
+
+    Each run is one line per panel, labelled by ``names`` (default: the run's name in its summary).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    eval_key = "eval_loss"
+    for index, run_dir in enumerate(run_dirs):
+        records = read_metrics(run_dir)
+        try:
+            label = names[index] if names else read_summary(run_dir).get("name", Path(run_dir).name)
+        except ValueError:
+            label = Path(run_dir).name
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        if any("accuracy" in r for r in evals):
+            eval_key = "accuracy"
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        eval_ax.plot([r["step"] for r in evals], [r.get(eval_key) for r in evals], marker="o", label=label)
+    loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    eval_ax.set(title=f"eval {eval_key.replace('eval_', '')}", xlabel="optimizer step", ylabel=eval_key)
+    for axis in (loss_ax, eval_ax):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return output

@@ -1,0 +1,300 @@
+"""``singlora`` CLI on tiny random transformers models and tiny generated datasets: train, resume after SIGKILL,
+evaluate, merge, inspect, report, errors. References are computed here from the saved files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_close, minilm_path
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from singlora import SingLoRAModel  # noqa: E402
+from singlora.cli import main  # noqa: E402
+
+WORDS = {"sport": ["goal", "match", "team", "player", "league"], "tech": ["computer", "software", "chip", "internet"],
+         "music": ["song", "album", "band", "guitar"]}
+
+
+def _examples(n: int, seed: int, labels: tuple[str, ...] = tuple(WORDS)) -> list[dict[str, str]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        picks = torch.randint(len(WORDS[label]), (6,), generator=generator).tolist()
+        rows.append({"text": " ".join(WORDS[label][p] for p in picks), "label": label})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny BERT classifier base and a tiny Llama LM (both with the MiniLM WordPiece tokenizer) + datasets."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    transformers.BertModel(bert).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    llama = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=64)
+    transformers.LlamaForCausalLM(llama).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    paths = {"root": root, "bert": root / "bert", "llama": root / "llama"}
+    paths["train"] = _write_jsonl(root / "train.jsonl", _examples(48, seed=1))
+    paths["eval"] = _write_jsonl(root / "eval.jsonl", _examples(15, seed=2))
+    with open(root / "train.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sentence", "category"])
+        writer.writeheader()
+        writer.writerows({"sentence": r["text"], "category": r["label"]} for r in _examples(24, seed=3))
+    paths["csv"] = root / "train.csv"
+    folder = root / "folder"
+    for i, row in enumerate(_examples(24, seed=4)):
+        (folder / row["label"]).mkdir(parents=True, exist_ok=True)
+        (folder / row["label"] / f"{i:03d}.txt").write_bytes(row["text"].encode("latin-1") + " caf\xe9".encode("latin-1"))
+    paths["folder"] = folder
+    lm = root / "lm"
+    lm.mkdir()
+    for i in range(3):
+        (lm / f"doc{i}.txt").write_text(" ".join(w for ws in WORDS.values() for w in ws) * 4)
+    paths["lm"] = lm
+    return paths
+
+
+def _train(assets: dict[str, Path], out: Path, *extra: str) -> dict:
+    args = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--eval-data",
+            str(assets["eval"]), "--output-dir", str(out), "--quiet", "--batch-size", "8", "--lr", "5e-3",
+            "--target-modules", "query,value", "--save-every", "0", *extra]
+    assert main(args) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _logits(model: torch.nn.Module, texts: list[str], tokenizer_path: Path) -> torch.Tensor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _reference_model(assets: dict[str, Path], adapter: Path) -> SingLoRAModel:
+    info = json.loads((adapter / "run_info.json").read_text())
+    labels = info["labels"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        assets["bert"], num_labels=len(labels), id2label=dict(enumerate(labels)))
+    return SingLoRAModel.from_pretrained(base, adapter)
+
+
+def test_train_evaluate_merge_inspect(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    summary = _train(assets, out, "--max-steps", "6", "--ramp-up", "4", "--eval-every", "3")
+    # metrics log: one train record per optimizer step; u follows min(t / T, 1) with T = 4 optimizer steps
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["u"] for r in train] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert (out / "curves.png").stat().st_size > 1000
+    # adapter file: query/value of 2 layers, A is (32, 8); classifier saved; ramp step saved
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["ramp_step"] == 6 and config["modules_to_save"] == ["classifier"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    a_keys = [k for k in tensors if k.endswith("singlora_A")]
+    assert len(a_keys) == 4 and all(tensors[k].shape == (32, 8) for k in a_keys)
+    assert summary["adapter_params"] == 4 * 32 * 8
+    assert summary["trainable_params"] == 4 * 32 * 8 + 32 * 3 + 3
+
+    # evaluate == accuracy recomputed here from the saved adapter (and == the final eval of training)
+    reference = _reference_model(assets, adapter)
+    rows = [json.loads(line) for line in assets["eval"].read_text().splitlines()]
+    logits = _logits(reference, [r["text"] for r in rows], assets["bert"])
+    labels = json.loads((adapter / "run_info.json").read_text())["labels"]
+    gold = torch.tensor([labels.index(r["label"]) for r in rows])
+    expected = (logits.argmax(-1) == gold).double().mean().item()
+    capsys.readouterr()
+    assert main(["evaluate", str(adapter), "--data", str(assets["eval"]), "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert summary["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["examples"] == len(rows) and 0.0 <= metrics["macro_f1"] <= 1.0
+
+    # merge: a plain transformers folder with the same logits as base + adapter
+    assert main(["merge", str(adapter), str(tmp_path / "merged"), "--quiet"]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any("singlora" in n for n, _ in merged.named_parameters())
+    assert_close(_logits(merged, [r["text"] for r in rows], tmp_path / "merged"), logits)
+
+    # inspect: numbers recomputed from the file
+    capsys.readouterr()
+    assert main(["inspect", str(adapter), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ramp_step"] == 6 and report["ramp_steps"] == 4 and report["u"] == 1.0
+    assert report["parameters"] == sum(t.numel() for t in tensors.values())
+    key = a_keys[0]
+    A = tensors[key].double()
+    module = report["modules"][key.removesuffix(".singlora_A")]
+    assert module["shape"] == [32, 8]
+    assert module["norm_A"] == pytest.approx(A.norm().item(), rel=1e-12)
+    assert module["norm_update"] == pytest.approx((A @ A.T).norm().item(), rel=1e-9)  # s = 8/8, u = 1
+    assert main(["inspect", str(adapter)]) == 0
+    assert "u = 1.0000" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Kill a run (SIGKILL) right after a checkpoint, resume it: the adapter equals an uninterrupted run bitwise."""
+    common = ["--max-steps", "24", "--grad-accum", "2", "--batch-size", "4", "--adapter-dropout", "0.1",
+              "--ramp-up", "0.25", "--eval-every", "0"]
+    args = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--eval-data",
+            str(assets["eval"]), "--lr", "5e-3", "--target-modules", "query,value", "--save-every", "5",
+            "--quiet", "--output-dir", str(tmp_path / "killed"), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, "-m", "singlora.cli", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 5 <= killed_at < 24 and killed_at % 5 == 0
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    assert main(args + ["--resume"]) == 0
+    uninterrupted = tmp_path / "straight"
+    assert main([*args[:-len(common) - 2], "--output-dir", str(uninterrupted), *common]) == 0
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    straight = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [s for s in range(1, 25)] + [24]  # 24 train records (no duplicates) + the final eval
+    for run in (tmp_path / "killed", uninterrupted):
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["ramp_step"] == 24
+
+
+def test_csv_folder_and_peft_methods(assets: dict[str, Path], tmp_path: Path) -> None:
+    """CSV columns by name, a latin-1 class-folder dataset, and LoRA / DoRA / LoRA+ / full on the same targets."""
+    summary = _train(assets, tmp_path / "csv", "--max-steps", "2", "--train-data", str(assets["csv"]),
+                     "--eval-data", str(assets["csv"]), "--text-column", "sentence", "--label-column", "category")
+    assert summary["steps"] == 2
+    summary = _train(assets, tmp_path / "folder", "--max-steps", "2", "--train-data", str(assets["folder"]),
+                     "--eval-data", str(assets["folder"]))
+    assert summary["task"] == "classification"
+    lora_params = 4 * (32 + 32) * 8  # query/value of 2 layers: (d_in + d_out) * r
+    for method, adapter_params in (("lora", lora_params), ("dora", lora_params + 4 * 32), ("loraplus", lora_params)):
+        summary = _train(assets, tmp_path / method, "--max-steps", "2", "--method", method)
+        assert summary["adapter_params"] == adapter_params, method
+        info = json.loads((tmp_path / method / "adapter" / "run_info.json").read_text())
+        assert info["target_modules"] == [f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1)
+                                          for m in ("query", "value")]
+        assert main(["evaluate", str(tmp_path / method / "adapter"), "--data", str(assets["eval"]), "--quiet"]) == 0
+    summary = _train(assets, tmp_path / "full", "--max-steps", "1", "--method", "full")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=3)
+    assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
+
+
+def test_causal_lm_train_and_evaluate(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "lm"
+    args = ["train", "--task", "causal-lm", "--model", str(assets["llama"]), "--train-data", str(assets["lm"]),
+            "--eval-split", "0.25", "--output-dir", str(out), "--max-length", "16", "--batch-size", "4",
+            "--max-steps", "3", "--quiet", "--save-every", "0", "--lr", "1e-2"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["eval_loss"]), rel=1e-9)
+    assert summary["adapted_modules"] == 4  # default targets for llama: q_proj, v_proj of 2 layers
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "adapter"), "--data", str(assets["lm"])]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"] if "loss" in metrics
+                                                           else metrics["eval_loss"]), rel=1e-9)
+
+
+def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _train(assets, tmp_path / "a", "--max-steps", "2", "--name", "first")
+    _train(assets, tmp_path / "b", "--max-steps", "2", "--method", "lora", "--name", "second")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "both.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| first " in table and "| second " in table and "accuracy" in table
+    assert (tmp_path / "both.png").stat().st_size > 1000
+    pytest.importorskip("singlora.export")
+    assert main(["export", str(tmp_path / "a" / "adapter"), str(tmp_path / "lora"), "--quiet"]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--model": "{root}/nope"}, "nope"),
+    ({"--train-data": "{root}/missing.jsonl"}, "missing.jsonl"),
+    ({"--text-column": "body"}, "no column 'body' (--text-column)"),
+    ({"--train-data": "{root}/empty.jsonl"}, "empty dataset"),
+    ({"--eval-data": "{root}/other_labels.jsonl"}, "label set mismatch"),
+    ({"--target-modules": "qkv_proj"}, "'qkv_proj' matches no module"),
+    ({"--target-modules": "re:.*nothing.*"}, "matches no module"),
+    ({"--ramp-up": "soon"}, "--ramp-up='soon'"),
+])
+def test_errors_name_the_problem(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 change: dict[str, str], message: str) -> None:
+    root = assets["root"]
+    (root / "empty.jsonl").write_text("")
+    _write_jsonl(root / "other_labels.jsonl", _examples(4, seed=5) + [{"text": "x", "label": "weather"}])
+    args = {"--model": str(assets["bert"]), "--train-data": str(assets["train"]), "--eval-data": str(assets["eval"]),
+            "--output-dir": str(tmp_path / "out"), "--max-steps": "1", "--target-modules": "query"}
+    args.update({k: v.format(root=root) for k, v in change.items()})
+    capsys.readouterr()
+    assert main(["train", "--quiet", *[x for kv in args.items() for x in kv]]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("singlora train: error:")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    _train(assets, tmp_path / "run", "--max-steps", "1")
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "label": "weather"}])
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "adapter"), "--data", str(bad)]) == 2
+    assert "'weather'" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_real_minilm_few_steps_on_bbc_news(tmp_path: Path) -> None:
+    """The demo's path on the real model and data: a few steps, every Linear of the encoder adapted."""
+    from singlora.demo import bbc_news_path
+
+    out = tmp_path / "minilm"
+    args = ["train", "--model", minilm_path(), "--train-data", bbc_news_path(), "--eval-split", "0.02",
+            "--max-train-samples", "16", "--target-modules", "all-linear", "--max-length", "32", "--batch-size", "8",
+            "--max-steps", "2", "--output-dir", str(out), "--quiet", "--save-every", "0", "--no-plot"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # 6 layers x (q, k, v, attn-out 384x384; intermediate 1536x384; output 384x1536) + pooler 384x384, r = 8
+    assert summary["adapted_modules"] == 6 * 6 + 1
+    assert summary["adapter_params"] == (6 * (4 * 384 + 2 * 1536) + 384) * 8
+    assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
+    assert info["labels"] == ["business", "entertainment", "politics", "sport", "tech"]
