@@ -88,7 +88,7 @@ def _factors(A: Tensor, kind: LayerKind, shape: tuple[int, ...], coefficient: fl
 def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapter:
     if not model.configs:
         raise SingLoRAError("the model has no SingLoRA adapter to export")
-    name = adapter_name or (model.active_adapters[0] if model.active_adapters else sorted(model.configs)[0])
+    name = adapter_name or model.default_adapter()
     factors: dict[str, LoRAFactors] = {}
     saved: dict[str, Tensor] = {}
     for module_name, module in model.adapter_modules(name).items():

@@ -196,9 +196,16 @@ class SingLoRAModel(nn.Module):
         if buffers:
             torch._foreach_add_(buffers, n)
 
+    def default_adapter(self) -> str:
+        """The first active adapter, else the first added one; ``SingLoRAError`` if there is none."""
+        names = self.active_adapters or list(self.configs)
+        if not names:
+            raise SingLoRAError("this model has no adapter; add_adapter() or load_adapter() first")
+        return names[0]
+
     def get_step(self, adapter_name: str | None = None) -> int:
-        """Optimizer steps taken by an adapter (default: the first active one)."""
-        name = adapter_name or self.active_adapters[0]
+        """Optimizer steps taken by an adapter (default: ``default_adapter()``)."""
+        name = adapter_name or self.default_adapter()
         self._check_names([name])
         return int(self._step_buffers([name])[0])
 
@@ -281,10 +288,10 @@ class SingLoRAModel(nn.Module):
     # ---- files --------------------------------------------------------------------------------------------------
 
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: first active)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``)."""
         from .adapter_file import save_adapter
 
-        save_adapter(self, directory, adapter_name or self.active_adapters[0])
+        save_adapter(self, directory, adapter_name or self.default_adapter())
 
     save_pretrained = save_adapter
 
