@@ -33,6 +33,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 LayerKind = Literal["linear", "conv1d_t", "conv", "embedding"]
@@ -72,6 +73,20 @@ def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float =
     if n < max(d_out, d_in):
         raise ValueError(f"A has {n} rows, needs max(d_out={d_out}, d_in={d_in})")
     return (A[:d_out] * coefficient) @ A[:d_in].T
+
+
+def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
+    """``x @ delta_matrix(A, d_out, d_in, c).T`` without building the update: ``(c * x @ A[:d_in]) @ A[:d_out].T``.
+
+    ``x``: ``(..., d_in)`` -> ``(..., d_out)``; cost O(tokens * (d_in + d_out) * r).
+    ``A`` is first copied to a contiguous ``(r, n)`` (``n * r`` elements, and one small copy of its gradient),
+    so that the two forward and four backward matrix products all read their ``r``-sized operand with unit
+    stride and produce outputs in the layout BLAS is fastest at; slicing ``(n, r)`` ``A`` directly ran the
+    adapter's forward + backward about 2x slower on CPU (see ``benchmarks/README.md``).
+    """
+    At = A.T.contiguous()  # (r, n)
+    h = F.linear(x, At[:, :d_in]) * coefficient  # (..., d_in) -> (..., r)
+    return F.linear(h, At[:, :d_out].T)  # (..., r) -> (..., d_out)
 
 
 def delta_weight(

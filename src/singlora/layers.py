@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SingLoRAError
-from .functional import LayerKind, delta_weight, init_A, matrix_dims, ramp
+from .functional import LayerKind, delta_weight, factored_update, init_A, matrix_dims, ramp
 
 
 def _transformers_conv1d() -> type | None:
@@ -156,7 +156,7 @@ class SingLoRALayer(nn.Module):
             pointwise = A[: self.d_out].reshape(self.d_out, A.shape[1], *([1] * (h.dim() - 2)))
             return F.conv1d(h, pointwise) if h.dim() == 3 else F.conv2d(h, pointwise)
         # linear / conv1d_t: (..., d_in) -> (..., r) -> (..., d_out)
-        return F.linear(F.linear(x, A[: self.d_in].T) * coefficient, A[: self.d_out])
+        return factored_update(x, A, self.d_out, self.d_in, coefficient)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
