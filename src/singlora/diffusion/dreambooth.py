@@ -1,0 +1,405 @@
+"""DreamBooth with SingLoRA on a diffusers U-Net, following the diffusers DreamBooth-LoRA recipe.
+
+The paper (SPEC section 3) adapts only the U-Net attention query and key projections (``to_q``, ``to_k``, self- and
+cross-attention; the cross-attention ``to_k`` is rectangular: (channels, text hidden size)), lr 1e-3, 400 steps.
+
+Pieces, usable on their own:
+
+- ``load_pipeline(path)``: a local diffusers folder (SD 1.5 or SDXL layout) -> pipeline.
+- ``add_singlora(unet, ...)``: inject SingLoRA into the U-Net in place -> ``SingLoRAModel``.
+- ``denoising_loss(unet, scheduler, latents, text, ...)``: per-sample diffusion MSE (epsilon or v target).
+- ``train_dreambooth(DreamBoothArgs(...))``: the whole run with accelerate (prior preservation, mixed precision,
+  gradient checkpointing, checkpoints with resume, validation images with a fixed seed), writing
+  ``<output_dir>/singlora/`` (our format) and ``<output_dir>/diffusers_lora/`` (``pipe.load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import SingLoRAConfig
+from ..errors import SingLoRAError
+from ..model import SingLoRAModel, get_singlora_model
+
+DEFAULT_TARGETS = ["to_q", "to_k"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+# ---- model loading --------------------------------------------------------------------------------------------
+
+
+def pipeline_class_name(path: str | os.PathLike) -> str:
+    """``_class_name`` of a local diffusers folder's ``model_index.json``; a clear error if it is not one."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise SingLoRAError(f"pretrained_model={str(path)!r}: no model_index.json, not a local diffusers folder")
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as exc:
+        raise SingLoRAError(f"{index}: not a diffusers model index ({exc})") from None
+    return name
+
+
+def is_sdxl(pipe: Any) -> bool:
+    """True for a pipeline with SDXL's two text encoders and added conditioning."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> Any:
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a local diffusers folder (no network)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    name = pipeline_class_name(path)
+    cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(str(path), **kwargs)
+
+
+# ---- adapter and loss -----------------------------------------------------------------------------------------
+
+
+def add_singlora(
+    unet: nn.Module, *, r: int = 8, alpha: float | None = None, target_modules: Sequence[str] | str = tuple(DEFAULT_TARGETS),
+    ramp_up_steps: int | float = 0.01, total_steps: int | None = None, init: str = "normal",
+) -> SingLoRAModel:
+    """Inject SingLoRA into the U-Net in place (all base weights frozen); ``alpha`` defaults to ``r`` (s = 1)."""
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = SingLoRAConfig(
+        r=r, alpha=float(r if alpha is None else alpha), target_modules=targets, ramp_up_steps=ramp_up_steps,
+        total_steps=total_steps, init=init,
+    )
+    return get_singlora_model(unet, config)
+
+
+def denoising_loss(
+    unet: nn.Module, scheduler: Any, latents: Tensor, encoder_hidden_states: Tensor, *,
+    added_cond_kwargs: dict[str, Tensor] | None = None, generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample diffusion loss: noise ``latents`` (B, C, H, W) at random timesteps, predict, MSE -> (B,).
+
+    The target follows ``scheduler.config.prediction_type``: ``epsilon`` (the noise) or ``v_prediction``.
+    ``encoder_hidden_states``: (B, L, D) text embeddings.
+    """
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+    )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise SingLoRAError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def dreambooth_loss(per_sample: Tensor, num_instance: int, prior_loss_weight: float) -> Tensor:
+    """DreamBooth objective on a batch [instance samples, class samples]: mean(instance) + w * mean(class)."""
+    loss = per_sample[:num_instance].mean()
+    if per_sample.shape[0] > num_instance:
+        loss = loss + prior_loss_weight * per_sample[num_instance:].mean()
+    return loss
+
+
+# ---- the training run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DreamBoothArgs:
+    """Options of ``singlora dreambooth`` (the names follow diffusers' ``train_dreambooth_lora.py``)."""
+
+    pretrained_model: str
+    """Local diffusers folder (SD 1.x/2.x or SDXL layout)."""
+    instance_data_dir: str
+    """Folder with the subject's images (4-5 in the paper)."""
+    instance_prompt: str
+    """Prompt with the identifier, e.g. 'a photo of sks dog'."""
+    output_dir: str = "dreambooth-singlora"
+    class_data_dir: str | None = None
+    """Class images for prior preservation; missing ones are generated with the base model."""
+    class_prompt: str | None = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    resolution: int = 512
+    center_crop: bool = False
+    train_batch_size: int = 1
+    max_train_steps: int = 400
+    learning_rate: float = 1e-3
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    r: int = 8
+    alpha: float | None = None
+    """Default: r (s = alpha / r = 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    ramp_up_steps: float = 0.01
+    """u(t) ramp: an int number of optimizer steps, or a fraction of max_train_steps (paper: 1%)."""
+    init: str = "normal"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    checkpointing_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: never)."""
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder, or 'latest' (in output_dir)."""
+    validation_prompt: str | None = None
+    validation_steps: int = 100
+    num_validation_images: int = 4
+    validation_inference_steps: int = 25
+    seed: int = 0
+    export_lora: bool = True
+    """Also write the diffusers LoRA layout (loadable with pipe.load_lora_weights)."""
+
+    def validate(self) -> None:
+        """Cross-field checks; errors name the option."""
+        if not Path(self.instance_data_dir).is_dir():
+            raise SingLoRAError(f"--instance_data_dir {self.instance_data_dir!r} is not a folder")
+        if self.with_prior_preservation and (self.class_data_dir is None or self.class_prompt is None):
+            raise SingLoRAError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise SingLoRAError(f"--mixed_precision {self.mixed_precision!r} must be one of {MIXED_PRECISION}")
+        for name in ("resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "r"):
+            if getattr(self, name) < 1:
+                raise SingLoRAError(f"--{name} {getattr(self, name)!r} must be >= 1")
+        if self.checkpointing_steps < 0 or self.validation_steps < 1:
+            raise SingLoRAError("--checkpointing_steps must be >= 0 and --validation_steps >= 1")
+        if not self.learning_rate > 0:
+            raise SingLoRAError(f"--learning_rate {self.learning_rate!r} must be > 0")
+
+    def ramp(self) -> int | float:
+        """``ramp_up_steps`` as SingLoRAConfig wants it: whole numbers >= 1 are steps, else a fraction."""
+        value = self.ramp_up_steps
+        return int(value) if float(value).is_integer() and value >= 1 or value == 0 else float(value)
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    """Image files of a folder, sorted; an error naming the folder if there are none."""
+    paths = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SingLoRAError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def image_tensor(path: Path, resolution: int, center_crop: bool) -> Tensor:
+    """RGB image -> (3, resolution, resolution) in [-1, 1]: shorter side resized to ``resolution``, then cropped."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        if center_crop:
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        else:
+            left = int(torch.randint(0, image.width - resolution + 1, ()).item())
+            top = int(torch.randint(0, image.height - resolution + 1, ()).item())
+        image = image.crop((left, top, left + resolution, top + resolution))
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def generate_class_images(pipe: Any, args: DreamBoothArgs) -> None:
+    """Fill ``class_data_dir`` up to ``num_class_images`` with base-model samples of ``class_prompt`` (as diffusers)."""
+    directory = Path(args.class_data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    for index in range(have, args.num_class_images):
+        image = pipe(args.class_prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
+                     height=args.resolution, width=args.resolution).images[0]
+        image.save(directory / f"class_{index:05d}.png")
+
+
+def encode_prompt(pipe: Any, prompt: str, resolution: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """Text embeddings (1, L, D) of a prompt, and SDXL's ``added_cond_kwargs`` (None for SD 1.x/2.x)."""
+    with torch.no_grad():
+        if not is_sdxl(pipe):
+            return pipe.encode_prompt(prompt, device, 1, False)[0], None
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    size = (resolution, resolution)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+
+
+def _repeat(embeds: Tensor, added: dict[str, Tensor] | None, n: int) -> tuple[Tensor, dict[str, Tensor] | None]:
+    return embeds.expand(n, *embeds.shape[1:]), (None if added is None else {k: v.expand(n, *v.shape[1:]) for k, v in added.items()})
+
+
+def _latents(pipe: Any, pixels: Tensor) -> Tensor:
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def save_validation_images(pipe: Any, args: DreamBoothArgs, step: int) -> list[Path]:
+    """``num_validation_images`` samples of ``validation_prompt`` with a fixed seed -> ``output_dir/validation/``."""
+    directory = Path(args.output_dir) / "validation"
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipe(args.validation_prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
+                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                  width=args.resolution).images
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(directory / f"step_{step:06d}_{index}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def load_adapter_state(model: SingLoRAModel, directory: str | os.PathLike) -> None:
+    """Copy ``A`` and the ramp step saved in ``directory`` into the existing adapter (resuming keeps the optimizer's
+    parameters); shapes and keys are checked first."""
+    from ..adapter_file import A_SUFFIX, WEIGHTS_FILE, expected_shapes, read_adapter_config, read_adapter_tensors
+
+    name = model.active_adapters[0]
+    _, meta = read_adapter_config(directory)
+    tensors = read_adapter_tensors(Path(directory) / WEIGHTS_FILE, expected_shapes(model, model.configs[name]))
+    with torch.no_grad():
+        for module_name, adapter in model.adapter_modules(name).items():
+            adapter.A.copy_(tensors[f"{module_name}.{A_SUFFIX}"])
+    model.set_step(int(meta["ramp_step"]), name)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
+    """Run DreamBooth with SingLoRA; returns the adapted U-Net (``SingLoRAModel``). Writes into ``output_dir``:
+    ``singlora/`` (adapter), ``diffusers_lora/`` (if ``export_lora``), ``checkpoint-N/``, ``validation/``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    args.validate()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    pipe = load_pipeline(args.pretrained_model)
+    pipe.set_progress_bar_config(disable=True)
+    if args.with_prior_preservation:
+        generate_class_images(pipe.to(accelerator.device), args)
+    unet = pipe.unet
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), unet):
+        if module is not None:
+            module.requires_grad_(False)
+    model = add_singlora(unet, r=args.r, alpha=args.alpha, target_modules=args.target_modules,
+                         ramp_up_steps=args.ramp(), total_steps=args.max_train_steps, init=args.init)
+    # Frozen weights in the compute dtype; SingLoRA's A stays float32 (layers keep adapters >= float32).
+    vae_dtype = torch.float32 if is_sdxl(pipe) else weight_dtype  # the SDXL VAE overflows in fp16
+    for module, dtype in ((unet, weight_dtype), (pipe.text_encoder, weight_dtype), (pipe.vae, vae_dtype),
+                          (getattr(pipe, "text_encoder_2", None), weight_dtype)):
+        if module is not None:
+            module.to(accelerator.device, **({} if dtype == torch.float32 else {"dtype": dtype}))
+    for _, layer in model.singlora_layers():
+        for adapter in layer.singlora.values():
+            adapter.A.data = adapter.A.data.float()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    model.bind_optimizer(optimizer)  # u(t) counts real optimizer steps (not micro-batches, not skipped fp16 steps)
+    optimizer = accelerator.prepare(optimizer)
+
+    def save_hook(models: list, weights: list, directory: str) -> None:
+        model.save_adapter(Path(directory) / "singlora")
+        weights.clear()
+
+    def load_hook(models: list, directory: str) -> None:
+        load_adapter_state(model, Path(directory) / "singlora")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    instance_paths = list_images(args.instance_data_dir)
+    class_paths = list_images(args.class_data_dir) if args.with_prior_preservation else []
+    device = accelerator.device
+    instance_text = encode_prompt(pipe, args.instance_prompt, args.resolution, device)
+    class_text = encode_prompt(pipe, args.class_prompt, args.resolution, device) if class_paths else None
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = (_checkpoints(output_dir) or [None])[-1] if args.resume_from_checkpoint == "latest" else Path(
+            args.resume_from_checkpoint)
+        if path is None or not Path(path).is_dir():
+            raise SingLoRAError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint")
+        accelerator.load_state(str(path))
+        global_step = int(Path(path).name.split("-")[-1])
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + global_step)
+
+    model.train()
+    logs: list[dict[str, float]] = []
+    while global_step < args.max_train_steps:
+        with accelerator.accumulate(model):
+            picks = torch.randint(0, len(instance_paths), (args.train_batch_size,), generator=generator).tolist()
+            pixels = [image_tensor(instance_paths[i], args.resolution, args.center_crop) for i in picks]
+            embeds, added = _repeat(*instance_text, len(picks))
+            if class_paths:
+                picks = torch.randint(0, len(class_paths), (args.train_batch_size,), generator=generator).tolist()
+                pixels += [image_tensor(class_paths[i], args.resolution, args.center_crop) for i in picks]
+                class_embeds, class_added = _repeat(*class_text, len(picks))
+                embeds = torch.cat([embeds, class_embeds])
+                added = None if added is None else {k: torch.cat([added[k], class_added[k]]) for k in added}
+            latents = _latents(pipe, torch.stack(pixels)).to(weight_dtype)
+            with accelerator.autocast():
+                per_sample = denoising_loss(unet, pipe.scheduler, latents, embeds.to(weight_dtype),
+                                            added_cond_kwargs=added)
+            loss = dreambooth_loss(per_sample, args.train_batch_size, args.prior_loss_weight)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs.append({"step": global_step, "loss": float(loss.detach())})
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            if args.checkpoints_total_limit is not None:
+                for old in _checkpoints(output_dir)[: max(0, len(_checkpoints(output_dir)) - args.checkpoints_total_limit + 1)]:
+                    shutil.rmtree(old)
+            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+        if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+            model.eval()
+            save_validation_images(pipe, args, global_step)
+            model.train()
+
+    model.eval()
+    model.save_adapter(output_dir / "singlora")
+    if args.export_lora:
+        from ..export import export_lora
+
+        export_lora(model, output_dir / "diffusers_lora", format="diffusers")
+    (output_dir / "train_log.json").write_text(json.dumps(logs) + "\n")
+    if logs and not math.isfinite(logs[-1]["loss"]):
+        raise SingLoRAError(f"training diverged: loss {logs[-1]['loss']} at step {logs[-1]['step']}")
+    return model

@@ -1,0 +1,96 @@
+"""Tiny, offline Stable-Diffusion-layout components built from configs (no downloads): for tests and the study.
+
+``tiny_text_conditioning(words)`` gives a word-level tokenizer and a small ``CLIPTextModel``;
+``tiny_unet(...)`` a ``UNet2DConditionModel`` whose attention has self- and cross-attention ``to_q`` / ``to_k``
+(the cross-attention ``to_k`` is rectangular: ``(channels, cross_attention_dim)``);
+``tiny_stable_diffusion(directory)`` writes a complete ``StableDiffusionPipeline`` folder with ``save_pretrained``,
+the same layout as SD 1.5 on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def tiny_tokenizer(words: Sequence[str], max_length: int = 8) -> Any:
+    """A word-level ``PreTrainedTokenizerFast``: ids 0-3 are ``<pad> <unk> <bos> <eos>``, then ``words``.
+
+    Prompts are lower-cased and split on whitespace and punctuation; unknown words map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+        model_max_length=max_length,
+    )
+
+
+def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_length: int = 8, seed: int = 0) -> Any:
+    """A randomly initialised ``CLIPTextModel`` with ``hidden_size`` = the U-Net's ``cross_attention_dim``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden_size,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config)
+
+
+def tiny_unet(
+    *, sample_size: int = 16, in_channels: int = 1, channels: Sequence[int] = (32, 64), cross_attention_dim: int = 32,
+    layers_per_block: int = 1, seed: int = 0,
+) -> Any:
+    """A ``UNet2DConditionModel`` with cross-attention down/up blocks at every resolution and a cross-attention mid block."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = ("a", "photo", "of", "sks", "dog"), seed: int = 0) -> Any:
+    """Build a tiny ``StableDiffusionPipeline`` (VAE with 4 latent channels, 32x32 images), ``save_pretrained`` it to
+    ``directory`` and return it. Loading the folder back goes through the same code as real SD 1.5 weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    tokenizer = tiny_tokenizer(words)
+    text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+    unet = tiny_unet(sample_size=16, in_channels=4, seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              steps_offset=1, clip_sample=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
