@@ -143,6 +143,10 @@ class SingLoRAConfig:
             for key, value in pattern.items():
                 if not isinstance(key, str) or not key:
                     raise SingLoRAError(f"{name} key {key!r} must be a non-empty string")
+                try:
+                    re.compile(rf"(.*\.)?{key}")
+                except re.error as exc:
+                    raise SingLoRAError(f"{name} key {key!r} is not a valid regex: {exc}") from None
                 if not check(value):
                     raise SingLoRAError(f"{name}[{key!r}]={value!r} is not a valid {'r' if name[0] == 'r' else 'alpha'}")
         if not isinstance(self.use_rslora, bool):
