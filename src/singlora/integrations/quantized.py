@@ -1,0 +1,73 @@
+"""Quantized base layers (QLoRA-style): SingLoRA adapters on bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+
+The adapter sits on top of the quantized layer: ``y = base_q(x) + c * (x @ A_in) @ A_out.T`` with ``A`` in float32
+(``SingLoRALayer`` gives low-precision and quantized bases a float32 adapter) and the base never dequantized in
+the forward. Shapes come from ``in_features``/``out_features`` (a 4-bit weight is stored packed).
+
+Merging into a quantized weight is refused (``SingLoRALayer.merge`` raises): re-quantizing ``W0 + dW`` would
+round the update away. ``dequantize_and_merge`` is the explicit alternative: it dequantizes every adapted base
+layer to a plain ``nn.Linear`` (float32 by default), merges there in float32 and returns the plain model.
+Export (``singlora.export``) needs no dequantization at all: the LoRA factors do not involve ``W0``.
+
+Checked on CPU with bitsandbytes 0.50 (its CPU backend runs ``Linear8bitLt`` and ``Linear4bit`` forward and
+backward); the same code path runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SingLoRAError
+from ..model import SingLoRAModel
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a bitsandbytes quantized layer (checked by type, without importing bitsandbytes)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and type(weight).__module__.startswith("bitsandbytes")
+
+
+def dequantize_weight(module: nn.Module) -> Tensor:
+    """The float32 weight ``(out, in)`` of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` layer."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # 4-bit: packed uint8 + quantization state
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).to(torch.float32)
+    scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+    if weight.dtype == torch.int8 and scales is not None:  # 8-bit: int8 rows + per-row absmax scales
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(torch.float32)
+    if weight.is_floating_point():  # not quantized yet (e.g. before .to(device))
+        return weight.data.to(torch.float32)
+    raise SingLoRAError(f"cannot dequantize a {type(module).__name__} weight of dtype {weight.dtype}")
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``dtype`` with the dequantized weight (and bias) of a quantized layer."""
+    weight = dequantize_weight(module)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
+                       dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+def dequantize_and_merge(model: SingLoRAModel, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Dequantize every adapted quantized base layer to ``dtype``, merge the active adapters (in float32) and
+    return the plain model (``merge_and_unload``). Quantized layers without an adapter stay quantized."""
+    if not isinstance(model, SingLoRAModel):
+        raise SingLoRAError(f"model must be a SingLoRAModel, got {type(model).__name__}")
+    for _, layer in model.singlora_layers():
+        if is_quantized(layer.base_layer):
+            layer.base_layer = dequantized_linear(layer.base_layer, dtype)
+    return model.merge_and_unload()
+
+
+__all__ = ["dequantize_and_merge", "dequantize_weight", "dequantized_linear", "is_quantized"]
