@@ -234,6 +234,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     if config.quiet:
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     output = Path(config.output_dir)
     checkpoint_path = output / CHECKPOINT_FILE
     state = load_checkpoint(checkpoint_path) if config.resume else None
@@ -252,8 +253,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     collate = D.Collator(tokenizer.pad_token_id, causal)
 
     def epoch_loader(epoch: int) -> Any:
-        order = torch.randperm(len(datasets.train), generator=torch.Generator().manual_seed(config.seed + epoch))
-        loader = DataLoader(Subset(datasets.train, order.tolist()), batch_size=config.batch_size, collate_fn=collate)
+        generator = torch.Generator().manual_seed(config.seed + epoch)
+        order = torch.randperm(len(datasets.train), generator=generator)
+        # The loader draws its base seed from ``generator``, not from the global RNG that dropout uses.
+        loader = DataLoader(Subset(datasets.train, order.tolist()), batch_size=config.batch_size, collate_fn=collate,
+                            generator=generator)
         return accelerator.prepare(loader)
 
     batches_per_epoch = len(epoch_loader(0))
@@ -261,7 +265,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     eval_loader = None
     if datasets.eval is not None:
-        eval_loader = accelerator.prepare(DataLoader(datasets.eval, batch_size=config.eval_batch_size, collate_fn=collate))
+        eval_loader = accelerator.prepare(DataLoader(datasets.eval, batch_size=config.eval_batch_size, collate_fn=collate,
+                                                  generator=torch.Generator()))  # evaluation leaves the RNG alone
 
     base = load_base(config.model, config.task, datasets.labels)
     if tokenizer.pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
