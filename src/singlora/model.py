@@ -226,7 +226,9 @@ class SingLoRAModel(nn.Module):
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        return optimizer.register_step_post_hook(lambda *_: self.step())
+        # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return inner.register_step_post_hook(lambda *_: self.step())
 
     # ---- parameters ---------------------------------------------------------------------------------------------
 
