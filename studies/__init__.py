@@ -1,0 +1,1 @@
+"""Reproduction studies of the SingLoRA paper's claims (see studies/README.md)."""

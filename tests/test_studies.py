@@ -1,0 +1,102 @@
+"""Smoke tests of the studies in ``--quick`` mode (the full runs are not tests), plus the synthetic targets' maths."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from studies import synthetic_attention as sa  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", sa.TARGETS)
+def test_synthetic_targets_have_the_stated_structure(kind: str) -> None:
+    d, r = 32, 4
+    change = sa.target_change(kind, d, r, norm=3.0, g=torch.Generator().manual_seed(0)).double()
+    eigenvalues = torch.linalg.eigvalsh((change + change.T) / 2)
+    rank = int(torch.linalg.matrix_rank(change, rtol=1e-4))  # the change was built in float32
+    assert abs(change.norm().item() - 3.0) < 1e-5
+    expected_rank = {"psd_r": r, "psd_2r": 2 * r, "indefinite_r": r, "dense": d}[kind]
+    assert rank == expected_rank
+    if kind in ("psd_r", "psd_2r"):
+        assert eigenvalues.min() > -1e-5 and torch.allclose(change, change.T)
+    if kind == "indefinite_r":
+        assert (eigenvalues < -1e-3).sum() == r // 2 and (eigenvalues > 1e-3).sum() == r - r // 2
+
+
+def test_synthetic_attention_quick(tmp_path: Path) -> None:
+    data = sa.main(["--quick", "--out", str(tmp_path), "--d", "32", "--tokens", "16", "--lora-rank", "4",
+                     "--lr", "3e-3"])  # 200 steps at the paper's 1e-4 barely move; a larger lr must fit
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and "## Final loss" in (tmp_path / "REPORT.md").read_text()
+    assert saved["params"] == {"lora": 2 * 2 * 32 * 4, "singlora": 2 * 32 * 8}  # equal budgets, computed here
+    for kind in sa.TARGETS:
+        lora, sing = data["targets"][kind]["lora"], data["targets"][kind]["singlora"]
+        # Both updates start at exactly zero (B = 0; u(0) = 0), so both start from the base model's loss.
+        assert lora["initial"]["median"] == pytest.approx(sing["initial"]["median"], rel=1e-6)
+        assert lora["final"]["median"] < 0.5 * lora["initial"]["median"]
+        assert sing["final"]["median"] < 0.5 * sing["initial"]["median"]
+
+
+def test_synthetic_initial_loss_matches_a_float64_reference() -> None:
+    cfg = sa.Settings(d=16, tokens=8, lora_rank=2, seeds=2, targets=("psd_r",))
+    problems = sa.make_problems(cfg)
+    X, Wq, Wk, Z = (problems[k].double() for k in ("X", "Wq", "Wk", "Z"))
+    reference = ((X @ Wq @ Wk.transpose(1, 2) @ X.transpose(1, 2) - Z) ** 2).mean(dim=(1, 2))
+    run = sa.train("singlora", sa.Settings(**{**cfg.__dict__, "steps": 1, "log_every": 1}), problems)
+    torch.testing.assert_close(run["curve"][0].double(), reference, rtol=1e-4, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One work folder for the BBC studies: the tiny model and cached runs are shared between them."""
+    return tmp_path_factory.mktemp("studies_work")
+
+
+def _expected_adapter_params(model_dir: str, method: str, r: int = 8) -> int:
+    """query + value of every layer: SingLoRA max(d_in, d_out) * r, LoRA (d_in + d_out) * r, from the config."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    per_matrix = hidden * r if method == "singlora" else 2 * hidden * r
+    return 2 * layers * per_matrix
+
+
+def test_method_comparison_quick(work: Path, tmp_path: Path) -> None:
+    from studies import method_comparison
+
+    state = method_comparison.main(["--quick", "--work", str(work), "--out", str(tmp_path)])
+    assert state["complete"] and set(state["final"]) == set(method_comparison.METHODS)
+    model_dir = str(work / "tiny_bert")
+    for method in ("lora", "singlora", "loraplus"):
+        assert state["final"][method][0]["adapter_params"] == _expected_adapter_params(model_dir, method)
+    for runs in state["final"].values():
+        assert runs[0]["steps"] == 2 and 0.0 <= runs[0]["test_accuracy"] <= 1.0
+    assert "## Test accuracy" in (tmp_path / "REPORT.md").read_text()
+    assert (tmp_path / "test_accuracy.png").is_file()
+
+
+def test_lr_sensitivity_quick(work: Path, tmp_path: Path) -> None:
+    from studies import lr_sensitivity
+
+    results = lr_sensitivity.main(["--quick", "--work", str(work), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] and set(saved["spread_points"]) == {"lora", "singlora"}
+    means = [100 * runs[0]["test_accuracy"] for runs in results["lora"].values()]
+    assert saved["spread_points"]["lora"]["test"] == pytest.approx(max(means) - min(means))
+    assert (tmp_path / "accuracy_vs_lr.png").is_file()
+
+
+def test_ramp_ablation_quick(work: Path, tmp_path: Path) -> None:
+    from studies import ramp_ablation
+
+    groups = ramp_ablation.main(["--quick", "--work", str(work), "--out", str(tmp_path)])
+    assert groups["T=0% init=normal"][0]["ramp_steps"] == 0
+    assert groups["T=0.5% init=normal"][0]["ramp_steps"] == 1  # a fraction of 2 steps rounds up to one step
+    assert "## Accuracy per setting" in (tmp_path / "REPORT.md").read_text()
