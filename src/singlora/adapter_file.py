@@ -95,8 +95,18 @@ def adapter_state_dict(model: "SingLoRAModel", adapter_name: str) -> dict[str, t
     return tensors
 
 
+def _check_arguments(directory: Any, adapter_name: Any) -> Path:
+    """``directory`` as a Path; ``SingLoRAError`` naming the argument for a wrong type."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise SingLoRAError(f"directory={directory!r} must be a path (str or os.PathLike)")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+    return Path(directory)
+
+
 def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
     """Write one adapter's two files into ``directory`` (created if missing), each atomically."""
+    directory = _check_arguments(directory, adapter_name)
     config = model.configs.get(adapter_name)
     if config is None:
         raise SingLoRAError(f"adapter {adapter_name!r} does not exist; adapters are {sorted(model.configs)}")
@@ -217,6 +227,8 @@ def _check_file_patterns(path: Path, fields: dict[str, Any]) -> None:
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, dict[str, Any]]:
     """Parse and validate ``adapter_config.json``: ``(config, {format, format_version, ramp_step, ...})``."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise SingLoRAError(f"directory={directory!r} must be a path (str or os.PathLike)")
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
         raise AdapterFileError(f"{directory}: not a directory (expected a singlora adapter directory)")
@@ -398,6 +410,7 @@ def read_adapter_tensors(
 def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
     """Add adapter ``adapter_name`` to ``model`` from ``directory``. Everything is validated first: on any
     error the model is left exactly as it was (modules, tensors, ``requires_grad`` flags)."""
+    directory = _check_arguments(directory, adapter_name)
     config, meta = read_adapter_config(directory)
     if adapter_name in model.configs:
         raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")

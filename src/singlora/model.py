@@ -25,6 +25,15 @@ from .targets import resolve_modules_to_save, resolve_targets
 AdapterNames = Union[str, list[str]]
 
 
+def _as_names(value: Any, field: str) -> list[str]:
+    """``str | list[str]`` -> list of names; ``SingLoRAError`` naming ``field`` and the value otherwise."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise SingLoRAError(f"{field}={value!r} must be an adapter name or a list of adapter names")
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -45,6 +54,8 @@ class SingLoRAModel(nn.Module):
     ) -> None:
         """Wrap ``model``; with a ``config``, add adapter ``adapter_name`` and make it active."""
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise SingLoRAError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.configs: dict[str, SingLoRAConfig] = {}
         self.active_adapters: list[str] = []
@@ -93,7 +104,7 @@ class SingLoRAModel(nn.Module):
 
     def _check_names(self, names: list[str]) -> None:
         for name in names:
-            if name not in self.configs:
+            if not isinstance(name, str) or name not in self.configs:
                 raise SingLoRAError(f"adapter {name!r} does not exist; adapters are {sorted(self.configs)}")
 
     def add_adapter(self, adapter_name: str, config: SingLoRAConfig) -> None:
@@ -138,7 +149,7 @@ class SingLoRAModel(nn.Module):
 
     def set_adapter(self, adapter_names: AdapterNames) -> None:
         """Make ``adapter_names`` the active (running, trainable) adapters; all other adapters are frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = _as_names(adapter_names, "adapter_names")
         self._check_names(names)
         self.active_adapters = names
         for _, layer in self.singlora_layers():
@@ -192,6 +203,8 @@ class SingLoRAModel(nn.Module):
 
     def step(self, n: int = 1) -> None:
         """Advance the ramp of the active adapters by ``n`` optimizer steps (no host sync)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise SingLoRAError(f"n={n!r} must be an int >= 0")
         buffers = self._step_buffers(self.active_adapters)
         if buffers:
             torch._foreach_add_(buffers, n)
@@ -249,9 +262,7 @@ class SingLoRAModel(nn.Module):
 
         ``safe=True``: a non-finite result anywhere raises ``SingLoRAError`` and nothing stays merged by this call.
         """
-        names = self.active_adapters if adapter_names is None else (
-            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        )
+        names = self.active_adapters if adapter_names is None else _as_names(adapter_names, "adapter_names")
         self._check_names(names)
         layers = list(self.singlora_layers())
         if safe:  # check every layer before changing any
@@ -304,6 +315,8 @@ class SingLoRAModel(nn.Module):
         """
         from .adapter_file import load_adapter
 
+        if not isinstance(is_trainable, bool):
+            raise SingLoRAError(f"is_trainable={is_trainable!r} must be a bool")
         load_adapter(self, directory, adapter_name)
         self.set_adapter(adapter_name)
         if not is_trainable:
