@@ -75,9 +75,12 @@ def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = Non
 
 def add_singlora(
     unet: nn.Module, *, r: int = 8, alpha: float | None = None, target_modules: Sequence[str] | str = tuple(DEFAULT_TARGETS),
-    ramp_up_steps: int | float = 0.01, total_steps: int | None = None, init: str = "normal",
+    ramp_up_steps: int | float = 0.01, total_steps: int | None = 400, init: str = "normal",
 ) -> SingLoRAModel:
-    """Inject SingLoRA into the U-Net in place (all base weights frozen); ``alpha`` defaults to ``r`` (s = 1)."""
+    """Inject SingLoRA into the U-Net in place (all base weights frozen); ``alpha`` defaults to ``r`` (s = 1).
+
+    Defaults are the paper's DreamBooth settings: ``to_q`` + ``to_k``, ramp over 1% of 400 steps.
+    """
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = SingLoRAConfig(
         r=r, alpha=float(r if alpha is None else alpha), target_modules=targets, ramp_up_steps=ramp_up_steps,

@@ -94,3 +94,40 @@ def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = (
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_stable_diffusion_xl(directory: str | os.PathLike, words: Sequence[str] = ("a", "photo", "of", "sks", "dog"), seed: int = 0) -> Any:
+    """Build a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time`` added conditioning), save it to
+    ``directory`` and return it: the SDXL folder layout, loadable like real SDXL weights."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer(words)
+    text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=16, seed=seed)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, projection_dim=16, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    ))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+        transformer_layers_per_block=(1, 1),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
