@@ -190,8 +190,10 @@ def test_resume_after_sigkill_gives_the_same_adapter(assets: dict[str, Path], tm
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [s for s in range(1, 25)] + [24]  # 24 train records (no duplicates) + the final eval
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [s for s in range(1, 25)] + [24]  # no duplicates; + the final eval
+    # u counts optimizer steps, not micro-batches (grad-accum 2): T = 0.25 * 24 = 6 steps
+    assert [r["u"] for r in records[:24]] == [min(t / 6, 1.0) for t in range(1, 25)]
     for run in (tmp_path / "killed", uninterrupted):
         assert json.loads((run / "adapter" / "adapter_config.json").read_text())["ramp_step"] == 24
 

@@ -138,12 +138,19 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     return out
 
 
-def _add_merge(subparsers: Any) -> None:
-    parser = subparsers.add_parser("merge", help="base + adapter -> a standalone transformers model folder")
-    parser.add_argument("adapter", help="adapter folder written by `singlora train`")
-    parser.add_argument("output", help="folder for the merged model")
+def _adapter_to_folder_parser(subparsers: Any, name: str, help_text: str, output_help: str) -> Any:
+    """A subcommand reading ``adapter`` (a ``singlora train`` output) and writing ``output``."""
+    parser = subparsers.add_parser(name, help=help_text)
+    parser.add_argument("adapter", help="adapter folder written by `singlora train` (<output-dir>/adapter)")
+    parser.add_argument("output", help=output_help)
     parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
     parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _add_merge(subparsers: Any) -> None:
+    parser = _adapter_to_folder_parser(subparsers, "merge", "base + adapter -> a standalone transformers model folder",
+                                       "folder for the merged model")
     parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet))
 
 
@@ -163,12 +170,9 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
 
 
 def _add_export(subparsers: Any) -> None:
-    parser = subparsers.add_parser("export", help="SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, kohya)")
-    parser.add_argument("adapter", help="adapter folder written by `singlora train`")
-    parser.add_argument("output", help="folder for the LoRA files")
+    parser = _adapter_to_folder_parser(subparsers, "export", "SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, "
+                                       "kohya)", "folder for the LoRA files")
     parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
-    parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
-    parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet))
 
 

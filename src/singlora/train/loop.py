@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -242,7 +243,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         changed = sorted(k for k, v in _comparable(config).items() if state["config"].get(k) != v)
         if changed:
             raise SingLoRAError(f"--resume: {checkpoint_path} was written with different settings for {changed}")
-    accelerator = Accelerator(mixed_precision=config.precision)
+    # Several processes and no GPU (torchrun on CPU): accelerate only goes multi-CPU (gloo) when told ``cpu=True``.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=config.precision, cpu=multi_cpu)
     main = accelerator.is_main_process
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -299,12 +302,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         _set_rng_state(state["rng"])
     output.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(output / METRICS_FILE, truncate_after_step=step if state is not None else None)
+    log = MetricsLog(output / METRICS_FILE, truncate_after_step=step if state is not None else None) if main else None
 
     def run_eval() -> dict[str, float]:
         assert eval_loader is not None
         metrics = evaluate_model(model, eval_loader, config.task, len(datasets.labels or []), accelerator)
-        if main:
+        if log is not None:
             log.write({"kind": "eval", "step": step, **metrics})
         return metrics
 
@@ -346,7 +349,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             step_seconds.append(time.perf_counter() - started)
             mean_loss = float(accelerator.reduce(running.to(accelerator.device), "mean"))
             lr, u = scheduler.get_last_lr()[0], trainable.u()
-            if main and (step % config.log_every == 0 or step == total_steps):
+            if log is not None and (step % config.log_every == 0 or step == total_steps):
                 log.write({"kind": "train", "step": step, "loss": mean_loss, "lr": lr, "u": u, "epoch": epoch})
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **({"u": f"{u:.2f}"} if u is not None else {}))
