@@ -224,11 +224,11 @@ def test_train_dreambooth_end_to_end_with_prior_checkpoints_resume_and_export(tm
 def test_dreambooth_args_errors_name_the_option(tmp_path):
     write_images(tmp_path / "instance", 1)
     good = dict(pretrained_model=str(tmp_path), instance_data_dir=str(tmp_path / "instance"), instance_prompt="p")
-    with pytest.raises(SingLoRAError, match="--instance_data_dir"):
+    with pytest.raises(SingLoRAError, match="--instance-data-dir"):
         DreamBoothArgs(**{**good, "instance_data_dir": str(tmp_path / "missing")}).validate()
-    with pytest.raises(SingLoRAError, match="--with_prior_preservation"):
+    with pytest.raises(SingLoRAError, match="--with-prior-preservation"):
         DreamBoothArgs(**good, with_prior_preservation=True).validate()
-    with pytest.raises(SingLoRAError, match="--mixed_precision"):
+    with pytest.raises(SingLoRAError, match="--mixed-precision"):
         DreamBoothArgs(**good, mixed_precision="fp8").validate()
     with pytest.raises(SingLoRAError, match="model_index.json"):
         train_dreambooth(DreamBoothArgs(**good, output_dir=str(tmp_path / "out")))

@@ -56,28 +56,13 @@ def test_metric_input_errors_name_the_argument():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A random ViT (DINO stand-in) and a random CLIP with processors/tokenizer, saved like hub folders."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import AutoTokenizer, CLIPModel, ViTModel
 
-    from singlora.diffusion.tiny import tiny_tokenizer
+    from singlora.diffusion.tiny import tiny_metric_models
 
     root = tmp_path_factory.mktemp("metric_models")
-    torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=32), add_pooling_layer=False)
-    vit.save_pretrained(root / "dino")
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dino")
-    tokenizer = tiny_tokenizer(["a", "photo", "of", "sks", "dog"], max_length=8)
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=8, eos_token_id=3, bos_token_id=2, pad_token_id=0),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=8,
-    ))
-    clip.save_pretrained(root / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    return root, vit.eval(), clip.eval(), tokenizer
+    dino, clip = tiny_metric_models(root)
+    return root, ViTModel.from_pretrained(dino).eval(), CLIPModel.from_pretrained(clip).eval(), AutoTokenizer.from_pretrained(clip)
 
 
 def test_fidelity_scores_with_local_models(tiny_models):

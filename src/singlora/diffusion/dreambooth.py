@@ -126,68 +126,67 @@ def dreambooth_loss(per_sample: Tensor, num_instance: int, prior_loss_weight: fl
 # ---- the training run -----------------------------------------------------------------------------------------
 
 
+def _opt(default: Any, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with a ``--help`` text (``metadata["help"]``, as in ``singlora.cli``)."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DreamBoothArgs:
-    """Options of ``singlora dreambooth`` (the names follow diffusers' ``train_dreambooth_lora.py``)."""
+    """Options of ``singlora dreambooth`` (names follow diffusers' ``train_dreambooth_lora.py``)."""
 
-    pretrained_model: str
-    """Local diffusers folder (SD 1.x/2.x or SDXL layout)."""
-    instance_data_dir: str
-    """Folder with the subject's images (4-5 in the paper)."""
-    instance_prompt: str
-    """Prompt with the identifier, e.g. 'a photo of sks dog'."""
-    output_dir: str = "dreambooth-singlora"
-    class_data_dir: str | None = None
-    """Class images for prior preservation; missing ones are generated with the base model."""
-    class_prompt: str | None = None
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    resolution: int = 512
-    center_crop: bool = False
-    train_batch_size: int = 1
-    max_train_steps: int = 400
-    learning_rate: float = 1e-3
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    r: int = 8
-    alpha: float | None = None
-    """Default: r (s = alpha / r = 1)."""
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    ramp_up_steps: float = 0.01
-    """u(t) ramp: an int number of optimizer steps, or a fraction of max_train_steps (paper: 1%)."""
-    init: str = "normal"
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    checkpointing_steps: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: never)."""
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    """A checkpoint folder, or 'latest' (in output_dir)."""
-    validation_prompt: str | None = None
-    validation_steps: int = 100
-    num_validation_images: int = 4
-    validation_inference_steps: int = 25
-    seed: int = 0
-    export_lora: bool = True
-    """Also write the diffusers LoRA layout (loadable with pipe.load_lora_weights)."""
+    pretrained_model: str = field(metadata={"help": "local diffusers folder (SD 1.x/2.x or SDXL layout)"})
+    instance_data_dir: str = field(metadata={"help": "folder with the subject's images (4-5 in the paper)"})
+    instance_prompt: str = field(metadata={"help": "prompt with the identifier, e.g. 'a photo of sks dog'"})
+    output_dir: str = _opt("dreambooth-singlora", "output folder")
+    class_data_dir: str | None = _opt(None, "class images for prior preservation (missing ones are generated)")
+    class_prompt: str | None = _opt(None, "prompt of the class images, e.g. 'a photo of dog'")
+    with_prior_preservation: bool = _opt(False, "add the prior-preservation loss on class images")
+    prior_loss_weight: float = _opt(1.0, "weight of the prior-preservation loss")
+    num_class_images: int = _opt(100, "class images wanted in class_data_dir")
+    resolution: int = _opt(512, "training image size")
+    center_crop: bool = _opt(False, "center crop (default: random crop)")
+    train_batch_size: int = _opt(1, "instance images per step (as many class images are added)")
+    max_train_steps: int = _opt(400, "optimizer steps (paper: 400)")
+    learning_rate: float = _opt(1e-3, "AdamW learning rate (paper: 1e-3)")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    r: int = _opt(8, "SingLoRA rank (paper: 8; 16 has LoRA r=8's parameter count)")
+    alpha: float | None = _opt(None, "scale numerator, s = alpha / r (default: r)")
+    target_modules: list[str] = _opt(None, "U-Net modules to adapt (paper: to_q to_k)",
+                                     default_factory=lambda: list(DEFAULT_TARGETS))
+    ramp_up_steps: float = _opt(0.01, "ramp u(t): a fraction of max_train_steps (< 1) or a number of steps")
+    init: str = _opt("normal", "initialisation of A: normal | kaiming_uniform | gaussian")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _opt(False, "recompute U-Net activations in backward (less memory)")
+    mixed_precision: str = _opt("no", "no | fp16 | bf16 (frozen weights in that dtype; A stays float32)")
+    checkpointing_steps: int = _opt(0, "save a resumable checkpoint every N steps (0: never)")
+    checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, "a checkpoint folder, or 'latest' in output_dir")
+    validation_prompt: str | None = _opt(None, "prompt for validation images")
+    validation_steps: int = _opt(100, "write validation images every N steps")
+    num_validation_images: int = _opt(4, "validation images each time")
+    validation_inference_steps: int = _opt(25, "sampler steps for validation and class images")
+    seed: int = _opt(0, "seed (data order, noise, validation images)")
+    export_lora: bool = _opt(True, "also write the diffusers LoRA layout (pipe.load_lora_weights)")
 
     def validate(self) -> None:
         """Cross-field checks; errors name the option."""
         if not Path(self.instance_data_dir).is_dir():
-            raise SingLoRAError(f"--instance_data_dir {self.instance_data_dir!r} is not a folder")
+            raise SingLoRAError(f"--instance-data-dir {self.instance_data_dir!r} is not a folder")
         if self.with_prior_preservation and (self.class_data_dir is None or self.class_prompt is None):
-            raise SingLoRAError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+            raise SingLoRAError("--with-prior-preservation needs --class-data-dir and --class-prompt")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise SingLoRAError(f"--mixed_precision {self.mixed_precision!r} must be one of {MIXED_PRECISION}")
+            raise SingLoRAError(f"--mixed-precision {self.mixed_precision!r} must be one of {MIXED_PRECISION}")
         for name in ("resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "r"):
             if getattr(self, name) < 1:
-                raise SingLoRAError(f"--{name} {getattr(self, name)!r} must be >= 1")
+                raise SingLoRAError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be >= 1")
         if self.checkpointing_steps < 0 or self.validation_steps < 1:
-            raise SingLoRAError("--checkpointing_steps must be >= 0 and --validation_steps >= 1")
+            raise SingLoRAError("--checkpointing-steps must be >= 0 and --validation-steps >= 1")
         if not self.learning_rate > 0:
-            raise SingLoRAError(f"--learning_rate {self.learning_rate!r} must be > 0")
+            raise SingLoRAError(f"--learning-rate {self.learning_rate!r} must be > 0")
 
     def ramp(self) -> int | float:
         """``ramp_up_steps`` as SingLoRAConfig wants it: whole numbers >= 1 are steps, else a fraction."""
@@ -273,6 +272,32 @@ def save_validation_images(pipe: Any, args: DreamBoothArgs, step: int) -> list[P
     return paths
 
 
+def generate_images(
+    pretrained_model: str | os.PathLike, adapter_dir: str | os.PathLike | None, prompts: Sequence[str], out_dir: str | os.PathLike,
+    *, num_images: int = 4, seed: int = 0, steps: int = 25, resolution: int | None = None, guidance_scale: float = 7.5,
+) -> dict[str, str]:
+    """Sample ``num_images`` per prompt (fixed seed) from a local pipeline, with a SingLoRA adapter folder if given;
+    writes PNGs into ``out_dir`` and returns ``{file name: prompt}`` (also saved as ``prompts.json``)."""
+    pipe = load_pipeline(pretrained_model)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter_dir is not None:
+        SingLoRAModel.from_pretrained(pipe.unet, adapter_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    names: dict[str, str] = {}
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed(seed + index)
+        images = pipe(prompt, num_images_per_prompt=num_images, generator=generator, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, **size).images
+        for k, image in enumerate(images):
+            name = f"prompt{index:03d}_{k:02d}.png"
+            image.save(out / name)
+            names[name] = prompt
+    (out / "prompts.json").write_text(json.dumps(names, indent=2) + "\n")
+    return names
+
+
 def load_adapter_state(model: SingLoRAModel, directory: str | os.PathLike) -> None:
     """Copy ``A`` and the ramp step saved in ``directory`` into the existing adapter (resuming keeps the optimizer's
     parameters); shapes and keys are checked first."""
@@ -354,7 +379,7 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         path = (_checkpoints(output_dir) or [None])[-1] if args.resume_from_checkpoint == "latest" else Path(
             args.resume_from_checkpoint)
         if path is None or not Path(path).is_dir():
-            raise SingLoRAError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint")
+            raise SingLoRAError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r}: no such checkpoint")
         accelerator.load_state(str(path))
         global_step = int(Path(path).name.split("-")[-1])
     generator = torch.Generator(device="cpu").manual_seed(args.seed + global_step)

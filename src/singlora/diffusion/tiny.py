@@ -131,3 +131,27 @@ def tiny_stable_diffusion_xl(directory: str | os.PathLike, words: Sequence[str] 
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_metric_models(directory: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+    """Random stand-ins for the DINO and CLIP metric models, saved with their processors (and CLIP's tokenizer) as
+    ``directory/dino`` and ``directory/clip``, the layout of hub folders; returns the two paths."""
+    from pathlib import Path
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    root = Path(directory)
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32), add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dino")
+    tokenizer = tiny_tokenizer(["a", "photo", "of", "sks", "dog"], max_length=8)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=8, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    return str(root / "dino"), str(root / "clip")
