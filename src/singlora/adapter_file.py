@@ -62,23 +62,35 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any point leaves either the old ``path`` or the new one, never a torn file (at worst a stray
+    ``.<name>.*.tmp`` beside it). An I/O failure (disk full, unwritable directory) raises ``SingLoRAError`` naming
+    ``path``, removes the temp file and leaves the old ``path`` untouched.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's writer on a full disk
+        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SingLoRAError(f"{path}: cannot write: {reason}; the previous {path.name}, if any, is unchanged") from exc
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def adapter_state_dict(model: "SingLoRAModel", adapter_name: str) -> dict[str, torch.Tensor]:
