@@ -34,7 +34,8 @@ def test_combination_is_the_weighted_sum_of_updates(tmp_path) -> None:
             for a in weights if a in layer.singlora
         )
         assert_close(layer.get_delta_weight("ab"), expected)
-        assert layer.singlora["ab"].A.shape[1] == sum(layer.singlora[a].A.shape[1] for a in weights if a in layer.singlora)
+        ranks = [layer.singlora[a].A.shape[1] for a in weights if a in layer.singlora]
+        assert layer.singlora["ab"].A.shape[1] == sum(ranks)
     # Unit weights: the combined adapter runs like both sources active together; it saves and loads as any adapter.
     combine_adapters(model, {"a": 1.0, "b": 1.0}, "sum")
     x = torch.randn(5, 6, dtype=torch.float64)

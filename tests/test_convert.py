@@ -119,7 +119,8 @@ def test_peft_singlora_refusals(tmp_path) -> None:
     with pytest.raises(SingLoRAError, match="'up' has rank 2 but the checkpoint's config gives 3"):
         convert_peft_singlora(tmp_path / "rank", tmp_path / "o2", base_model=base, ramp_up_steps=10, ramp_step=1)
     _peft_singlora_dir(tmp_path / "lora", matrices, config, None)
-    save_file({"base_model.model.sq.lora_B.weight": torch.zeros(8, 2)}, str(tmp_path / "lora" / "adapter_model.safetensors"))
+    lora_b = {"base_model.model.sq.lora_B.weight": torch.zeros(8, 2)}
+    save_file(lora_b, str(tmp_path / "lora" / "adapter_model.safetensors"))
     with pytest.raises(SingLoRAError, match="lora_B"):
         convert_peft_singlora(tmp_path / "lora", tmp_path / "o3", base_model=base, ramp_up_steps=10, ramp_step=1)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -90,7 +90,8 @@ def test_export_from_directory_equals_export_from_model(tmp_path) -> None:
     export_lora(model, tmp_path / "b")
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert_close(a[key], b[key])
@@ -145,9 +146,9 @@ def test_stock_diffusers_loads_unet_export(tmp_path, format) -> None:
 
     base = _tiny_unet()
     reference = copy.deepcopy(base)
-    # to_q: 8x8 square; to_k / to_v: cross-attention 12 -> 8 (in > out); to_out.0: square
-    model = get_singlora_model(base, SingLoRAConfig(r=2, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                                    ramp_up_steps=4))
+    # to_q: 8x8 square; to_k / to_v: cross-attention 12 -> 8 (in > out); to_out.0: square; conv1: resnet 3x3 Conv2d
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
+    model = get_singlora_model(base, SingLoRAConfig(r=2, alpha=4.0, target_modules=targets, ramp_up_steps=4))
     with torch.no_grad():
         for _, layer in model.singlora_layers():
             layer.singlora["default"].A.normal_(0, 0.4)

@@ -21,7 +21,8 @@ def _quantized(bits: int) -> nn.Module:
     layers = []
     for linear in dense:
         if bits == 4:
-            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=torch.float32, quant_type="nf4")
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=torch.float32,
+                                  quant_type="nf4")
         else:
             q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False)
         q.load_state_dict(linear.state_dict())
@@ -63,7 +64,8 @@ def test_adapter_on_quantized_base(bits: int) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dequantize_and_merge_is_exact(bits: int) -> None:
-    model = get_singlora_model(_quantized(bits), SingLoRAConfig(r=2, alpha=2.0, target_modules=["0", "1"], ramp_up_steps=0))
+    config = SingLoRAConfig(r=2, alpha=2.0, target_modules=["0", "1"], ramp_up_steps=0)
+    model = get_singlora_model(_quantized(bits), config)
     expected = {}
     for name, layer in model.singlora_layers():
         A = layer.singlora["default"].A

@@ -19,8 +19,9 @@ def _model(ramp_up_steps: int = 4):
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=2)
     base = transformers.BertForSequenceClassification(config)
-    return get_singlora_model(base, SingLoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
-                                                   ramp_up_steps=ramp_up_steps))
+    config = SingLoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
+                            ramp_up_steps=ramp_up_steps)
+    return get_singlora_model(base, config)
 
 
 def _data(n: int = 16) -> list[dict]:

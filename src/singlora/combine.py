@@ -2,7 +2,8 @@
 
 For adapters i on one layer, with current coefficients ``c_i = s_i * u_i`` and weights ``w_i >= 0``::
 
-    sum_i w_i c_i A_i[:d_out] @ A_i[:d_in].T  ==  A[:d_out] @ A[:d_in].T     A = [sqrt(w_1 c_1) A_1 | sqrt(w_2 c_2) A_2 | ...]
+    sum_i w_i c_i A_i[:d_out] @ A_i[:d_in].T  ==  A[:d_out] @ A[:d_in].T
+    A = [sqrt(w_1 c_1) A_1 | sqrt(w_2 c_2) A_2 | ...]
 
 so the new adapter has ``A`` (n, sum of ranks), scale 1 (``alpha = r``) and no ramp (u = 1): the ramps of the
 sources are folded in. Modules that only some sources adapt get only those columns (``rank_pattern``).

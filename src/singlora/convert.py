@@ -176,7 +176,8 @@ def convert_kyegomez(
         if saved is None:
             raise SingLoRAError(f"kyegomez: {module_name}.original_layer.weight is missing: not a kyegomez wrapper")
         base_weight = getattr(_find(base_model, module_name), "weight", None)
-        if isinstance(base_weight, Tensor) and base_weight.shape == saved.shape and not torch.equal(base_weight.cpu(), saved):
+        same_shape = isinstance(base_weight, Tensor) and base_weight.shape == saved.shape
+        if same_shape and not torch.equal(base_weight.cpu(), saved):
             report.notes.append(f"{module_name}: the checkpoint's frozen weight differs from base_model's")
     step = _single_step(steps, "kyegomez") if ramp_step is None else ramp_step
     report.notes.append("training_step counted training forward calls (micro-batches), carried over as optimizer steps")

@@ -53,7 +53,7 @@ def load_adapter_in_place(model: SingLoRAModel, directory: str | os.PathLike, ad
     state = adapter_state_dict(model, adapter_name)
     if set(state) != set(tensors):
         raise AdapterFileError(
-            f"{directory}: adapter tensors {sorted(set(tensors) ^ set(state))[:5]} do not match adapter {adapter_name!r}"
+            f"{directory}: tensors {sorted(set(tensors) ^ set(state))[:5]} do not match adapter {adapter_name!r}"
         )
     with torch.no_grad():
         for key, target in state.items():
