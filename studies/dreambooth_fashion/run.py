@@ -1,0 +1,440 @@
+"""Offline proof that DreamBooth with SingLoRA learns a subject, compared with LoRA (diffusers recipe, PEFT).
+
+No pretrained diffusion weights exist offline, so the study builds its own small world on Fashion-MNIST
+(Debian package ``dataset-fashion-mnist``; images downsampled to 16x16, pixel space, no VAE):
+
+1. A tiny text-conditioned ``UNet2DConditionModel`` + tiny ``CLIPTextModel`` (word-level tokenizer) is trained as a
+   class-conditional generator ("a photo of a <class>") on 9 classes; the subject class (ankle boot) is held out.
+2. A small CNN classifier is trained on all 10 classes: the measuring instrument.
+3. DreamBooth: ``n_instance`` boot images with the prompt "a photo of sks" (``sks`` is a token the text encoder
+   never saw), 400 steps, adapters on U-Net attention ``to_q`` + ``to_k`` (self- and cross-attention), text encoder
+   frozen. Methods: SingLoRA r=8 and r=16 (lr 1e-3, the paper's), PEFT LoRA r=8 (lr 1e-4: the diffusers default,
+   and 1e-3).
+4. Measured on samples (DDIM, classifier-free guidance): subject accuracy = fraction of "a photo of sks" samples
+   the classifier calls "ankle boot"; nearest-neighbour distance of those samples to the instance images;
+   retention = classifier accuracy on the 9 known classes' prompts after adaptation.
+
+Run: ``nice -n 10 .venv/bin/python studies/dreambooth_fashion/run.py`` (writes results.json, REPORT.md, grid.png
+beside this file). ``--quick`` for a smoke run. Needs ``apt-get install dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import platform
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from singlora.diffusion.dreambooth import DEFAULT_TARGETS, add_singlora, denoising_loss
+from singlora.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASS_WORDS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+SUBJECT_TOKEN = "sks"
+MAX_LENGTH = 8
+
+
+@dataclass
+class StudyConfig:
+    """Sizes and settings of the study (defaults: the committed full run)."""
+
+    image_size: int = 16
+    channels: tuple[int, ...] = (16, 32)
+    text_dim: int = 16                # = cross_attention_dim: cross-attention to_k is (32, 16)
+    base_steps: int = 1000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    uncond_prob: float = 0.1          # prompt dropout during base training, for classifier-free guidance
+    classifier_epochs: int = 1
+    classifier_train_size: int = 30000
+    subject_class: int = 9            # ankle boot: held out of base training
+    n_instance: int = 5
+    db_steps: int = 400               # the paper's 400 iterations
+    db_batch: int = 4
+    n_subject_samples: int = 32
+    n_retention_per_class: int = 4
+    sample_steps: int = 20
+    guidance: float = 3.0
+    seeds: tuple[int, ...] = (0, 1)
+    methods: tuple[tuple[str, int, float], ...] = (
+        ("singlora", 8, 1e-3), ("singlora", 16, 1e-3), ("lora", 8, 1e-4), ("lora", 8, 1e-3),
+    )
+    threads: int = 1
+
+
+QUICK = dict(base_steps=30, classifier_train_size=2000, db_steps=10, n_subject_samples=8, n_retention_per_class=2,
+             sample_steps=4, seeds=(0,), methods=(("singlora", 8, 1e-3), ("lora", 8, 1e-3)))
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format, gzip-compressed) -> uint8 array."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    _, _, kind, ndim = struct.unpack(">BBBB", data[:4])
+    if kind != 0x08:
+        raise ValueError(f"{path}: IDX type {kind:#x}, expected unsigned bytes (0x08)")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(size: int, root: Path = DATA_DIR) -> dict[str, Tensor]:
+    """Fashion-MNIST resized to ``size`` x ``size``, pixels in [-1, 1]: train/test images (N, 1, S, S) and labels."""
+    if not (root / "train-images-idx3-ubyte.gz").is_file():
+        raise SystemExit(f"Fashion-MNIST not found in {root}: run `apt-get install dataset-fashion-mnist` (Debian)")
+    out: dict[str, Tensor] = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = torch.from_numpy(read_idx(root / f"{prefix}-images-idx3-ubyte.gz").copy()).float()[:, None] / 255.0
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[f"{split}_x"] = images * 2 - 1
+        out[f"{split}_y"] = torch.from_numpy(read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+    return out
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+
+def build_unet(config: StudyConfig, seed: int = 0) -> nn.Module:
+    """Pixel-space U-Net: a plain ResNet block at full resolution, cross-attention blocks below and in the middle."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=config.image_size, in_channels=1, out_channels=1, block_out_channels=config.channels,
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=config.text_dim, attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+class Classifier(nn.Module):
+    """Small CNN: (B, 1, 16, 16) -> (B, 10) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def train_classifier(data: dict[str, Tensor], epochs: int, size: int, seed: int = 0) -> tuple[Classifier, float]:
+    """Train on the first ``size`` training images (all 10 classes); returns the classifier and its test accuracy."""
+    torch.manual_seed(seed)
+    model = Classifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x, y = data["train_x"][:size], data["train_y"][:size]
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(256):
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), accuracy(model, data["test_x"], data["test_y"])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(1024)])
+    return float((predictions == y).float().mean())
+
+
+class TextConditioning:
+    """Tokenizer + text encoder; ``embed(prompts)`` -> (B, MAX_LENGTH, hidden_size)."""
+
+    def __init__(self, hidden_size: int, seed: int = 0) -> None:
+        self.tokenizer = tiny_tokenizer(["a", "photo", "of", SUBJECT_TOKEN, *CLASS_WORDS], max_length=MAX_LENGTH)
+        self.encoder = tiny_text_encoder(len(self.tokenizer), hidden_size=hidden_size, max_length=MAX_LENGTH, seed=seed)
+
+    def ids(self, prompts: list[str]) -> Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def embed(self, prompts: list[str]) -> Tensor:
+        return self.encoder(self.ids(prompts)).last_hidden_state
+
+
+def class_prompt(label: int) -> str:
+    return f"a photo of a {CLASS_WORDS[label]}"
+
+
+def scheduler() -> object:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon")
+
+
+def train_base(config: StudyConfig, data: dict[str, Tensor], seed: int = 0) -> tuple[nn.Module, TextConditioning, list[float]]:
+    """Class-conditional training on every class but the subject's; U-Net and text encoder train jointly."""
+    unet, text = build_unet(config, seed), TextConditioning(config.text_dim, seed)
+    keep = data["train_y"] != config.subject_class
+    x, y = data["train_x"][keep], data["train_y"][keep]
+    noise_scheduler = scheduler()
+    parameters = list(unet.parameters()) + list(text.encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.base_lr, weight_decay=0.0)
+    warmup = max(1, config.base_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    unet.train()
+    for _ in range(config.base_steps):
+        batch = torch.randint(0, len(x), (config.base_batch,), generator=generator)
+        prompts = [class_prompt(int(label)) for label in y[batch]]
+        drop = torch.rand(len(prompts), generator=generator) < config.uncond_prob
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        loss = denoising_loss(unet, noise_scheduler, x[batch], text.embed(prompts), generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    unet.eval()
+    text.encoder.eval().requires_grad_(False)
+    return unet, text, losses
+
+
+@torch.no_grad()
+def sample(unet: nn.Module, cond: Tensor, uncond: Tensor, *, steps: int, guidance: float, seed: int) -> Tensor:
+    """DDIM with classifier-free guidance. ``cond``: (B, L, D) prompt embeddings; ``uncond``: (1, L, D).
+    Returns (B, 1, S, S) images in [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler().config)
+    ddim.set_timesteps(steps)
+    batch, size = cond.shape[0], unet.config.sample_size
+    x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    text = torch.cat([cond, uncond.expand(batch, -1, -1)])
+    for t in ddim.timesteps:
+        eps_cond, eps_uncond = unet(torch.cat([x, x]), t, text).sample.chunk(2)
+        x = ddim.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+# ---- DreamBooth -----------------------------------------------------------------------------------------------
+
+
+def add_adapter(unet: nn.Module, method: str, r: int, steps: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    """SingLoRA (this library) or LoRA (PEFT through diffusers' ``unet.add_adapter``, as in the diffusers recipe)
+    on ``to_q`` + ``to_k``; alpha = r for both. Returns the model to call and its trainable parameters."""
+    if method == "singlora":
+        model = add_singlora(unet, r=r, target_modules=DEFAULT_TARGETS, ramp_up_steps=0.01, total_steps=steps)
+    elif method == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=DEFAULT_TARGETS))
+        model = unet
+    else:
+        raise ValueError(f"method={method!r} must be 'singlora' or 'lora'")
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def dreambooth(base: nn.Module, text: TextConditioning, instances: Tensor, method: str, r: int, lr: float,
+               config: StudyConfig, seed: int) -> tuple[nn.Module, int, list[float], float]:
+    """Adapt a copy of ``base`` to ``instances`` (N, 1, S, S) with the prompt 'a photo of sks'.
+    Returns (adapted U-Net, trainable parameter count, losses, seconds)."""
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(base)
+    model, parameters = add_adapter(unet, method, r, config.db_steps)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    if method == "singlora":
+        model.bind_optimizer(optimizer)
+    with torch.no_grad():
+        embeds = text.embed([f"a photo of {SUBJECT_TOKEN}"])
+    noise_scheduler = scheduler()
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    start = time.perf_counter()
+    model.train()
+    for _ in range(config.db_steps):
+        batch = torch.randint(0, len(instances), (config.db_batch,), generator=generator)
+        loss = denoising_loss(model, noise_scheduler, instances[batch], embeds.expand(len(batch), -1, -1),
+                              generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return unet, sum(p.numel() for p in parameters), losses, time.perf_counter() - start
+
+
+def evaluate(unet: nn.Module, text: TextConditioning, classifier: nn.Module, instances: Tensor,
+             config: StudyConfig, seed: int) -> tuple[dict[str, float], Tensor]:
+    """Subject accuracy, nearest-neighbour distance to the instances, retention on the known classes.
+    Returns (metrics, the subject samples)."""
+    with torch.no_grad():
+        uncond = text.embed([""])
+        subject = text.embed([f"a photo of {SUBJECT_TOKEN}"]).expand(config.n_subject_samples, -1, -1)
+        known = [c for c in range(10) if c != config.subject_class]
+        labels = torch.tensor(known).repeat_interleave(config.n_retention_per_class)
+        retention_embeds = text.embed([class_prompt(int(c)) for c in labels])
+    kwargs = dict(steps=config.sample_steps, guidance=config.guidance)
+    subject_images = sample(unet, subject, uncond, seed=seed + 1000, **kwargs)
+    retention_images = sample(unet, retention_embeds, uncond, seed=seed + 2000, **kwargs)
+    with torch.no_grad():
+        predicted = classifier(subject_images).argmax(1)
+    distances = torch.cdist(subject_images.flatten(1), instances.flatten(1)).min(1).values / subject_images[0].numel() ** 0.5
+    metrics = {
+        "subject_accuracy": float((predicted == config.subject_class).float().mean()),
+        "subject_nn_rms": float(distances.mean()),
+        "retention_accuracy": accuracy(classifier, retention_images, labels),
+    }
+    return metrics, subject_images
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+
+def save_grid(rows: list[tuple[str, Tensor]], path: Path, columns: int = 8, scale: int = 4) -> None:
+    """One labelled row of images per entry: images (N, 1, S, S) in [-1, 1] -> PNG."""
+    from PIL import Image, ImageDraw
+
+    size = rows[0][1].shape[-1] * scale
+    label_width = 150
+    canvas = Image.new("L", (label_width + columns * (size + 2), len(rows) * (size + 2)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for row, (label, images) in enumerate(rows):
+        draw.text((4, row * (size + 2) + size // 2 - 6), label, fill=0)
+        for column, image in enumerate(images[:columns]):
+            pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            tile = Image.fromarray(pixels, mode="L").resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label_width + column * (size + 2), row * (size + 2)))
+    canvas.save(path)
+
+
+def write_report(results: dict, path: Path) -> None:
+    config = results["config"]
+    lines = [
+        "# DreamBooth on Fashion-MNIST: SingLoRA vs LoRA (offline study)",
+        "",
+        f"Command: `{results['command']}`. Wall time {results['wall_seconds']:.0f} s (process CPU time "
+        f"{results['cpu_seconds']:.0f} s) on {results['machine']}, {config['threads']} thread(s), a CPU shared with "
+        f"other jobs. Base generator: {config['base_steps']} steps, final loss "
+        f"{results['base']['final_loss']:.4f}; classifier test accuracy {results['classifier_test_accuracy']:.3f}.",
+        "",
+        f"Subject: {config['n_instance']} Fashion-MNIST 'ankle boot' images (a class held out of base training), "
+        f"prompt 'a photo of {SUBJECT_TOKEN}'; {config['db_steps']} steps, batch {config['db_batch']}, adapters on "
+        f"U-Net `to_q` + `to_k` (self- and cross-attention), alpha = r. Samples: DDIM {config['sample_steps']} steps, "
+        f"guidance {config['guidance']}; {config['n_subject_samples']} subject samples and "
+        f"{config['n_retention_per_class']} per known class per seed; seeds {config['seeds']}.",
+        "",
+        "| method | r | lr | trainable params | subject accuracy | NN distance (RMS) | retention accuracy | final loss | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["summary"]:
+        lines.append(
+            f"| {row['method']} | {row['r']} | {row['lr']:g} | {row['params']:,} | {row['subject_accuracy']:.3f} "
+            f"± {row['subject_accuracy_std']:.3f} | {row['subject_nn_rms']:.3f} | {row['retention_accuracy']:.3f} | "
+            f"{'-' if row['final_loss'] is None else format(row['final_loss'], '.4f')} | {row['train_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Subject accuracy: fraction of 'a photo of sks' samples the classifier labels 'ankle boot' (mean ± std over "
+        "seeds). NN distance: RMS pixel distance (pixels in [-1, 1]) from each subject sample to the nearest instance "
+        "image. Retention: classifier accuracy on samples of the 9 known class prompts after adaptation (the base "
+        "row is the unadapted model). Final loss: mean DreamBooth loss over the last 50 steps.",
+        "",
+        "![samples](grid.png)",
+        "",
+        "Grid rows: the instance images, then 'a photo of sks' samples from the base model and each adapted model "
+        "(seed 0).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: str) -> dict:
+    """The whole study; writes results.json, REPORT.md and grid.png into ``out_dir`` and returns the results."""
+    torch.set_num_threads(config.threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base, text, base_losses = train_base(config, data)
+    base_seconds = time.perf_counter() - start
+    print(f"base generator: {config.base_steps} steps in {base_seconds:.0f} s, loss {np.mean(base_losses[-50:]):.4f}",
+          flush=True)
+    classifier, classifier_accuracy = train_classifier(data, config.classifier_epochs, config.classifier_train_size)
+    generator = torch.Generator().manual_seed(1234)
+    subject_indices = (data["train_y"] == config.subject_class).nonzero().flatten()
+    pick = subject_indices[torch.randperm(len(subject_indices), generator=generator)[: config.n_instance]]
+    instances = data["train_x"][pick]
+
+    runs, grid = [], [("instance images", instances)]
+    for seed in config.seeds:
+        metrics, images = evaluate(base, text, classifier, instances, config, seed)
+        runs.append({"method": "base", "r": 0, "lr": 0.0, "seed": seed, "params": 0, "final_loss": None,
+                     "train_seconds": 0.0, **metrics})
+        if seed == config.seeds[0]:
+            grid.append(("base (no adapter)", images))
+    for method, r, lr in config.methods:
+        for seed in config.seeds:
+            unet, params, losses, seconds = dreambooth(base, text, instances, method, r, lr, config, seed)
+            metrics, images = evaluate(unet, text, classifier, instances, config, seed)
+            runs.append({"method": method, "r": r, "lr": lr, "seed": seed, "params": params,
+                         "final_loss": float(np.mean(losses[-50:])), "train_seconds": seconds, **metrics})
+            if seed == config.seeds[0]:
+                grid.append((f"{method} r={r} lr={lr:g}", images))
+            print(f"{method} r={r} lr={lr:g} seed={seed}: {metrics} ({seconds:.0f} s)", flush=True)
+
+    summary = []
+    for key in dict.fromkeys((run["method"], run["r"], run["lr"]) for run in runs):
+        group = [run for run in runs if (run["method"], run["r"], run["lr"]) == key]
+        row = {"method": key[0], "r": key[1], "lr": key[2], "params": group[0]["params"]}
+        for metric in ("subject_accuracy", "subject_nn_rms", "retention_accuracy", "final_loss", "train_seconds"):
+            values = [run[metric] for run in group if run[metric] is not None]
+            row[metric] = float(np.mean(values)) if values else None
+        row["subject_accuracy_std"] = float(np.std([run["subject_accuracy"] for run in group]))
+        summary.append(row)
+    results = {
+        "command": command,
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "config": asdict(config),
+        "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "base": {"seconds": base_seconds, "final_loss": float(np.mean(base_losses[-50:]))},
+        "classifier_test_accuracy": classifier_accuracy,
+        "summary": summary,
+        "runs": runs,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out_dir / "REPORT.md")
+    save_grid(grid, out_dir / "grid.png")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: beside this script)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    config = StudyConfig(threads=args.threads, **(QUICK if args.quick else {}))
+    command = "python studies/dreambooth_fashion/run.py" + (" --quick" if args.quick else "")
+    if args.threads != 1:
+        command += f" --threads {args.threads}"
+    results = run(config, load_fashion_mnist(config.image_size), args.out, command)
+    print(json.dumps(results["summary"], indent=2))
+    print(f"wall time {results['wall_seconds']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
