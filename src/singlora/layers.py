@@ -172,13 +172,14 @@ class SingLoRALayer(nn.Module):
     # ---- merging ----------------------------------------------------------------------------------------------
 
     def _to_merge(self, names: Iterable[str] | None) -> list[str]:
-        """The adapters (default: active) not merged yet; refuses quantized (non-float) base weights."""
-        if not self.base_layer.weight.is_floating_point():
+        """The adapters (default: active) not merged yet; refuses to merge into quantized (non-float) base weights."""
+        todo = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        if todo and not self.base_layer.weight.is_floating_point():
             raise SingLoRAError(
                 f"cannot merge into a {self.base_layer.weight.dtype} (quantized) base weight; dequantize first "
-                "(singlora.quantized.dequantize_and_merge) or keep the adapter unmerged"
+                "(singlora.integrations.quantized.dequantize_and_merge) or keep the adapter unmerged"
             )
-        return [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        return todo
 
     def check_merge(self, names: Iterable[str] | None = None) -> None:
         """Raise ``SingLoRAError`` if merging ``names`` (default: active) would give NaN/Inf; changes nothing."""
