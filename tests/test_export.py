@@ -163,9 +163,11 @@ def test_stock_diffusers_loads_unet_export(tmp_path, format) -> None:
     StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, reference)
     with torch.no_grad():
         assert_close(reference(sample, t, text).sample, expected)
-    if format == "diffusers":  # the lower-level entry point too
+    if format == "diffusers":  # the lower-level entry point, and export from a saved adapter + base UNet
         again = _tiny_unet()
         again.load_state_dict(copy.deepcopy(model).unload().state_dict())
-        again.load_lora_adapter(str(path), prefix="unet")
+        model.save_adapter(tmp_path / "singlora")
+        from_dir = export_lora(tmp_path / "singlora", tmp_path / "from_dir", format=format, base_model=again)
+        again.load_lora_adapter(str(from_dir), prefix="unet")
         with torch.no_grad():
             assert_close(again(sample, t, text).sample, expected)
