@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ from .metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, summary_table
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 # Settings that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "quiet", "save_every", "name", "plot")
+RESUMABLE_CHANGES = ("resume", "quiet", "save_every", "name", "plot", "on_nonfinite")
+NONFINITE_ACTIONS = ("stop", "skip")
+NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -91,6 +94,9 @@ class TrainConfig:
     quiet: bool = _help("no progress bar, no table (errors still go to stderr)", default=False)
     plot: bool = _help("write <output-dir>/curves.png at the end", default=True)
     name: str | None = _help("run name in tables and plots (default: the method)", default=None)
+    on_nonfinite: str = _help("on a NaN/Inf loss or gradient: stop (error naming the step, no adapter written, the "
+                              f"last checkpoint kept) or skip that optimizer step (at most {NONFINITE_SKIP_LIMIT} "
+                              "in a row)", default="stop")
 
     def validate(self) -> None:
         """Check the fields; errors name the flag."""
@@ -103,6 +109,8 @@ class TrainConfig:
             raise SingLoRAError(f"--method={self.method!r} must be one of {METHODS}")
         if self.scheduler not in SCHEDULERS:
             raise SingLoRAError(f"--scheduler={self.scheduler!r} must be one of {SCHEDULERS}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise SingLoRAError(f"--on-nonfinite={self.on_nonfinite!r} must be one of {NONFINITE_ACTIONS}")
         if self.precision not in PRECISIONS:
             raise SingLoRAError(f"--precision={self.precision!r} must be one of {PRECISIONS}")
         for flag in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
@@ -211,6 +219,12 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
 
 
+def _all_finite(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether no tensor holds NaN/Inf (one host sync)."""
+    present = [t for t in tensors if t is not None]
+    return not present or bool(torch.stack([torch.isfinite(t).all() for t in present]).all())
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -301,7 +315,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         trainable.set_ramp_step(state["ramp_step"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         _set_rng_state(state["rng"])
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SingLoRAError(f"--output-dir {output}: cannot create it: {exc.strerror}") from exc
     log = MetricsLog(output / METRICS_FILE, truncate_after_step=step if state is not None else None) if main else None
 
     def run_eval() -> dict[str, float]:
@@ -323,6 +340,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     progress = tqdm(total=total_steps, initial=step, disable=config.quiet or not main, desc=config.name or config.method)
     step_seconds: list[float] = []
+    skipped, in_a_row = 0, 0
+
+    def nonfinite(what: str, epoch: int, first: int, last: int) -> None:
+        """Stop (``SingLoRAError`` naming the step) or, under ``--on-nonfinite skip``, drop this step's gradients."""
+        nonlocal skipped, in_a_row
+        optimizer.zero_grad(set_to_none=True)
+        where = f"optimizer step {step + 1} (epoch {epoch}, micro-batches {first}-{last})"
+        if config.on_nonfinite == "skip" and in_a_row < NONFINITE_SKIP_LIMIT:
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            if main:
+                print(f"singlora train: warning: {what} at {where}; step skipped", file=sys.stderr)
+            return
+        kept = (f"the last checkpoint ({checkpoint_path}) is intact: resume with --resume" if checkpoint_path.exists()
+                else "no checkpoint was written yet")
+        raise SingLoRAError(
+            f"{what} at {where}{f' after {in_a_row} skipped steps in a row' if in_a_row else ''}; stopped without "
+            f"writing an adapter; {kept} (--on-nonfinite skip drops such steps; or lower --lr={config.lr})"
+        )
+
     model.train()
     epoch = start_epoch
     while step < total_steps:
@@ -340,9 +376,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
             running += loss.detach().float().cpu() / group_size
             if not sync:
                 continue
+            # NaN/Inf loss or gradients (fp16: the GradScaler handles gradients); every process decides alike.
+            loss_ok = bool(torch.isfinite(running))
+            grads_ok = config.precision == "fp16" or _all_finite([p.grad for p in parameters])
+            bad = accelerator.reduce(torch.tensor(float(not (loss_ok and grads_ok)), device=accelerator.device), "sum")
+            if float(bad) > 0:
+                what = f"non-finite loss ({float(running)})" if not loss_ok else "non-finite gradients"
+                nonfinite(what, epoch, group_start, index)
+                running, started = torch.zeros(()), time.perf_counter()
+                continue
+            in_a_row = 0
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
+            if not _all_finite(parameters):
+                raise SingLoRAError(f"non-finite weights after optimizer step {step + 1} (epoch {epoch}); stopped "
+                                    f"without writing an adapter; lower --lr={config.lr}")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -382,6 +431,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "name": config.name or config.method, "method": config.method, "task": config.task, **final,
             "trainable_params": n_trainable, "adapter_params": None if config.method == "full" else n_trainable - head_params,
             "adapter_file_bytes": weights.stat().st_size, "steps": step, "total_steps": total_steps,
+            "skipped_steps": skipped,
             "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
             "adapted_modules": len(trainable.target_names), "ramp_steps": _ramp_steps(trainable),
             "config": dataclasses.asdict(config),
