@@ -319,15 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples < 1:
         parser.error(f"--examples={args.examples} must be >= 1")
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    campaign = run(args.examples, args.seed, tuple(args.targets))
-    print(f"| target | inputs | loaded | refused | findings |  (seed {args.seed}, {time.perf_counter() - start:.0f} s)")
-    print("|---|---|---|---|---|")
-    for target, c in campaign.counts.items():
-        print(f"| {target} | {c['inputs']} | {c['loaded']} | {c['refused']} | {c['findings']} |")
-    for item in campaign.findings:
+    print(f"| target | inputs | loaded | refused | findings | seconds |  (seed {args.seed})", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    findings = []
+    for target in args.targets:  # one row as each target finishes
+        start = time.perf_counter()
+        campaign = run(args.examples, args.seed, (target,))
+        c = campaign.counts[target]
+        print(f"| {target} | {c['inputs']} | {c['loaded']} | {c['refused']} | {c['findings']} | "
+              f"{time.perf_counter() - start:.0f} |", flush=True)
+        findings += campaign.findings
+    for item in findings:
         print(f"FINDING [{item['target']}] {item['problem']}\n    input: {item['input']}")
-    return 1 if campaign.findings else 0
+    return 1 if findings else 0
 
 
 if __name__ == "__main__":
