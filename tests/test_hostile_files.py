@@ -440,3 +440,17 @@ def test_existing_name_refused_and_good_load_matches(saved: Path) -> None:
     stored = load_bytes((saved / WEIGHTS_FILE).read_bytes())
     for key, value in adapter_file.adapter_state_dict(model, "new").items():
         assert torch.equal(value, stored[key]), key
+
+
+def test_file_swapped_after_header_check(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced between the header check and the data read (another process) is caught, not copied."""
+    path = saved / WEIGHTS_FILE
+    real = adapter_file.read_safetensors_header
+
+    def check_then_swap(target: Path) -> Any:
+        result = real(target)
+        _resave(path, lambda t: t.__setitem__("proj.singlora_A", torch.zeros(6, 3)))
+        return result
+
+    monkeypatch.setattr(adapter_file, "read_safetensors_header", check_then_swap)
+    refuse(saved, str(path), "changed while being read")

@@ -413,6 +413,11 @@ def read_adapter_tensors(
         tensors = load_safetensors_bytes(blob)
     except Exception as exc:  # already checked above; anything left is still a corrupt file, never a crash
         raise AdapterFileError(f"{path}: not a readable safetensors file: {exc}") from None
+    if tensors.keys() != shapes.keys() or any(
+        tuple(tensors[key].shape) != tuple(shape) or tensors[key].dtype != SAFETENSORS_DTYPES[entries[key][0]][0]
+        for key, shape in shapes.items()
+    ):
+        raise AdapterFileError(f"{path}: changed while being read (keys, shapes or dtypes differ from its header)")
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{path}: {key} contains NaN or Inf")
