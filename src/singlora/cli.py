@@ -186,6 +186,7 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
+    from .functional import ramp
 
     if not Path(adapter).is_dir():
         raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
@@ -193,7 +194,7 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
     tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
     T = config.ramp_steps()
     step = meta["ramp_step"]
-    u = 1.0 if T == 0 else min(step / T, 1.0)
+    u = float(ramp(torch.tensor(step), T, torch.float64))
     modules = {}
     for key, tensor in sorted(tensors.items()):
         if not key.endswith("." + A_SUFFIX):

@@ -129,9 +129,11 @@ class Trainable:
         """SingLoRA's current ramp value u(t) (None for other methods)."""
         if not isinstance(self.model, SingLoRAModel):
             return None
+        from ..functional import ramp
+
         for _, layer in self.model.singlora_layers():
             adapter = next(iter(layer.singlora.values()))
-            return 1.0 if adapter.ramp_steps == 0 else min(int(adapter.step) / adapter.ramp_steps, 1.0)
+            return float(ramp(adapter.step, adapter.ramp_steps, torch.float64))
         return None
 
     def save(self, directory: Path, model: nn.Module | None = None) -> Path:
