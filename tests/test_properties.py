@@ -186,3 +186,33 @@ def test_public_api_garbage_raises_singlora_error(call: str, a: Any, b: Any, tmp
             getattr(model, call)(a)
     except SingLoRAError:
         pass
+
+
+# ---- training options (``singlora train``) ---------------------------------------------------------------------
+
+numbers = st.one_of(st.integers(-3, 5), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1.0]))
+TRAIN_NUMBERS = ("r", "alpha", "adapter_dropout", "loraplus_lr_ratio", "lr", "weight_decay", "eval_split",
+                 "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "eval_every",
+                 "save_every", "log_every", "eval_batch_size", "max_train_samples")
+
+
+@SETTINGS
+@given(changes=st.dictionaries(st.sampled_from(TRAIN_NUMBERS), numbers, min_size=1, max_size=3),
+       texts=st.dictionaries(st.sampled_from(["ramp_up", "warmup"]),
+                             st.sampled_from(["0.01", "5", "-1", "1.5", "abc", "", "nan", "0"]), max_size=2))
+def test_train_options_validated_up_front(changes: dict[str, Any], texts: dict[str, str]) -> None:
+    """``TrainConfig.validate`` (run before anything is loaded) accepts only values the run can use: every numeric
+    option is finite and in range, or the error names the flag."""
+    from singlora.train.loop import TrainConfig
+
+    config = TrainConfig(model="m", train_data="d", output_dir="o", **changes, **texts)
+    try:
+        config.validate()
+    except SingLoRAError as exc:
+        assert any(f"--{name.replace('_', '-')}" in str(exc) for name in [*changes, *texts, "epochs"]), str(exc)
+        return
+    for name in TRAIN_NUMBERS:
+        assert math.isfinite(getattr(config, name)), name
+    assert config.r >= 1 and config.alpha > 0 and config.lr > 0 and config.loraplus_lr_ratio > 0
+    assert config.max_grad_norm >= 0 and config.weight_decay >= 0  # a negative clip norm flips the gradients
+    assert 0 <= config.eval_split < 1 and 0 <= config.adapter_dropout < 1

@@ -123,8 +123,17 @@ class TrainConfig:
             raise SingLoRAError("--epochs=0 and --max-steps=0: nothing to train")
         if self.eval_data and self.eval_split:
             raise SingLoRAError("can't give both --eval-data and --eval-split")
-        if not self.lr > 0:
-            raise SingLoRAError(f"--lr={self.lr} must be > 0")
+        if self.r < 1:
+            raise SingLoRAError(f"--r={self.r} must be >= 1")
+        for flag in ("lr", "alpha", "loraplus_lr_ratio"):
+            if not (math.isfinite(getattr(self, flag)) and getattr(self, flag) > 0):
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be a finite number > 0")
+        for flag in ("max_grad_norm", "weight_decay"):  # a negative clip norm would flip the gradients
+            if not (math.isfinite(getattr(self, flag)) and getattr(self, flag) >= 0):
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be a finite number >= 0")
+        for flag in ("eval_split", "adapter_dropout"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
         parse_ramp(self.ramp_up)
         _steps_or_fraction(self.warmup, "--warmup", 1)
 
