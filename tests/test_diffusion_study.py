@@ -41,7 +41,7 @@ def test_study_runs_end_to_end_and_counts_parameters(tmp_path):
     config = study.StudyConfig(
         base_steps=4, base_batch=8, classifier_train_size=200, db_steps=3, n_subject_samples=2,
         n_retention_per_class=1, sample_steps=2, seeds=(0,),
-        methods=(("singlora", 8, 1e-3), ("singlora", 16, 1e-3), ("lora", 8, 1e-3)),
+        methods=(("singlora", 8, 1e-3, "qk"), ("singlora", 16, 1e-3, "qk"), ("lora", 8, 1e-3, "qk")),
     )
     results = study.run(config, synthetic_data(), tmp_path, "test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md", "grid.png", "results.json"]

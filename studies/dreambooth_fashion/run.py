@@ -67,14 +67,17 @@ class StudyConfig:
     sample_steps: int = 20
     guidance: float = 3.0
     seeds: tuple[int, ...] = (0, 1)
-    methods: tuple[tuple[str, int, float], ...] = (
-        ("singlora", 8, 1e-3), ("singlora", 16, 1e-3), ("lora", 8, 1e-4), ("lora", 8, 1e-3),
+    class_noun: str = "sneaker"       # DreamBooth's "a [V] [class noun]": the nearest known class ("" = none)
+    methods: tuple[tuple[str, int, float, str], ...] = (  # (method, r, lr, targets: a key of TARGETS)
+        ("singlora", 8, 1e-3, "qk"), ("singlora", 16, 1e-3, "qk"), ("lora", 8, 1e-4, "qk"), ("lora", 8, 1e-3, "qk"),
+        ("singlora", 16, 1e-3, "qkvo"), ("lora", 8, 1e-3, "qkvo"),
     )
     threads: int = 1
 
 
 QUICK = dict(base_steps=30, classifier_train_size=2000, db_steps=10, n_subject_samples=8, n_retention_per_class=2,
-             sample_steps=4, seeds=(0,), methods=(("singlora", 8, 1e-3), ("lora", 8, 1e-3)))
+             sample_steps=4, seeds=(0,), methods=(("singlora", 8, 1e-3, "qk"), ("lora", 8, 1e-3, "qk")))
+TARGETS = {"qk": DEFAULT_TARGETS, "qkvo": [*DEFAULT_TARGETS, "to_v", "to_out.0"]}  # qk: the paper's setting
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -232,16 +235,20 @@ def sample(unet: nn.Module, cond: Tensor, uncond: Tensor, *, steps: int, guidanc
 # ---- DreamBooth -----------------------------------------------------------------------------------------------
 
 
-def add_adapter(unet: nn.Module, method: str, r: int, steps: int) -> tuple[nn.Module, list[nn.Parameter]]:
+def subject_prompt(config: StudyConfig) -> str:
+    return f"a photo of {SUBJECT_TOKEN} {config.class_noun}".strip()
+
+
+def add_adapter(unet: nn.Module, method: str, r: int, steps: int, targets: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
     """SingLoRA (this library) or LoRA (PEFT through diffusers' ``unet.add_adapter``, as in the diffusers recipe)
-    on ``to_q`` + ``to_k``; alpha = r for both. Returns the model to call and its trainable parameters."""
+    on ``targets``; alpha = r for both. Returns the model to call and its trainable parameters."""
     if method == "singlora":
-        model = add_singlora(unet, r=r, target_modules=DEFAULT_TARGETS, ramp_up_steps=0.01, total_steps=steps)
+        model = add_singlora(unet, r=r, target_modules=targets, ramp_up_steps=0.01, total_steps=steps)
     elif method == "lora":
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=DEFAULT_TARGETS))
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=targets))
         model = unet
     else:
         raise ValueError(f"method={method!r} must be 'singlora' or 'lora'")
@@ -249,17 +256,17 @@ def add_adapter(unet: nn.Module, method: str, r: int, steps: int) -> tuple[nn.Mo
 
 
 def dreambooth(base: nn.Module, text: TextConditioning, instances: Tensor, method: str, r: int, lr: float,
-               config: StudyConfig, seed: int) -> tuple[nn.Module, int, list[float], float]:
-    """Adapt a copy of ``base`` to ``instances`` (N, 1, S, S) with the prompt 'a photo of sks'.
+               targets: list[str], config: StudyConfig, seed: int) -> tuple[nn.Module, int, list[float], float]:
+    """Adapt a copy of ``base`` to ``instances`` (N, 1, S, S) with the subject prompt ('a photo of sks sneaker').
     Returns (adapted U-Net, trainable parameter count, losses, seconds)."""
     torch.manual_seed(seed)
     unet = copy.deepcopy(base)
-    model, parameters = add_adapter(unet, method, r, config.db_steps)
+    model, parameters = add_adapter(unet, method, r, config.db_steps, targets)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
     if method == "singlora":
         model.bind_optimizer(optimizer)
     with torch.no_grad():
-        embeds = text.embed([f"a photo of {SUBJECT_TOKEN}"])
+        embeds = text.embed([subject_prompt(config)])
     noise_scheduler = scheduler()
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -284,7 +291,7 @@ def evaluate(unet: nn.Module, text: TextConditioning, classifier: nn.Module, ins
     Returns (metrics, the subject samples)."""
     with torch.no_grad():
         uncond = text.embed([""])
-        subject = text.embed([f"a photo of {SUBJECT_TOKEN}"]).expand(config.n_subject_samples, -1, -1)
+        subject = text.embed([subject_prompt(config)]).expand(config.n_subject_samples, -1, -1)
         known = [c for c in range(10) if c != config.subject_class]
         labels = torch.tensor(known).repeat_interleave(config.n_retention_per_class)
         retention_embeds = text.embed([class_prompt(int(c)) for c in labels])
@@ -329,47 +336,70 @@ def write_report(results: dict, path: Path) -> None:
         "",
         f"Command: `{results['command']}`. Wall time {results['wall_seconds']:.0f} s (process CPU time "
         f"{results['cpu_seconds']:.0f} s) on {results['machine']}, {config['threads']} thread(s), a CPU shared with "
-        f"other jobs. Base generator: {config['base_steps']} steps, final loss "
+        f"other jobs. Base generator: {config['base_steps']} steps in {results['base']['seconds']:.0f} s"
+        f"{' (loaded from --base-cache; the wall time above excludes it)' if results['base_from_cache'] else ''}, final loss "
         f"{results['base']['final_loss']:.4f}; classifier test accuracy {results['classifier_test_accuracy']:.3f}.",
         "",
         f"Subject: {config['n_instance']} Fashion-MNIST 'ankle boot' images (a class held out of base training), "
-        f"prompt 'a photo of {SUBJECT_TOKEN}'; {config['db_steps']} steps, batch {config['db_batch']}, adapters on "
-        f"U-Net `to_q` + `to_k` (self- and cross-attention), alpha = r. Samples: DDIM {config['sample_steps']} steps, "
+        f"prompt '{results['subject_prompt']}'; {config['db_steps']} steps, batch {config['db_batch']}, adapters on "
+        f"U-Net attention (self- and cross-): targets qk = `to_q` + `to_k` (the paper's), qkvo = + `to_v`, "
+        f"`to_out.0`; alpha = r. Samples: DDIM {config['sample_steps']} steps, "
         f"guidance {config['guidance']}; {config['n_subject_samples']} subject samples and "
         f"{config['n_retention_per_class']} per known class per seed; seeds {config['seeds']}.",
         "",
-        "| method | r | lr | trainable params | subject accuracy | NN distance (RMS) | retention accuracy | final loss | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | r | lr | targets | trainable params | subject accuracy | NN distance (RMS) | retention accuracy | final loss | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["summary"]:
         lines.append(
-            f"| {row['method']} | {row['r']} | {row['lr']:g} | {row['params']:,} | {row['subject_accuracy']:.3f} "
+            f"| {row['method']} | {row['r']} | {row['lr']:g} | {row['targets']} | {row['params']:,} | {row['subject_accuracy']:.3f} "
             f"± {row['subject_accuracy_std']:.3f} | {row['subject_nn_rms']:.3f} | {row['retention_accuracy']:.3f} | "
             f"{'-' if row['final_loss'] is None else format(row['final_loss'], '.4f')} | {row['train_seconds']:.0f} |"
         )
     lines += [
         "",
-        "Subject accuracy: fraction of 'a photo of sks' samples the classifier labels 'ankle boot' (mean ± std over "
+        f"Subject accuracy: fraction of '{results['subject_prompt']}' samples the classifier labels 'ankle boot' (mean ± std over "
         "seeds). NN distance: RMS pixel distance (pixels in [-1, 1]) from each subject sample to the nearest instance "
         "image. Retention: classifier accuracy on samples of the 9 known class prompts after adaptation (the base "
         "row is the unadapted model). Final loss: mean DreamBooth loss over the last 50 steps.",
         "",
         "![samples](grid.png)",
         "",
-        "Grid rows: the instance images, then 'a photo of sks' samples from the base model and each adapted model "
+        f"Grid rows: the instance images, then '{results['subject_prompt']}' samples from the base model and each adapted model "
         "(seed 0).",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
-def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: str) -> dict:
+def cached_base(config: StudyConfig, data: dict[str, Tensor], cache: Path | None) -> tuple[nn.Module, TextConditioning, list[float], float, bool]:
+    """``train_base``, or its saved result from ``cache`` (a .pt file of state dicts, written after training) when
+    it exists and matches ``config``'s base settings. Returns (U-Net, text, losses, training seconds, from cache)."""
+    key = {k: v for k, v in asdict(config).items() if k in ("image_size", "channels", "text_dim", "base_steps",
+                                                           "base_batch", "base_lr", "uncond_prob", "subject_class")}
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            unet, text = build_unet(config), TextConditioning(config.text_dim)
+            unet.load_state_dict(saved["unet"])
+            text.encoder.load_state_dict(saved["text"])
+            text.encoder.eval().requires_grad_(False)
+            return unet.eval(), text, saved["losses"], saved["seconds"], True
+    start = time.perf_counter()
+    unet, text, losses = train_base(config, data)
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        torch.save({"key": json.dumps(key, sort_keys=True), "unet": unet.state_dict(), "text": text.encoder.state_dict(),
+                    "losses": losses, "seconds": seconds}, cache)
+    return unet, text, losses, seconds, False
+
+
+def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: str, base_cache: Path | None = None) -> dict:
     """The whole study; writes results.json, REPORT.md and grid.png into ``out_dir`` and returns the results."""
     torch.set_num_threads(config.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    base, text, base_losses = train_base(config, data)
-    base_seconds = time.perf_counter() - start
+    base, text, base_losses, base_seconds, from_cache = cached_base(config, data, base_cache)
     print(f"base generator: {config.base_steps} steps in {base_seconds:.0f} s, loss {np.mean(base_losses[-50:]):.4f}",
           flush=True)
     classifier, classifier_accuracy = train_classifier(data, config.classifier_epochs, config.classifier_train_size)
@@ -381,24 +411,25 @@ def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: st
     runs, grid = [], [("instance images", instances)]
     for seed in config.seeds:
         metrics, images = evaluate(base, text, classifier, instances, config, seed)
-        runs.append({"method": "base", "r": 0, "lr": 0.0, "seed": seed, "params": 0, "final_loss": None,
+        runs.append({"method": "base", "r": 0, "lr": 0.0, "targets": "-", "seed": seed, "params": 0, "final_loss": None,
                      "train_seconds": 0.0, **metrics})
         if seed == config.seeds[0]:
             grid.append(("base (no adapter)", images))
-    for method, r, lr in config.methods:
+    for method, r, lr, targets in config.methods:
         for seed in config.seeds:
-            unet, params, losses, seconds = dreambooth(base, text, instances, method, r, lr, config, seed)
+            unet, params, losses, seconds = dreambooth(base, text, instances, method, r, lr, TARGETS[targets], config,
+                                                       seed)
             metrics, images = evaluate(unet, text, classifier, instances, config, seed)
-            runs.append({"method": method, "r": r, "lr": lr, "seed": seed, "params": params,
+            runs.append({"method": method, "r": r, "lr": lr, "targets": targets, "seed": seed, "params": params,
                          "final_loss": float(np.mean(losses[-50:])), "train_seconds": seconds, **metrics})
             if seed == config.seeds[0]:
-                grid.append((f"{method} r={r} lr={lr:g}", images))
-            print(f"{method} r={r} lr={lr:g} seed={seed}: {metrics} ({seconds:.0f} s)", flush=True)
+                grid.append((f"{method} r={r} lr={lr:g} {targets}", images))
+            print(f"{method} r={r} lr={lr:g} {targets} seed={seed}: {metrics} ({seconds:.0f} s)", flush=True)
 
     summary = []
-    for key in dict.fromkeys((run["method"], run["r"], run["lr"]) for run in runs):
-        group = [run for run in runs if (run["method"], run["r"], run["lr"]) == key]
-        row = {"method": key[0], "r": key[1], "lr": key[2], "params": group[0]["params"]}
+    for key in dict.fromkeys((run["method"], run["r"], run["lr"], run["targets"]) for run in runs):
+        group = [run for run in runs if (run["method"], run["r"], run["lr"], run["targets"]) == key]
+        row = {"method": key[0], "r": key[1], "lr": key[2], "targets": key[3], "params": group[0]["params"]}
         for metric in ("subject_accuracy", "subject_nn_rms", "retention_accuracy", "final_loss", "train_seconds"):
             values = [run[metric] for run in group if run[metric] is not None]
             row[metric] = float(np.mean(values)) if values else None
@@ -408,6 +439,8 @@ def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: st
         "command": command,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
         "config": asdict(config),
+        "subject_prompt": subject_prompt(config),
+        "base_from_cache": from_cache,
         "wall_seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
         "base": {"seconds": base_seconds, "final_loss": float(np.mean(base_losses[-50:]))},
@@ -426,12 +459,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: beside this script)")
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--class-noun", default=StudyConfig.class_noun,
+                        help="class noun of the subject prompt ('' for 'a photo of sks')")
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="reuse the trained base generator from this .pt file (written on first use)")
     args = parser.parse_args()
-    config = StudyConfig(threads=args.threads, **(QUICK if args.quick else {}))
+    config = StudyConfig(threads=args.threads, class_noun=args.class_noun, **(QUICK if args.quick else {}))
     command = "python studies/dreambooth_fashion/run.py" + (" --quick" if args.quick else "")
     if args.threads != 1:
         command += f" --threads {args.threads}"
-    results = run(config, load_fashion_mnist(config.image_size), args.out, command)
+    if args.class_noun != StudyConfig.class_noun:
+        command += f" --class-noun '{args.class_noun}'"
+    if args.base_cache is not None:
+        command += f" --base-cache {args.base_cache}"
+    results = run(config, load_fashion_mnist(config.image_size), args.out, command, args.base_cache)
     print(json.dumps(results["summary"], indent=2))
     print(f"wall time {results['wall_seconds']:.0f} s -> {args.out}")
 
