@@ -403,3 +403,16 @@ def test_file_swapped_after_header_check(saved: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(adapter_file, "read_safetensors_header", check_then_swap)
     refuse(saved, str(path), "changed while being read")
+
+
+@pytest.mark.parametrize("attack", ["huge shape", "overlapping offsets", "header over cap"])
+def test_model_free_readers_check_the_header_first(saved: Path, data_reads: list[int], attack: str) -> None:
+    """``singlora inspect`` and the converters read adapters without a model: same header checks, no data read."""
+    from singlora.cli import inspect_adapter
+
+    HEADER_ATTACKS[attack][0](saved / WEIGHTS_FILE)
+    with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
+        inspect_adapter(str(saved))
+    with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
+        adapter_file.read_safetensors_file(saved / WEIGHTS_FILE)
+    assert data_reads == []

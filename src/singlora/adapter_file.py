@@ -402,26 +402,37 @@ def read_adapter_tensors(
             raise AdapterFileError(f"{path}: {key} has dtype {dtype}, expected a floating-point type {_FLOAT_DTYPES}")
         if not wanted.is_floating_point and SAFETENSORS_DTYPES[dtype][0] != wanted:
             raise AdapterFileError(f"{path}: {key} has dtype {dtype}, the model holds {wanted}")
-    # The data size now equals what this model's adapter needs: reading it is a bounded allocation. Read the file
-    # once and parse those same bytes (no window for the file to change between the checks and the load).
-    handle, size = _open_regular(path, None, "adapter weights")
-    with handle:
-        blob = handle.read()
-    if len(blob) != size:
-        raise AdapterFileError(f"{path}: changed while being read")
-    try:
-        tensors = load_safetensors_bytes(blob)
-    except Exception as exc:  # already checked above; anything left is still a corrupt file, never a crash
-        raise AdapterFileError(f"{path}: not a readable safetensors file: {exc}") from None
-    if tensors.keys() != shapes.keys() or any(
-        tuple(tensors[key].shape) != tuple(shape) or tensors[key].dtype != SAFETENSORS_DTYPES[entries[key][0]][0]
-        for key, shape in shapes.items()
-    ):
-        raise AdapterFileError(f"{path}: changed while being read (keys, shapes or dtypes differ from its header)")
+    # The data size now equals what this model's adapter needs: reading it is a bounded allocation.
+    tensors = _read_data(path, entries)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{path}: {key} contains NaN or Inf")
     return tensors
+
+
+def _read_data(path: Path, entries: dict[str, tuple[str, tuple[int, ...], int, int]]) -> dict[str, torch.Tensor]:
+    """Read the whole file once, parse those bytes, and check they hold what the (checked) header ``entries`` said:
+    a file swapped after the header check is refused, never copied."""
+    handle, _ = _open_regular(path, None, "adapter weights")
+    with handle:
+        blob = handle.read()
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except Exception as exc:  # already checked; anything left is still a corrupt file, never a crash
+        raise AdapterFileError(f"{path}: not a readable safetensors file: {exc}") from None
+    if tensors.keys() != entries.keys() or any(
+        tuple(tensors[key].shape) != shape or tensors[key].dtype != SAFETENSORS_DTYPES[dtype][0]
+        for key, (dtype, shape, _, _) in entries.items()
+    ):
+        raise AdapterFileError(f"{path}: changed while being read (keys, shapes or dtypes differ from its header)")
+    return tensors
+
+
+def read_safetensors_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of any safetensors file, header checked first (``read_safetensors_header``): for
+    tools that read an adapter without a model (``singlora inspect``, converters). No NaN check."""
+    metadata, entries = read_safetensors_header(Path(path))
+    return metadata, _read_data(Path(path), entries)
 
 
 def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:

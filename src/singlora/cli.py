@@ -183,15 +183,14 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
     update's norm when the layer is square; an upper bound on the truncated block otherwise).
     """
     import torch
-    from safetensors.torch import load_file
 
-    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
+    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config, read_safetensors_file
     from .functional import ramp
 
     if not Path(adapter).is_dir():
         raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
     config, meta = read_adapter_config(adapter)
-    tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
+    tensors = read_safetensors_file(Path(adapter) / WEIGHTS_FILE)[1]
     T = config.ramp_steps()
     step = meta["ramp_step"]
     u = float(ramp(torch.tensor(step), T, torch.float64))

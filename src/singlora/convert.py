@@ -31,7 +31,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, read_safetensors_file
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .layers import layer_kind, weight_shape
@@ -75,12 +75,7 @@ def _read_tensors(source: Union[StateDict, str, os.PathLike], what: str) -> Stat
         )
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file ({what} checkpoint: a state dict, .safetensors file or folder)")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise AdapterFileError(f"{path}: not a readable safetensors file: {exc}") from None
+    return read_safetensors_file(path)[1]  # header checked before any data is read
 
 
 def _single_step(steps: dict[str, Tensor], what: str) -> int:
