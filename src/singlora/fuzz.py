@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shutil
 import struct
 import tempfile
@@ -124,7 +125,7 @@ def _strategies() -> dict[str, Any]:
     def config_dicts(draw: Callable[[Any], Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"r": 2, "target_modules": ["proj"], "ramp_up_steps": 0}
         for _ in range(draw(st.integers(0, 4))):
-            field = draw(st.one_of(st.sampled_from(FIELDS), st.text(max_size=6)))
+            field = draw(st.one_of(*[st.sampled_from(FIELDS)] * 4, st.text(max_size=6)))  # mostly known fields
             data[field] = draw(st.one_of(plausible.get(field, values), values) if draw(st.booleans()) else
                                plausible.get(field, values))
         return data
@@ -141,6 +142,14 @@ class Campaign:
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
         self.findings: list[dict[str, str]] = []
+        self.reasons: dict[str, dict[str, int]] = {}  # target -> refusal message shape -> count
+
+    def refused(self, target: str, error: Exception) -> None:
+        """Count a refusal under the shape of its message (paths, quoted values and numbers blanked)."""
+        text = re.sub(r"\S*/\S*|'[^']*'|\"[^\"]*\"|-?\d+(\.\d+)?(e-?\d+)?", "_", str(error))
+        reasons = self.reasons.setdefault(target, {})
+        reasons[text[:70]] = reasons.get(text[:70], 0) + 1
+        self.record(target, "refused")
 
     def record(self, target: str, outcome: str) -> None:
         bucket = self.counts.setdefault(target, {"inputs": 0, "loaded": 0, "refused": 0, "findings": 0})
@@ -166,8 +175,8 @@ def check_config(campaign: Campaign, data: dict[str, Any]) -> None:
         if SingLoRAConfig.from_dict(config.to_dict()) != config:
             return campaign.finding("config", "to_dict/from_dict round trip differs", data)
         resolve_targets(FuzzModel(), config)
-    except SingLoRAError:
-        return campaign.record("config", "refused")
+    except SingLoRAError as exc:
+        return campaign.refused("config", exc)
     except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
         return campaign.finding("config", f"{type(exc).__name__}: {exc}"[:200], data)
     campaign.record("config", "loaded")
@@ -179,10 +188,10 @@ def check_load(campaign: Campaign, target: str, directory: Path, given: Any) -> 
     before = snapshot(model)
     try:
         model.load_adapter(directory, "new")
-    except SingLoRAError:
+    except SingLoRAError as exc:
         if not same(before, snapshot(model)):
             return campaign.finding(target, "refused but the model changed", given)
-        return campaign.record(target, "refused")
+        return campaign.refused(target, exc)
     except Exception as exc:  # noqa: BLE001
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return campaign.finding(target, detail[:200], given)
@@ -228,13 +237,15 @@ def mutate_weights(draw: Callable[[Any], Any], st: Any, blob: bytes) -> bytes:
         elif edit == "entry" and key in header:
             header[key] = draw(st.sampled_from([None, [], {}, {"dtype": "F32"}, "x"]))
     text = json.dumps(header).encode()
-    length = draw(st.one_of(st.just(len(text)), st.integers(0, len(text) + 64), st.just(2**63)))
+    def sometimes() -> bool:  # ~30%: most inputs keep a true length, the whole file, no flips, to reach deep checks
+        return draw(st.integers(0, 9)) >= 7
+
+    length = draw(st.sampled_from([0, 7, len(text) - 1, len(text) + 1, 2**63, 2**64 - 1])) if sometimes() else len(text)
     out = bytearray(struct.pack("<Q", length) + text + data)
-    for _ in range(draw(st.integers(0, 2))):  # byte flips anywhere
-        if out:
-            out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
-    cut = draw(st.one_of(st.just(len(out)), st.integers(0, len(out))))
-    tail = draw(st.one_of(st.just(b""), st.binary(max_size=16)))
+    for _ in range(draw(st.integers(1, 3)) if sometimes() else 0):  # byte flips anywhere
+        out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
+    cut = draw(st.integers(0, len(out))) if sometimes() else len(out)
+    tail = draw(st.binary(min_size=1, max_size=16)) if sometimes() else b""
     return bytes(out[:cut]) + tail
 
 
@@ -315,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
     parser.add_argument("--targets", nargs="+", default=["config", "config_file", "weights"],
                         choices=["config", "config_file", "weights"])
+    parser.add_argument("--reasons", type=int, default=0, help="print the N most common refusal messages per target")
     args = parser.parse_args(argv)
     if args.examples < 1:
         parser.error(f"--examples={args.examples} must be >= 1")
@@ -329,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {target} | {c['inputs']} | {c['loaded']} | {c['refused']} | {c['findings']} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
         findings += campaign.findings
+        ranked = sorted(campaign.reasons.get(target, {}).items(), key=lambda item: -item[1])
+        for reason, count in ranked[: args.reasons]:
+            print(f"|   {count} x {reason} |", flush=True)
     for item in findings:
         print(f"FINDING [{item['target']}] {item['problem']}\n    input: {item['input']}")
     return 1 if findings else 0
