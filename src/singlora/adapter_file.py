@@ -379,8 +379,8 @@ def read_adapter_tensors(
     path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype] | None = None
 ) -> dict[str, torch.Tensor]:
     """Load ``path``'s tensors, checking keys, shapes and dtypes from the header (``read_safetensors_header``)
-    before reading any data, then finiteness. ``dtypes``: the model's dtype per key, for non-``A`` tensors (a
-    floating tensor needs a floating file dtype; an integer/bool one needs exactly its own)."""
+    before reading any data, then finiteness. ``A`` tensors need a floating dtype; ``dtypes`` (optional): the
+    model's dtype per other key (a floating tensor needs a floating file dtype; an integer/bool one its own)."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise AdapterFileError(f"{path}: no such file{_pickle_hint(path.parent)}")
@@ -397,7 +397,9 @@ def read_adapter_tensors(
         dtype, found, _, _ = entries[key]
         if found != tuple(shape):
             raise AdapterFileError(f"{path}: {key} has shape {found}, the model needs {tuple(shape)}")
-        wanted = torch.float32 if key.endswith(A_SUFFIX) else (dtypes or {}).get(key, torch.float32)
+        wanted = torch.float32 if key.endswith(A_SUFFIX) else (dtypes or {}).get(key)
+        if wanted is None:  # a saved module's tensor and no dtype given: any known dtype (cast on copy)
+            continue
         if wanted.is_floating_point and dtype not in _FLOAT_DTYPES:
             raise AdapterFileError(f"{path}: {key} has dtype {dtype}, expected a floating-point type {_FLOAT_DTYPES}")
         if not wanted.is_floating_point and SAFETENSORS_DTYPES[dtype][0] != wanted:
