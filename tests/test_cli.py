@@ -217,6 +217,9 @@ def test_csv_folder_and_peft_methods(assets: dict[str, Path], tmp_path: Path) ->
     summary = _train(assets, tmp_path / "full", "--max-steps", "1", "--method", "full")
     base = transformers.AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=3)
     assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
+    assert main(["evaluate", str(tmp_path / "full" / "adapter"), "--data", str(assets["eval"]),
+                 "--output", str(tmp_path / "full.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "full.json").read_text())["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-12)
 
 
 def test_causal_lm_train_and_evaluate(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

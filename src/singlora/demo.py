@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m singlora.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where both runs and the plot go")
-    parser.add_argument("--max-train-samples", type=int, default=800,
-                        help="training articles used, out of the 1,780 of the training split (0 = all)")
+    parser.add_argument("--max-train-samples", type=int, default=1200,
+                        help="training articles used, out of the 1,781 of the training split (0 = all)")
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
     started = time.perf_counter()
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(run / "train.log", "w") as log:
             processes[method] = subprocess.Popen([sys.executable, "-m", "singlora.cli", *command], env=env,
                                                  stdout=log, stderr=subprocess.STDOUT)
-    total = math.ceil((args.max_train_samples or 1780) / 16)
+    total = math.ceil((args.max_train_samples or 1781) / 16)
     last = ""
     while any(p.poll() is None for p in processes.values()):
         time.sleep(10)
