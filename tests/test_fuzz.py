@@ -48,3 +48,28 @@ def test_found_invalid_regex_pattern_keys_refused(field: str) -> None:
         SingLoRAConfig(target_modules=["proj"], **{field: {"(": 2}})
     config = SingLoRAConfig(target_modules=["proj"], **{field: {"pro.": 2}})
     assert resolve_targets(FuzzModel(), config) == ["proj"]
+
+
+def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
+    """Found by the fuzzer: a 5,000-digit integer in adapter_config.json raised Python's plain ValueError."""
+    from singlora import AdapterFileError
+    from singlora.adapter_file import CONFIG_FILE, read_adapter_config
+    from singlora.fuzz import valid_adapter
+
+    valid_adapter(tmp_path)
+    path = tmp_path / CONFIG_FILE
+    path.write_text(path.read_text().rstrip()[:-1] + ', "r": ' + "9" * 5000 + "}")
+    with pytest.raises(AdapterFileError, match="not valid JSON: Exceeds the limit"):
+        read_adapter_config(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("alpha", 10**400), ("init_std", 10**400), ("alpha_pattern", {"proj": 10**400}), ("total_steps", 10**400),
+    ("ramp_up_steps", 10**400), ("rank_pattern", {"proj": 2**64}),
+])
+def test_found_ints_beyond_int64_refused(field: str, value: object) -> None:
+    """Found while extending the fuzzer's value pool: ints too large for a float raised OverflowError (alpha,
+    init_std, alpha_pattern in validation; total_steps, ramp_up_steps when used)."""
+    extra = {"init": "gaussian"} if field == "init_std" else {"ramp_up_steps": 0.5} if field == "total_steps" else {}
+    with pytest.raises(SingLoRAError, match=field):
+        SingLoRAConfig(target_modules=["proj"], **{field: value}, **extra)

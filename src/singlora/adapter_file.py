@@ -179,7 +179,9 @@ def _strict_json(text: bytes, path: Path) -> Any:
         return json.loads(text.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
     except UnicodeDecodeError as exc:
         raise AdapterFileError(f"{path}: not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
+    except AdapterFileError:
+        raise
+    except ValueError as exc:  # JSONDecodeError, or an integer literal over Python's 4,300-digit limit
         raise AdapterFileError(f"{path}: not valid JSON: {exc}") from None
     except RecursionError:
         raise AdapterFileError(f"{path}: JSON nested too deeply") from None

@@ -27,11 +27,13 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int that fits int64 (steps are int64 buffers; larger ints overflow float conversion)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A float, or an int that fits int64 (so ``math.isfinite`` and float arithmetic cannot overflow)."""
+    return isinstance(value, float) or _is_int(value)
 
 
 def _check_patterns(name: str, value: Any, allow_none: bool = True) -> None:

@@ -102,7 +102,8 @@ def _strategies() -> dict[str, Any]:
 
     scalars = st.one_of(
         st.none(), st.booleans(), st.integers(-3, 20), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-        st.sampled_from([0.0, 0.5, 1.0, 1.5, -0.1, 1e308]), st.sampled_from(WORDS), st.text(max_size=12),
+        st.sampled_from([0.0, 0.5, 1.0, 1.5, -0.1, 1e308, 2**31, 2**63, 2**64, 10**400]), st.sampled_from(WORDS),
+        st.text(max_size=12),
     )
     values = st.recursive(
         scalars,
@@ -259,8 +260,9 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
         else:
             document.pop(field, None)
     text = json.dumps(document, allow_nan=True).encode()
-    if draw(st.integers(0, 9)) == 0:  # raw edits: truncation, byte flips, random bytes
-        text = draw(st.one_of(st.binary(max_size=64), st.just(text[: draw(st.integers(0, len(text)))])))
+    if draw(st.integers(0, 9)) == 0:  # raw edits: truncation, random bytes, a 5,000-digit number
+        text = draw(st.one_of(st.binary(max_size=64), st.just(text[: draw(st.integers(0, len(text)))]),
+                              st.just(text[:-1] + b', "r": ' + b"9" * 5000 + b"}")))
     return text
 
 
