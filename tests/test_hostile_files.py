@@ -125,6 +125,12 @@ def _negative_shape(path: Path) -> None:
     write_raw(path, header, data)
 
 
+def _many_dims(path: Path) -> None:  # 10,000 dims of 2**62: a product with ~620,000 digits if computed
+    header, data = read_raw(path)
+    header["proj.singlora_A"]["shape"] = [2**62] * 10_000
+    write_raw(path, header, data)
+
+
 def _overlap(path: Path) -> None:  # two tensors read the same bytes
     header, data = read_raw(path)
     header["conv.singlora_A"]["data_offsets"] = list(header["proj.singlora_A"]["data_offsets"])
@@ -162,8 +168,9 @@ HEADER_ATTACKS: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown dtype": (_unknown_dtype, "'proj.singlora_A': dtype 'F128'"),
     "shape lies": (_shape_lies, "'proj.singlora_A': shape"),
     "huge shape": (_huge_shape, "'proj.singlora_A'"),
-    "negative shape": (_negative_shape, "'proj.singlora_A': shape [-6, -2]"),
+    "negative shape": (_negative_shape, "'proj.singlora_A': shape [-6, -2] must be"),
     "overlapping offsets": (_overlap, "gap or overlap"),
+    "many dims": (_many_dims, "at most 32 ints"),
     "duplicate key": (_duplicate_key, "duplicate JSON key 'proj.singlora_A'"),
     "bad metadata": (_bad_metadata, "__metadata__"),
     "extra entry field": (_extra_entry_field, "'proj.singlora_A'"),

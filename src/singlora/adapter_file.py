@@ -107,13 +107,18 @@ def adapter_state_dict(model: "SingLoRAModel", adapter_name: str) -> dict[str, t
     return tensors
 
 
-def _check_arguments(directory: Any, adapter_name: Any) -> Path:
+def _as_path(directory: Any) -> Path:
     """``directory`` as a Path; ``SingLoRAError`` naming the argument for a wrong type."""
     if not isinstance(directory, (str, os.PathLike)) or not str(directory):
         raise SingLoRAError(f"directory={directory!r} must be a path (str or os.PathLike)")
+    return Path(directory)
+
+
+def _check_arguments(directory: Any, adapter_name: Any) -> Path:
+    """``directory`` as a Path, after checking ``adapter_name``."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
-    return Path(directory)
+    return _as_path(directory)
 
 
 def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
@@ -122,7 +127,6 @@ def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_n
     config = model.configs.get(adapter_name)
     if config is None:
         raise SingLoRAError(f"adapter {adapter_name!r} does not exist; adapters are {sorted(model.configs)}")
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
@@ -152,13 +156,17 @@ def _open_regular(path: Path, limit: int | None, what: str) -> tuple[Any, int]:
         raise AdapterFileError(f"{path}: cannot stat: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise AdapterFileError(f"{path}: not a regular file ({what})")
-    if limit is not None and info.st_size > limit:
-        raise AdapterFileError(f"{path}: {info.st_size} bytes, over the {limit}-byte limit for {what}")
-    try:
-        handle = open(path, "rb")
+    try:  # O_NONBLOCK: should the path become a FIFO after the stat, opening it still returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot open: {exc.strerror}") from None
-    return handle, info.st_size
+    info = os.fstat(fd)  # what was actually opened
+    if not stat.S_ISREG(info.st_mode) or (limit is not None and info.st_size > limit):
+        os.close(fd)
+        regular = stat.S_ISREG(info.st_mode)
+        reason = f"{info.st_size} bytes, over the {limit}-byte limit" if regular else "not a regular file"
+        raise AdapterFileError(f"{path}: {reason} ({what})")
+    return os.fdopen(fd, "rb"), info.st_size
 
 
 def _strict_json(text: bytes, path: Path) -> Any:
@@ -198,7 +206,7 @@ def _unsafe_regex(pattern: str) -> str | None:
         for op, arg in items:
             name = str(op)
             if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-                low, high, sub = arg
+                _, high, sub = arg
                 if high > 1 and depth > 0:
                     return "a repeat nested inside a repeat"
                 found = repeats(sub, depth + (high > 1))
@@ -241,9 +249,7 @@ def _check_file_patterns(path: Path, fields: dict[str, Any]) -> None:
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, dict[str, Any]]:
     """Parse and validate ``adapter_config.json``: ``(config, {format, format_version, ramp_step, ...})``."""
-    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
-        raise SingLoRAError(f"directory={directory!r} must be a path (str or os.PathLike)")
-    path = Path(directory) / CONFIG_FILE
+    path = _as_path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
         raise AdapterFileError(f"{directory}: not a directory (expected a singlora adapter directory)")
     handle, _ = _open_regular(path, MAX_CONFIG_BYTES, f"is {directory} a singlora adapter directory?")
@@ -301,6 +307,11 @@ def expected_shapes(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str,
     return {key: shape for key, (shape, _) in _expected_tensors(model, config).items()}
 
 
+def _is_size(value: Any) -> bool:
+    """A dimension or byte offset: an int in [0, 2**63)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]]]:
     """Parse and check a safetensors header without the safetensors library and without reading any tensor.
 
@@ -333,10 +344,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise AdapterFileError(f"{path}: {key!r}: dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise AdapterFileError(f"{path}: {key!r}: shape {shape!r} must be a list of ints >= 0")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        if not (isinstance(shape, list) and len(shape) <= 32 and all(_is_size(d) for d in shape)):
+            raise AdapterFileError(f"{path}: {key!r}: shape {shape!r} must be a list of at most 32 ints in [0, 2**63)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
             raise AdapterFileError(f"{path}: {key!r}: data_offsets {offsets!r} must be [begin, end], 0 <= begin <= end")
         nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
         if offsets[1] - offsets[0] != nbytes:

@@ -114,7 +114,8 @@ def _strategies() -> dict[str, Any]:
     patterns = st.one_of(st.none(), st.lists(names, max_size=3), names)
     plausible = {  # per field: values near the valid range, so that many configs get past validation
         "r": st.integers(-1, 8), "alpha": st.one_of(st.floats(-1, 100), st.integers(0, 16)),
-        "target_modules": patterns, "exclude_modules": patterns, "modules_to_save": st.one_of(st.none(), st.lists(names, max_size=2)),
+        "target_modules": patterns, "exclude_modules": patterns,
+        "modules_to_save": st.one_of(st.none(), st.lists(names, max_size=2)),
         "dropout": st.floats(-0.5, 1.5), "ramp_up_steps": st.one_of(st.integers(-2, 100), st.floats(-0.5, 1.5)),
         "total_steps": st.one_of(st.none(), st.integers(-1, 1000)), "init": st.sampled_from(INIT_METHODS + ("x",)),
         "init_std": st.one_of(st.none(), st.floats(-1, 1)),
