@@ -3,7 +3,8 @@
 Without ``--model``: one adapted layer's forward + backward, interleaved, for the layouts we tried (all-MiniLM
 shapes, 2048 tokens, r=8): ``sliced`` (the first version: products on slices of ``A`` (n, r)), ``factored``
 (``functional.factored_update``: one contiguous ``(r, n)`` copy of ``A``) and PEFT-style ``lora`` (two
-matrices). With ``--model``: a ``torch.profiler`` table of one training step per method.
+matrices). With ``--model``: a ``torch.profiler`` table of one training step per method. With ``--ab``: whole
+training steps of base, PEFT LoRA, SingLoRA and SingLoRA with the ``sliced`` forward, interleaved.
 """
 
 from __future__ import annotations
@@ -63,15 +64,44 @@ def model_table(workload_name: str, methods: list[str], r: int) -> None:
         print(f"===== {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> None:
+    """Training steps of SingLoRA with ``factored_update`` vs ``sliced_update``, beside base and PEFT LoRA."""
+    import singlora.layers
+
+    workload = WORKLOADS[workload_name]()
+    built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r)
+             for name in ("base", "lora", "singlora")}
+    built["singlora_sliced"] = build_method("singlora", workload.build(), workload.targets, r, alpha=r)
+    sliced = {id(layer.singlora["default"].A) for _, layer in built["singlora_sliced"].model.singlora_layers()}
+
+    def dispatch(x, A, d_out, d_in, c):  # the layers call singlora.layers.factored_update
+        return (sliced_update if id(A) in sliced else factored_update)(x, A, d_out, d_in, c)
+
+    singlora.layers.factored_update = dispatch
+    try:
+        times = interleaved_times({n: (lambda m=m: train_step(m, workload.batch)) for n, m in built.items()},
+                                  warmup, steps)
+    finally:
+        singlora.layers.factored_update = factored_update
+    med = {name: quartiles(t)["median_ms"] for name, t in times.items()}
+    for name, ms in med.items():
+        overhead = (ms - med["base"]) / (med["lora"] - med["base"])
+        print(f"{name:>16}: {ms:8.1f} ms/step, overhead vs LoRA's {overhead:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(WORKLOADS), default=None)
+    parser.add_argument("--ab", choices=sorted(WORKLOADS), default=None, help="sliced vs factored, whole model")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds for --ab")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["base", "lora", "singlora"])
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model:
+    if args.ab:
+        model_ab(args.ab, args.r, warmup=2, steps=args.steps)
+    elif args.model:
         model_table(args.model, args.methods, args.r)
     else:
         layer_table(tokens=2048, r=args.r, warmup=3, steps=25)

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -110,10 +111,11 @@ def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int
         models["lora_unmerged"] = methods["lora"].model
     inputs = {k: v for k, v in workload.batch.items() if k != "labels"}
     with torch.no_grad():
-        ours.eval(), merged.eval()
+        ours.eval()
+        merged.eval()
         unmerged_out, merged_out = ours(**inputs).logits, merged(**inputs).logits
     times = inference_times(models, workload.batch, warmup, steps)
-    inference = {name: {**quartiles(t), "tokens_per_s": workload.tokens / statistics_median(t)}
+    inference = {name: {**quartiles(t), "tokens_per_s": workload.tokens / statistics.median(t)}
                  for name, t in times.items()}
     extras: dict[str, Any] = {
         "inference": inference,
@@ -133,12 +135,6 @@ def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int
         merge["lora_merge_s"] = median_seconds(lora_copy.merge_adapter, 5, after=lora_copy.unmerge_adapter)
     extras["merge"] = merge
     return extras
-
-
-def statistics_median(samples: list[float]) -> float:
-    import statistics
-
-    return statistics.median(samples)
 
 
 # ---- reporting --------------------------------------------------------------------------------------------------
