@@ -298,7 +298,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if tokenizer.pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     heads = head_names(base) if config.task == "classification" and config.method != "full" else []
     head_params = sum(p.numel() for h in heads for p in base.get_submodule(h).parameters())
     method = MethodConfig(
