@@ -67,7 +67,9 @@ def _add_train(subparsers: Any) -> None:
     from .train.loop import TrainConfig  # light: no transformers import at module level
 
     parser = subparsers.add_parser("train", help="fine-tune a transformers model (SingLoRA, LoRA, DoRA, LoRA+, full)",
-                                   description=TrainConfig.__doc__)
+                                   description="Fine-tune a local transformers model with SingLoRA (or LoRA, DoRA, "
+                                   "LoRA+ through PEFT, or fully) for sequence classification or causal LM. "
+                                   "--model, --train-data and --output-dir are required.")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(func=cmd_train)
 
