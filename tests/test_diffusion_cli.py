@@ -28,7 +28,7 @@ def test_dreambooth_then_eval_from_the_command_line(tmp_path, capsys):
     dino, clip = tiny_metric_models(tmp_path / "metrics")
     status = main([
         "dreambooth", "--pretrained-model", str(tmp_path / "model"), "--instance-data-dir", str(tmp_path / "subject"),
-        "--instance-prompt", "a photo of sks dog", "--output-dir", str(tmp_path / "out"), "--resolution", "32",
+        "--instance-prompt", "a photo of sks dog", "--output-dir", str(tmp_path / "out"), "--resolution", "16",
         "--max-train-steps", "2", "--r", "4", "--target-modules", "to_q", "to_k", "--ramp-up-steps", "1",
         "--no-export-lora",
     ])
@@ -39,7 +39,7 @@ def test_dreambooth_then_eval_from_the_command_line(tmp_path, capsys):
 
     status = main([
         "dreambooth-eval", "--pretrained-model", str(tmp_path / "model"), "--adapter", str(tmp_path / "out" / "singlora"),
-        "--prompt", "a photo of sks dog", "--num-images", "2", "--inference-steps", "2", "--resolution", "32",
+        "--prompt", "a photo of sks dog", "--num-images", "2", "--inference-steps", "2", "--resolution", "16",
         "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "subject"), "--dino-model", dino,
         "--clip-model", clip, "--output", str(tmp_path / "scores.json"),
     ])

@@ -39,7 +39,7 @@ def randomize(model: SingLoRAModel, seed=1, step=None):
 
 
 def test_injection_targets_self_and_rectangular_cross_attention_against_dense_float64():
-    base = tiny_unet(channels=(32, 64)).double()
+    base = tiny_unet().double()  # channels (16, 32), text dim 16
     names = [n for n, _ in base.named_modules() if n.endswith((".to_q", ".to_k"))]
     reference = copy.deepcopy(base)
     model = add_singlora(base, r=4, ramp_up_steps=0)
@@ -52,8 +52,8 @@ def test_injection_targets_self_and_rectangular_cross_attention_against_dense_fl
         assert (layer.d_out, layer.d_in) == (d_out, d_in)
         assert layer.singlora["default"].A.shape == (max(d_out, d_in), 4)
         if name in cross_k:
-            assert d_in == 32 and d_out in (32, 64)
-    assert any(layers[n].d_out == 64 and layers[n].d_in == 32 for n in cross_k)  # a truly rectangular one
+            assert d_in == 16 and d_out in (16, 32)
+    assert any(layers[n].d_out == 32 and layers[n].d_in == 16 for n in cross_k)  # a truly rectangular one
     # only A trains; 4 * max(d_out, d_in) parameters per adapted matrix
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("singlora.default.A") for n in trainable)
@@ -92,7 +92,7 @@ def test_few_training_steps_reduce_the_loss():
     model = add_singlora(unet, r=4, ramp_up_steps=2, total_steps=None)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents = torch.randn(4, 1, 16, 16)
-    text = torch.randn(4, 8, 32)
+    text = torch.randn(4, 8, 16)
 
     def fixed_loss():
         with torch.no_grad():
@@ -163,8 +163,8 @@ def test_loads_sd_and_sdxl_folders_written_by_save_pretrained(tmp_path):
     tiny_stable_diffusion_xl(tmp_path / "sdxl")
     sd, sdxl = load_pipeline(tmp_path / "sd"), load_pipeline(tmp_path / "sdxl")
     assert type(sd) is StableDiffusionPipeline and type(sdxl) is StableDiffusionXLPipeline
-    embeds, added = encode_prompt(sd, "a photo of sks dog", 32, torch.device("cpu"))
-    assert embeds.shape == (1, 8, 32) and added is None
+    embeds, added = encode_prompt(sd, "a photo of sks dog", 16, torch.device("cpu"))
+    assert embeds.shape == (1, 8, 16) and added is None
     embeds, added = encode_prompt(sdxl, "a photo of sks dog", 32, torch.device("cpu"))
     assert embeds.shape == (1, 8, 32) and added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
     model = add_singlora(sdxl.unet)
@@ -194,7 +194,7 @@ def test_train_dreambooth_end_to_end_with_prior_checkpoints_resume_and_export(tm
     write_images(tmp_path / "instance", 3)
     args = DreamBoothArgs(
         pretrained_model=str(tmp_path / "model"), instance_data_dir=str(tmp_path / "instance"),
-        instance_prompt="a photo of sks dog", output_dir=str(tmp_path / "out"), resolution=32, max_train_steps=4,
+        instance_prompt="a photo of sks dog", output_dir=str(tmp_path / "out"), resolution=16, max_train_steps=4,
         train_batch_size=1, gradient_accumulation_steps=2, checkpointing_steps=2, checkpoints_total_limit=1,
         with_prior_preservation=True, class_data_dir=str(tmp_path / "class"), class_prompt="a photo of dog",
         num_class_images=2, validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1,

@@ -54,7 +54,7 @@ def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2
 
 
 def tiny_unet(
-    *, sample_size: int = 16, in_channels: int = 1, channels: Sequence[int] = (32, 64), cross_attention_dim: int = 32,
+    *, sample_size: int = 16, in_channels: int = 1, channels: Sequence[int] = (16, 32), cross_attention_dim: int = 16,
     layers_per_block: int = 1, seed: int = 0,
 ) -> Any:
     """A ``UNet2DConditionModel`` with cross-attention down/up blocks at every resolution and a cross-attention mid block."""
@@ -72,19 +72,19 @@ def tiny_unet(
 
 
 def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = ("a", "photo", "of", "sks", "dog"), seed: int = 0) -> Any:
-    """Build a tiny ``StableDiffusionPipeline`` (VAE with 4 latent channels, 32x32 images), ``save_pretrained`` it to
+    """Build a tiny ``StableDiffusionPipeline`` (VAE with 4 latent channels, 16x16 images), ``save_pretrained`` it to
     ``directory`` and return it. Loading the folder back goes through the same code as real SD 1.5 weights."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
     tokenizer = tiny_tokenizer(words)
-    text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-    unet = tiny_unet(sample_size=16, in_channels=4, seed=seed)
+    text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=16, seed=seed)
+    unet = tiny_unet(sample_size=8, in_channels=4, cross_attention_dim=16, seed=seed)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=32,
+        sample_size=16,
     )
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               steps_offset=1, clip_sample=False)
