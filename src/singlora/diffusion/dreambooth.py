@@ -74,7 +74,8 @@ def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = Non
 
 
 def add_singlora(
-    unet: nn.Module, *, r: int = 8, alpha: float | None = None, target_modules: Sequence[str] | str = tuple(DEFAULT_TARGETS),
+    unet: nn.Module, *, r: int = 8, alpha: float | None = None,
+    target_modules: Sequence[str] | str = tuple(DEFAULT_TARGETS),
     ramp_up_steps: int | float = 0.01, total_steps: int | None = 400, init: str = "normal",
 ) -> SingLoRAModel:
     """Inject SingLoRA into the U-Net in place (all base weights frozen); ``alpha`` defaults to ``r`` (s = 1).
@@ -233,7 +234,9 @@ def generate_class_images(pipe: Any, args: DreamBoothArgs) -> None:
         image.save(directory / f"class_{index:05d}.png")
 
 
-def encode_prompt(pipe: Any, prompt: str, resolution: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor] | None]:
+def encode_prompt(
+    pipe: Any, prompt: str, resolution: int, device: torch.device
+) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Text embeddings (1, L, D) of a prompt, and SDXL's ``added_cond_kwargs`` (None for SD 1.x/2.x)."""
     with torch.no_grad():
         if not is_sdxl(pipe):
@@ -247,7 +250,9 @@ def encode_prompt(pipe: Any, prompt: str, resolution: int, device: torch.device)
 
 
 def _repeat(embeds: Tensor, added: dict[str, Tensor] | None, n: int) -> tuple[Tensor, dict[str, Tensor] | None]:
-    return embeds.expand(n, *embeds.shape[1:]), (None if added is None else {k: v.expand(n, *v.shape[1:]) for k, v in added.items()})
+    """Batch of ``n`` copies of one prompt's embeddings (and added conditioning)."""
+    repeated = None if added is None else {k: v.expand(n, *v.shape[1:]) for k, v in added.items()}
+    return embeds.expand(n, *embeds.shape[1:]), repeated
 
 
 def _latents(pipe: Any, pixels: Tensor) -> Tensor:
@@ -273,7 +278,8 @@ def save_validation_images(pipe: Any, args: DreamBoothArgs, step: int) -> list[P
 
 
 def generate_images(
-    pretrained_model: str | os.PathLike, adapter_dir: str | os.PathLike | None, prompts: Sequence[str], out_dir: str | os.PathLike,
+    pretrained_model: str | os.PathLike, adapter_dir: str | os.PathLike | None, prompts: Sequence[str],
+    out_dir: str | os.PathLike,
     *, num_images: int = 4, seed: int = 0, steps: int = 25, resolution: int | None = None, guidance_scale: float = 7.5,
 ) -> dict[str, str]:
     """Sample ``num_images`` per prompt (fixed seed) from a local pipeline, with a SingLoRA adapter folder if given;
@@ -413,7 +419,8 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         logs.append({"step": global_step, "loss": float(loss.detach())})
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             if args.checkpoints_total_limit is not None:
-                for old in _checkpoints(output_dir)[: max(0, len(_checkpoints(output_dir)) - args.checkpoints_total_limit + 1)]:
+                existing = _checkpoints(output_dir)
+                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
                     shutil.rmtree(old)
             accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
         if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):

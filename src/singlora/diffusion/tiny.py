@@ -13,6 +13,7 @@ import os
 from typing import Any, Sequence
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+DEFAULT_WORDS = ("a", "photo", "of", "sks", "dog")
 
 
 def tiny_tokenizer(words: Sequence[str], max_length: int = 8) -> Any:
@@ -39,7 +40,9 @@ def tiny_tokenizer(words: Sequence[str], max_length: int = 8) -> Any:
     )
 
 
-def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_length: int = 8, seed: int = 0) -> Any:
+def tiny_text_encoder(
+    vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_length: int = 8, seed: int = 0
+) -> Any:
     """A randomly initialised ``CLIPTextModel`` with ``hidden_size`` = the U-Net's ``cross_attention_dim``."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -57,7 +60,7 @@ def tiny_unet(
     *, sample_size: int = 16, in_channels: int = 1, channels: Sequence[int] = (16, 32), cross_attention_dim: int = 16,
     layers_per_block: int = 1, seed: int = 0,
 ) -> Any:
-    """A ``UNet2DConditionModel`` with cross-attention down/up blocks at every resolution and a cross-attention mid block."""
+    """A ``UNet2DConditionModel`` with cross-attention down/up blocks at every resolution and in the mid block."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -71,7 +74,7 @@ def tiny_unet(
     )
 
 
-def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = ("a", "photo", "of", "sks", "dog"), seed: int = 0) -> Any:
+def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS, seed: int = 0) -> Any:
     """Build a tiny ``StableDiffusionPipeline`` (VAE with 4 latent channels, 16x16 images), ``save_pretrained`` it to
     ``directory`` and return it. Loading the folder back goes through the same code as real SD 1.5 weights."""
     import torch
@@ -86,8 +89,8 @@ def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = (
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
         sample_size=16,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              steps_offset=1, clip_sample=False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, steps_offset=1, clip_sample=False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -96,7 +99,7 @@ def tiny_stable_diffusion(directory: str | os.PathLike, words: Sequence[str] = (
     return pipe
 
 
-def tiny_stable_diffusion_xl(directory: str | os.PathLike, words: Sequence[str] = ("a", "photo", "of", "sks", "dog"), seed: int = 0) -> Any:
+def tiny_stable_diffusion_xl(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS, seed: int = 0) -> Any:
     """Build a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time`` added conditioning), save it to
     ``directory`` and return it: the SDXL folder layout, loadable like real SDXL weights."""
     import torch
@@ -146,7 +149,7 @@ def tiny_metric_models(directory: str | os.PathLike, seed: int = 0) -> tuple[str
     ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=32), add_pooling_layer=False).save_pretrained(root / "dino")
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dino")
-    tokenizer = tiny_tokenizer(["a", "photo", "of", "sks", "dog"], max_length=8)
+    tokenizer = tiny_tokenizer(DEFAULT_WORDS, max_length=8)
     text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=8, eos_token_id=3, bos_token_id=2, pad_token_id=0)
     vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
