@@ -233,3 +233,22 @@ def test_dreambooth_args_errors_name_the_option(tmp_path):
     with pytest.raises(SingLoRAError, match="model_index.json"):
         train_dreambooth(DreamBoothArgs(**good, output_dir=str(tmp_path / "out")))
     assert DEFAULT_TARGETS == ["to_q", "to_k"]
+
+
+def test_mixed_precision_bf16_keeps_the_adapter_in_float32(tmp_path):
+    pytest.importorskip("accelerate")
+    tiny_stable_diffusion(tmp_path / "model")
+    write_images(tmp_path / "instance", 1)
+    model = train_dreambooth(DreamBoothArgs(
+        pretrained_model=str(tmp_path / "model"), instance_data_dir=str(tmp_path / "instance"),
+        instance_prompt="a photo of sks dog", output_dir=str(tmp_path / "out"), resolution=16, max_train_steps=2,
+        mixed_precision="bf16", ramp_up_steps=1, export_lora=False,
+    ))
+    assert model.get_step() == 2
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert all(layer.base_layer.weight.dtype == torch.bfloat16 for _, layer in model.singlora_layers())
+    A = dict(model.singlora_layers())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].singlora["default"].A
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "singlora" / "adapter_model.safetensors")
+    assert torch.equal(saved["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.singlora_A"], A.detach())
