@@ -72,6 +72,8 @@ class TrainConfig:
     alpha: float = _help("scale numerator: s = alpha / r", default=8.0)
     adapter_dropout: float = _help("dropout on the adapter input", default=0.0)
     ramp_up: str = _help("SingLoRA ramp-up T: int optimizer steps, or a fraction of the total steps", default="0.01")
+    init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
+                      default="normal")
     loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
@@ -307,7 +309,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     method = MethodConfig(
         method=config.method, r=config.r, alpha=config.alpha, dropout=config.adapter_dropout,
         targets=parse_targets(config.target_modules), ramp_up=parse_ramp(config.ramp_up), total_steps=total_steps,
-        loraplus_lr_ratio=config.loraplus_lr_ratio,
+        loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
     )
     trainable = build(base, method, heads)
     optimizer = trainable.make_optimizer(config.lr, config.weight_decay)

@@ -82,6 +82,7 @@ class MethodConfig:
     ramp_up: Union[int, float] = 0.01
     total_steps: int = 1
     loraplus_lr_ratio: float = 16.0
+    init: str = "normal"  # SingLoRA's init of A (SingLoRAConfig.init)
 
 
 class Trainable:
@@ -161,6 +162,7 @@ def build(model: nn.Module, config: MethodConfig, modules_to_save: list[str]) ->
         singlora_config = SingLoRAConfig(
             r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=names,
             modules_to_save=modules_to_save or None, ramp_up_steps=config.ramp_up, total_steps=config.total_steps,
+            init=config.init,
         )
         return Trainable(get_singlora_model(model, singlora_config), "singlora", names, config.loraplus_lr_ratio)
     from peft import LoraConfig, get_peft_model
