@@ -237,13 +237,19 @@ def test_dreambooth_args_errors_name_the_option(tmp_path):
 
 def test_mixed_precision_bf16_keeps_the_adapter_in_float32(tmp_path):
     pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
     tiny_stable_diffusion(tmp_path / "model")
     write_images(tmp_path / "instance", 1)
-    model = train_dreambooth(DreamBoothArgs(
-        pretrained_model=str(tmp_path / "model"), instance_data_dir=str(tmp_path / "instance"),
-        instance_prompt="a photo of sks dog", output_dir=str(tmp_path / "out"), resolution=16, max_train_steps=2,
-        mixed_precision="bf16", ramp_up_steps=1, export_lora=False,
-    ))
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        model = train_dreambooth(DreamBoothArgs(
+            pretrained_model=str(tmp_path / "model"), instance_data_dir=str(tmp_path / "instance"),
+            instance_prompt="a photo of sks dog", output_dir=str(tmp_path / "out"), resolution=16, max_train_steps=2,
+            mixed_precision="bf16", ramp_up_steps=1, export_lora=False,
+        ))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert model.get_step() == 2
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for _, layer in model.singlora_layers())
