@@ -20,11 +20,11 @@ from studies.bbc import Bench, RunSpec, add_bench_arguments, bench_from_args, be
 from studies.common import environment, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 
 # Learning-rate grids (validation sweep, seed 0), widened while the best rate sat at the top edge. LoRA and
-# SingLoRA share study 3's 5-point grid (plus 3e-2).
+# SingLoRA share study 3's 5-point grid (plus 3e-2 and 1e-1).
 WIDE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "lora": WIDE + (3e-2,),
-    "singlora": WIDE + (3e-2,),
+    "lora": WIDE + (3e-2, 1e-1),
+    "singlora": WIDE + (3e-2, 1e-1),
     "loraplus": (3e-4, 1e-3, 3e-3, 1e-2),
     "dora": (1e-3, 3e-3, 1e-2, 3e-2),
     "full": (1e-4, 3e-4, 1e-3),
