@@ -229,3 +229,19 @@ def bench_from_args(args: Any) -> tuple[Bench, RunSpec]:
 def best_lr(results: dict[float, dict[str, Any]]) -> float:
     """The learning rate with the best validation accuracy (ties: validation macro-F1, then the smaller lr)."""
     return max(results, key=lambda lr: (results[lr]["val_accuracy"], results[lr]["val_macro_f1"], -lr))
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran a study, for its report (``--work`` left out: a machine path)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--work":
+            skip = True
+        elif not arg.startswith("--work="):
+            kept.append(arg)
+    return " ".join(["python -m", module, *kept])

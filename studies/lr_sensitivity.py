@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studies.bbc import RunSpec, add_bench_arguments, bench_from_args, mean_std, scale_note
+from studies.bbc import (
+    RunSpec, add_bench_arguments, bench_from_args, command_line, mean_std, scale_note,
+)
 from studies.common import environment, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 from studies.method_comparison import WIDE
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     bench, base = bench_from_args(args)
-    command = "python -m studies.lr_sensitivity" + (" --quick" if args.quick else "")
+    command = command_line("studies.lr_sensitivity", argv)
     lrs = args.lrs[:2] if args.quick else args.lrs
     seeds = 1 if args.quick else args.seeds
     results: dict[str, dict[float, list[dict[str, Any]]]] = {m: {} for m in METHODS}

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studies.bbc import Bench, RunSpec, add_bench_arguments, bench_from_args, best_lr, mean_std, scale_note
+from studies.bbc import (
+    Bench, RunSpec, add_bench_arguments, bench_from_args, best_lr, command_line, mean_std,
+    scale_note,
+)
 from studies.common import environment, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 
 # Learning-rate grids (validation sweep, seed 0), widened while the best rate sat at the top edge. LoRA and
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     bench, base = bench_from_args(args)
-    command = "python -m studies.method_comparison" + (" --quick" if args.quick else "")
+    command = command_line("studies.method_comparison", argv)
     grids = {m: LR_GRID[m][:1] if args.quick else LR_GRID[m] for m in args.methods}
     seeds = 1 if args.quick else args.seeds
     counts = {part: sum(1 for _ in open(path, encoding="utf-8")) for part, path in bench.data.items()}

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studies.bbc import RunSpec, add_bench_arguments, bench_from_args, mean_std, scale_note
+from studies.bbc import (
+    RunSpec, add_bench_arguments, bench_from_args, command_line, mean_std, scale_note,
+)
 from studies.common import environment, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 
 RAMPS = ("0", "0.005", "0.01", "0.02", "0.04", "0.08")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench, base = bench_from_args(args)
     base = dataclasses.replace(base, method="singlora", lr=args.lr,
                                batch_size=base.batch_size if args.quick else args.batch_size)
-    command = "python -m studies.ramp_ablation" + (" --quick" if args.quick else "")
+    command = command_line("studies.ramp_ablation", argv)
     from singlora.train.loop import TrainConfig
 
     has_init = "init" in {f.name for f in dataclasses.fields(TrainConfig)}
