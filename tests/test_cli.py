@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, minilm_path
+from conftest import assert_close, minilm_path, save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -48,12 +48,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT classifier base and a tiny Llama LM (both with the MiniLM WordPiece tokenizer) + datasets."""
     root = tmp_path_factory.mktemp("cli")
+    save_tiny_bert(root / "bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                   max_position_embeddings=64)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
-    transformers.BertModel(bert).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
     llama = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                      max_position_embeddings=64)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import minilm_path
+from conftest import save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -80,12 +80,8 @@ sys.exit(main(sys.argv[1:]))
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny BERT classifier base, a tiny dataset, the training arguments and an uninterrupted reference run."""
     root = tmp_path_factory.mktemp("crash")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32)
-    transformers.BertModel(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
+    save_tiny_bert(root / "bert", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                   max_position_embeddings=32)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for i in range(32):
