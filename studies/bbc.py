@@ -11,6 +11,10 @@ the training set. The split is written as JSONL into the work folder (outside th
 not ours to copy). The CPU budget (2 shared cores) forces a small scale, stated in every report: by default 20
 training articles per class (100), 64 tokens per article, 2 epochs of batch 10 = 20 optimizer steps.
 
+Task ``titles`` (study 5, ``--task titles``): the same classes and split procedure, but each example is only the
+article's headline (its first line, ~5-8 words), with few training examples per class and short inputs (defaults
+in ``TASKS``): a harder task on which differences between methods can show.
+
 Runs are cached in the work folder by their settings, so studies share runs (study 2's learning-rate sweep is
 study 3's seed 0) and an interrupted study resumes where it stopped.
 """
@@ -47,25 +51,45 @@ def bbc_folder() -> Path:
 
 @dataclass(frozen=True)
 class Split:
-    """Examples per class in each part of the fixed split."""
+    """Examples per class in each part of the fixed split; ``task``: "articles" (whole text) or "titles"."""
 
     train_per_class: int = 20
     val_per_class: int = 10
     test_per_class: int = 30
+    task: str = "articles"
+
+
+# Per-task defaults of the flags (``add_bench_arguments``). Titles: 8 headlines per class, 24 tokens, 5 epochs of
+# batch 10 = 20 optimizer steps (the articles' step count); larger validation/test sets (cheap at 24 tokens).
+TASKS: dict[str, dict[str, int]] = {
+    "articles": {"train_per_class": 20, "val_per_class": 10, "test_per_class": 30, "epochs": 2, "max_length": 64},
+    "titles": {"train_per_class": 8, "val_per_class": 20, "test_per_class": 60, "epochs": 5, "max_length": 24},
+}
+
+
+def headline(article: str) -> str:
+    """The first non-empty line of a BBC News article: its title."""
+    for line in article.splitlines():
+        if line.strip():
+            return line.strip()
+    raise ValueError("empty article")
 
 
 def make_split(work: Path, split: Split) -> dict[str, Path]:
     """Write ``train/val/test.jsonl`` for ``split`` under ``work`` (once) and return their paths."""
     from singlora.train.data import read_classification
 
-    folder = work / "data" / f"bbc_{split.train_per_class}_{split.val_per_class}_{split.test_per_class}"
+    if split.task not in TASKS:
+        raise ValueError(f"unknown task {split.task!r}; expected one of {sorted(TASKS)}")
+    prefix = "bbc" if split.task == "articles" else f"bbc_{split.task}"
+    folder = work / "data" / f"{prefix}_{split.train_per_class}_{split.val_per_class}_{split.test_per_class}"
     paths = {part: folder / f"{part}.jsonl" for part in ("train", "val", "test")}
     if all(p.is_file() for p in paths.values()):
         return paths
     texts, labels = read_classification(bbc_folder())  # the CLI's own reader (latin-1 fallback)
     by_class: dict[str, list[str]] = {}
     for text, label in zip(texts, labels):
-        by_class.setdefault(label, []).append(text)
+        by_class.setdefault(label, []).append(headline(text) if split.task == "titles" else text)
     parts: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     sizes = {"test": split.test_per_class, "val": split.val_per_class, "train": split.train_per_class}
     for label in sorted(by_class):
@@ -116,6 +140,12 @@ class Bench:
     data: dict[str, Path]
     work: Path
     label: str  # names the model + split in cache keys, so quick runs never mix with full ones
+    task: str = "articles"
+
+    @property
+    def task_name(self) -> str:
+        """How reports name the task."""
+        return "BBC News headlines" if self.task == "titles" else "BBC News"
 
     def run(self, spec: RunSpec) -> dict[str, Any]:
         """Train ``spec`` (or return its cached result): validation + test metrics, parameters, time per step."""
@@ -170,12 +200,13 @@ def tiny_bert(work: Path) -> str:
 
 def make_bench(work: Path, quick: bool, split: Split | None = None) -> Bench:
     """The MiniLM bench (or, with ``quick``, a tiny random BERT on a 4/2/2-per-class split)."""
-    if quick:
-        split = Split(train_per_class=4, val_per_class=2, test_per_class=2)
-        return Bench(tiny_bert(work), make_split(work, split), work, "quick")
     split = split or Split()
-    label = f"minilm_{split.train_per_class}_{split.val_per_class}_{split.test_per_class}"
-    return Bench(minilm_path(), make_split(work, split), work, label)
+    task = "" if split.task == "articles" else f"{split.task}_"
+    if quick:
+        split = Split(train_per_class=4, val_per_class=2, test_per_class=2, task=split.task)
+        return Bench(tiny_bert(work), make_split(work, split), work, f"quick_{task}".rstrip("_"), split.task)
+    label = f"minilm_{task}{split.train_per_class}_{split.val_per_class}_{split.test_per_class}"
+    return Bench(minilm_path(), make_split(work, split), work, label, split.task)
 
 
 def quick_spec(spec: RunSpec) -> RunSpec:
@@ -194,16 +225,17 @@ def mean_std(results: list[dict[str, Any]], key: str = "test_accuracy") -> str:
 
 
 SCALE_NOTE = (
-    "Scale (forced by 2 shared CPU cores): {train} training articles ({per} per class), first {tokens} tokens of "
-    "each, {epochs} epochs of batch {batch} = {steps} optimizer steps; validation {val} articles, test {test} "
-    "articles, fixed split (studies/bbc.py). r = 8, alpha = 8, query + value adapted, classifier trained fully, "
+    "Scale (forced by 2 shared CPU cores): {train} training {unit} ({per} per class), first {tokens} tokens of "
+    "each, {epochs} epochs of batch {batch} = {steps} optimizer steps; validation {val} {unit}, test {test} "
+    "{unit}, fixed split (studies/bbc.py). r = 8, alpha = 8, query + value adapted, classifier trained fully, "
     "AdamW (weight decay 0), linear schedule with 6% warm-up, gradient clipping 1.0: the CLI's defaults."
 )
 
 
 def scale_note(bench: Bench, spec: RunSpec, steps: int) -> str:
     counts = {part: sum(1 for _ in open(path, encoding="utf-8")) for part, path in bench.data.items()}
-    return SCALE_NOTE.format(train=counts["train"], per=counts["train"] // 5, tokens=spec.max_length,
+    unit = "headlines (first line of each article only)" if bench.task == "titles" else "articles"
+    return SCALE_NOTE.format(unit=unit, train=counts["train"], per=counts["train"] // 5, tokens=spec.max_length,
                              epochs=spec.epochs, batch=spec.batch_size, steps=steps, val=counts["val"],
                              test=counts["test"])
 
@@ -212,16 +244,30 @@ def add_bench_arguments(parser: Any, default_out: str) -> None:
     """Flags shared by the BBC News studies."""
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny random BERT, 2 steps per run")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="run outputs, cache and data split")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / default_out)
+    parser.add_argument("--task", choices=sorted(TASKS), default="articles",
+                        help="articles: whole articles; titles: headlines only (study 5; defaults from bbc.TASKS)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: studies/results/{default_out} (+ _titles for --task titles)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-per-class", type=int, default=Split.train_per_class)
-    parser.add_argument("--epochs", type=int, default=RunSpec.epochs)
-    parser.add_argument("--max-length", type=int, default=RunSpec.max_length)
+    for flag in ("--train-per-class", "--val-per-class", "--test-per-class", "--epochs", "--max-length"):
+        parser.add_argument(flag, type=int, default=None, help="default: per task, see bbc.TASKS")
+    parser.set_defaults(study_name=default_out)
 
 
 def bench_from_args(args: Any) -> tuple[Bench, RunSpec]:
-    """The bench and the base run settings the flags describe (``method``/``lr`` are placeholders)."""
-    bench = make_bench(args.work, args.quick, Split(train_per_class=args.train_per_class))
+    """The bench and the base run settings the flags describe (``method``/``lr`` are placeholders).
+
+    Fills the flags left at ``None`` (``--out`` and the per-task defaults) in ``args``.
+    """
+    for name, value in TASKS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        suffix = "" if args.task == "articles" else f"_{args.task}"
+        args.out = Path(__file__).parent / "results" / f"{args.study_name}{suffix}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    split = Split(args.train_per_class, args.val_per_class, args.test_per_class, args.task)
+    bench = make_bench(args.work, args.quick, split)
     base = RunSpec(method="singlora", lr=1e-3, epochs=args.epochs, max_length=args.max_length)
     return bench, quick_spec(base) if args.quick else base
 

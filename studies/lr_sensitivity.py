@@ -53,13 +53,13 @@ def plot(results: dict[str, dict[float, list[dict[str, Any]]]], out: Path) -> st
 
 
 def report(results: dict[str, dict[float, list[dict[str, Any]]]], note: str, command: str, figure: str,
-           complete: bool, wall: float) -> str:
+           complete: bool, wall: float, task_name: str = "BBC News") -> str:
     lrs = sorted({lr for by_lr in results.values() for lr in by_lr})
     rows = [[method] + [f"{mean_std(by_lr[lr])} (n={len(by_lr[lr])})" if lr in by_lr else "-" for lr in lrs]
             + [f"{spread(by_lr, 'test_accuracy'):.1f}", f"{spread(by_lr, 'val_accuracy'):.1f}"]
             for method, by_lr in results.items()]
     status = "complete" if complete else "PARTIAL (fewer seeds than planned for some learning rates: see n)"
-    return f"""# Study 3: learning-rate sensitivity (LoRA vs SingLoRA)
+    return f"""# Study 3: learning-rate sensitivity (LoRA vs SingLoRA), all-MiniLM-L6-v2 + {task_name}
 
 Command: `{command}`   Status: {status}. Wall time of this invocation: {wall:.0f} s (cached runs count 0).
 
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lrs", type=float, nargs="+", default=list(WIDE))
     args = parser.parse_args(argv)
     limit_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench, base = bench_from_args(args)
     command = command_line("studies.lr_sensitivity", argv)
     lrs = args.lrs[:2] if args.quick else args.lrs
@@ -102,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_s": wall, "environment": environment(), "spread_points": spreads,
             "runs": {m: {str(lr): runs for lr, runs in by_lr.items()} for m, by_lr in results.items()},
         })
-        write_text(args.out / "REPORT.md", report(results, scale_note(bench, base, steps), command, figure, complete, wall))
+        write_text(args.out / "REPORT.md", report(results, scale_note(bench, base, steps), command, figure, complete, wall,
+                                                  bench.task_name))
 
     for seed in range(seeds):  # seed-major, so a stopped study still covers every learning rate
         for lr in lrs:

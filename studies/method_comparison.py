@@ -57,7 +57,7 @@ def report(state: dict[str, Any], note: str, command: str, figure: str | None) -
             f"{runs[0]['trainable_params']:,}", f"{summarize(r['seconds_per_step'] for r in runs)['median']:.2f}",
         ])
     done = "complete" if state["complete"] else "PARTIAL (still running or stopped early; see below)"
-    return f"""# Study 2: method comparison on all-MiniLM-L6-v2 + BBC News
+    return f"""# Study 2: method comparison on all-MiniLM-L6-v2 + {state["task_name"]}
 
 Command: `{command}`   Status: {done}. Wall time so far: {state['wall_s']:.0f} s (cached runs count 0).
 
@@ -65,11 +65,11 @@ Paper's claim ({PAPER}). Our set-up is far smaller (20 optimizer steps, not conv
 
 {note}
 
-## Learning-rate sweep (seed 0, validation accuracy %, {state['val_examples']} validation articles)
+## Learning-rate sweep (seed 0, validation accuracy %, {state['val_examples']} validation examples)
 
 {md_table(["method", "learning rates", "validation accuracy per lr"], sweep_rows)}
 
-## Test accuracy at each method's chosen learning rate ({state['test_examples']} test articles)
+## Test accuracy at each method's chosen learning rate ({state['test_examples']} test examples)
 
 {md_table(["method", "lr", "seeds", "test accuracy % (mean ± std)", "macro-F1 % (mean ± std)", "min – max", "adapter params", "trainable params (incl. classifier)", "s / step (median)"], final_rows)}
 
@@ -91,7 +91,7 @@ def plot(state: dict[str, Any], out: Path) -> str | None:
         ax.errorbar([i], [summarize(ys)["mean"]], yerr=[summarize(ys)["std"]], fmt="o", color="tab:red", capsize=4)
     ax.set_xticks(range(len(state["final"])), list(state["final"]))
     ax.set_ylabel("test accuracy (%)"), ax.grid(alpha=0.3)
-    ax.set_title("BBC News, MiniLM, r=8: seeds (gray), mean ± std (red)", fontsize=9)
+    ax.set_title(f"{state['task_name']}, MiniLM, r=8: seeds (gray), mean ± std (red)", fontsize=9)
     save_figure(fig, out / "test_accuracy.png")
     return "test_accuracy.png"
 
@@ -102,14 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args(argv)
     limit_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench, base = bench_from_args(args)
     command = command_line("studies.method_comparison", argv)
     grids = {m: LR_GRID[m][:1] if args.quick else LR_GRID[m] for m in args.methods}
     seeds = 1 if args.quick else args.seeds
     counts = {part: sum(1 for _ in open(path, encoding="utf-8")) for part, path in bench.data.items()}
     state: dict[str, Any] = {"sweep": {}, "best_lr": {}, "final": {}, "complete": False, "wall_s": 0.0,
-                             "val_examples": counts["val"], "test_examples": counts["test"]}
+                             "val_examples": counts["val"], "test_examples": counts["test"], "task_name": bench.task_name}
     start = time.perf_counter()
 
     def publish() -> None:

@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args(argv)
     limit_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench, base = bench_from_args(args)
     base = dataclasses.replace(base, method="singlora", lr=args.lr,
                                batch_size=base.batch_size if args.quick else args.batch_size)

@@ -100,3 +100,29 @@ def test_ramp_ablation_quick(work: Path, tmp_path: Path) -> None:
     assert groups["T=0% init=normal"][0]["ramp_steps"] == 0
     assert groups["T=0.5% init=normal"][0]["ramp_steps"] == 1  # a fraction of 2 steps rounds up to one step
     assert "## Accuracy per setting" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_titles_split_holds_the_headlines_of_the_articles_split(tmp_path: Path) -> None:
+    from studies.bbc import Split, make_split
+
+    def rows(split: Split) -> dict[str, list[dict[str, str]]]:
+        paths = make_split(tmp_path, split)
+        return {part: [json.loads(line) for line in open(p, encoding="utf-8")] for part, p in paths.items()}
+
+    articles, titles = rows(Split(3, 1, 2)), rows(Split(3, 1, 2, task="titles"))
+    for part in ("train", "val", "test"):
+        assert len(titles[part]) == len(articles[part]) == 5 * {"train": 3, "val": 1, "test": 2}[part]
+        for article, title in zip(articles[part], titles[part]):  # same shuffle, so the same articles in order
+            assert title["label"] == article["label"]
+            assert title["text"] == article["text"].strip().splitlines()[0].strip() and "\n" not in title["text"]
+            assert len(title["text"].split()) < 20 < len(article["text"].split())
+
+
+def test_lr_sensitivity_quick_titles(work: Path, tmp_path: Path) -> None:
+    from studies import lr_sensitivity
+
+    lr_sensitivity.main(["--quick", "--task", "titles", "--work", str(work), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] and saved["base_run"]["max_length"] == 16  # quick runs keep their 16 tokens
+    assert "headlines" in (tmp_path / "REPORT.md").read_text()
+    assert (work / "data" / "bbc_titles_4_2_2" / "train.jsonl").is_file()
