@@ -234,10 +234,11 @@ SCALE_NOTE = (
 
 def scale_note(bench: Bench, spec: RunSpec, steps: int) -> str:
     counts = {part: sum(1 for _ in open(path, encoding="utf-8")) for part, path in bench.data.items()}
-    unit = "headlines (first line of each article only)" if bench.task == "titles" else "articles"
-    return SCALE_NOTE.format(unit=unit, train=counts["train"], per=counts["train"] // 5, tokens=spec.max_length,
-                             epochs=spec.epochs, batch=spec.batch_size, steps=steps, val=counts["val"],
-                             test=counts["test"])
+    unit = "headlines" if bench.task == "titles" else "articles"
+    note = "Headlines: the first line of each article only. " if bench.task == "titles" else ""
+    return note + SCALE_NOTE.format(unit=unit, train=counts["train"], per=counts["train"] // 5, tokens=spec.max_length,
+                                    epochs=spec.epochs, batch=spec.batch_size, steps=steps, val=counts["val"],
+                                    test=counts["test"])
 
 
 def add_bench_arguments(parser: Any, default_out: str) -> None:

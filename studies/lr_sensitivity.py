@@ -61,7 +61,8 @@ def report(results: dict[str, dict[float, list[dict[str, Any]]]], note: str, com
     status = "complete" if complete else "PARTIAL (fewer seeds than planned for some learning rates: see n)"
     return f"""# Study 3: learning-rate sensitivity (LoRA vs SingLoRA), all-MiniLM-L6-v2 + {task_name}
 
-Command: `{command}`   Status: {status}. Wall time of this invocation: {wall:.0f} s (cached runs count 0).
+Command: `{command}`   Status: {status}. Wall time of this invocation: {wall:.0f} s (cached runs count 0);
+the runs below took {sum(r['wall_s'] for by_lr in results.values() for runs in by_lr.values() for r in runs):.0f} s in total when they ran.
 
 Paper's claim: {PAPER}.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ def report(state: dict[str, Any], note: str, command: str, figure: str | None) -
     done = "complete" if state["complete"] else "PARTIAL (still running or stopped early; see below)"
     return f"""# Study 2: method comparison on all-MiniLM-L6-v2 + {state["task_name"]}
 
-Command: `{command}`   Status: {done}. Wall time so far: {state['wall_s']:.0f} s (cached runs count 0).
+Command: `{command}`   Status: {done}. Wall time so far: {state['wall_s']:.0f} s (cached runs count 0);
+the runs below took {state.get('run_s', 0):.0f} s in total when they ran.
 
-Paper's claim ({PAPER}). Our set-up is far smaller (20 optimizer steps, not converged): see the scale note.
+Paper's claim ({PAPER}). Our set-up is far smaller ({state.get('steps', '?')} optimizer steps, not converged): see the
+scale note.
 
 {note}
 
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state["wall_s"] = time.perf_counter() - start
         figure = plot(state, args.out)
         steps = next(iter(next(iter(state["sweep"].values())).values()))["steps"]
+        every = [r for results in state["sweep"].values() for r in results.values()]
+        every += [r for runs in state["final"].values() for r in runs]
+        unique = {json.dumps(r["spec"], sort_keys=True): r for r in every}  # a sweep run can be a final run
+        state["steps"], state["run_s"] = steps, sum(r["wall_s"] for r in unique.values())
         write_json(args.out / "results.json", {"study": "method_comparison", "command": command,
                                                "base_run": dataclasses.asdict(base), "environment": environment(),
                                                **{k: v for k, v in state.items()}})
