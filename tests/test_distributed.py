@@ -47,6 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         _train(model, ddp, slice(4 * rank, 4 * rank + 4))
         tensors = {k: v for k, v in model.state_dict().items() if ".singlora." in k}
         save_file(tensors, f"{out_dir}/rank{rank}.safetensors")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (that aborted, rarely)
     finally:
         dist.destroy_process_group()
 
