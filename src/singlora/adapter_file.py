@@ -450,6 +450,26 @@ def read_safetensors_file(path: str | os.PathLike) -> tuple[dict[str, str], dict
     return metadata, _read_data(Path(path), entries)
 
 
+def _read_fitting(model: "SingLoRAModel", directory: Path, config: SingLoRAConfig) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory`` after checking keys, shapes and dtypes against what ``config`` gives ``model``."""
+    try:
+        expected = _expected_tensors(model, config)
+    except SingLoRAError as exc:
+        raise AdapterFileError(f"{directory / CONFIG_FILE}: does not fit this model: {exc}") from None
+    return read_adapter_tensors(
+        directory / WEIGHTS_FILE, {k: shape for k, (shape, _) in expected.items()},
+        {k: dtype for k, (_, dtype) in expected.items()},
+    )
+
+
+def _copy_into(model: "SingLoRAModel", adapter_name: str, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Copy checked ``tensors`` into the existing adapter's parameters (same objects) and set its ramp step."""
+    with torch.no_grad():
+        for key, target in adapter_state_dict(model, adapter_name).items():
+            target.copy_(tensors[key])
+    model.set_step(step, adapter_name)
+
+
 def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
     """Add adapter ``adapter_name`` to ``model`` from ``directory``. Everything is validated first: on any
     error the model is left exactly as it was (modules, tensors, ``requires_grad`` flags)."""
@@ -457,25 +477,25 @@ def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_n
     config, meta = read_adapter_config(directory)
     if adapter_name in model.configs:
         raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        expected = _expected_tensors(model, config)
-    except SingLoRAError as exc:
-        raise AdapterFileError(f"{Path(directory) / CONFIG_FILE}: does not fit this model: {exc}") from None
-    tensors = read_adapter_tensors(
-        path, {k: shape for k, (shape, _) in expected.items()}, {k: dtype for k, (_, dtype) in expected.items()}
-    )
+    tensors = _read_fitting(model, directory, config)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.add_adapter(adapter_name, config)
-        state = adapter_state_dict(model, adapter_name)
-        with torch.no_grad():
-            for key, target in state.items():
-                target.copy_(tensors[key])
-        model.set_step(meta["ramp_step"], adapter_name)
+        _copy_into(model, adapter_name, tensors, meta["ramp_step"])
     except BaseException:  # roll back: the model is as it was
         if adapter_name in model.configs:
             model.delete_adapter(adapter_name)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         raise
+
+
+def load_adapter_in_place(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
+    """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
+    objects, so an optimizer holding them stays valid: resuming). The files must fit that adapter exactly (keys,
+    shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
+    directory = _check_arguments(directory, adapter_name)
+    model.adapter_modules(adapter_name)  # the adapter must exist
+    _, meta = read_adapter_config(directory)
+    tensors = _read_fitting(model, directory, model.configs[adapter_name])
+    _copy_into(model, adapter_name, tensors, meta["ramp_step"])

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapter_file import load_adapter_in_place
 from ..config import SingLoRAConfig
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel, get_singlora_model
@@ -304,20 +305,6 @@ def generate_images(
     return names
 
 
-def load_adapter_state(model: SingLoRAModel, directory: str | os.PathLike) -> None:
-    """Copy ``A`` and the ramp step saved in ``directory`` into the existing adapter (resuming keeps the optimizer's
-    parameters); shapes and keys are checked first."""
-    from ..adapter_file import A_SUFFIX, WEIGHTS_FILE, expected_shapes, read_adapter_config, read_adapter_tensors
-
-    name = model.active_adapters[0]
-    _, meta = read_adapter_config(directory)
-    tensors = read_adapter_tensors(Path(directory) / WEIGHTS_FILE, expected_shapes(model, model.configs[name]))
-    with torch.no_grad():
-        for module_name, adapter in model.adapter_modules(name).items():
-            adapter.A.copy_(tensors[f"{module_name}.{A_SUFFIX}"])
-    model.set_step(int(meta["ramp_step"]), name)
-
-
 def _checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
@@ -368,7 +355,7 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         weights.clear()
 
     def load_hook(models: list, directory: str) -> None:
-        load_adapter_state(model, Path(directory) / "singlora")
+        load_adapter_in_place(model, Path(directory) / "singlora", model.active_adapters[0])
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

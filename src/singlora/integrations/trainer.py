@@ -21,12 +21,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapter_file import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, expected_shapes, read_adapter_config
-from ..adapter_file import read_adapter_tensors
+from ..adapter_file import CONFIG_FILE, load_adapter_in_place
 from ..errors import AdapterFileError, SingLoRAError
 from ..model import SingLoRAModel
 
@@ -43,22 +41,6 @@ def adapter_dirs(model: SingLoRAModel, directory: str | os.PathLike) -> dict[str
     """Where each active adapter goes in a checkpoint: the first at ``directory``, others in ``directory/<name>``."""
     directory = Path(directory)
     return {name: directory if i == 0 else directory / name for i, name in enumerate(model.active_adapters)}
-
-
-def load_adapter_in_place(model: SingLoRAModel, directory: str | os.PathLike, adapter_name: str) -> None:
-    """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
-    objects, so an optimizer holding them stays valid). Everything is checked before anything is copied."""
-    config, meta = read_adapter_config(directory)
-    tensors = read_adapter_tensors(Path(directory) / WEIGHTS_FILE, expected_shapes(model, config))
-    state = adapter_state_dict(model, adapter_name)
-    if set(state) != set(tensors):
-        raise AdapterFileError(
-            f"{directory}: tensors {sorted(set(tensors) ^ set(state))[:5]} do not match adapter {adapter_name!r}"
-        )
-    with torch.no_grad():
-        for key, target in state.items():
-            target.copy_(tensors[key])
-    model.set_step(meta["ramp_step"], adapter_name)
 
 
 class SingLoRACallback(TrainerCallback):
