@@ -195,6 +195,33 @@ def test_resume_after_sigkill_gives_the_same_adapter(assets: dict[str, Path], tm
         assert json.loads((run / "adapter" / "adapter_config.json").read_text())["ramp_step"] == 24
 
 
+def test_torchrun_two_processes_equal_one_process_on_the_global_batch(assets: dict[str, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` on CPU (accelerate, DDP over gloo), 8 examples per process, gives the adapter
+    of one process with batches of 16: the two ranks see consecutive halves of each global batch (dropout off)."""
+    bert = tmp_path / "bert"
+    save_tiny_bert(bert, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                   max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    args = ["train", "--model", str(bert), "--train-data", str(assets["train"]), "--eval-data", str(assets["eval"]),
+            "--quiet", "--lr", "5e-3", "--target-modules", "query,value", "--save-every", "0", "--max-steps", "6",
+            "--ramp-up", "4", "--no-plot"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "singlora.cli", *args, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--batch-size", "16", "--output-dir", str(tmp_path / "one")]) == 0
+    ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert ddp.keys() == one.keys() and sum(k.endswith("singlora_A") for k in ddp) == 4
+    for key in one:
+        assert_close(ddp[key], one[key])
+    config = json.loads((tmp_path / "ddp" / "adapter" / "adapter_config.json").read_text())
+    assert config["ramp_step"] == 6  # optimizer steps, counted once, not once per process
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()[:6]]
+              for run in ("ddp", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # rank 0 logs the mean over both processes
+
+
 def test_csv_folder_and_peft_methods(assets: dict[str, Path], tmp_path: Path) -> None:
     """CSV columns by name, a latin-1 class-folder dataset, and LoRA / DoRA / LoRA+ / full on the same targets."""
     summary = _train(assets, tmp_path / "csv", "--max-steps", "2", "--train-data", str(assets["csv"]),
