@@ -56,6 +56,19 @@ def test_documented_keys_and_config(tmp_path: Path) -> None:
     assert not list(directory.glob("*.tmp"))  # atomic writes leave no temp files
 
 
+def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) -> None:
+    from singlora.adapter_file import atomic_write, remove_stale_temps
+
+    atomic_write(tmp_path / "kept.json", lambda tmp: Path(tmp).write_text("{}"))
+    torn = [tmp_path / ".checkpoint.pt.k3_9xq0a.tmp", tmp_path / ".adapter_model.safetensors.abcdefgh.tmp"]
+    others = [tmp_path / ".notes.tmp", tmp_path / "run.tmp", tmp_path / ".x.short.tmp"]
+    for path in torn + others:
+        path.write_text("partial")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(torn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept.json"] + [p.name for p in others])
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
 def test_load_into_second_adapter_slot(tmp_path: Path) -> None:
     adapted, directory = trained(tmp_path)
     expected = adapted(IDS)

@@ -65,7 +65,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
 
     A crash at any point leaves either the old ``path`` or the new one, never a torn file (at worst a stray
-    ``.<name>.*.tmp`` beside it). An I/O failure (disk full, unwritable directory) raises ``SingLoRAError`` naming
+    ``.<name>.*.tmp`` beside it, which ``remove_stale_temps`` deletes). An I/O failure (disk full, unwritable directory) raises ``SingLoRAError`` naming
     ``path``, removes the temp file and leaves the old ``path`` untouched.
     """
     path = Path(path)
@@ -91,6 +91,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # what ``tempfile.mkstemp`` makes in ``atomic_write``
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.XXXXXXXX.tmp`` files a process killed inside ``atomic_write`` left in ``directory``.
+
+    Only for a directory one process owns (a training run's output folder): a concurrent writer's temp file would
+    go too. Returns the removed paths; a missing directory removes nothing.
+    """
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*.tmp") if _TEMP_NAME.fullmatch(p.name) and p.is_file()] \
+        if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def adapter_state_dict(model: "SingLoRAModel", adapter_name: str) -> dict[str, torch.Tensor]:

@@ -333,6 +333,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SingLoRAError(f"--output-dir {output}: cannot create it: {exc.strerror}") from exc
+    if main:  # temp files of writes a killed run never finished (the files they were replacing are intact)
+        from ..adapter_file import remove_stale_temps
+
+        for stale in remove_stale_temps(output) + remove_stale_temps(output / "adapter"):
+            print(f"singlora train: removed {stale}, left by an interrupted write", file=sys.stderr)
     log = MetricsLog(output / METRICS_FILE, truncate_after_step=step if state is not None else None) if main else None
 
     def run_eval() -> dict[str, float]:
