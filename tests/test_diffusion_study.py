@@ -41,7 +41,7 @@ def test_study_runs_end_to_end_and_counts_parameters(tmp_path):
     config = study.StudyConfig(
         base_steps=4, base_batch=8, classifier_train_size=200, db_steps=3, n_subject_samples=2,
         n_retention_per_class=1, sample_steps=2, seeds=(0,),
-        methods=(("singlora", 8, 1e-3, "qk"), ("singlora", 16, 1e-3, "qk"), ("lora", 8, 1e-3, "qk")),
+        methods=(("singlora", 8, 1e-3, "qk"), ("singlora", 16, 1e-3, "qk"), ("lora", 8, 1e-3, "qk")), sweep=(),
     )
     results = study.run(config, synthetic_data(), tmp_path, "test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md", "grid.png", "results.json"]
@@ -64,6 +64,56 @@ def test_study_runs_end_to_end_and_counts_parameters(tmp_path):
 
     with Image.open(tmp_path / "grid.png") as grid:  # instance row + base row + one row per method
         assert grid.height == 5 * (16 * 4 + 2)
+
+
+def test_sweep_chooses_each_methods_lr_on_the_validation_seed_then_runs_it_on_every_seed(tmp_path):
+    study = load_study()
+    config = study.StudyConfig(
+        base_steps=4, base_batch=8, classifier_train_size=200, db_steps=3, n_subject_samples=2,
+        n_retention_per_class=1, sample_steps=2, seeds=(0, 1), sweep=(("singlora", 8, "qk"), ("lora", 8, "qk")),
+        sweep_lrs=(1e-3, 1e-2), sweep_seed=7, methods=(),
+    )
+    results = study.run(config, synthetic_data(), tmp_path, "test")
+    sweep = results["sweep"]
+    assert [(row["method"], row["lr"], row["seed"]) for row in sweep] == [
+        ("base", 0.0, 7), ("singlora", 1e-3, 7), ("singlora", 1e-2, 7), ("lora", 1e-3, 7), ("lora", 1e-2, 7)]
+    base_retention = sweep[0]["retention_accuracy"]
+    for method in ("singlora", "lora"):
+        rows = [row for row in sweep if row["method"] == method]
+        chosen = study.choose_lr(rows, base_retention, config.max_retention_drop)
+        assert [row["lr"] for row in rows if row["chosen"]] == [chosen]
+        final = [row for row in results["summary"] if row["method"] == method]
+        assert [(row["lr"], row["n_seeds"]) for row in final] == [(chosen, 2)]
+    assert "Learning-rate choice (validation seed 7" in (tmp_path / "REPORT.md").read_text()
+    with pytest.raises(ValueError, match="sweep_seed=0"):
+        study.run(study.StudyConfig(seeds=(0,), sweep_seed=0), synthetic_data(), tmp_path, "test")
+
+
+def test_choose_lr_takes_the_best_subject_accuracy_within_the_retention_budget():
+    study = load_study()
+
+    def row(lr, subject, retention, nn=0.5):
+        return {"lr": lr, "subject_accuracy": subject, "retention_accuracy": retention, "subject_nn_rms": nn}
+
+    rows = [row(1e-3, 0.2, 0.80), row(3e-3, 0.5, 0.72), row(1e-2, 0.9, 0.50)]
+    assert study.choose_lr(rows, base_retention=0.8, max_drop=0.1) == 3e-3   # 1e-2 loses too much retention
+    assert study.choose_lr(rows, base_retention=0.8, max_drop=0.5) == 1e-2
+    assert study.choose_lr(rows, base_retention=0.99, max_drop=0.0) == 1e-2  # none qualifies: best subject overall
+    ties = [row(1e-3, 0.5, 0.8, nn=0.6), row(3e-3, 0.5, 0.8, nn=0.4), row(1e-2, 0.5, 0.8, nn=0.4)]
+    assert study.choose_lr(ties, base_retention=0.8, max_drop=0.1) == 3e-3  # lower NN distance, then lower lr
+    with pytest.raises(ValueError, match="no sweep rows"):
+        study.choose_lr([], 0.8, 0.1)
+
+
+def test_cosine_base_schedule_warms_up_then_decays_to_a_tenth():
+    study = load_study()
+    factors = [study.lr_factor(step, 100, "cosine") for step in range(100)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)  # 5 warm-up steps
+    assert factors[5] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert study.lr_factor(99, 100, "constant") == 1.0
+    with pytest.raises(ValueError, match="base_schedule='step'"):
+        study.lr_factor(10, 100, "step")
 
 
 def test_read_idx_parses_the_mnist_format(tmp_path):

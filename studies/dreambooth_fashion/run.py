@@ -52,12 +52,13 @@ class StudyConfig:
     image_size: int = 16
     channels: tuple[int, ...] = (16, 32)
     text_dim: int = 16                # = cross_attention_dim: cross-attention to_k is (32, 16)
-    base_steps: int = 1000
+    base_steps: int = 3000
     base_batch: int = 32
     base_lr: float = 1e-3
+    base_schedule: str = "cosine"     # after a linear warm-up: "constant" or "cosine" (decay to 10% of base_lr)
     uncond_prob: float = 0.1          # prompt dropout during base training, for classifier-free guidance
-    classifier_epochs: int = 1
-    classifier_train_size: int = 30000
+    classifier_epochs: int = 2
+    classifier_train_size: int = 60000
     subject_class: int = 9            # ankle boot: held out of base training
     n_instance: int = 5
     db_steps: int = 400               # the paper's 400 iterations
@@ -66,17 +67,22 @@ class StudyConfig:
     n_retention_per_class: int = 4
     sample_steps: int = 20
     guidance: float = 3.0
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)   # the final measurement seeds
     class_noun: str = "sneaker"       # DreamBooth's "a [V] [class noun]": the nearest known class ("" = none)
-    methods: tuple[tuple[str, int, float, str], ...] = (  # (method, r, lr, targets: a key of TARGETS)
-        ("singlora", 8, 1e-3, "qk"), ("singlora", 16, 1e-3, "qk"), ("lora", 8, 1e-4, "qk"), ("lora", 8, 1e-3, "qk"),
+    # (method, r, targets: a key of TARGETS): lr chosen from sweep_lrs on sweep_seed alone, then run on every seed
+    sweep: tuple[tuple[str, int, str], ...] = (("singlora", 8, "qk"), ("singlora", 16, "qk"), ("lora", 8, "qk"))
+    sweep_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    sweep_seed: int = 100             # a validation seed: not one of ``seeds``
+    max_retention_drop: float = 0.1   # an lr qualifies if its retention is >= the base's - this (on sweep_seed)
+    methods: tuple[tuple[str, int, float, str], ...] = (  # fixed-lr extras: (method, r, lr, targets)
         ("singlora", 16, 1e-3, "qkvo"), ("lora", 8, 1e-3, "qkvo"),
     )
     threads: int = 1
 
 
-QUICK = dict(base_steps=30, classifier_train_size=2000, db_steps=10, n_subject_samples=8, n_retention_per_class=2,
-             sample_steps=4, seeds=(0,), methods=(("singlora", 8, 1e-3, "qk"), ("lora", 8, 1e-3, "qk")))
+QUICK = dict(base_steps=30, classifier_epochs=1, classifier_train_size=2000, db_steps=10, n_subject_samples=8,
+             n_retention_per_class=2, sample_steps=4, seeds=(0,), sweep=(("singlora", 8, "qk"), ("lora", 8, "qk")),
+             sweep_lrs=(1e-3, 1e-2), methods=())
 TARGETS = {"qk": DEFAULT_TARGETS, "qkvo": [*DEFAULT_TARGETS, "to_v", "to_out.0"]}  # qk: the paper's setting
 
 
@@ -185,6 +191,20 @@ def scheduler() -> object:
                          prediction_type="epsilon")
 
 
+def lr_factor(step: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up over the first 5%, then constant or a
+    cosine decay to 0.1."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.45 * (1 + float(np.cos(np.pi * progress)))
+    raise ValueError(f"base_schedule={kind!r} must be 'constant' or 'cosine'")
+
+
 def train_base(config: StudyConfig, data: dict[str, Tensor], seed: int = 0) -> tuple[nn.Module, TextConditioning, list[float]]:
     """Class-conditional training on every class but the subject's; U-Net and text encoder train jointly."""
     unet, text = build_unet(config, seed), TextConditioning(config.text_dim, seed)
@@ -193,12 +213,11 @@ def train_base(config: StudyConfig, data: dict[str, Tensor], seed: int = 0) -> t
     noise_scheduler = scheduler()
     parameters = list(unet.parameters()) + list(text.encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.base_lr, weight_decay=0.0)
-    warmup = max(1, config.base_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.base_steps, config.base_schedule))
     generator = torch.Generator().manual_seed(seed)
     losses = []
     unet.train()
-    for _ in range(config.base_steps):
+    for step in range(config.base_steps):
         batch = torch.randint(0, len(x), (config.base_batch,), generator=generator)
         prompts = [class_prompt(int(label)) for label in y[batch]]
         drop = torch.rand(len(prompts), generator=generator) < config.uncond_prob
@@ -210,6 +229,8 @@ def train_base(config: StudyConfig, data: dict[str, Tensor], seed: int = 0) -> t
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
+        if (step + 1) % 500 == 0:
+            print(f"base step {step + 1}/{config.base_steps}: loss {np.mean(losses[-100:]):.4f}", flush=True)
     unet.eval()
     text.encoder.eval().requires_grad_(False)
     return unet, text, losses
@@ -329,6 +350,27 @@ def save_grid(rows: list[tuple[str, Tensor]], path: Path, columns: int = 8, scal
     canvas.save(path)
 
 
+def table(rows: list[dict], with_std: bool) -> list[str]:
+    """Markdown table of summary rows (``with_std``: mean ± std over seeds) or of single sweep runs."""
+    lines = [
+        "| method | r | lr | targets | trainable params | subject accuracy | NN distance (RMS) | retention accuracy | final loss | train s |"
+        + (" chosen |" if not with_std else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if not with_std else ""),
+    ]
+    for row in rows:
+        subject, retention = f"{row['subject_accuracy']:.3f}", f"{row['retention_accuracy']:.3f}"
+        if with_std:
+            subject += f" ± {row['subject_accuracy_std']:.3f}"
+            retention += f" ± {row['retention_accuracy_std']:.3f}"
+        loss = "-" if row["final_loss"] is None else format(row["final_loss"], ".4f")
+        line = (f"| {row['method']} | {row['r']} | {row['lr']:g} | {row['targets']} | {row['params']:,} | {subject} | "
+                f"{row['subject_nn_rms']:.3f} | {retention} | {loss} | {row['train_seconds']:.0f} |")
+        if not with_std:
+            line += " **yes** |" if row.get("chosen") else " |"
+        lines.append(line)
+    return lines
+
+
 def write_report(results: dict, path: Path) -> None:
     config = results["config"]
     lines = [
@@ -336,55 +378,74 @@ def write_report(results: dict, path: Path) -> None:
         "",
         f"Command: `{results['command']}`. Wall time {results['wall_seconds']:.0f} s (process CPU time "
         f"{results['cpu_seconds']:.0f} s) on {results['machine']}, {config['threads']} thread(s), a CPU shared with "
-        f"other jobs. Base generator: {config['base_steps']} steps in {results['base']['seconds']:.0f} s"
+        f"other jobs. Base generator: {config['base_steps']} steps, batch {config['base_batch']}, lr "
+        f"{config['base_lr']:g} ({config['base_schedule']} schedule after a 5% warm-up), trained in "
+        f"{results['base']['seconds']:.0f} s"
         f"{' (loaded from --base-cache; the wall time above excludes it)' if results['base_from_cache'] else ''}, final loss "
-        f"{results['base']['final_loss']:.4f}; classifier test accuracy {results['classifier_test_accuracy']:.3f}.",
+        f"{results['base']['final_loss']:.4f}. Classifier ({config['classifier_epochs']} epoch(s) on "
+        f"{config['classifier_train_size']} training images, all 10 classes): test accuracy "
+        f"{results['classifier_test_accuracy']:.3f}.",
         "",
         f"Subject: {config['n_instance']} Fashion-MNIST 'ankle boot' images (a class held out of base training), "
         f"prompt '{results['subject_prompt']}'; {config['db_steps']} steps, batch {config['db_batch']}, adapters on "
         f"U-Net attention (self- and cross-): targets qk = `to_q` + `to_k` (the paper's), qkvo = + `to_v`, "
         f"`to_out.0`; alpha = r. Samples: DDIM {config['sample_steps']} steps, "
         f"guidance {config['guidance']}; {config['n_subject_samples']} subject samples and "
-        f"{config['n_retention_per_class']} per known class per seed; seeds {config['seeds']}.",
+        f"{config['n_retention_per_class']} per known class per seed.",
         "",
-        "| method | r | lr | targets | trainable params | subject accuracy | NN distance (RMS) | retention accuracy | final loss | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in results["summary"]:
-        lines.append(
-            f"| {row['method']} | {row['r']} | {row['lr']:g} | {row['targets']} | {row['params']:,} | {row['subject_accuracy']:.3f} "
-            f"± {row['subject_accuracy_std']:.3f} | {row['subject_nn_rms']:.3f} | {row['retention_accuracy']:.3f} | "
-            f"{'-' if row['final_loss'] is None else format(row['final_loss'], '.4f')} | {row['train_seconds']:.0f} |"
-        )
+    if results["sweep"]:
+        lines += [
+            f"## Learning-rate choice (validation seed {config['sweep_seed']}, not a measurement seed)",
+            "",
+            f"Each method ran once at each lr in {list(config['sweep_lrs'])} on seed {config['sweep_seed']}. Chosen: "
+            f"the highest subject accuracy among the lrs whose retention is at least the base's (same seed) minus "
+            f"{config['max_retention_drop']:g}; ties go to the lower NN distance, then the lower lr.",
+            "",
+            *table(results["sweep"], with_std=False),
+            "",
+        ]
     lines += [
+        f"## Final comparison (seeds {list(config['seeds'])}, mean ± std)",
         "",
-        f"Subject accuracy: fraction of '{results['subject_prompt']}' samples the classifier labels 'ankle boot' (mean ± std over "
-        "seeds). NN distance: RMS pixel distance (pixels in [-1, 1]) from each subject sample to the nearest instance "
-        "image. Retention: classifier accuracy on samples of the 9 known class prompts after adaptation (the base "
-        "row is the unadapted model). Final loss: mean DreamBooth loss over the last 50 steps.",
+        *table(results["summary"], with_std=True),
+        "",
+        f"Subject accuracy: fraction of '{results['subject_prompt']}' samples the classifier labels 'ankle boot'. NN "
+        "distance: RMS pixel distance (pixels in [-1, 1]) from each subject sample to the nearest instance image. "
+        "Retention: classifier accuracy on samples of the 9 known class prompts after adaptation (the base row is "
+        "the unadapted model). Final loss: mean DreamBooth loss over the last 50 steps. Trainable params: SingLoRA "
+        "r * max(out, in) per matrix, LoRA r * (out + in), so SingLoRA r=16 and LoRA r=8 on qk are about equal."
+        + (f" 'reference base': the generator loaded from {results['reference_base']}, evaluated the same way."
+           if results.get("reference_base") else ""),
         "",
         "![samples](grid.png)",
         "",
-        f"Grid rows: the instance images, then '{results['subject_prompt']}' samples from the base model and each adapted model "
-        "(seed 0).",
+        f"Grid rows: the instance images, then '{results['subject_prompt']}' samples from the base model and each "
+        f"adapted model (seed {config['seeds'][0]}).",
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def load_base(config: StudyConfig, saved: dict) -> tuple[nn.Module, TextConditioning]:
+    """The U-Net and text encoder from a cache dict written by ``cached_base``, in eval mode and frozen."""
+    unet, text = build_unet(config), TextConditioning(config.text_dim)
+    unet.load_state_dict(saved["unet"])
+    text.encoder.load_state_dict(saved["text"])
+    text.encoder.eval().requires_grad_(False)
+    return unet.eval(), text
 
 
 def cached_base(config: StudyConfig, data: dict[str, Tensor], cache: Path | None) -> tuple[nn.Module, TextConditioning, list[float], float, bool]:
     """``train_base``, or its saved result from ``cache`` (a .pt file of state dicts, written after training) when
     it exists and matches ``config``'s base settings. Returns (U-Net, text, losses, training seconds, from cache)."""
     key = {k: v for k, v in asdict(config).items() if k in ("image_size", "channels", "text_dim", "base_steps",
-                                                           "base_batch", "base_lr", "uncond_prob", "subject_class")}
+                                                           "base_batch", "base_lr", "base_schedule", "uncond_prob",
+                                                           "subject_class")}
     if cache is not None and cache.is_file():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == json.dumps(key, sort_keys=True):
-            unet, text = build_unet(config), TextConditioning(config.text_dim)
-            unet.load_state_dict(saved["unet"])
-            text.encoder.load_state_dict(saved["text"])
-            text.encoder.eval().requires_grad_(False)
-            return unet.eval(), text, saved["losses"], saved["seconds"], True
+            return (*load_base(config, saved), saved["losses"], saved["seconds"], True)
     start = time.perf_counter()
     unet, text, losses = train_base(config, data)
     seconds = time.perf_counter() - start
@@ -394,38 +455,59 @@ def cached_base(config: StudyConfig, data: dict[str, Tensor], cache: Path | None
     return unet, text, losses, seconds, False
 
 
-def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: str, base_cache: Path | None = None) -> dict:
-    """The whole study; writes results.json, REPORT.md and grid.png into ``out_dir`` and returns the results."""
-    torch.set_num_threads(config.threads)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base, text, base_losses, base_seconds, from_cache = cached_base(config, data, base_cache)
-    print(f"base generator: {config.base_steps} steps in {base_seconds:.0f} s, loss {np.mean(base_losses[-50:]):.4f}",
-          flush=True)
-    classifier, classifier_accuracy = train_classifier(data, config.classifier_epochs, config.classifier_train_size)
-    generator = torch.Generator().manual_seed(1234)
-    subject_indices = (data["train_y"] == config.subject_class).nonzero().flatten()
-    pick = subject_indices[torch.randperm(len(subject_indices), generator=generator)[: config.n_instance]]
-    instances = data["train_x"][pick]
+def choose_lr(rows: list[dict], base_retention: float, max_drop: float) -> float:
+    """The learning rate of the sweep ``rows`` (one method, one validation seed) with the highest subject accuracy
+    among those whose retention is at least ``base_retention - max_drop`` (all rows if none is); ties go to the
+    lower nearest-neighbour distance, then the lower lr."""
+    if not rows:
+        raise ValueError("choose_lr: no sweep rows")
+    qualified = [row for row in rows if row["retention_accuracy"] >= base_retention - max_drop - 1e-9] or rows
+    best = max(qualified, key=lambda row: (row["subject_accuracy"], -row["subject_nn_rms"], -row["lr"]))
+    return best["lr"]
 
-    runs, grid = [], [("instance images", instances)]
-    for seed in config.seeds:
-        metrics, images = evaluate(base, text, classifier, instances, config, seed)
-        runs.append({"method": "base", "r": 0, "lr": 0.0, "targets": "-", "seed": seed, "params": 0, "final_loss": None,
-                     "train_seconds": 0.0, **metrics})
-        if seed == config.seeds[0]:
-            grid.append(("base (no adapter)", images))
-    for method, r, lr, targets in config.methods:
-        for seed in config.seeds:
-            unet, params, losses, seconds = dreambooth(base, text, instances, method, r, lr, TARGETS[targets], config,
-                                                       seed)
-            metrics, images = evaluate(unet, text, classifier, instances, config, seed)
-            runs.append({"method": method, "r": r, "lr": lr, "targets": targets, "seed": seed, "params": params,
-                         "final_loss": float(np.mean(losses[-50:])), "train_seconds": seconds, **metrics})
-            if seed == config.seeds[0]:
-                grid.append((f"{method} r={r} lr={lr:g} {targets}", images))
-            print(f"{method} r={r} lr={lr:g} {targets} seed={seed}: {metrics} ({seconds:.0f} s)", flush=True)
 
+@dataclass
+class Setup:
+    """What every DreamBooth run of one study shares: the base model, its text encoder, the classifier, the
+    instance images."""
+
+    config: StudyConfig
+    base: nn.Module
+    text: TextConditioning
+    classifier: nn.Module
+    instances: Tensor
+
+
+def run_one(setup: Setup, method: str, r: int, lr: float, targets: str, seed: int) -> tuple[dict, Tensor]:
+    """One DreamBooth run and its evaluation: (the run's record, its subject samples)."""
+    unet, params, losses, seconds = dreambooth(setup.base, setup.text, setup.instances, method, r, lr, TARGETS[targets],
+                                               setup.config, seed)
+    metrics, images = evaluate(unet, setup.text, setup.classifier, setup.instances, setup.config, seed)
+    print(f"{method} r={r} lr={lr:g} {targets} seed={seed}: {metrics} ({seconds:.0f} s)", flush=True)
+    return {"method": method, "r": r, "lr": lr, "targets": targets, "seed": seed, "params": params,
+            "final_loss": float(np.mean(losses[-50:])), "train_seconds": seconds, **metrics}, images
+
+
+def base_record(setup: Setup, unet: nn.Module, text: TextConditioning, label: str, seed: int) -> tuple[dict, Tensor]:
+    """Evaluation of an unadapted model: (its record, its subject samples)."""
+    metrics, images = evaluate(unet, text, setup.classifier, setup.instances, setup.config, seed)
+    return {"method": label, "r": 0, "lr": 0.0, "targets": "-", "seed": seed, "params": 0, "final_loss": None,
+            "train_seconds": 0.0, **metrics}, images
+
+
+def sweep_lrs(setup: Setup, base_retention: float) -> tuple[list[dict], dict[tuple[str, int, str], float]]:
+    """Every ``config.sweep`` entry at every ``config.sweep_lrs`` on ``config.sweep_seed``; returns the sweep runs
+    (each with ``chosen``) and the chosen lr per entry."""
+    config, runs, chosen = setup.config, [], {}
+    for method, r, targets in config.sweep:
+        rows = [run_one(setup, method, r, lr, targets, config.sweep_seed)[0] for lr in config.sweep_lrs]
+        chosen[(method, r, targets)] = choose_lr(rows, base_retention, config.max_retention_drop)
+        runs += [{**row, "chosen": row["lr"] == chosen[(method, r, targets)]} for row in rows]
+    return runs, chosen
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean (and subject accuracy std) over seeds per (method, r, lr, targets), in first-seen order."""
     summary = []
     for key in dict.fromkeys((run["method"], run["r"], run["lr"], run["targets"]) for run in runs):
         group = [run for run in runs if (run["method"], run["r"], run["lr"], run["targets"]) == key]
@@ -433,19 +515,69 @@ def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: st
         for metric in ("subject_accuracy", "subject_nn_rms", "retention_accuracy", "final_loss", "train_seconds"):
             values = [run[metric] for run in group if run[metric] is not None]
             row[metric] = float(np.mean(values)) if values else None
-        row["subject_accuracy_std"] = float(np.std([run["subject_accuracy"] for run in group]))
+        for metric in ("subject_accuracy", "retention_accuracy"):
+            row[f"{metric}_std"] = float(np.std([run[metric] for run in group]))
+        row["n_seeds"] = len(group)
         summary.append(row)
+    return summary
+
+
+def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: str, base_cache: Path | None = None,
+        reference_base: Path | None = None) -> dict:
+    """The whole study; writes results.json, REPORT.md and grid.png into ``out_dir`` and returns the results.
+    ``reference_base``: another cached base generator (e.g. an earlier run's), evaluated beside the base on the
+    final seeds."""
+    torch.set_num_threads(config.threads)
+    if config.sweep_seed in config.seeds:
+        raise ValueError(f"sweep_seed={config.sweep_seed} must not be one of seeds={config.seeds}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base, text, base_losses, base_seconds, from_cache = cached_base(config, data, base_cache)
+    print(f"base generator: {config.base_steps} steps in {base_seconds:.0f} s, loss {np.mean(base_losses[-50:]):.4f}",
+          flush=True)
+    classifier, classifier_accuracy = train_classifier(data, config.classifier_epochs, config.classifier_train_size)
+    print(f"classifier test accuracy {classifier_accuracy:.3f}", flush=True)
+    generator = torch.Generator().manual_seed(1234)
+    subject_indices = (data["train_y"] == config.subject_class).nonzero().flatten()
+    pick = subject_indices[torch.randperm(len(subject_indices), generator=generator)[: config.n_instance]]
+    setup = Setup(config, base, text, classifier, data["train_x"][pick])
+
+    sweep_runs, chosen = [], {}
+    if config.sweep:
+        validation_base = base_record(setup, base, text, "base", config.sweep_seed)[0]
+        sweep_runs, chosen = sweep_lrs(setup, validation_base["retention_accuracy"])
+        sweep_runs.insert(0, validation_base)
+    runs, grid = [], [("instance images", setup.instances)]
+    for seed in config.seeds:
+        record, images = base_record(setup, base, text, "base", seed)
+        runs.append(record)
+        if seed == config.seeds[0]:
+            grid.append(("base (no adapter)", images))
+    if reference_base is not None:
+        reference, reference_text = load_base(config, torch.load(reference_base, weights_only=True))
+        runs += [base_record(setup, reference, reference_text, "reference base", seed)[0] for seed in config.seeds]
+    final = [(method, r, lr, targets) for (method, r, targets), lr in chosen.items()] + list(config.methods)
+    for method, r, lr, targets in final:
+        for seed in config.seeds:
+            record, images = run_one(setup, method, r, lr, targets, seed)
+            runs.append(record)
+            if seed == config.seeds[0]:
+                grid.append((f"{method} r={r} lr={lr:g} {targets}", images))
+
     results = {
         "command": command,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
         "config": asdict(config),
         "subject_prompt": subject_prompt(config),
         "base_from_cache": from_cache,
+        "reference_base": None if reference_base is None else str(reference_base),
         "wall_seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
         "base": {"seconds": base_seconds, "final_loss": float(np.mean(base_losses[-50:]))},
         "classifier_test_accuracy": classifier_accuracy,
-        "summary": summary,
+        "chosen_lrs": [{"method": m, "r": r, "targets": t, "lr": lr} for (m, r, t), lr in chosen.items()],
+        "summary": summarize(runs),
+        "sweep": sweep_runs,
         "runs": runs,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -463,6 +595,8 @@ def main() -> None:
                         help="class noun of the subject prompt ('' for 'a photo of sks')")
     parser.add_argument("--base-cache", type=Path, default=None,
                         help="reuse the trained base generator from this .pt file (written on first use)")
+    parser.add_argument("--reference-base", type=Path, default=None,
+                        help="also evaluate this cached base generator (a --base-cache file of another run)")
     args = parser.parse_args()
     config = StudyConfig(threads=args.threads, class_noun=args.class_noun, **(QUICK if args.quick else {}))
     command = "python studies/dreambooth_fashion/run.py" + (" --quick" if args.quick else "")
@@ -472,7 +606,10 @@ def main() -> None:
         command += f" --class-noun '{args.class_noun}'"
     if args.base_cache is not None:
         command += f" --base-cache {args.base_cache}"
-    results = run(config, load_fashion_mnist(config.image_size), args.out, command, args.base_cache)
+    if args.reference_base is not None:
+        command += f" --reference-base {args.reference_base}"
+    results = run(config, load_fashion_mnist(config.image_size), args.out, command, args.base_cache,
+                  args.reference_base)
     print(json.dumps(results["summary"], indent=2))
     print(f"wall time {results['wall_seconds']:.0f} s -> {args.out}")
 
