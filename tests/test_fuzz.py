@@ -1,14 +1,20 @@
 """A brief run of the fuzzing harness (``singlora.fuzz``) in ``make test``, plus regressions for what it found.
 
-The longer campaign: ``.venv/bin/python -m singlora.fuzz --examples 20000 --seed 1``.
+The longer campaigns: ``.venv/bin/python -m singlora.fuzz --examples 20000 --seed 1`` (hypothesis) and
+``.venv/bin/python -m singlora.fuzz --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
+``fuzz`` extra; its tests here skip without it).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from singlora import SingLoRAConfig, SingLoRAError
-from singlora.fuzz import FuzzModel, run
+from singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
+                           write_case)
 from singlora.targets import resolve_targets
 
 EXAMPLES = 120
@@ -61,6 +67,85 @@ def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
     path.write_text(path.read_text().rstrip()[:-1] + ', "r": ' + "9" * 5000 + "}")
     with pytest.raises(AdapterFileError, match="not valid JSON: Exceeds the limit"):
         read_adapter_config(tmp_path)
+
+
+def test_hypothesis_finding_saves_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finding's raw input goes to ``artifacts``: a planted KeyError after the header checks (the unmutated
+    seed file gets there) is reported with the file that caused it."""
+    import singlora.adapter_file as adapter_file
+
+    def broken(path, entries):  # noqa: ANN001, ANN202
+        raise KeyError("planted")
+
+    monkeypatch.setattr(adapter_file, "_read_data", broken)
+    campaign = run(examples=40, seed=0, targets=("weights",), artifacts=tmp_path / "artifacts")
+    planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
+    assert planted
+    for finding in planted:  # the whole file was saved (not the 300-byte excerpt): its header checks pass
+        case = write_case(tmp_path / "case", b"{}", Path(finding["artifact"]).read_bytes())
+        _, entries = adapter_file.read_safetensors_header(case / adapter_file.WEIGHTS_FILE)
+        assert "proj.singlora_A" in entries
+
+
+def test_atheris_seed_corpus_reaches_different_checks(tmp_path: Path) -> None:
+    """The seeds: the valid files load; each mutation is refused, and by a different check."""
+    config_bytes, weights_bytes = seed_files(tmp_path / "seed")
+    for target, seeds, files in (
+        ("weights", weight_seeds(weights_bytes), lambda blob: (config_bytes, blob)),
+        ("config_file", config_seeds(config_bytes), lambda blob: (blob, weights_bytes)),
+    ):
+        campaign = Campaign()
+        for blob in seeds:
+            check_load(campaign, target, write_case(tmp_path / "case", *files(blob)), blob[:300], blob)
+        counts = campaign.counts[target]
+        assert campaign.findings == [], target
+        assert counts["inputs"] == len(seeds) >= 8, target
+        assert counts["loaded"] == (1 if target == "weights" else 3), target
+        assert len(campaign.reasons[target]) >= counts["refused"] - 1, (target, campaign.reasons[target])
+
+
+def test_atheris_child_that_dies_is_a_finding(tmp_path: Path) -> None:
+    """A child process that ends with an error (libFuzzer: a crash, a hang, out of memory) is reported."""
+    campaign = run_atheris(examples=10, targets=("weights",), artifacts=tmp_path,
+                           launcher=(sys.executable, "-c", "import sys; sys.exit(3)"))
+    assert [f["target"] for f in campaign.findings] == ["weights"]
+    assert "exited with code 3" in campaign.findings[0]["problem"]
+    assert campaign.counts["weights"]["findings"] == 1
+
+
+ATHERIS_EXAMPLES = 300
+
+
+def test_atheris_brief_campaign_finds_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    campaign = run_atheris(examples=ATHERIS_EXAMPLES, seed=1, artifacts=tmp_path)
+    assert campaign.findings == []
+    for target in ("config", "config_file", "weights"):
+        counts = campaign.counts[target]
+        assert counts["inputs"] == ATHERIS_EXAMPLES, target
+        assert counts["refused"] > 0 and counts["loaded"] > 0, (target, counts)
+        assert (tmp_path / f"corpus-{target}").is_dir(), target
+
+
+PLANT = """import sys
+import singlora.adapter_file as adapter_file
+def broken(path, entries):
+    raise KeyError("planted")
+adapter_file._read_data = broken
+from singlora.fuzz import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_atheris_finding_is_reported_with_its_input(tmp_path: Path) -> None:
+    """The atheris engine reports a planted bug (in its child process) and saves the input: the seed file."""
+    pytest.importorskip("atheris")
+    campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path,
+                           launcher=(sys.executable, "-c", PLANT))
+    planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
+    assert planted and campaign.counts["weights"]["findings"] >= len(planted)
+    _, weights_bytes = seed_files(tmp_path / "seed")
+    assert weights_bytes in [Path(f["artifact"]).read_bytes() for f in planted]
 
 
 @pytest.mark.parametrize("field, value", [
