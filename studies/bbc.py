@@ -104,10 +104,10 @@ def make_split(work: Path, split: Split) -> dict[str, Path]:
             start += sizes[part]
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in parts.items():
-        from singlora.adapter_file import atomic_write
+        from singlora.adapter_file import atomic_write_text
 
         text = "".join(json.dumps(row) + "\n" for row in rows)
-        atomic_write(paths[part], lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(paths[part], text)
     return paths
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studies.bbc import (
-    RunSpec, add_bench_arguments, bench_from_args, command_line, mean_std, scale_note,
+    add_bench_arguments, bench_from_args, command_line, mean_std, scale_note,
 )
 from studies.common import environment, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 from studies.method_comparison import WIDE

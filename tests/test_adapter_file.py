@@ -69,6 +69,32 @@ def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) 
     assert remove_stale_temps(tmp_path / "missing") == []
 
 
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    from singlora import SingLoRAError
+    from singlora.adapter_file import atomic_directory
+
+    out = tmp_path / "merged"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    with pytest.raises(RuntimeError, match="half-way"):  # a failing writer: the previous folder stays as it was
+        with atomic_directory(out) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError("half-way")
+    with pytest.raises(SingLoRAError, match="No space"):  # an I/O error becomes our error naming the folder
+        with atomic_directory(out) as tmp:
+            raise OSError(28, "No space left on device")
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and (out / "a.txt").read_text() == "1"
+    with atomic_directory(out) as tmp:  # success replaces the folder's content entirely
+        (tmp / "c.txt").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp or old folders left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SingLoRAError, match="not a folder"):
+        with atomic_directory(tmp_path / "file"):
+            pass
+
+
 def test_load_into_second_adapter_slot(tmp_path: Path) -> None:
     adapted, directory = trained(tmp_path)
     expected = adapted(IDS)

@@ -154,7 +154,7 @@ def test_stock_diffusers_loads_unet_export(tmp_path, format) -> None:
             layer.singlora["default"].A.normal_(0, 0.4)
     model.set_step(1)
     assert any(layer.d_in != layer.d_out for _, layer in model.singlora_layers())
-    path = export_lora(model, tmp_path, format=format)
+    export_lora(model, tmp_path, format=format)
     state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path))
     sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 12)
     with torch.no_grad():

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
-from torch import nn
 
 import singlora.adapter_file as adapter_file
 from singlora import AdapterFileError, SingLoRAError

@@ -20,15 +20,17 @@ the model change. Pickled weights (``.bin``, ``.pt``, ...) are never opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
 import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -91,6 +93,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``atomic_write`` of a UTF-8 text file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path`` to fill; on success it replaces ``path`` (a folder or nothing).
+
+    If the body raises, the temp folder is removed and ``path`` is untouched. The swap is two renames (the old
+    folder aside, the new one in), so a crash leaves either the old folder, or the new one, or the new one
+    complete under a ``.<name>.*.tmp`` name; never a half-written ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SingLoRAError(f"{path}: exists and is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise SingLoRAError(f"{path}: cannot write: {exc.strerror}") from exc
+    try:
+        yield tmp
+        old = path.parent / f"{tmp.name}.old" if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise SingLoRAError(f"{path}: cannot write: {exc.strerror or exc}; the previous {path.name}, if any, is "
+                            "unchanged") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # what ``tempfile.mkstemp`` makes in ``atomic_write``
@@ -156,7 +194,7 @@ def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_n
         **config.to_dict(),
     }
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(directory / CONFIG_FILE, text)
 
 
 # ---- reading, hostile input first ---------------------------------------------------------------------------

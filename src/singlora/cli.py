@@ -98,9 +98,9 @@ def evaluate(adapter: str, data: str, *, model: str | None = None, batch_size: i
         metrics = evaluate_model(trained, loader, info["task"], len(info.get("labels") or []))
     metrics["examples"] = len(dataset)
     if output:
-        from .adapter_file import atomic_write
+        from .adapter_file import atomic_write_text
 
-        atomic_write(output, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+        atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if not quiet:
         print(json.dumps(metrics, indent=2))
     return metrics
@@ -133,8 +133,11 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     else:
         plain = trained.merge_and_unload(safe_merge=True)
     out = Path(output)
-    plain.save_pretrained(out)
-    load_tokenizer(info["tokenizer"]).save_pretrained(out)
+    from .adapter_file import atomic_directory
+
+    with atomic_directory(out) as tmp:
+        plain.save_pretrained(tmp)
+        load_tokenizer(info["tokenizer"]).save_pretrained(tmp)
     if not quiet:
         print(f"merged model written to {out}")
     return out

@@ -37,7 +37,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, atomic_write, expected_shapes, read_adapter_config
+from .adapter_file import (
+    A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, expected_shapes, read_adapter_config,
+)
 from .adapter_file import read_adapter_tensors
 from .errors import SingLoRAError
 from .functional import LayerKind, lora_factors, matrix_dims, ramp
@@ -263,5 +265,5 @@ def export_lora(
     atomic_write(out / weights_file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if format == "peft":
         text = json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n"
-        atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(out / CONFIG_FILE, text)
     return out / weights_file

@@ -101,7 +101,9 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from ..adapter_file import atomic_write_text
+
+        atomic_write_text(args.output, text + "\n")
 
 
 def add_parser(subparsers: Any) -> None:

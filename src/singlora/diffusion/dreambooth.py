@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapter_file import load_adapter_in_place
+from ..adapter_file import atomic_write_text, load_adapter_in_place
 from ..config import SingLoRAConfig
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel, get_singlora_model
@@ -301,7 +301,7 @@ def generate_images(
             name = f"prompt{index:03d}_{k:02d}.png"
             image.save(out / name)
             names[name] = prompt
-    (out / "prompts.json").write_text(json.dumps(names, indent=2) + "\n")
+    atomic_write_text(out / "prompts.json", json.dumps(names, indent=2) + "\n")
     return names
 
 
@@ -421,7 +421,7 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         from ..export import export_lora
 
         export_lora(model, output_dir / "diffusers_lora", format="diffusers")
-    (output_dir / "train_log.json").write_text(json.dumps(logs) + "\n")
+    atomic_write_text(output_dir / "train_log.json", json.dumps(logs) + "\n")
     if logs and not math.isfinite(logs[-1]["loss"]):
         raise SingLoRAError(f"training diverged: loss {logs[-1]['loss']} at step {logs[-1]['step']}")
     return model

@@ -455,10 +455,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "adapted_modules": len(trainable.target_names), "ramp_steps": _ramp_steps(trainable),
             "config": dataclasses.asdict(config),
         }
-        from ..adapter_file import atomic_write
+        from ..adapter_file import atomic_write_text
 
         text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(output / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(output / SUMMARY_FILE, text)
         if config.plot:
             from .plots import plot_runs
 

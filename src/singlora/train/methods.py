@@ -190,10 +190,10 @@ def load_base(path: str, task: str, labels: list[str] | None, dtype: torch.dtype
 
 
 def write_run_info(directory: Path, info: dict[str, Any]) -> None:
-    from ..adapter_file import atomic_write
+    from ..adapter_file import atomic_write_text
 
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / RUN_INFO, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(directory / RUN_INFO, text)
 
 
 def read_run_info(directory: str | Path) -> dict[str, Any]:

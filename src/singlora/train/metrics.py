@@ -36,12 +36,14 @@ class MetricsLog:
 
     def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
         """Open ``path`` for appending; when resuming, first drop lines logged after ``truncate_after_step``."""
+        from ..adapter_file import atomic_write_text
+
         self.path = path
+        kept: list[str] = []
         if truncate_after_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif truncate_after_step is None:
-            path.write_text("")
+        if truncate_after_step is None or path.exists():  # a crash here keeps the old log whole
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
