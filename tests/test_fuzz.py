@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from singlora import SingLoRAConfig, SingLoRAError
 from singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
@@ -100,7 +101,7 @@ def test_atheris_seed_corpus_reaches_different_checks(tmp_path: Path) -> None:
         counts = campaign.counts[target]
         assert campaign.findings == [], target
         assert counts["inputs"] == len(seeds) >= 8, target
-        assert counts["loaded"] == (1 if target == "weights" else 3), target
+        assert counts["loaded"] == (2 if target == "weights" else 3), target
         assert len(campaign.reasons[target]) >= counts["refused"] - 1, (target, campaign.reasons[target])
 
 
@@ -158,3 +159,42 @@ def test_found_ints_beyond_int64_refused(field: str, value: object) -> None:
     extra = {"init": "gaussian"} if field == "init_std" else {"ramp_up_steps": 0.5} if field == "total_steps" else {}
     with pytest.raises(SingLoRAError, match=field):
         SingLoRAConfig(target_modules=["proj"], **{field: value}, **extra)
+
+
+def _f64_adapter(directory: Path, key: str, value: float) -> dict:
+    """The seed adapter re-saved with every tensor as F64 and ``key``'s first element set to ``value``."""
+    from safetensors.torch import load_file, save_file
+
+    from singlora.adapter_file import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
+    from singlora.fuzz import valid_adapter
+
+    valid_adapter(directory)
+    tensors = {k: v.double() for k, v in load_file(directory / WEIGHTS_FILE).items()}
+    tensors[key].view(-1)[0] = value
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    return tensors
+
+
+@pytest.mark.parametrize("key", ["proj.singlora_A", "head.weight"])
+def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> None:
+    """Found by the atheris engine (its mutator re-encodes a file's tensors as F64, then sets a data byte): an F64
+    value beyond float32's range passed the file's NaN/Inf check and loaded as Inf into the float32 parameter."""
+    from singlora import AdapterFileError
+    from singlora.adapter_file import adapter_state_dict, load_adapter_in_place
+    from singlora.fuzz import fresh_model, same, snapshot
+
+    _f64_adapter(tmp_path / "bad", key, 1e300)
+    model = fresh_model()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=rf"{key} holds values beyond the range of torch.float32"):
+        model.load_adapter(tmp_path / "bad", "new")
+    assert same(before, snapshot(model))
+    # Within range, F64 loads (cast to float32); an in-place load (a resume) of the bad file then changes nothing.
+    good = _f64_adapter(tmp_path / "good", key, 0.25)
+    model.load_adapter(tmp_path / "good", "new")
+    loaded = adapter_state_dict(model, "new")
+    assert all(torch.equal(loaded[k], v.float()) for k, v in good.items())
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=rf"{key} holds values beyond"):
+        load_adapter_in_place(model, tmp_path / "bad", "new")
+    assert same(before, snapshot(model))

@@ -517,11 +517,20 @@ def _read_fitting(model: "SingLoRAModel", directory: Path, config: SingLoRAConfi
     )
 
 
-def _copy_into(model: "SingLoRAModel", adapter_name: str, tensors: dict[str, torch.Tensor], step: int) -> None:
-    """Copy checked ``tensors`` into the existing adapter's parameters (same objects) and set its ramp step."""
+def _copy_into(model: "SingLoRAModel", adapter_name: str, tensors: dict[str, torch.Tensor], step: int,
+               path: Path) -> None:
+    """Copy checked ``tensors`` (read from ``path``) into the existing adapter's parameters (same objects) and set
+    its ramp step. Each tensor is cast to its parameter's dtype and checked finite there before anything is copied:
+    an F64 value beyond float32's range (or an F32 one beyond a float16 parameter's) would otherwise load as Inf."""
+    targets = adapter_state_dict(model, adapter_name)
+    cast = {key: tensors[key].to(target.dtype) for key, target in targets.items()}
+    for key, value in cast.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterFileError(f"{path}: {key} holds values beyond the range of {value.dtype} (they would load "
+                                   f"as Inf); the file stores {tensors[key].dtype}")
     with torch.no_grad():
-        for key, target in adapter_state_dict(model, adapter_name).items():
-            target.copy_(tensors[key])
+        for key, target in targets.items():
+            target.copy_(cast[key])
     model.set_step(step, adapter_name)
 
 
@@ -536,7 +545,7 @@ def load_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_n
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.add_adapter(adapter_name, config)
-        _copy_into(model, adapter_name, tensors, meta["ramp_step"])
+        _copy_into(model, adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
     except BaseException:  # roll back: the model is as it was
         if adapter_name in model.configs:
             model.delete_adapter(adapter_name)
@@ -553,4 +562,4 @@ def load_adapter_in_place(model: "SingLoRAModel", directory: str | os.PathLike, 
     model.adapter_modules(adapter_name)  # the adapter must exist
     _, meta = read_adapter_config(directory)
     tensors = _read_fitting(model, directory, model.configs[adapter_name])
-    _copy_into(model, adapter_name, tensors, meta["ramp_step"])
+    _copy_into(model, adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)

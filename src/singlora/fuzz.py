@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import struct
@@ -359,8 +360,13 @@ def _with_header(header: dict[str, Any], data: bytes) -> bytes:
 
 
 def weight_seeds(blob: bytes) -> list[bytes]:
-    """The valid safetensors file and structural mutations of it that each stop at a different check."""
+    """The valid safetensors file, the same tensors as F64 (also valid: byte flips in its data reach values beyond
+    float32), and structural mutations that each stop at a different check."""
+    from safetensors.torch import load, save
+
     header, data = _header(blob)
+    as_f64 = save({k: v.double() if v.is_floating_point() else v for k, v in load(blob).items()},
+                  metadata=header["__metadata__"])
     key = sorted(k for k in header if k != "__metadata__")[0]
 
     def edited(change: Callable[[dict[str, Any]], Any]) -> bytes:
@@ -370,7 +376,7 @@ def weight_seeds(blob: bytes) -> list[bytes]:
 
     (length,) = struct.unpack("<Q", blob[:8])
     return [
-        blob, blob[:-4], blob + b"\0", struct.pack("<Q", length + 1) + blob[8:],
+        blob, as_f64, blob[:-4], blob + b"\0", struct.pack("<Q", length + 1) + blob[8:],
         edited(lambda h: h[key].update(dtype="F16")), edited(lambda h: h[key].update(shape=h[key]["shape"][::-1])),
         edited(lambda h: h.pop("__metadata__")), edited(lambda h: h.pop(key)),
     ]
@@ -382,6 +388,47 @@ def config_seeds(text: bytes) -> list[bytes]:
     edits: list[dict[str, Any]] = [{}, {"r": 1}, {"target_modules": "proj|conv|emb"}, {"rank_pattern": {"conv": 1}},
                                    {"modules_to_save": None}, {"ramp_step": -1}, {"alpha_pattern": {"proj": 2.5}}]
     return [json.dumps({**document, **edit}).encode() for edit in edits] + [text[: len(text) // 2]]
+
+
+def recast(blob: bytes, dtype: torch.dtype) -> bytes:
+    """``blob`` with its floating tensors re-encoded as ``dtype``, if it is a readable safetensors file (else as is)."""
+    from safetensors.torch import load, save
+
+    try:
+        header, _ = _header(blob)
+        tensors = load(blob)
+    except Exception:  # noqa: BLE001 - a mutant that safetensors cannot read stays as it is
+        return blob
+    metadata = header.get("__metadata__")
+    return save({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                metadata=metadata if isinstance(metadata, dict) else None)
+
+
+def safetensors_mutator(atheris: Any) -> Callable[[bytes, int, int], bytes]:
+    """A libFuzzer custom mutator for safetensors files that keeps most mutants well-formed, so that they reach
+    the checks past the header. By ``seed``: libFuzzer's own mutation of the whole file (1 in 4), of the header
+    JSON only (the length prefix then follows it), of the data section only (its size kept), or one data byte set,
+    after re-encoding the tensors as another float dtype half of the time (F64 values beyond float32's range)."""
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        choice = rng.randrange(4)
+        if choice == 3 and rng.random() < 0.5:
+            data = recast(data, rng.choice([torch.float64, torch.float16, torch.bfloat16, torch.float32]))
+        (length,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (2**64,)
+        if choice == 0 or 8 + length > len(data):
+            return atheris.Mutate(data, max_size)
+        header, body = data[8 : 8 + length], data[8 + length :]
+        if choice == 1 or not body:
+            header = atheris.Mutate(header, max(0, max_size - 8 - len(body)))
+        elif choice == 2:
+            body = atheris.Mutate(body, len(body)).ljust(len(body), b"\0")
+        else:
+            position = rng.randrange(len(body))
+            body = body[:position] + bytes([rng.randrange(256)]) + body[position + 1 :]
+        return struct.pack("<Q", len(header)) + header + body
+
+    return mutate
 
 
 def write_dictionary(path: Path, blobs: list[bytes]) -> Path:
@@ -469,12 +516,13 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
             save()
 
     atexit.register(save)  # libFuzzer's exit runs Python's atexit handlers
-    flags = [f"-seed={seed}", "-timeout=60", f"-max_len={max(4096, 2 * max(map(len, seeds)))}",
+    flags = [f"-seed={seed}", "-timeout=60", "-len_control=0", "-use_value_profile=1", f"-max_len={max(4096, 2 * max(map(len, seeds)))}",
              f"-dict={write_dictionary(workdir / 'tokens.dict', [config_bytes, weights_bytes])}",
              f"-artifact_prefix={artifacts}/libfuzzer-{target}-"]
     flags += [f"-max_total_time={seconds}"] if seconds else []
     flags += [f"-atheris_runs={examples}"] if examples else []
-    atheris.Setup([sys.argv[0], *flags, str(corpus)], one_input)
+    mutator = safetensors_mutator(atheris) if target == "weights" else None
+    atheris.Setup([sys.argv[0], *flags, str(corpus)], one_input, custom_mutator=mutator)
     atheris.Fuzz()
 
 
