@@ -9,6 +9,11 @@ replay its allocation events (``+bytes`` / ``-bytes`` in time order): the maximu
 of tensor bytes allocated by the step above the level at its start (activations kept for backward, gradients,
 temporaries, optimizer updates). It is exact and deterministic, eager and compiled alike. The persistent bytes
 (weights, trainable parameters, optimizer state) are counted from the tensors themselves and added.
+
+On CUDA (``device="cuda"``) every timed call is bracketed by ``torch.cuda.synchronize()`` (``synchronizer``), so
+a time covers the kernels the call launched; the peak step bytes are ``max_memory_allocated()`` after
+``reset_peak_memory_stats()``, minus ``memory_allocated()`` at the start of the step: the same quantity (peak
+above the starting level) read from the caching allocator's own statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,21 +37,57 @@ def quartiles(samples: Sequence[float]) -> dict[str, float]:
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "min_ms": ms[0], "n": len(ms)}
 
 
-def interleaved_times(fns: dict[str, Callable[[], None]], warmup: int, steps: int) -> dict[str, list[float]]:
+def _no_sync() -> None:
+    """CPU work is done when the call returns: nothing to wait for."""
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What to call before starting and before stopping a clock on ``device``: ``torch.cuda.synchronize`` on CUDA."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return _no_sync
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None] = _no_sync) -> float:
+    """Seconds of one call of ``fn`` (``sync()`` before the start and before the stop)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], warmup: int, steps: int,
+                      sync: Callable[[], None] = _no_sync) -> dict[str, list[float]]:
     """Run ``warmup + steps`` rounds; each round calls every fn once, in order. Returns the timed seconds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + steps):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
+            elapsed = timed(fn, sync)
             if round_index >= warmup:
                 times[name].append(elapsed)
     return times
 
 
-def peak_step_bytes(fn: Callable[[], None]) -> int:
+def peak_step_bytes(fn: Callable[[], None], device: str = "cpu") -> int:
     """Peak tensor bytes allocated by one call of ``fn`` above the level at its start (see module doc)."""
+    if torch.device(device).type == "cuda":
+        return cuda_peak_step_bytes(fn)
+    return cpu_peak_step_bytes(fn)
+
+
+def cuda_peak_step_bytes(fn: Callable[[], None]) -> int:
+    """CUDA: ``max_memory_allocated`` during one call of ``fn`` minus ``memory_allocated`` at its start."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def cpu_peak_step_bytes(fn: Callable[[], None]) -> int:
+    """CPU: replay of the allocation events ``torch.profiler`` records during one call of ``fn``."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -79,8 +120,8 @@ def trainable(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def inference_times(models: dict[str, nn.Module], batch: dict[str, Tensor], warmup: int, steps: int
-                    ) -> dict[str, list[float]]:
+def inference_times(models: dict[str, nn.Module], batch: dict[str, Tensor], warmup: int, steps: int,
+                    sync: Callable[[], None] = _no_sync) -> dict[str, list[float]]:
     """Interleaved forward-only times (eval, no_grad) of ``models`` on ``batch`` (labels dropped)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -92,7 +133,7 @@ def inference_times(models: dict[str, nn.Module], batch: dict[str, Tensor], warm
 
     for model in models.values():
         model.eval()
-    return interleaved_times({name: forward(m) for name, m in models.items()}, warmup, steps)
+    return interleaved_times({name: forward(m) for name, m in models.items()}, warmup, steps, sync)
 
 
 def directory_bytes(save: Callable[[str], None]) -> dict[str, int]:
@@ -102,20 +143,27 @@ def directory_bytes(save: Callable[[str], None]) -> dict[str, int]:
         return {path.name: path.stat().st_size for path in Path(directory).rglob("*") if path.is_file()}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, after: Callable[[], object] | None = None) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, after: Callable[[], object] | None = None,
+                   sync: Callable[[], None] = _no_sync) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls; ``after()`` (untimed) runs after each call."""
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(timed(fn, sync))
         if after is not None:
             after()
     return statistics.median(samples)
 
 
-def machine_description() -> dict[str, object]:
-    """CPU model, cores, torch threads and versions, load average at call time."""
+def cuda_description() -> dict[str, object]:
+    """The GPU's name, memory, compute capability and the CUDA / cuDNN versions torch was built with."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"device": f"cuda: {props.name}", "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_capability": f"{props.major}.{props.minor}", "gpu_multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
+def machine_description(device: str = "cpu") -> dict[str, object]:
+    """CPU model, cores, torch threads and versions, load average at call time; the GPU's, on CUDA."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -133,4 +181,5 @@ def machine_description() -> dict[str, object]:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "load_average": list(os.getloadavg()), "device": "cpu (no GPU)",
+        **(cuda_description() if torch.device(device).type == "cuda" else {}),
     }

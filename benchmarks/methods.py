@@ -6,7 +6,8 @@
 - ``singlora``: this library, eager. ``singlora_compile``: the same under ``torch.compile``.
 - ``lora_compile``: PEFT LoRA under ``torch.compile`` (the fair comparison for ``singlora_compile``).
 - ``dense_ref``: what the public SingLoRA implementations do, written here: build ``W0 + c * A A^T`` (the
-  top-left block) on every forward, then one dense matmul.
+  top-left block) on every forward, then one dense matmul (with a bf16 base: ``A`` float32, the update cast
+  to bf16 before the add).
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class DenseUpdateLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.d_out, self.d_in = base_layer.weight.shape
-        self.A = nn.Parameter(torch.empty(max(self.d_out, self.d_in), r))
+        device = base_layer.weight.device
+        self.A = nn.Parameter(torch.empty(max(self.d_out, self.d_in), r, device=device))  # float32, like PEFT's
         init_A(self.A, "normal")
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scaling(r, alpha)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         coefficient = ramp(self.step, RAMP_STEPS) * self.scale
-        weight = self.base_layer.weight + delta_matrix(self.A, self.d_out, self.d_in, coefficient)
+        delta = delta_matrix(self.A, self.d_out, self.d_in, coefficient)  # no-op cast for a float32 base
+        weight = self.base_layer.weight + delta.to(self.base_layer.weight.dtype)
         return F.linear(x, weight, self.base_layer.bias)
 
 

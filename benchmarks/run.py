@@ -1,6 +1,8 @@
 """Run the suite: ``python -m benchmarks.run`` (full, minutes) or ``python -m benchmarks.run --quick`` (seconds).
 
 Prints one table per workload and writes ``<out>/results.json`` and ``<out>/results.md``.
+``--preset gpu`` (what ``benchmarks/gpu.sh`` runs): CUDA, bf16 base weights, the Llama-3.2-1B-shaped config and
+larger batches, eager methods, into ``results/gpu/``.
 See ``benchmarks/README.md`` for what each number means and the latest results.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import shlex
@@ -15,16 +18,23 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .measure import (directory_bytes, inference_times, interleaved_times, machine_description, median_seconds,
-                      optimizer_state_bytes, peak_step_bytes, quartiles, tensor_bytes, trainable)
+                      optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,
+                      trainable)
 from .methods import METHODS, Method, build_method, train_step
 from .workloads import WORKLOADS, Workload
 
 QUICK_METHODS = ("base", "lora", "lora_again", "singlora", "dense_ref")  # no compile: it takes minutes on CPU
+EAGER_METHODS = tuple(m for m in METHODS if not m.endswith("_compile"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --preset gpu: settings (flags given explicitly win) and each workload's (batch size, sequence length).
+GPU_PRESET: dict[str, Any] = {"device": "cuda", "dtype": "bfloat16", "llama_size": "1b", "warmup": 5, "steps": 30,
+                              "methods": EAGER_METHODS, "out": Path(__file__).parent / "results" / "gpu"}
+GPU_SIZES = {"minilm": (128, 128), "llama": (8, 512)}
 
 
 def _square_state_bytes(methods: dict[str, Method]) -> dict[str, int] | None:
@@ -47,26 +57,32 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def run_workload(workload: Workload, names: list[str], r: int, warmup: int, steps: int) -> dict[str, Any]:
+def _dtypes(tensors) -> list[str]:
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+
+
+def run_workload(workload: Workload, names: list[str], r: int, warmup: int, steps: int,
+                 device: str = "cpu") -> dict[str, Any]:
     """Build every method on a fresh copy of the base, time them round robin, then the one-off measurements."""
     methods = {name: build_method(name, workload.build(), workload.targets, r, alpha=r) for name in names}
+    sync = synchronizer(device)
     compile_s = {}
     for name, method in methods.items():  # first call of a compiled module compiles: keep it out of warm-up
         if name.endswith("_compile"):
-            start = time.perf_counter()
-            train_step(method, workload.batch)
-            compile_s[name] = time.perf_counter() - start
+            compile_s[name] = timed(lambda m=method: train_step(m, workload.batch), sync)
     times = interleaved_times({n: (lambda m=m: train_step(m, workload.batch)) for n, m in methods.items()},
-                              warmup, steps)
+                              warmup, steps, sync)
     train: dict[str, Any] = {}
     for name, method in methods.items():
-        peak = peak_step_bytes(lambda m=method: train_step(m, workload.batch))
+        peak = peak_step_bytes(lambda m=method: train_step(m, workload.batch), device)
         persistent = tensor_bytes(list(method.model.parameters()) + list(method.model.buffers()))
         state = optimizer_state_bytes(method.optimizer)
         train[name] = {**quartiles(times[name]), "peak_step_bytes": peak, "persistent_bytes": persistent + state,
                        "peak_total_bytes": peak + persistent + state, "optimizer_state_bytes": state,
                        "trainable_params": sum(p.numel() for p in trainable(method.model)),
-                       "compile_s": compile_s.get(name)}
+                       "compile_s": compile_s.get(name),
+                       "frozen_dtypes": _dtypes(p for p in method.model.parameters() if not p.requires_grad),
+                       "trainable_dtypes": _dtypes(trainable(method.model))}
     med = {n: t["median_ms"] for n, t in train.items()}
     result: dict[str, Any] = {"description": workload.description, "tokens": workload.tokens, "r": r,
                               "targets": len(workload.targets), "train": train,
@@ -92,7 +108,7 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
         result["optimizer_state_square_layers"] = square
         ratios["optimizer_state_square_singlora_over_lora"] = _ratio(square["singlora"], square["lora"])
     if "singlora" in methods:
-        result.update(_singlora_extras(workload, methods, warmup, steps))
+        result.update(_singlora_extras(workload, methods, warmup, steps, sync))
         inference = result["inference"]
         ratios["inference_merged_over_base"] = _ratio(inference["singlora_merged"]["median_ms"],
                                                       inference["base"]["median_ms"])
@@ -102,7 +118,8 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
     return result
 
 
-def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int, steps: int) -> dict[str, Any]:
+def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int, steps: int,
+                     sync: Callable[[], None]) -> dict[str, Any]:
     """Inference speed unmerged / merged / base (/ LoRA), adapter file sizes, whole-model merge time."""
     ours = methods["singlora"].model
     merged = copy.deepcopy(ours).merge_and_unload()
@@ -114,12 +131,12 @@ def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int
         ours.eval()
         merged.eval()
         unmerged_out, merged_out = ours(**inputs).logits, merged(**inputs).logits
-    times = inference_times(models, workload.batch, warmup, steps)
+    times = inference_times(models, workload.batch, warmup, steps, sync)
     inference = {name: {**quartiles(t), "tokens_per_s": workload.tokens / statistics.median(t)}
                  for name, t in times.items()}
     extras: dict[str, Any] = {
         "inference": inference,
-        "merged_vs_unmerged_max_abs_diff": float((unmerged_out - merged_out).abs().max()),
+        "merged_vs_unmerged_max_abs_diff": float((unmerged_out.float() - merged_out.float()).abs().max()),
         "singlora_step": ours.get_step(),
     }
     files = {"singlora": directory_bytes(lambda d: ours.save_adapter(d))}
@@ -127,12 +144,13 @@ def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int
         files["lora"] = directory_bytes(lambda d: methods["lora"].model.save_pretrained(d))
     extras["adapter_files"] = files
     timing_copy = copy.deepcopy(ours)
-    merge = {"singlora_merge_s": median_seconds(timing_copy.merge, 5, after=timing_copy.unmerge)}
-    merge["singlora_merge_and_unload_s"] = median_seconds(lambda: copy.deepcopy(ours).merge_and_unload(), 3)
-    merge["deepcopy_s (included above)"] = median_seconds(lambda: copy.deepcopy(ours), 3)
+    merge = {"singlora_merge_s": median_seconds(timing_copy.merge, 5, after=timing_copy.unmerge, sync=sync)}
+    merge["singlora_merge_and_unload_s"] = median_seconds(lambda: copy.deepcopy(ours).merge_and_unload(), 3,
+                                                          sync=sync)
+    merge["deepcopy_s (included above)"] = median_seconds(lambda: copy.deepcopy(ours), 3, sync=sync)
     if "lora" in methods:
         lora_copy = copy.deepcopy(methods["lora"].model)
-        merge["lora_merge_s"] = median_seconds(lora_copy.merge_adapter, 5, after=lora_copy.unmerge_adapter)
+        merge["lora_merge_s"] = median_seconds(lora_copy.merge_adapter, 5, after=lora_copy.unmerge_adapter, sync=sync)
     extras["merge"] = merge
     return extras
 
@@ -151,6 +169,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (also printed)."""
     lines = [f"Command: `{results['command']}`", "", "Machine: " + ", ".join(
         f"{k}={v}" for k, v in results["machine"].items()), ""]
+    if "settings" in results:
+        lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
     for name, w in results["workloads"].items():
         lines += [f"## {name}: {w['description']}", "",
                   "| method | step ms (median) | q1-q3 ms | peak step MB | persistent MB | peak total MB "
@@ -181,37 +201,109 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; settings a preset can fill default to None here and are resolved by ``resolve``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up + 3 steps, no compile")
+    parser.add_argument("--preset", choices=["gpu"], default=None,
+                        help="gpu: --device cuda --dtype bfloat16 --llama-size 1b, llama batch 8 x 512, minilm "
+                             "128 x 128, 5 warm-up + 30 steps, eager methods, --out results/gpu")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help=f"default: all ({', '.join(METHODS)}); with --quick: {', '.join(QUICK_METHODS)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="base weights (and so activations) in this dtype; adapters stay float32 (default "
+                             "float32)")
+    parser.add_argument("--llama-size", choices=["small", "1b"], default=None,
+                        help="small: 4 layers, hidden 512 (default); 1b: Llama-3.2-1B's shapes")
+    parser.add_argument("--batch-size", type=int, default=None, help="every workload's batch size")
+    parser.add_argument("--seq-len", type=int, default=None, help="every workload's sequence length")
     parser.add_argument("--r", type=int, default=8, help="rank for every method (alpha = r)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 20; quick 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    names = list(args.methods or (QUICK_METHODS if args.quick else METHODS))
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (3 if args.quick else 20)
-    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    results: dict[str, Any] = {"command": command.strip(), "machine": machine_description(),
-                               "settings": {"methods": names, "warmup": warmup, "steps": steps, "r": args.r,
-                                            "quick": args.quick}, "workloads": {}}
-    for name in args.workloads:
-        workload = WORKLOADS[name](tiny=args.quick)
-        print(f"[{time.strftime('%H:%M:%S')}] {workload.name}: {workload.description}", flush=True)
-        results["workloads"][workload.name] = run_workload(workload, names, args.r, warmup, steps)
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results)")
+    parser.add_argument("--stem", default=None, help="output file names <stem>.json / .md (default results; "
+                                                     "quick: quick)")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings: an explicit flag, else the preset's value, else the default (``--quick`` has its own)."""
+    preset = GPU_PRESET if args.preset == "gpu" else {}
+
+    def pick(key: str, default: Any) -> Any:
+        value = getattr(args, key)
+        return value if value is not None else preset.get(key, default)
+
+    settings = {
+        "methods": list(pick("methods", QUICK_METHODS if args.quick else METHODS)),
+        "warmup": pick("warmup", 1 if args.quick else 3), "steps": pick("steps", 3 if args.quick else 20),
+        "workloads": list(args.workloads), "r": args.r, "quick": args.quick, "preset": args.preset,
+        "device": pick("device", "cpu"),
+        "dtype": pick("dtype", "float32"), "llama_size": pick("llama_size", "small"),
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
+        "out": pick("out", Path(__file__).parent / "results"),
+        "stem": args.stem or ("quick" if args.quick else "results"),
+    }
+    if settings["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False (torch "
+                         f"{torch.__version__}, built with CUDA {torch.version.cuda})")
+    if settings["steps"] < 1 or settings["warmup"] < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {settings['steps']} / {settings['warmup']}")
+    return settings
+
+
+def workload_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``WORKLOADS[name]``: device, dtype, sizes (flags, else the preset's, else defaults)."""
+    kwargs: dict[str, Any] = {"tiny": settings["quick"], "device": settings["device"],
+                              "dtype": DTYPES[settings["dtype"]]}
+    if settings["preset"] == "gpu":
+        kwargs["batch_size"], kwargs["seq_len"] = GPU_SIZES[name]
+    if settings["batch_size"] is not None:
+        kwargs["batch_size"] = settings["batch_size"]
+    if settings["seq_len"] is not None:
+        kwargs["seq_len"] = settings["seq_len"]
+    if name == "llama":
+        kwargs["size"] = settings["llama_size"]
+    return kwargs
+
+
+def _release(device: str) -> None:
+    """Between workloads: free the last one's models (compiled graphs hold them; on CUDA, cached blocks too)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_results(results: dict[str, Any], out: Path, stem: str) -> str:
+    """Write ``<out>/<stem>.json`` and ``.md`` (after every workload: a run cut short keeps what it finished)."""
     results["machine"]["load_average_end"] = list(os.getloadavg())
     text = markdown(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("# Benchmark results\n\n" + text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings = resolve(parse_args(argv))
+    torch.set_num_threads(settings["threads"])
+    device, names = settings["device"], settings["methods"]
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    results: dict[str, Any] = {"command": command.strip(), "machine": machine_description(device),
+                               "settings": {k: v for k, v in settings.items() if k != "out"}, "workloads": {}}
+    for name in settings["workloads"]:
+        workload = WORKLOADS[name](**workload_kwargs(name, settings))
+        print(f"[{time.strftime('%H:%M:%S')}] {workload.name}: {workload.description}", flush=True)
+        results["workloads"][workload.name] = run_workload(workload, names, settings["r"], settings["warmup"],
+                                                           settings["steps"], device)
+        del workload
+        _release(device)
+        text = write_results(results, Path(settings["out"]), settings["stem"])
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if args.quick else "results"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text("# Benchmark results\n\n" + text + "\n")
     return results
 
 

