@@ -5,14 +5,15 @@
 #
 # 1. checks that python can import torch (with CUDA), transformers, peft, safetensors and this repo's singlora
 #    (from src/, no install needed); wheels in .whl/ (if any) are installed first with --no-deps;
-# 2. eager suite, bf16 base, adapters float32: llama-1b (Llama-3.2-1B's shapes) at batch 8 x 512 and MiniLM at
-#    128 x 128, 5 warm-up + 30 timed rounds -> benchmarks/results/gpu/results.{json,md};
-# 3. torch.compile variants (with eager lora / singlora in the same process), one workload at a time, llama
+# stage 0: the CUDA smoke test of tests/test_benchmarks.py (about 30 s; GPU_SKIP_TEST=1 skips it);
+# stage 1: eager suite, bf16 base, adapters float32: llama-1b (Llama-3.2-1B's shapes) at batch 8 x 512 and MiniLM
+#    at 128 x 128, 5 warm-up + 30 timed rounds -> benchmarks/results/gpu/results.{json,md};
+# stage 2: torch.compile variants (with eager lora / singlora in the same process), one workload at a time, llama
 #    first, each only if at least 120 s of the time budget is left -> benchmarks/results/gpu/compile-<workload>.*;
-# 4. copies benchmarks/results/gpu/ (and the log) to $OUT/gpu/ when $OUT is set (the device tool's output folder).
+# then copies benchmarks/results/gpu/ (and the log) to $OUT/gpu/ when $OUT is set (the device tool's output folder).
 #
 # Environment: PYTHON (default python3), GPU_BUDGET_S (default 540: every stage is cut at that many seconds from
-# the start, so the whole command stays under the device's 10-minute limit), GPU_SKIP_COMPILE=1 to skip stage 3,
+# the start, so the whole command stays under the device's 10-minute limit), GPU_SKIP_COMPILE=1 to skip stage 2,
 # GPU_DRY_RUN=1 to rehearse the script on a CPU (tiny models, bf16, --device cpu, results in /tmp/gpu-dry-run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +79,13 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { say "FAILED: environment check (see above)"; copy_out; exit 1; }
 
 left() { echo $((BUDGET - SECONDS)); }
+
+if [ "${GPU_SKIP_TEST:-0}" != 1 ]; then
+    say "stage 0: the CUDA smoke test (tests/test_benchmarks.py -k cuda; a failure is logged, the run goes on)"
+    timeout --signal=INT --kill-after=10 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k cuda \
+        2>&1 | tail -n 40 | tee -a "$LOG"
+    say "stage 0 exit status ${PIPESTATUS[0]} (0: passed)"
+fi
 
 say "stage 1: eager suite (llama-1b, minilm), budget $(left) s"
 timeout --signal=INT --kill-after=15 "$(left)" "$PY" -m benchmarks.run --preset gpu ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$LOG"
