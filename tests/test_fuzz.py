@@ -70,15 +70,17 @@ def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
         read_adapter_config(tmp_path)
 
 
+def planted_read_data(path: Path, entries: dict) -> dict:
+    """A planted bug: reading the data of a file that passed every header check raises KeyError."""
+    raise KeyError("planted")
+
+
 def test_hypothesis_finding_saves_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finding's raw input goes to ``artifacts``: a planted KeyError after the header checks (the unmutated
     seed file gets there) is reported with the file that caused it."""
     import singlora.adapter_file as adapter_file
 
-    def broken(path, entries):  # noqa: ANN001, ANN202
-        raise KeyError("planted")
-
-    monkeypatch.setattr(adapter_file, "_read_data", broken)
+    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
     campaign = run(examples=40, seed=0, targets=("weights",), artifacts=tmp_path / "artifacts")
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted
@@ -138,15 +140,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_atheris_finding_is_reported_with_its_input(tmp_path: Path) -> None:
-    """The atheris engine reports a planted bug (in its child process) and saves the input: the seed file."""
+def test_atheris_finding_is_reported_with_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The atheris engine reports a bug planted in its child process, and each saved input replays it here."""
     pytest.importorskip("atheris")
-    campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path,
+    import singlora.adapter_file as adapter_file
+
+    campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path / "artifacts",
                            launcher=(sys.executable, "-c", PLANT))
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted and campaign.counts["weights"]["findings"] >= len(planted)
-    _, weights_bytes = seed_files(tmp_path / "seed")
-    assert weights_bytes in [Path(f["artifact"]).read_bytes() for f in planted]
+    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
+    config_bytes, _ = seed_files(tmp_path / "seed")
+    replay = Campaign()
+    for finding in planted:
+        blob = Path(finding["artifact"]).read_bytes()
+        check_load(replay, "weights", write_case(tmp_path / "case", config_bytes, blob), blob[:300], blob)
+    assert replay.counts["weights"]["findings"] == len(planted)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -171,7 +180,8 @@ def _f64_adapter(directory: Path, key: str, value: float) -> dict:
     valid_adapter(directory)
     tensors = {k: v.double() for k, v in load_file(directory / WEIGHTS_FILE).items()}
     tensors[key].view(-1)[0] = value
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
     return tensors
 
 

@@ -1,8 +1,9 @@
 """Fuzzing harness (hypothesis or atheris) for the adapter loader and the config parser.
 
-Three targets, each fed by a hypothesis strategy or by atheris (libFuzzer, coverage-guided); an input passes if it loads, or is refused with a
-``SingLoRAError`` (``AdapterFileError`` for files) and leaves the model exactly as it was. Anything else (another
-exception type, a half-changed model, a loaded adapter with NaN) is a *finding*, recorded with its input.
+Three targets, each fed by a hypothesis strategy or by atheris (libFuzzer, coverage-guided); an input passes if it
+loads, or is refused with a ``SingLoRAError`` (``AdapterFileError`` for files) and leaves the model exactly as it
+was. Anything else (another exception type, a half-changed model, a loaded adapter with NaN/Inf) is a *finding*,
+recorded with its input.
 
 - ``config``: ``SingLoRAConfig.from_dict`` on random dicts of known and unknown fields with values of every JSON
   type (and NaN/Inf floats), then ``ramp_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
@@ -21,10 +22,11 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
 - ``atheris`` (the ``fuzz`` extra: ``pip install 'singlora[fuzz]'``): libFuzzer mutates raw bytes, guided by the
   coverage of ``singlora.adapter_file``, ``singlora.config`` and ``singlora.targets`` (instrumented at start), with
   a dictionary of the seed files' JSON strings. ``weights``: the bytes are the safetensors file (seed corpus: the
-  valid file and structural mutations, ``weight_seeds``); ``config_file``: the bytes are ``adapter_config.json``
-  (``config_seeds``); ``config``: a dict drawn through ``atheris.FuzzedDataProvider``. Each target runs in a
-  child process (libFuzzer ends the process it runs in) for ``--seconds`` (``-max_total_time``) and/or
-  ``--examples`` inputs (``-atheris_runs``)::
+  valid file and structural mutations, ``weight_seeds``; a structure-aware mutator, ``safetensors_mutator``,
+  mutates the header JSON or the data alone and re-encodes tensors as other dtypes); ``config_file``: the bytes
+  are ``adapter_config.json`` (``config_seeds``); ``config``: a dict drawn through ``atheris.FuzzedDataProvider``.
+  Each target runs in a child process (libFuzzer ends the process it runs in) for ``--seconds``
+  (``-max_total_time``) and/or ``--examples`` inputs (``-atheris_runs``)::
 
       .venv/bin/python -m singlora.fuzz --engine atheris --seconds 600 --targets weights config_file \\
           --artifacts fuzz-out --reasons 5
@@ -208,7 +210,8 @@ class Campaign:
             item = {"target": target, "problem": problem, "input": repr(given)[:500]}
             if raw is not None and self.artifacts is not None:
                 self.artifacts.mkdir(parents=True, exist_ok=True)
-                path = self.artifacts / f"finding-{target}-{hashlib.sha1(raw).hexdigest()[:12]}{ARTIFACT_SUFFIX[target]}"
+                name = f"finding-{target}-{hashlib.sha1(raw).hexdigest()[:12]}{ARTIFACT_SUFFIX[target]}"
+                path = self.artifacts / name
                 path.write_bytes(raw)
                 item["artifact"] = str(path)
             self.findings.append(item)
@@ -360,8 +363,8 @@ def _with_header(header: dict[str, Any], data: bytes) -> bytes:
 
 
 def weight_seeds(blob: bytes) -> list[bytes]:
-    """The valid safetensors file, the same tensors as F64 (also valid: byte flips in its data reach values beyond
-    float32), and structural mutations that each stop at a different check."""
+    """The valid safetensors file, the same tensors as F64 (another valid encoding), and structural mutations
+    that each stop at a different check."""
     from safetensors.torch import load, save
 
     header, data = _header(blob)
@@ -516,7 +519,9 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
             save()
 
     atexit.register(save)  # libFuzzer's exit runs Python's atexit handlers
-    flags = [f"-seed={seed}", "-timeout=60", "-len_control=0", "-use_value_profile=1", f"-max_len={max(4096, 2 * max(map(len, seeds)))}",
+    # -len_control=0: mutate whole files from the start (they are structured, not grown byte by byte)
+    flags = [f"-seed={seed}", "-timeout=60", "-len_control=0", "-use_value_profile=1",
+             f"-max_len={max(4096, 2 * max(map(len, seeds)))}",
              f"-dict={write_dictionary(workdir / 'tokens.dict', [config_bytes, weights_bytes])}",
              f"-artifact_prefix={artifacts}/libfuzzer-{target}-"]
     flags += [f"-max_total_time={seconds}"] if seconds else []
@@ -539,7 +544,8 @@ def run_atheris(seconds: int | None = None, examples: int | None = None, seed: i
         result.unlink(missing_ok=True)
         command = [*launcher, "--engine", "atheris", "--targets", target, "--seed", str(seed),
                    "--artifacts", str(artifacts), "--child-result", str(result)]
-        command += (["--seconds", str(seconds)] if seconds else []) + (["--examples", str(examples)] if examples else [])
+        command += ["--seconds", str(seconds)] if seconds else []
+        command += ["--examples", str(examples)] if examples else []
         with log.open("wb") as handle:
             code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
