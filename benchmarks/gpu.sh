@@ -8,8 +8,9 @@
 # stage 0: the CUDA smoke test of tests/test_benchmarks.py (about 30 s; GPU_SKIP_TEST=1 skips it);
 # stage 1: eager suite, bf16 base, adapters float32: llama-1b (Llama-3.2-1B's shapes) at batch 8 x 512 and MiniLM
 #    at 128 x 128, 5 warm-up + 30 timed rounds -> benchmarks/results/gpu/results.{json,md};
-# stage 2: torch.compile variants (with eager lora / singlora in the same process), one workload at a time, llama
-#    first, each only if at least 120 s of the time budget is left -> benchmarks/results/gpu/compile-<workload>.*;
+# stage 2: torch.compile variants (with eager lora / singlora in the same process; training steps only), one
+#    workload at a time, llama first, each only if at least 120 s of the time budget is left
+#    -> benchmarks/results/gpu/compile-<workload>.{json,md};
 # then copies benchmarks/results/gpu/ (and the log) to $OUT/gpu/ when $OUT is set (the device tool's output folder).
 #
 # Environment: PYTHON (default python3), GPU_BUDGET_S (default 540: every stage is cut at that many seconds from
@@ -102,7 +103,8 @@ if [ "${GPU_SKIP_COMPILE:-0}" != 1 ]; then
         fi
         say "stage 2: torch.compile on $workload, budget $(left) s"
         timeout --signal=INT --kill-after=15 "$(left)" "$PY" -m benchmarks.run --preset gpu --workloads "$workload" \
-            --methods lora singlora lora_compile singlora_compile --stem "compile-$workload" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$LOG"
+            --methods lora singlora lora_compile singlora_compile --train-only --stem "compile-$workload" \
+            ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$LOG"
         say "stage 2 ($workload) exit status ${PIPESTATUS[0]}"
         copy_out
     done

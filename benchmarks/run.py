@@ -62,8 +62,9 @@ def _dtypes(tensors) -> list[str]:
 
 
 def run_workload(workload: Workload, names: list[str], r: int, warmup: int, steps: int,
-                 device: str = "cpu") -> dict[str, Any]:
-    """Build every method on a fresh copy of the base, time them round robin, then the one-off measurements."""
+                 device: str = "cpu", extras: bool = True) -> dict[str, Any]:
+    """Build every method on a fresh copy of the base, time them round robin, then the one-off measurements
+    (``extras=False``: training steps only, no inference / adapter files / merge timings)."""
     methods = {name: build_method(name, workload.build(), workload.targets, r, alpha=r) for name in names}
     sync = synchronizer(device)
     compile_s = {}
@@ -107,7 +108,7 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
     if square is not None:
         result["optimizer_state_square_layers"] = square
         ratios["optimizer_state_square_singlora_over_lora"] = _ratio(square["singlora"], square["lora"])
-    if "singlora" in methods:
+    if extras and "singlora" in methods:
         result.update(_singlora_extras(workload, methods, warmup, steps, sync))
         inference = result["inference"]
         ratios["inference_merged_over_base"] = _ratio(inference["singlora_merged"]["median_ms"],
@@ -219,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small: 4 layers, hidden 512 (default); 1b: Llama-3.2-1B's shapes")
     parser.add_argument("--batch-size", type=int, default=None, help="every workload's batch size")
     parser.add_argument("--seq-len", type=int, default=None, help="every workload's sequence length")
+    parser.add_argument("--train-only", action="store_true",
+                        help="training steps only: skip inference, adapter files and merge timings")
     parser.add_argument("--r", type=int, default=8, help="rank for every method (alpha = r)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 20; quick 3)")
@@ -244,6 +247,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "device": pick("device", "cpu"),
         "dtype": pick("dtype", "float32"), "llama_size": pick("llama_size", "small"),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
+        "train_only": args.train_only,
         "out": pick("out", Path(__file__).parent / "results"),
         "stem": args.stem or ("quick" if args.quick else "results"),
     }
@@ -284,7 +288,9 @@ def write_results(results: dict[str, Any], out: Path, stem: str) -> str:
     text = markdown(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("# Benchmark results\n\n" + text + "\n")
+    gpu = results["machine"].get("gpu")
+    title = "# Benchmark results" + (f" on {gpu} (CUDA {results['machine']['cuda']})" if gpu else "")
+    (out / f"{stem}.md").write_text(title + "\n\n" + text + "\n")
     return text
 
 
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workload = WORKLOADS[name](**workload_kwargs(name, settings))
         print(f"[{time.strftime('%H:%M:%S')}] {workload.name}: {workload.description}", flush=True)
         results["workloads"][workload.name] = run_workload(workload, names, settings["r"], settings["warmup"],
-                                                           settings["steps"], device)
+                                                           settings["steps"], device, not settings["train_only"])
         del workload
         _release(device)
         text = write_results(results, Path(settings["out"]), settings["stem"])

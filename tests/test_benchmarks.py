@@ -46,7 +46,7 @@ def _check_dtypes(workload: dict, base_dtype: str) -> None:
 def test_quick_suite_runs_and_writes_results(tmp_path):
     main(["--quick", "--steps", "2", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "quick.json").read_text())
-    assert (tmp_path / "quick.md").read_text().startswith("# Benchmark results")
+    assert (tmp_path / "quick.md").read_text().splitlines()[0] == "# Benchmark results"
     assert set(results["workloads"]) == {"llama-tiny", "minilm-tiny"}
     assert results["machine"]["device"] == "cpu (no GPU)" and results["settings"]["dtype"] == "float32"
     for name, workload in results["workloads"].items():
@@ -83,6 +83,18 @@ def test_quick_bfloat16_base_keeps_float32_adapters(tmp_path):
     assert workload["train"]["base"]["persistent_bytes"] < 4 * base_params
     # merged weights are rounded to bf16, the unmerged path adds a float32 update: close, not equal
     assert 0 < workload["merged_vs_unmerged_max_abs_diff"] < 0.05
+
+
+def test_train_only_skips_the_singlora_extras(tmp_path):
+    results = main(["--quick", "--train-only", "--workloads", "minilm", "--methods", "lora", "singlora",
+                    "--steps", "2", "--out", str(tmp_path)])
+    workload = results["workloads"]["minilm-tiny"]
+    assert list(workload["train"]) == ["lora", "singlora"] and results["settings"]["train_only"] is True
+    assert "inference" not in workload and "merge" not in workload and "inference_merged_over_base" not in \
+        workload["ratios"]
+    med = {name: row["median_ms"] for name, row in workload["train"].items()}
+    assert workload["ratios"]["step_singlora_over_lora"] == pytest.approx(med["singlora"] / med["lora"])
+    assert workload["ratios"]["overhead_singlora_over_lora"] is None  # no base in this run
 
 
 def test_llama_1b_config_has_llama_3_2_1b_shapes():
@@ -151,6 +163,8 @@ def test_quick_suite_on_cuda_in_bfloat16(tmp_path):
     results = main(["--quick", "--device", "cuda", "--dtype", "bfloat16", "--steps", "2", "--out", str(tmp_path)])
     assert results["machine"]["gpu"] == torch.cuda.get_device_name(0)
     assert results["machine"]["device"].startswith("cuda: ") and results["machine"]["cuda"] == torch.version.cuda
+    title = (tmp_path / "quick.md").read_text().splitlines()[0]
+    assert title == f"# Benchmark results on {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     assert synchronizer("cuda") is torch.cuda.synchronize
     for workload in results["workloads"].values():
         _check_dtypes(workload, "bfloat16")
