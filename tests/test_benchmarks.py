@@ -158,6 +158,30 @@ def test_cpu_timing_needs_no_synchronization():
     assert timed(lambda: sum(range(1000)), sync) > 0
 
 
+def test_cuda_peak_is_the_allocator_peak_above_the_starting_level(monkeypatch):
+    """The CUDA peak reads the allocator's counters in the right order (faked here: runs without a GPU)."""
+    from benchmarks import measure
+
+    state = {"allocated": 1000, "peak": 5000, "calls": []}
+
+    def reset() -> None:
+        state["calls"].append("reset")
+        state["peak"] = state["allocated"]
+
+    def step() -> None:  # peaks 700 bytes above its start, ends 100 above it
+        state["calls"].append("step")
+        state["peak"], state["allocated"] = state["allocated"] + 700, state["allocated"] + 100
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: state["calls"].append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    assert measure.peak_step_bytes(step, "cuda") == 700
+    assert state["calls"] == ["sync", "reset", "step", "sync"]
+    state["calls"].clear()
+    assert measure.timed(step, measure.synchronizer("cuda")) > 0 and state["calls"] == ["sync", "step", "sync"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quick_suite_on_cuda_in_bfloat16(tmp_path):
     results = main(["--quick", "--device", "cuda", "--dtype", "bfloat16", "--steps", "2", "--out", str(tmp_path)])
