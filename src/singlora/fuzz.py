@@ -407,19 +407,29 @@ def recast(blob: bytes, dtype: torch.dtype) -> bytes:
                 metadata=metadata if isinstance(metadata, dict) else None)
 
 
-def safetensors_mutator(atheris: Any) -> Callable[[bytes, int, int], bytes]:
+def _header_length(blob: bytes) -> int | None:
+    """The header length a safetensors file declares, if the file holds that many bytes after the prefix."""
+    (length,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (2**64,)
+    return length if 8 + length <= len(blob) else None
+
+
+def safetensors_mutator(atheris: Any, valid: bytes) -> Callable[[bytes, int, int], bytes]:
     """A libFuzzer custom mutator for safetensors files that keeps most mutants well-formed, so that they reach
     the checks past the header. By ``seed``: libFuzzer's own mutation of the whole file (1 in 4), of the header
     JSON only (the length prefix then follows it), of the data section only (its size kept), or one data byte set,
-    after re-encoding the tensors as another float dtype half of the time (F64 values beyond float32's range)."""
+    after re-encoding the tensors as another float dtype half of the time (F64 values beyond float32's range).
+    A corpus entry whose length prefix is broken is replaced by the ``valid`` file half of the time (else the
+    corpus drifts to inputs that all stop at the first check)."""
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
         choice = rng.randrange(4)
+        if _header_length(data) is None and rng.random() < 0.5:
+            data = valid
         if choice == 3 and rng.random() < 0.5:
             data = recast(data, rng.choice([torch.float64, torch.float16, torch.bfloat16, torch.float32]))
-        (length,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (2**64,)
-        if choice == 0 or 8 + length > len(data):
+        length = _header_length(data)
+        if choice == 0 or length is None:
             return atheris.Mutate(data, max_size)
         header, body = data[8 : 8 + length], data[8 + length :]
         if choice == 1 or not body:
@@ -526,7 +536,7 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
              f"-artifact_prefix={artifacts}/libfuzzer-{target}-"]
     flags += [f"-max_total_time={seconds}"] if seconds else []
     flags += [f"-atheris_runs={examples}"] if examples else []
-    mutator = safetensors_mutator(atheris) if target == "weights" else None
+    mutator = safetensors_mutator(atheris, weights_bytes) if target == "weights" else None
     atheris.Setup([sys.argv[0], *flags, str(corpus)], one_input, custom_mutator=mutator)
     atheris.Fuzz()
 
