@@ -77,10 +77,9 @@ def test_sweep_chooses_each_methods_lr_on_the_validation_seed_then_runs_it_on_ev
     sweep = results["sweep"]
     assert [(row["method"], row["lr"], row["seed"]) for row in sweep] == [
         ("base", 0.0, 7), ("singlora", 1e-3, 7), ("singlora", 1e-2, 7), ("lora", 1e-3, 7), ("lora", 1e-2, 7)]
-    base_retention = sweep[0]["retention_accuracy"]
     for method in ("singlora", "lora"):
         rows = [row for row in sweep if row["method"] == method]
-        chosen = study.choose_lr(rows, base_retention, config.max_retention_drop)
+        chosen = study.choose_lr(rows)
         assert [row["lr"] for row in rows if row["chosen"]] == [chosen]
         final = [row for row in results["summary"] if row["method"] == method]
         assert [(row["lr"], row["n_seeds"]) for row in final] == [(chosen, 2)]
@@ -89,20 +88,19 @@ def test_sweep_chooses_each_methods_lr_on_the_validation_seed_then_runs_it_on_ev
         study.run(study.StudyConfig(seeds=(0,), sweep_seed=0), synthetic_data(), tmp_path, "test")
 
 
-def test_choose_lr_takes_the_best_subject_accuracy_within_the_retention_budget():
+def test_choose_lr_maximises_subject_plus_retention_accuracy():
     study = load_study()
 
     def row(lr, subject, retention, nn=0.5):
         return {"lr": lr, "subject_accuracy": subject, "retention_accuracy": retention, "subject_nn_rms": nn}
 
-    rows = [row(1e-3, 0.2, 0.80), row(3e-3, 0.5, 0.72), row(1e-2, 0.9, 0.50)]
-    assert study.choose_lr(rows, base_retention=0.8, max_drop=0.1) == 3e-3   # 1e-2 loses too much retention
-    assert study.choose_lr(rows, base_retention=0.8, max_drop=0.5) == 1e-2
-    assert study.choose_lr(rows, base_retention=0.99, max_drop=0.0) == 1e-2  # none qualifies: best subject overall
+    rows = [row(1e-3, 0.2, 0.80), row(3e-3, 0.5, 0.72), row(1e-2, 0.9, 0.30)]
+    assert study.choose_lr(rows) == 3e-3  # 1.22 beats 1.00 and 1.20
+    assert study.choose_lr(rows[:1] + rows[2:]) == 1e-2  # 1.20 beats 1.00
     ties = [row(1e-3, 0.5, 0.8, nn=0.6), row(3e-3, 0.5, 0.8, nn=0.4), row(1e-2, 0.5, 0.8, nn=0.4)]
-    assert study.choose_lr(ties, base_retention=0.8, max_drop=0.1) == 3e-3  # lower NN distance, then lower lr
+    assert study.choose_lr(ties) == 3e-3  # lower NN distance, then lower lr
     with pytest.raises(ValueError, match="no sweep rows"):
-        study.choose_lr([], 0.8, 0.1)
+        study.choose_lr([])
 
 
 def test_cosine_base_schedule_warms_up_then_decays_to_a_tenth():
