@@ -44,6 +44,7 @@ import argparse
 import atexit
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -635,6 +636,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--seconds needs --engine atheris (hypothesis runs --examples inputs)")
     if args.engine == "atheris" and args.seconds is None and args.examples is None:
         args.seconds = 60
+    if args.engine == "atheris" and importlib.util.find_spec("atheris") is None:
+        parser.error("--engine atheris needs atheris: pip install 'singlora[fuzz]' (or: pip install atheris)")
     return args
 
 
