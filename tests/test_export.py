@@ -110,6 +110,25 @@ def test_export_errors(tmp_path) -> None:
         export_lora(model, tmp_path)
 
 
+def test_export_refuses_factors_beyond_the_storage_range(tmp_path) -> None:
+    """A float64 adapter file whose update overflows float32, or float16 storage of large factors: refused, no file."""
+    reference, model = _adapted()
+    model.double()
+    with torch.no_grad():
+        model.model.square.singlora["default"].A.fill_(1e200)
+    model.save_adapter(tmp_path / "f64")
+    with pytest.raises(SingLoRAError, match=r"\['base_model.model.square.lora_A.weight', 'base_model.model.square."
+                                            r"lora_B.weight'\] would hold NaN or Inf.*torch.float32"):
+        export_lora(tmp_path / "f64", tmp_path / "out", base_model=copy.deepcopy(reference).double(),
+                    dtype=torch.float32)
+    _, model = _adapted()
+    with torch.no_grad():
+        model.model.wide.singlora["default"].A.fill_(1e6)  # the factors' entries ~ 1e6, beyond float16's 65504
+    with pytest.raises(SingLoRAError, match="wide.*torch.float16"):
+        export_lora(model, tmp_path / "out", dtype=torch.float16)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("r", [1, 3])
 def test_stock_peft_loads_gpt2_conv1d_export(tmp_path, r) -> None:
     transformers = pytest.importorskip("transformers")

@@ -259,6 +259,10 @@ def export_lora(
         weights_file = DIFFUSERS_WEIGHTS_FILE
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
                for k, v in tensors.items()}
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:  # e.g. an F64 adapter file beyond float32's range, or factors beyond float16's with dtype=float16
+        raise SingLoRAError(f"export to {out_dir}: {bad[:5]} would hold NaN or Inf (values beyond the range of "
+                            f"{tensors[bad[0]].dtype}); nothing was written")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "exported_by": "singlora", "export_format": format}
