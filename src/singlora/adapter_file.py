@@ -67,8 +67,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
 
     A crash at any point leaves either the old ``path`` or the new one, never a torn file (at worst a stray
-    ``.<name>.*.tmp`` beside it, which ``remove_stale_temps`` deletes). An I/O failure (disk full, unwritable directory) raises ``SingLoRAError`` naming
-    ``path``, removes the temp file and leaves the old ``path`` untouched.
+    ``.<name>.*.tmp`` beside it, which ``remove_stale_temps`` deletes). An I/O failure (disk full, unwritable
+    directory) raises ``SingLoRAError`` naming ``path``, removes the temp file and leaves the old ``path`` untouched.
     """
     path = Path(path)
     tmp: str | None = None
