@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from singlora.adapter_file import atomic_write_text
+
 from .measure import (directory_bytes, inference_times, interleaved_times, machine_description, median_seconds,
                       optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,
                       trainable)
@@ -287,10 +289,10 @@ def write_results(results: dict[str, Any], out: Path, stem: str) -> str:
     results["machine"]["load_average_end"] = list(os.getloadavg())
     text = markdown(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
     gpu = results["machine"].get("gpu")
     title = "# Benchmark results" + (f" on {gpu} (CUDA {results['machine']['cuda']})" if gpu else "")
-    (out / f"{stem}.md").write_text(title + "\n\n" + text + "\n")
+    atomic_write_text(out / f"{stem}.md", title + "\n\n" + text + "\n")
     return text
 
 

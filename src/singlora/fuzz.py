@@ -64,7 +64,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter_file import CONFIG_FILE, WEIGHTS_FILE
+from .adapter_file import CONFIG_FILE, WEIGHTS_FILE, atomic_write_text
 from .config import INIT_METHODS, SingLoRAConfig
 from .errors import SingLoRAError
 from .model import SingLoRAModel, get_singlora_model
@@ -521,7 +521,7 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
     saved = [time.monotonic()]
 
     def save() -> None:
-        result.write_text(json.dumps(campaign.to_dict()))
+        atomic_write_text(result, json.dumps(campaign.to_dict()))  # libFuzzer may kill the child mid-write
         saved[0] = time.monotonic()
 
     def one_input(data: bytes) -> None:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from singlora.adapter_file import atomic_write, atomic_write_text
 from singlora.diffusion.dreambooth import DEFAULT_TARGETS, add_singlora, denoising_loss
 from singlora.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
 
@@ -427,7 +428,7 @@ def write_report(results: dict, path: Path) -> None:
         f"adapted model (seed {config['seeds'][0]}).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def load_base(config: StudyConfig, saved: dict) -> tuple[nn.Module, TextConditioning]:
@@ -453,8 +454,9 @@ def cached_base(config: StudyConfig, data: dict[str, Tensor], cache: Path | None
     unet, text, losses = train_base(config, data)
     seconds = time.perf_counter() - start
     if cache is not None:
-        torch.save({"key": json.dumps(key, sort_keys=True), "unet": unet.state_dict(), "text": text.encoder.state_dict(),
-                    "losses": losses, "seconds": seconds}, cache)
+        state = {"key": json.dumps(key, sort_keys=True), "unet": unet.state_dict(),
+                 "text": text.encoder.state_dict(), "losses": losses, "seconds": seconds}
+        atomic_write(cache, lambda tmp: torch.save(state, tmp))
     return unet, text, losses, seconds, False
 
 
@@ -583,7 +585,7 @@ def run(config: StudyConfig, data: dict[str, Tensor], out_dir: Path, command: st
         "sweep": sweep_runs,
         "runs": runs,
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out_dir / "REPORT.md")
     save_grid(grid, out_dir / "grid.png")
     return results
