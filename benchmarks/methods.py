@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from singlora import SingLoRAConfig, get_singlora_model
-from singlora.functional import delta_matrix, init_A, ramp, scaling
+from torch_singlora import SingLoRAConfig, get_singlora_model
+from torch_singlora.functional import delta_matrix, init_A, ramp, scaling
 
 METHODS = ("base", "lora", "lora_again", "singlora", "singlora_compile", "lora_compile", "dense_ref")
 RAMP_STEPS = 1000  # T of the ramp (the paper's GLUE value); u stays a tensor, so compile never recompiles on it

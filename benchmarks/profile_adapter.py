@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from singlora.functional import factored_update
+from torch_singlora.functional import factored_update
 
 from .measure import interleaved_times, quartiles
 from .methods import METHODS, build_method, train_step
@@ -66,7 +66,7 @@ def model_table(workload_name: str, methods: list[str], r: int) -> None:
 
 def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> None:
     """Training steps of SingLoRA with ``factored_update`` vs ``sliced_update``, beside base and PEFT LoRA."""
-    import singlora.layers
+    import torch_singlora.layers
 
     workload = WORKLOADS[workload_name]()
     built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r)
@@ -74,15 +74,15 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> None:
     built["singlora_sliced"] = build_method("singlora", workload.build(), workload.targets, r, alpha=r)
     sliced = {id(layer.singlora["default"].A) for _, layer in built["singlora_sliced"].model.singlora_layers()}
 
-    def dispatch(x, A, d_out, d_in, c):  # the layers call singlora.layers.factored_update
+    def dispatch(x, A, d_out, d_in, c):  # the layers call torch_singlora.layers.factored_update
         return (sliced_update if id(A) in sliced else factored_update)(x, A, d_out, d_in, c)
 
-    singlora.layers.factored_update = dispatch
+    torch_singlora.layers.factored_update = dispatch
     try:
         times = interleaved_times({n: (lambda m=m: train_step(m, workload.batch)) for n, m in built.items()},
                                   warmup, steps)
     finally:
-        singlora.layers.factored_update = factored_update
+        torch_singlora.layers.factored_update = factored_update
     med = {name: quartiles(t)["median_ms"] for name, t in times.items()}
     for name, ms in med.items():
         overhead = (ms - med["base"]) / (med["lora"] - med["base"])

@@ -83,8 +83,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 def minilm_path() -> str | None:
     """The offline all-MiniLM-L6-v2 folder (the demo's locator), or None where its package is not installed."""
-    from singlora.demo import minilm_path as locate
-    from singlora.errors import SingLoRAError
+    from torch_singlora.assets import minilm_path as locate
+    from torch_singlora.errors import SingLoRAError
 
     try:
         return locate()

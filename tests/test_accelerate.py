@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from singlora import SingLoRAConfig, get_singlora_model
+from torch_singlora import SingLoRAConfig, get_singlora_model
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_model import IDS, toy
 
-from singlora import AdapterFileError, SingLoRAConfig, SingLoRAModel, get_singlora_model
+from torch_singlora import AdapterFileError, SingLoRAConfig, SingLoRAModel, get_singlora_model
 
 
 def trained(tmp_path: Path, **kwargs) -> tuple[SingLoRAModel, Path]:
@@ -57,7 +57,7 @@ def test_documented_keys_and_config(tmp_path: Path) -> None:
 
 
 def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) -> None:
-    from singlora.adapter_file import atomic_write, remove_stale_temps
+    from torch_singlora.adapter_file import atomic_write, remove_stale_temps
 
     atomic_write(tmp_path / "kept.json", lambda tmp: Path(tmp).write_text("{}"))
     torn = [tmp_path / ".checkpoint.pt.k3_9xq0a.tmp", tmp_path / ".adapter_model.safetensors.abcdefgh.tmp"]
@@ -70,8 +70,8 @@ def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) 
 
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
-    from singlora import SingLoRAError
-    from singlora.adapter_file import atomic_directory
+    from torch_singlora import SingLoRAError
+    from torch_singlora.adapter_file import atomic_directory
 
     out = tmp_path / "merged"
     with atomic_directory(out) as tmp:

@@ -22,8 +22,8 @@ from conftest import assert_close, minilm_path, save_tiny_bert
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from singlora import SingLoRAModel  # noqa: E402
-from singlora.cli import main  # noqa: E402
+from torch_singlora import SingLoRAModel  # noqa: E402
+from torch_singlora.cli import main  # noqa: E402
 
 WORDS = {"sport": ["goal", "match", "team", "player", "league"], "tech": ["computer", "software", "chip", "internet"],
          "music": ["song", "album", "band", "guitar"]}
@@ -166,7 +166,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(assets: dict[str, Path], tm
             str(assets["eval"]), "--lr", "5e-3", "--target-modules", "query,value", "--save-every", "5",
             "--quiet", "--output-dir", str(tmp_path / "killed"), *common]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen([sys.executable, "-m", "singlora.cli", *args], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "torch_singlora.cli", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 120
@@ -206,7 +206,7 @@ def test_torchrun_two_processes_equal_one_process_on_the_global_batch(assets: di
             "--ramp-up", "4", "--no-plot"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "singlora.cli", *args, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp")]
+              "-m", "torch_singlora.cli", *args, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp")]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main([*args, "--batch-size", "16", "--output-dir", str(tmp_path / "one")]) == 0
@@ -273,7 +273,7 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out
     assert "| first " in table and "| second " in table and "accuracy" in table
     assert (tmp_path / "both.png").stat().st_size > 1000
-    pytest.importorskip("singlora.export")
+    pytest.importorskip("torch_singlora.export")
     assert main(["export", str(tmp_path / "a" / "adapter"), str(tmp_path / "lora"), "--quiet"]) == 0
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
@@ -316,7 +316,7 @@ def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_
 
 def test_real_minilm_few_steps_on_bbc_news(tmp_path: Path) -> None:
     """The demo's path on the real model and data: a few steps, every Linear of the encoder adapted."""
-    from singlora.demo import bbc_news_path
+    from torch_singlora.assets import bbc_news_path
 
     out = tmp_path / "minilm"
     args = ["train", "--model", minilm_path(), "--train-data", bbc_news_path(), "--eval-split", "0.02",

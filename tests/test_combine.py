@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import assert_close, dense_update, expected_coefficient
-from singlora import SingLoRAConfig, SingLoRAError, SingLoRAModel, get_singlora_model
-from singlora.combine import combine_adapters
+from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRAModel, get_singlora_model
+from torch_singlora.combine import combine_adapters
 
 
 def _model() -> SingLoRAModel:

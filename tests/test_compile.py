@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from singlora import SingLoRAConfig, get_singlora_model
+from torch_singlora import SingLoRAConfig, get_singlora_model
 
 
 class Net(nn.Module):

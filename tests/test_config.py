@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from singlora import SingLoRAConfig, SingLoRAError
+from torch_singlora import SingLoRAConfig, SingLoRAError
 
 
 @pytest.mark.parametrize(

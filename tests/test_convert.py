@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import assert_close, dense_update, expected_coefficient
-from singlora import AdapterFileError, SingLoRAError, SingLoRAModel
-from singlora.convert import convert_kyegomez, convert_peft_singlora
+from torch_singlora import AdapterFileError, SingLoRAError, SingLoRAModel
+from torch_singlora.convert import convert_kyegomez, convert_peft_singlora
 
 
 def _base() -> nn.Module:

@@ -29,7 +29,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from singlora.cli import main  # noqa: E402
+from torch_singlora.cli import main  # noqa: E402
 
 WORDS = {"sport": ["goal", "match", "team", "player"], "tech": ["computer", "software", "chip", "internet"]}
 STEPS, SAVE_EVERY = 12, 4
@@ -38,7 +38,7 @@ LAUNCHER = r"""
 import io, os, sys, time
 import torch
 import safetensors.torch
-import singlora.adapter_file
+import torch_singlora.adapter_file
 
 crash_at, marker = os.environ["CRASH_AT"], os.environ["CRASH_MARKER"]
 writes = {"checkpoint": 0, "adapter": 0}
@@ -65,13 +65,13 @@ def save(obj, target, *args, **kwargs):
         real_save(obj, target, *args, **kwargs)
 torch.save = save
 
-real_save_file = singlora.adapter_file.save_file
+real_save_file = torch_singlora.adapter_file.save_file
 def save_file(tensors, target, metadata=None):
     if not torn("adapter", lambda: safetensors.torch.save(tensors, metadata=metadata), target):
         real_save_file(tensors, target, metadata=metadata)
-singlora.adapter_file.save_file = save_file
+torch_singlora.adapter_file.save_file = save_file
 
-from singlora.cli import main
+from torch_singlora.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -246,7 +246,7 @@ def test_nan_loss_skip_drops_the_step(setup: dict[str, Any], monkeypatch: pytest
 
 def test_nan_every_step_gives_up_after_the_skip_limit(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                       capsys: Any) -> None:
-    from singlora.train.loop import NONFINITE_SKIP_LIMIT
+    from torch_singlora.train.loop import NONFINITE_SKIP_LIMIT
 
     out = setup["root"] / "nan_always"
     poison_loss(monkeypatch, set(range(1, 1000)))

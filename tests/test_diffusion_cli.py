@@ -8,8 +8,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from singlora.cli import main  # noqa: E402
-from singlora.diffusion.tiny import tiny_metric_models, tiny_stable_diffusion  # noqa: E402
+from torch_singlora.cli import main  # noqa: E402
+from torch_singlora.diffusion.tiny import tiny_metric_models, tiny_stable_diffusion  # noqa: E402
 
 
 def write_images(directory, n):

@@ -9,14 +9,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from singlora import SingLoRAModel  # noqa: E402
-from singlora.diffusion.dreambooth import (  # noqa: E402
+from torch_singlora import SingLoRAModel  # noqa: E402
+from torch_singlora.diffusion.dreambooth import (  # noqa: E402
     DEFAULT_TARGETS, DreamBoothArgs, add_singlora, denoising_loss, dreambooth_loss, encode_prompt, load_pipeline,
     pipeline_class_name, train_dreambooth,
 )
-from singlora.diffusion.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet  # noqa: E402
-from singlora.errors import SingLoRAError  # noqa: E402
-from singlora.layers import SingLoRALayer  # noqa: E402
+from torch_singlora.diffusion.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet  # noqa: E402
+from torch_singlora.errors import SingLoRAError  # noqa: E402
+from torch_singlora.layers import SingLoRALayer  # noqa: E402
 
 
 def unet_inputs(unet, batch=2, seed=0):
@@ -136,7 +136,7 @@ def test_export_loads_in_stock_diffusers_with_identical_unet_outputs(tmp_path, f
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
 
-    from singlora.export import export_lora
+    from torch_singlora.export import export_lora
 
     tiny_stable_diffusion(tmp_path / "model")
     adapted = load_pipeline(tmp_path / "model").unet

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from singlora.diffusion.metrics import fidelity_scores, paired_similarity, pairwise_similarity  # noqa: E402
-from singlora.errors import SingLoRAError  # noqa: E402
+from torch_singlora.diffusion.metrics import fidelity_scores, paired_similarity, pairwise_similarity  # noqa: E402
+from torch_singlora.errors import SingLoRAError  # noqa: E402
 
 
 def test_pairwise_similarity_known_values():
@@ -58,7 +58,7 @@ def tiny_models(tmp_path_factory):
     """A random ViT (DINO stand-in) and a random CLIP with processors/tokenizer, saved like hub folders."""
     from transformers import AutoTokenizer, CLIPModel, ViTModel
 
-    from singlora.diffusion.tiny import tiny_metric_models
+    from torch_singlora.diffusion.tiny import tiny_metric_models
 
     root = tmp_path_factory.mktemp("metric_models")
     dino, clip = tiny_metric_models(root)

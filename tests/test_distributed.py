@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import assert_close
-from singlora import SingLoRAConfig, SingLoRAModel, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAModel, get_singlora_model
 
 STEPS = 3
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 
 CYCLES = 1000
 

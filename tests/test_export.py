@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import assert_close, dense_update, expected_coefficient
-from singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
-from singlora.export import collect_lora_factors, export_lora
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora.export import collect_lora_factors, export_lora
 
 peft = pytest.importorskip("peft")
 

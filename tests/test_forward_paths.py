@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import assert_close, dense_update
 from torch import nn
 
-from singlora import SingLoRAConfig, SingLoRALayer, get_singlora_model
-from singlora.functional import factored_update
+from torch_singlora import SingLoRAConfig, SingLoRALayer, get_singlora_model
+from torch_singlora.functional import factored_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 from benchmarks.methods import RAMP_STEPS, DenseUpdateLinear  # noqa: E402

@@ -1,7 +1,7 @@
-"""A brief run of the fuzzing harness (``singlora.fuzz``) in ``make test``, plus regressions for what it found.
+"""A brief run of the fuzzing harness (``torch_singlora.fuzz``) in ``make test``, plus regressions for what it found.
 
-The longer campaigns: ``.venv/bin/python -m singlora.fuzz --examples 20000 --seed 1`` (hypothesis) and
-``.venv/bin/python -m singlora.fuzz --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
+The longer campaigns: ``.venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1`` (hypothesis) and
+``.venv/bin/python -m torch_singlora.fuzz --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
 ``fuzz`` extra; its tests here skip without it).
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from singlora import SingLoRAConfig, SingLoRAError
-from singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
+from torch_singlora import SingLoRAConfig, SingLoRAError
+from torch_singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
                            write_case)
-from singlora.targets import resolve_targets
+from torch_singlora.targets import resolve_targets
 
 EXAMPLES = 120
 
@@ -59,9 +59,9 @@ def test_found_invalid_regex_pattern_keys_refused(field: str) -> None:
 
 def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
     """Found by the fuzzer: a 5,000-digit integer in adapter_config.json raised Python's plain ValueError."""
-    from singlora import AdapterFileError
-    from singlora.adapter_file import CONFIG_FILE, read_adapter_config
-    from singlora.fuzz import valid_adapter
+    from torch_singlora import AdapterFileError
+    from torch_singlora.adapter_file import CONFIG_FILE, read_adapter_config
+    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(tmp_path)
     path = tmp_path / CONFIG_FILE
@@ -78,7 +78,7 @@ def planted_read_data(path: Path, entries: dict) -> dict:
 def test_hypothesis_finding_saves_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finding's raw input goes to ``artifacts``: a planted KeyError after the header checks (the unmutated
     seed file gets there) is reported with the file that caused it."""
-    import singlora.adapter_file as adapter_file
+    import torch_singlora.adapter_file as adapter_file
 
     monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
     campaign = run(examples=40, seed=0, targets=("weights",), artifacts=tmp_path / "artifacts")
@@ -131,11 +131,11 @@ def test_atheris_brief_campaign_finds_nothing(tmp_path: Path) -> None:
 
 
 PLANT = """import sys
-import singlora.adapter_file as adapter_file
+import torch_singlora.adapter_file as adapter_file
 def broken(path, entries):
     raise KeyError("planted")
 adapter_file._read_data = broken
-from singlora.fuzz import main
+from torch_singlora.fuzz import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -143,7 +143,7 @@ sys.exit(main(sys.argv[1:]))
 def test_atheris_finding_is_reported_with_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The atheris engine reports a bug planted in its child process, and each saved input replays it here."""
     pytest.importorskip("atheris")
-    import singlora.adapter_file as adapter_file
+    import torch_singlora.adapter_file as adapter_file
 
     campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path / "artifacts",
                            launcher=(sys.executable, "-c", PLANT))
@@ -174,8 +174,8 @@ def _f64_adapter(directory: Path, key: str, value: float) -> dict:
     """The seed adapter re-saved with every tensor as F64 and ``key``'s first element set to ``value``."""
     from safetensors.torch import load_file, save_file
 
-    from singlora.adapter_file import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
-    from singlora.fuzz import valid_adapter
+    from torch_singlora.adapter_file import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
+    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(directory)
     tensors = {k: v.double() for k, v in load_file(directory / WEIGHTS_FILE).items()}
@@ -189,9 +189,9 @@ def _f64_adapter(directory: Path, key: str, value: float) -> dict:
 def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> None:
     """Found by the atheris engine (its mutator re-encodes a file's tensors as F64, then sets a data byte): an F64
     value beyond float32's range passed the file's NaN/Inf check and loaded as Inf into the float32 parameter."""
-    from singlora import AdapterFileError
-    from singlora.adapter_file import adapter_state_dict, load_adapter_in_place
-    from singlora.fuzz import fresh_model, same, snapshot
+    from torch_singlora import AdapterFileError
+    from torch_singlora.adapter_file import adapter_state_dict, load_adapter_in_place
+    from torch_singlora.fuzz import fresh_model, same, snapshot
 
     _f64_adapter(tmp_path / "bad", key, 1e300)
     model = fresh_model()

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-import singlora.adapter_file as adapter_file
-from singlora import AdapterFileError, SingLoRAError
-from singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
-from singlora.fuzz import fresh_model, same, snapshot, valid_adapter
+import torch_singlora.adapter_file as adapter_file
+from torch_singlora import AdapterFileError, SingLoRAError
+from torch_singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
+from torch_singlora.fuzz import fresh_model, same, snapshot, valid_adapter
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
@@ -414,7 +414,7 @@ def test_file_swapped_after_header_check(saved: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("attack", ["huge shape", "overlapping offsets", "header over cap"])
 def test_model_free_readers_check_the_header_first(saved: Path, data_reads: list[int], attack: str) -> None:
     """``singlora inspect`` and the converters read adapters without a model: same header checks, no data read."""
-    from singlora.cli import inspect_adapter
+    from torch_singlora.cli import inspect_adapter
 
     HEADER_ATTACKS[attack][0](saved / WEIGHTS_FILE)
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):

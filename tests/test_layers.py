@@ -9,8 +9,8 @@ from conftest import assert_close, dense_update
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from singlora import SingLoRAError, SingLoRALayer, delta_matrix, lora_factors
-from singlora.functional import delta_weight, matrix_dims, ramp
+from torch_singlora import SingLoRAError, SingLoRALayer, delta_matrix, lora_factors
+from torch_singlora.functional import delta_weight, matrix_dims, ramp
 
 SHAPES = [(8, 8), (12, 5), (5, 12)]  # (d_out, d_in): square, tall (out > in), wide (in > out)
 

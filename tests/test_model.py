@@ -11,7 +11,7 @@ from conftest import assert_close, dense_update
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model
 
 
 class Toy(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import assert_close, dense_update, expected_coefficient
-from singlora import SingLoRAConfig, get_singlora_model
+from torch_singlora import SingLoRAConfig, get_singlora_model
 
 
 def _model(dtype: torch.dtype):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
@@ -203,7 +203,7 @@ TRAIN_NUMBERS = ("r", "alpha", "adapter_dropout", "loraplus_lr_ratio", "lr", "we
 def test_train_options_validated_up_front(changes: dict[str, Any], texts: dict[str, str]) -> None:
     """``TrainConfig.validate`` (run before anything is loaded) accepts only values the run can use: every numeric
     option is finite and in range, or the error names the flag."""
-    from singlora.train.loop import TrainConfig
+    from torch_singlora.train.loop import TrainConfig
 
     config = TrainConfig(model="m", train_data="d", output_dir="o", **changes, **texts)
     try:

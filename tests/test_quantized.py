@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from conftest import assert_close, dense_update, expected_coefficient
-from singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 
 bnb = pytest.importorskip("bitsandbytes")
-from singlora.integrations.quantized import dequantize_and_merge, dequantize_weight, is_quantized  # noqa: E402
+from torch_singlora.integrations.quantized import dequantize_and_merge, dequantize_weight, is_quantized  # noqa: E402
 
 
 def _quantized(bits: int) -> nn.Module:
@@ -87,7 +87,7 @@ def test_dequantize_and_merge_is_exact(bits: int) -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_stock_peft_serves_export_on_quantized_base(tmp_path, bits: int) -> None:
     peft = pytest.importorskip("peft")
-    from singlora.export import export_lora
+    from torch_singlora.export import export_lora
 
     model = _adapted(bits)
     export_lora(model, tmp_path)

@@ -17,7 +17,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from singlora import SingLoRAConfig, SingLoRAModel, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAModel, get_singlora_model
 
 
 def train_steps(model: SingLoRAModel, batch: dict, steps: int, lr: float) -> list[float]:

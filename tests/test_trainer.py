@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 
 transformers = pytest.importorskip("transformers")
-from singlora.integrations.trainer import ADAPTER_SUBDIR, SingLoRACallback, SingLoRATrainer  # noqa: E402
+from torch_singlora.integrations.trainer import ADAPTER_SUBDIR, SingLoRACallback, SingLoRATrainer  # noqa: E402
 
 
 def _model(ramp_up_steps: int = 4):

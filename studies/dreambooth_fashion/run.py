@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from singlora.adapter_file import atomic_write, atomic_write_text
-from singlora.diffusion.dreambooth import DEFAULT_TARGETS, add_singlora, denoising_loss
-from singlora.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
+from torch_singlora.adapter_file import atomic_write, atomic_write_text
+from torch_singlora.diffusion.dreambooth import DEFAULT_TARGETS, add_singlora, denoising_loss
+from torch_singlora.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -129,7 +129,7 @@ def dreambooth_loss(per_sample: Tensor, num_instance: int, prior_loss_weight: fl
 
 
 def _opt(default: Any, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a ``--help`` text (``metadata["help"]``, as in ``singlora.cli``)."""
+    """A dataclass field with a ``--help`` text (``metadata["help"]``, as in ``torch_singlora.cli``)."""
     if "default_factory" in kwargs:
         return field(metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help})

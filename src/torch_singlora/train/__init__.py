@@ -7,5 +7,5 @@
 - ``evaluate``: metrics of a model on a dataset; ``metrics``: metric functions, the JSONL log, the summary table;
   ``plots``: PNG curves of one or several runs.
 
-Imports transformers / accelerate / peft / matplotlib, so ``import singlora`` never imports this package.
+Imports transformers / accelerate / peft / matplotlib, so ``import torch_singlora`` never imports this package.
 """

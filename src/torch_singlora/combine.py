@@ -10,7 +10,7 @@ sources are folded in. Modules that only some sources adapt get only those colum
 
 Negative weights cannot be exact: a square SingLoRA update ``c A A^T`` is positive semi-definite, and a weighted
 sum with a negative weight is in general indefinite, which no single ``A A^T`` equals. ``combine_adapters``
-refuses them. To subtract adapters, export each one to plain LoRA (``singlora.export``), where the sign goes into
+refuses them. To subtract adapters, export each one to plain LoRA (``torch_singlora.export``), where the sign goes into
 ``lora_B`` exactly, and combine there (e.g. PEFT ``add_weighted_adapter(..., combination_type="cat")``).
 """
 
@@ -43,7 +43,7 @@ def combine_adapters(model: SingLoRAModel, weights: dict[str, float], new_name: 
         if weight < 0:
             raise SingLoRAError(
                 f"weights[{name!r}]={weight} < 0: a weighted sum with negative weights is indefinite and no single "
-                "A @ A.T equals it; export the adapters to plain LoRA (singlora.export) and combine them there"
+                "A @ A.T equals it; export the adapters to plain LoRA (torch_singlora.export) and combine them there"
             )
         if model.configs[name].modules_to_save:
             raise SingLoRAError(f"adapter {name!r} has modules_to_save; combining fully trained modules is not defined")

@@ -17,10 +17,10 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
 
 - ``hypothesis`` (default; the ``dev`` extra): the strategies above, deterministic for a ``--seed``::
 
-      .venv/bin/python -m singlora.fuzz --examples 20000 --seed 1
+      .venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1
 
-- ``atheris`` (the ``fuzz`` extra: ``pip install 'singlora[fuzz]'``): libFuzzer mutates raw bytes, guided by the
-  coverage of ``singlora.adapter_file``, ``singlora.config`` and ``singlora.targets`` (instrumented at start), with
+- ``atheris`` (the ``fuzz`` extra: ``pip install 'torch-singlora[fuzz]'``): libFuzzer mutates raw bytes, guided by the
+  coverage of ``torch_singlora.adapter_file``, ``torch_singlora.config`` and ``torch_singlora.targets`` (instrumented at start), with
   a dictionary of the seed files' JSON strings. ``weights``: the bytes are the safetensors file (seed corpus: the
   valid file and structural mutations, ``weight_seeds``; a structure-aware mutator, ``safetensors_mutator``,
   mutates the header JSON or the data alone and re-encodes tensors as other dtypes); ``config_file``: the bytes
@@ -28,7 +28,7 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
   Each target runs in a child process (libFuzzer ends the process it runs in) for ``--seconds``
   (``-max_total_time``) and/or ``--examples`` inputs (``-atheris_runs``)::
 
-      .venv/bin/python -m singlora.fuzz --engine atheris --seconds 600 --targets weights config_file \\
+      .venv/bin/python -m torch_singlora.fuzz --engine atheris --seconds 600 --targets weights config_file \\
           --artifacts fuzz-out --reasons 5
 
 Both print one table row per target (inputs, loaded, refused, findings, seconds) and exit 1 on any finding. Each
@@ -340,7 +340,7 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
 
 # ---- atheris engine (coverage-guided; optional: the ``fuzz`` extra) -------------------------------------------------
 
-INSTRUMENTED = ("singlora.adapter_file", "singlora.config", "singlora.targets")
+INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.config", "torch_singlora.targets")
 
 
 def instrument(atheris: Any, module_names: tuple[str, ...] = INSTRUMENTED) -> int:
@@ -544,7 +544,7 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
 
 def run_atheris(seconds: int | None = None, examples: int | None = None, seed: int = 0,
                 targets: tuple[str, ...] = TARGETS, artifacts: Path = Path(tempfile.gettempdir()) / "singlora-fuzz",
-                launcher: tuple[str, ...] = (sys.executable, "-m", "singlora.fuzz")) -> Campaign:
+                launcher: tuple[str, ...] = (sys.executable, "-m", "torch_singlora.fuzz")) -> Campaign:
     """Fuzz each target with atheris for ``seconds`` and/or ``examples`` inputs, each in a child process
     (``launcher`` + arguments; libFuzzer ends the process it runs in). A child that dies (a crash, a hang over
     60 s, over 2 GB of memory) is a finding; libFuzzer's log is ``artifacts/<target>-libfuzzer.log``."""
@@ -637,7 +637,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.engine == "atheris" and args.seconds is None and args.examples is None:
         args.seconds = 60
     if args.engine == "atheris" and importlib.util.find_spec("atheris") is None:
-        parser.error("--engine atheris needs atheris: pip install 'singlora[fuzz]' (or: pip install atheris)")
+        parser.error("--engine atheris needs atheris: pip install 'torch-singlora[fuzz]' (or: pip install atheris)")
     return args
 
 

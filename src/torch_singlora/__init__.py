@@ -2,7 +2,7 @@
 
 Quick start::
 
-    from singlora import SingLoRAConfig, get_singlora_model
+    from torch_singlora import SingLoRAConfig, get_singlora_model
     model = get_singlora_model(model, SingLoRAConfig(r=8, alpha=8, target_modules="all-linear"))
     model.bind_optimizer(optimizer)   # the ramp-up u(t) follows optimizer steps
 """

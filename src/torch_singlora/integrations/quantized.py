@@ -7,7 +7,7 @@ the forward. Shapes come from ``in_features``/``out_features`` (a 4-bit weight i
 Merging into a quantized weight is refused (``SingLoRALayer.merge`` raises): re-quantizing ``W0 + dW`` would
 round the update away. ``dequantize_and_merge`` is the explicit alternative: it dequantizes every adapted base
 layer to a plain ``nn.Linear`` (float32 by default), merges there in float32 and returns the plain model.
-Export (``singlora.export``) needs no dequantization at all: the LoRA factors do not involve ``W0``.
+Export (``torch_singlora.export``) needs no dequantization at all: the LoRA factors do not involve ``W0``.
 
 Checked on CPU with bitsandbytes 0.50 (its CPU backend runs ``Linear8bitLt`` and ``Linear4bit`` forward and
 backward); the same code path runs on CUDA.

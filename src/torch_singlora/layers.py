@@ -177,7 +177,7 @@ class SingLoRALayer(nn.Module):
         if todo and not self.base_layer.weight.is_floating_point():
             raise SingLoRAError(
                 f"cannot merge into a {self.base_layer.weight.dtype} (quantized) base weight; dequantize first "
-                "(singlora.integrations.quantized.dequantize_and_merge) or keep the adapter unmerged"
+                "(torch_singlora.integrations.quantized.dequantize_and_merge) or keep the adapter unmerged"
             )
         return todo
 

@@ -1,4 +1,4 @@
-"""``singlora dreambooth`` and ``singlora dreambooth-eval`` (registered by ``singlora.cli`` through ``add_parser``).
+"""``singlora dreambooth`` and ``singlora dreambooth-eval`` (registered by ``torch_singlora.cli`` through ``add_parser``).
 
     singlora dreambooth --pretrained-model SD_FOLDER --instance-data-dir DOG/ --instance-prompt "a photo of sks dog" \\
         --output-dir OUT [--r 8] [--learning-rate 1e-3] [--max-train-steps 400] [--with-prior-preservation ...]
@@ -132,7 +132,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run these subcommands through the ``singlora`` command line (``python -m singlora.diffusion.cli``)."""
+    """Run these subcommands through the ``singlora`` command line (``python -m torch_singlora.diffusion.cli``)."""
     from ..cli import main as singlora_main
 
     return singlora_main(argv)
