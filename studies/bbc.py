@@ -164,7 +164,7 @@ class Bench:
             model=self.model, train_data=str(self.data["train"]), eval_data=str(self.data["val"]),
             output_dir=str(out), method=spec.method, lr=spec.lr, seed=spec.seed, r=spec.r, alpha=spec.alpha,
             ramp_up=spec.ramp_up, epochs=spec.epochs, max_steps=spec.max_steps, batch_size=spec.batch_size,
-            max_length=spec.max_length, save_every=0, quiet=True, plot=False, **extra,
+            max_length=spec.max_length, save_every=0, quiet=True, plot=False, overwrite=True, **extra,
         )
         start = time.perf_counter()
         summary = train(config)
