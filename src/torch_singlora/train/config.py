@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
-from .tasks import TASKS
+from .tasks import TASKS, task_class
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -155,3 +155,4 @@ class TrainConfig:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
         steps_or_fraction(self.ramp_up, "--ramp-up")
         steps_or_fraction(self.warmup, "--warmup")
+        task_class(self.task)().parse_options(self.task_options)

@@ -101,7 +101,6 @@ def prepare(config: TrainConfig) -> Run:
     quiet_bitsandbytes()
     config.validate()
     task = get_task(config.task)
-    task.parse_options(config.task_options)
     if config.quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

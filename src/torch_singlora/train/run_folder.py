@@ -117,10 +117,10 @@ def data_fingerprint(datasets: Iterable[Any]) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 of a model folder's ``config.json`` and of the names and sizes of its other files."""
+    """sha256 of a model folder's ``config.json`` and of the names and sizes of its weight files."""
     folder = Path(path)
     digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for file in sorted(p for p in folder.iterdir() if p.is_file() and p.name != "config.json"):
+    for file in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
     return digest.hexdigest()
 
