@@ -36,7 +36,7 @@ def add_three_adapters(model: nn.Module, targets: list[str], saved: list[str] | 
 
     wrapped = get_singlora_model(model, config(2, 2.0, targets, saved), "a")
     wrapped.add_adapter("b", config(5, 3.0, targets[::2], saved, ramp=10))
-    wrapped.set_step(5, "b")
+    wrapped.set_ramp_step(5, "b")
     wrapped.add_adapter("c", config(3, 1.0, targets[1:], None))
     for _, wrapper in wrapped.trainable_copies():
         for replica in wrapper.copies.values():
