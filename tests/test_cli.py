@@ -287,7 +287,7 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     ({"--eval-data": "{root}/other_labels.jsonl"}, "label set mismatch"),
     ({"--target-modules": "qkv_proj"}, "'qkv_proj' matches no module"),
     ({"--target-modules": "re:.*nothing.*"}, "matches no module"),
-    ({"--ramp-up": "soon"}, "--ramp-up='soon'"),
+    ({"--ramp-up": "soon"}, "--ramp-up-steps='soon'"),
     # data checks: nothing is stringified or trained as a class "None" / ""
     ({"--train-data": "{root}/missing_label.csv"}, "missing_label.csv: row 2 (line 3): column 'label' "
                                                    "(--label-column) has no value"),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter_file import atomic_write_text, load_adapter_in_place
-from ..config import SingLoRAConfig
+from ..config import SingLoRAConfig, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel, get_singlora_model
 from ..train.step import OptimizerStep
@@ -159,7 +159,8 @@ class DreamBoothArgs:
     alpha: float | None = _opt(None, "scale numerator, s = alpha / r (default: r)")
     target_modules: list[str] = _opt(None, "U-Net modules to adapt (paper: to_q to_k)",
                                      default_factory=lambda: list(DEFAULT_TARGETS))
-    ramp_up_steps: float = _opt(0.01, "ramp u(t): a fraction of max_train_steps (< 1) or a number of steps")
+    ramp_up_steps: str = _opt("0.01", "ramp u(t): int optimizer steps, or a fraction of max_train_steps (a number "
+                                      "with a '.', e.g. 0.01; 1.0 = the whole run)")
     init: str = _opt("normal", "initialisation of A: normal | kaiming_uniform | gaussian")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _opt(False, "recompute U-Net activations in backward (less memory)")
@@ -189,11 +190,11 @@ class DreamBoothArgs:
             raise SingLoRAError("--checkpointing-steps must be >= 0 and --validation-steps >= 1")
         if not self.learning_rate > 0:
             raise SingLoRAError(f"--learning-rate {self.learning_rate!r} must be > 0")
+        self.ramp()
 
     def ramp(self) -> int | float:
-        """``ramp_up_steps`` as SingLoRAConfig wants it: whole numbers >= 1 are steps, else a fraction."""
-        value = self.ramp_up_steps
-        return int(value) if float(value).is_integer() and value >= 1 or value == 0 else float(value)
+        """``ramp_up_steps`` read by the library's one parser: int steps, or a fraction of ``max_train_steps``."""
+        return parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -1,5 +1,6 @@
 """``TrainConfig``: every option of ``singlora train`` in one validated dataclass (one field = one ``--flag``, its
-help text in the field's metadata), plus the "steps or a fraction of the run" parser of ``--ramp-up`` / ``--warmup``.
+help text in the field's metadata). ``--ramp-up-steps`` and ``--warmup`` are "steps or a fraction of the run",
+read by the library's one parser (``torch_singlora.config.parse_steps_or_fraction``).
 
 Task-specific options (e.g. those of ``--task sft``) are not fields here: each task declares its own options
 dataclass (``tasks.Task.options``) and the values travel in ``TrainConfig.task_options``.
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
+from ..config import parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .tasks import TASKS, task_class
@@ -20,42 +22,13 @@ PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
-# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``outputs``).
+# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``run_folder``).
 RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "name", "plot", "on_nonfinite", "output_dir",
                      "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
-
-StepsOrFraction = Union[int, float]
 
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
-
-
-def steps_or_fraction(text: str | int | float, flag: str) -> StepsOrFraction:
-    """``"100"`` -> 100 optimizer steps; ``"0.01"`` / ``"1e-2"`` / ``"1.0"`` -> that fraction of the run."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise SingLoRAError(f"{flag}={text!r} must be an int (steps) or a fraction like 0.01")
-    value: StepsOrFraction
-    if isinstance(text, str):
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise SingLoRAError(f"{flag}={text!r} must be an int (steps) or a fraction like 0.01") from None
-    else:
-        value = text
-    if isinstance(value, float) and not (math.isfinite(value) and 0 <= value <= 1):
-        raise SingLoRAError(f"{flag}={text!r}: a fraction must be in [0, 1] (or give an int number of steps)")
-    if value < 0:
-        raise SingLoRAError(f"{flag}={text!r}: steps must be >= 0")
-    return value
-
-
-def in_steps(value: StepsOrFraction, total: int) -> int:
-    """``value`` (steps or a fraction) as a number of optimizer steps of a run of ``total`` steps."""
-    return round(value * total) if isinstance(value, float) else value
 
 
 @dataclass
@@ -84,7 +57,8 @@ class TrainConfig:
     r: int = _help("rank", default=8)
     alpha: float = _help("scale numerator: s = alpha / r", default=8.0)
     adapter_dropout: float = _help("dropout on the adapter input", default=0.0)
-    ramp_up: str = _help("SingLoRA ramp-up T: int optimizer steps, or a fraction of the total steps", default="0.01")
+    ramp_up_steps: str = field(default="0.01", metadata={
+        "help": "SingLoRA ramp-up T: int optimizer steps, or a fraction of the total steps", "aliases": ["--ramp-up"]})
     init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
                       default="normal")
     loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
@@ -153,6 +127,6 @@ class TrainConfig:
         for flag in ("eval_split", "adapter_dropout"):
             if not 0 <= getattr(self, flag) < 1:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
-        steps_or_fraction(self.ramp_up, "--ramp-up")
-        steps_or_fraction(self.warmup, "--warmup")
+        parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
+        parse_steps_or_fraction(self.warmup, "--warmup")
         task_class(self.task)().parse_options(self.task_options)

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import parse_steps_or_fraction, resolve_steps
 from ..errors import SingLoRAError
 from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save_checkpoint
-from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig, in_steps, steps_or_fraction
+from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
 from .pretrained import check_model_folder
@@ -139,14 +140,16 @@ def prepare(config: TrainConfig) -> Run:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = MethodSettings(
         method=config.method, r=config.r, alpha=config.alpha, dropout=config.adapter_dropout,
-        targets=parse_targets(config.target_modules), ramp_up=steps_or_fraction(config.ramp_up, "--ramp-up"),
+        targets=parse_targets(config.target_modules),
+        ramp_up_steps=parse_steps_or_fraction(config.ramp_up_steps, "--ramp-up-steps"),
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
     )
     method = method_class(config.method).wrap(base, settings, task.heads(base))
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
     scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=in_steps(steps_or_fraction(config.warmup, "--warmup"), total_steps))
+                              num_warmup_steps=resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"),
+                                                             total_steps))
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -329,7 +332,7 @@ def finish(run: Run) -> dict[str, Any]:
             "adapter_params": run.method.adapter_params(), "adapter_file_bytes": weights_bytes,
             "steps": run.step, "total_steps": run.total_steps, "skipped_steps": run.stepper.skipped,
             "seconds_per_step": sum(run.step_seconds) / len(run.step_seconds) if run.step_seconds else None,
-            "adapted_modules": len(run.method.target_names), "ramp_steps": run.method.ramp_steps(),
+            "adapted_modules": len(run.method.target_names), "ramp_up_steps": run.method.ramp_up_steps(),
             "config": dataclasses.asdict(config),
         }
         atomic_write_text(run.folder.summary, json.dumps(summary, indent=2) + "\n")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Union
+from typing import Callable, ClassVar, Union
 
 import torch
 from torch import nn
@@ -55,14 +55,14 @@ def resolve_target_names(model: nn.Module, targets: Targets, modules_to_save: li
 
 @dataclass
 class MethodSettings:
-    """What to train. ``ramp_up``: SingLoRA's T (int steps, or a fraction of ``total_steps``)."""
+    """What to train. ``ramp_up_steps``: SingLoRA's T (int steps, or a fraction of ``total_steps``)."""
 
     method: str = "singlora"
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     targets: Targets = None
-    ramp_up: Union[int, float] = 0.01
+    ramp_up_steps: Union[int, float] = 0.01
     total_steps: int = 1
     loraplus_lr_ratio: float = 16.0
     init: str = "normal"  # SingLoRA's init of A (SingLoRAConfig.init)
@@ -119,7 +119,7 @@ class Method:
     def u(self) -> float | None:
         return None
 
-    def ramp_steps(self) -> int | None:
+    def ramp_up_steps(self) -> int | None:
         return None
 
     def save(self, directory: Path, model: nn.Module) -> Path:
@@ -146,7 +146,7 @@ class SingLoRA(Method):
         names = resolve_target_names(model, settings.targets, heads)
         config = SingLoRAConfig(
             r=settings.r, alpha=settings.alpha, dropout=settings.dropout, target_modules=names,
-            modules_to_save=heads or None, ramp_up_steps=settings.ramp_up, total_steps=settings.total_steps,
+            modules_to_save=heads or None, ramp_up_steps=settings.ramp_up_steps, total_steps=settings.total_steps,
             init=settings.init,
         )
         return get_singlora_model(model, config), names
@@ -155,23 +155,16 @@ class SingLoRA(Method):
         self.model.bind_optimizer(optimizer)
 
     def ramp_step(self) -> int:
-        return self.model.get_step()
+        return self.model.get_ramp_step()
 
     def set_ramp_step(self, step: int) -> None:
-        self.model.set_step(step)
-
-    def _adapter(self) -> Any:
-        _, layer = next(iter(self.model.singlora_layers()))
-        return next(iter(layer.singlora.values()))
+        self.model.set_ramp_step(step)
 
     def u(self) -> float:
-        from ..functional import ramp
+        return self.model.get_ramp_value()
 
-        adapter = self._adapter()
-        return float(ramp(adapter.step, adapter.ramp_steps, torch.float64))
-
-    def ramp_steps(self) -> int:
-        return self._adapter().ramp_steps
+    def ramp_up_steps(self) -> int:
+        return self.model.get_ramp_up_steps()
 
     def save(self, directory: Path, model: nn.Module) -> Path:
         model.save_adapter(directory)
