@@ -107,14 +107,16 @@ def tokenize_conversation(tokenizer: Any, conversation: Conversation, *,
                           assistant_only_loss: bool = True) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one conversation; labels are ``IGNORE_INDEX`` outside the trained answers (all
     tokens trained when ``assistant_only_loss`` is False)."""
+    if not assistant_only_loss:
+        ids = list(tokenizer(render(tokenizer, conversation.messages, where=conversation.where),
+                             add_special_tokens=False)["input_ids"])
+        return ids, list(ids)
     full, spans = answer_spans(tokenizer, conversation)
     if not getattr(tokenizer, "is_fast", False):
         raise SingLoRAError("the assistant-only loss needs a fast tokenizer (offsets mapping); this one is "
                             f"{type(tokenizer).__name__}")
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    if not assistant_only_loss:
-        return ids, list(ids)
     labels = [IGNORE_INDEX] * len(ids)
     for position, (start, end) in enumerate(encoded["offset_mapping"]):
         end = max(end, start + 1)  # a zero-width token counts at its position
@@ -148,6 +150,13 @@ class SFTDataset(torch.utils.data.Dataset):
         return SFTDataset([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
                           [self.conversations[i] for i in indices], self.max_length, self.truncated, self.dropped,
                           sum(sum(1 for t in self.labels[i] if t != IGNORE_INDEX) for i in indices))
+
+    def to_hf_dataset(self) -> Any:
+        """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns: TRL's ``SFTTrainer`` takes it as is
+        (already tokenized, so it applies neither its template nor its masks)."""
+        import datasets
+
+        return datasets.Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
 
     def describe(self, name: str) -> str:
         """One line: examples, answer tokens, truncation."""
