@@ -42,7 +42,7 @@ def _args(tmp_path, **overrides):
 def _record_steps(model) -> list[int]:
     """The ramp step seen by every forward (micro-batch) of the model."""
     seen: list[int] = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(model.get_step()))
+    model.register_forward_pre_hook(lambda module, args: seen.append(model.get_ramp_step()))
     return seen
 
 
@@ -63,7 +63,7 @@ def test_trainer_ramp_counts_optimizer_steps_and_resumes(tmp_path) -> None:
     trainer.train()
     # 4 optimizer steps of 2 micro-batches: forwards run at ramp steps 0,0,1,1,2,2,3,3
     assert seen == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert counter.count == model.get_step() == trainer.state.global_step == 4
+    assert counter.count == model.get_ramp_step() == trainer.state.global_step == 4
     final_A = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("singlora.default.A")}
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
@@ -73,7 +73,7 @@ def test_trainer_ramp_counts_optimizer_steps_and_resumes(tmp_path) -> None:
     seen = _record_steps(resumed)
     trainer = SingLoRATrainer(model=resumed, args=_args(tmp_path / "again"), train_dataset=_data())
     trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert seen == [2, 2, 3, 3] and resumed.get_step() == 4
+    assert seen == [2, 2, 3, 3] and resumed.get_ramp_step() == 4
     for key, value in resumed.state_dict().items():
         if key in final_A:
             torch.testing.assert_close(value, final_A[key], atol=1e-5, rtol=1e-4)
@@ -84,7 +84,7 @@ def test_callback_with_plain_trainer_saves_adapter_copies_and_resumes(tmp_path) 
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
                                    callbacks=[SingLoRACallback(model)])
     trainer.train()
-    assert model.get_step() == 4
+    assert model.get_ramp_step() == 4
     assert (tmp_path / "checkpoint-2" / ADAPTER_SUBDIR / "adapter_config.json").is_file()
     resumed = _model()
     seen = _record_steps(resumed)
@@ -105,7 +105,7 @@ def test_gradient_checkpointing_trains_adapters_and_counts_optimizer_steps(tmp_p
                               train_dataset=_data())
     trainer.train()
     assert len(calls) == 16  # 8 micro-batches, each layer forward run again in backward: checkpointing is on
-    assert model.get_step() == 4  # the recomputed forwards do not move the ramp
+    assert model.get_ramp_step() == 4  # the recomputed forwards do not move the ramp
     for key, value in model.state_dict().items():
         if key in before:
             assert not torch.equal(value, before[key]), key
@@ -156,7 +156,7 @@ def test_plain_trainer_saves_and_resumes_a_tied_model(tmp_path) -> None:
     trainer = transformers.Trainer(model=resumed, args=_args(tmp_path / "again", learning_rate=1e-2),
                                    train_dataset=_lm_data(), callbacks=[SingLoRACallback(resumed)])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed.get_step() == 4
+    assert resumed.get_ramp_step() == 4
     assert resumed.model.lm_head.weight is resumed.model.model.embed_tokens.weight  # still tied after loading
     for key, value in _adapter_weights(resumed).items():
         torch.testing.assert_close(value, final[key], atol=1e-5, rtol=1e-4)
@@ -193,13 +193,13 @@ def test_sft_trainer_adapter_only_checkpoints_resume_on_a_tied_model(tmp_path, s
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     final = _adapter_weights(model)
-    assert model.get_step() == 4
+    assert model.get_ramp_step() == 4
 
     resumed = _tied_llama(**vocab)
     seen = _record_steps(resumed)
     SFTTrainer(model=resumed, args=_sft_config(tmp_path / "again"), train_dataset=data,
                processing_class=smollm2_tokenizer).train(resume_from_checkpoint=str(checkpoint))
-    assert seen == [2, 3] and resumed.get_step() == 4
+    assert seen == [2, 3] and resumed.get_ramp_step() == 4
     for key, value in _adapter_weights(resumed).items():
         torch.testing.assert_close(value, final[key], atol=1e-5, rtol=1e-4)
 

@@ -106,11 +106,11 @@ class SingLoRACallback(TrainerCallback):
     def _sync(self, global_step: int) -> None:
         for name in self.model.active_adapters:
             offset = self.offsets.setdefault(name, 0)
-            self.model.set_step(offset + global_step, name)
+            self.model.set_ramp_step(offset + global_step, name)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.offsets = {
-            name: max(self.model.get_step(name) - state.global_step, 0) for name in self.model.active_adapters
+            name: max(self.model.get_ramp_step(name) - state.global_step, 0) for name in self.model.active_adapters
         }
         self._sync(state.global_step)
 
