@@ -110,14 +110,14 @@ def test_random_configs_on_random_trees(
         config = SingLoRAConfig(r=r, alpha=alpha, target_modules=targets, ramp_up_steps=ramp, total_steps=total,
                                 use_rslora=rslora, rank_pattern=rank_pattern)
         model = get_singlora_model(tree, config)
-        model.set_step(step)
+        model.set_ramp_step(step)
     except SingLoRAError:
         assert [(n, type(m)) for n, m in tree.named_modules()] == structure
         assert all(torch.equal(v, before[k]) for k, v in tree.state_dict().items())
         return
     model.eval()
     adapted = dict(model.singlora_layers())
-    T = config.ramp_steps()
+    T = config.resolve_ramp_up_steps()
     u = 1.0 if T == 0 else min(step / T, 1.0)
     for name, module in originals.items():
         # The targeting rule, written out: list = exact name or dotted suffix; string = full regex match.
@@ -198,7 +198,7 @@ TRAIN_NUMBERS = ("r", "alpha", "adapter_dropout", "loraplus_lr_ratio", "lr", "we
 
 @SETTINGS
 @given(changes=st.dictionaries(st.sampled_from(TRAIN_NUMBERS), numbers, min_size=1, max_size=3),
-       texts=st.dictionaries(st.sampled_from(["ramp_up", "warmup"]),
+       texts=st.dictionaries(st.sampled_from(["ramp_up_steps", "warmup"]),
                              st.sampled_from(["0.01", "5", "-1", "1.5", "abc", "", "nan", "0"]), max_size=2))
 def test_train_options_validated_up_front(changes: dict[str, Any], texts: dict[str, str]) -> None:
     """``TrainConfig.validate`` (run before anything is loaded) accepts only values the run can use: every numeric
