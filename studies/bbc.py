@@ -162,15 +162,15 @@ class Bench:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
-        from torch_singlora.train.checkpoint import CHECKPOINT_FILE
         from torch_singlora.train.loop import TrainConfig, train
+        from torch_singlora.train.run_folder import RunFolder
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if spec.init != "normal" and "init" not in fields:
             raise RuntimeError("TrainConfig has no `init` field: the init ablation needs `singlora train --init`")
         extra = {"init": spec.init} if "init" in fields else {}
         extra = {"save_every": 0, **extra, **spec.train_settings()}
-        resume = (out / CHECKPOINT_FILE).is_file()  # a run killed after a checkpoint (``save_every`` > 0) continues
+        resume = RunFolder(out).checkpoint.is_file()  # a run killed after a checkpoint (``save_every`` > 0) continues
         config = TrainConfig(
             model=self.model, train_data=str(self.data["train"]), eval_data=str(self.data["val"]),
             output_dir=str(out), method=spec.method, lr=spec.lr, seed=spec.seed, r=spec.r, alpha=spec.alpha,
