@@ -90,12 +90,12 @@ def test_a_new_task_plugs_in_without_touching_the_loop(llama: dict[str, Path], t
     args = ["train", "--task", "toy", "--model", str(llama["llama"]), "--train-data", str(llama["train"]),
             "--eval-data", str(llama["eval"]), "--output-dir", str(out), "--max-length", "8", "--batch-size", "4",
             "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--quiet", "--no-plot",
-            "--sample-prefix", "#"]
+            "--sample-prefix", "#", "--ramp-up-steps", "0"]  # u = 1 from step 0: the base score disables A
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]  # the base model's score first
-    expected = _eval_loss(llama["llama"], llama["eval"], 8)  # u = 0 at step 0: exactly the base model
+    expected = _eval_loss(llama["llama"], llama["eval"], 8)
     assert evals[0]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert evals[0]["samples"] == [f"#{evals[0]['samples'][0][1:]}"] and int(evals[0]["samples"][0][1:]) > 0
     summary = json.loads((out / "summary.json").read_text())

@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     run = prepare(config)
     if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
-        run.base_metrics = evaluate(run)  # the base model's score (u = 0 / B = 0 at step 0)
+        with run.method.disabled():  # the base model's score, before training
+            run.base_metrics = evaluate(run)
     run.model.train()
     while run.step < run.total_steps:
         train_epoch(run)

@@ -17,9 +17,10 @@ the same layers. The task's heads (e.g. ``classifier``) train fully and are save
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Union
+from typing import Callable, ClassVar, ContextManager, Union
 
 import torch
 from torch import nn
@@ -122,6 +123,10 @@ class Method:
     def ramp_up_steps(self) -> int | None:
         return None
 
+    def disabled(self) -> ContextManager[None]:
+        """Inside: the base model alone (the step-0 "base" score; full fine-tuning has nothing to disable)."""
+        return contextlib.nullcontext()
+
     def save(self, directory: Path, model: nn.Module) -> Path:
         """Write the trained weights of ``model`` (the unwrapped ``self.model``) into ``directory``; returns the
         weights file."""
@@ -166,6 +171,9 @@ class SingLoRA(Method):
     def ramp_up_steps(self) -> int:
         return self.model.get_ramp_up_steps()
 
+    def disabled(self) -> ContextManager[None]:
+        return self.model.disable_adapters()
+
     def save(self, directory: Path, model: nn.Module) -> Path:
         model.save_adapter(directory)
         return directory / self.weights_file
@@ -196,6 +204,9 @@ class Peft(Method):
 
         return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=lr,
                                          loraplus_lr_ratio=self.settings.loraplus_lr_ratio, weight_decay=weight_decay)
+
+    def disabled(self) -> ContextManager[None]:
+        return self.model.disable_adapter()
 
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
