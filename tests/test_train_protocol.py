@@ -162,3 +162,16 @@ def test_dreambooth_stops_at_the_first_non_finite_step(tmp_path: Path, monkeypat
     with pytest.raises(SingLoRAError, match=r"non-finite loss \(nan\) at optimizer step 2; stopped without writing"):
         dreambooth.train_dreambooth(args)
     assert len(calls) == 4 and not (tmp_path / "out" / "singlora").exists()
+
+
+def test_evaluate_a_base_model_without_an_adapter(llama: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    assert main(["evaluate", "--model", str(llama["llama"]), "--task", "causal-lm", "--data", str(llama["eval"]),
+                 "--output", str(tmp_path / "m.json"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(_eval_loss(llama["llama"], llama["eval"], 128), rel=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(llama["llama"]), "--task", "classification", "--data",
+                 str(llama["eval"])]) == 2
+    assert "--task classification: evaluating needs a trained adapter folder" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(llama["eval"])]) == 2
+    assert "without an adapter folder, give the base model: --model and --task" in capsys.readouterr().err
