@@ -322,11 +322,13 @@ def small_disk(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-# Pages (4 KiB) the tiny run writes: metrics.jsonl 1 (12 lines), checkpoint.pt 4, each adapter file 1.
+# Pages (4 KiB) the tiny run writes: metrics.jsonl 1 (12 lines), checkpoint.pt 4, the adapter's 3 files 1 each,
+# summary.json 1, curves.png more than 1.
 @pytest.mark.parametrize("full_at, pages, save_every", [
     ("metrics.jsonl", 0, SAVE_EVERY),  # the first line of the log
     ("checkpoint.pt", 1 + 4 + 1, SAVE_EVERY),  # the log + the first checkpoint fit; the second's temp file doesn't
     ("adapter", 1 + 4, STEPS),  # the log + the checkpoint of the last step fit; the final adapter doesn't
+    ("curves.png", 1 + 4 + 3 + 1, STEPS),  # all but the plot
 ])
 def test_full_disk_names_the_file_and_resumes_once_space_is_freed(setup: dict[str, Any], small_disk: Any,
                                                                   capsys: Any, full_at: str, pages: int,
@@ -335,20 +337,19 @@ def test_full_disk_names_the_file_and_resumes_once_space_is_freed(setup: dict[st
     no torn checkpoint; after space is freed, --resume finishes with the reference adapter."""
     mount, fill = small_disk
     out = mount / "run"
-    args = [*setup["args"], "--output-dir", str(out), "--save-every", str(save_every)]
+    plot = ["--plot"] if full_at == "curves.png" else []
+    args = [*setup["args"], "--output-dir", str(out), "--save-every", str(save_every), *plot]
     filler = fill(pages)
     capsys.readouterr()
     assert main(args) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    written = {"metrics.jsonl": out / "metrics.jsonl", "checkpoint.pt": out / "checkpoint.pt",
-               "adapter": out / "adapter"}[full_at]
     assert error.startswith("singlora train: error: ") and "No space left on device" in error, error
-    assert str(written) in error, error
+    assert f"{out / full_at}: cannot write" in error, error
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-    assert not (out / "adapter").exists()
+    assert (out / "adapter").exists() == (full_at == "curves.png")
     if full_at == "metrics.jsonl":
         assert not (out / "checkpoint.pt").exists()
         return
     assert checkpoint_step(out) == (SAVE_EVERY if full_at == "checkpoint.pt" else STEPS)
     filler.unlink()
-    resume_and_compare(setup, out, "--save-every", str(save_every))
+    resume_and_compare(setup, out, "--save-every", str(save_every), *plot)

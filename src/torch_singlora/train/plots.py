@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
+from ..adapter_file import atomic_write
+from ..errors import SingLoRAError
 from .metrics import read_metrics, read_summary
 
 
@@ -39,8 +42,13 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequenc
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SingLoRAError(f"{output}: cannot create its folder: {exc.strerror or exc}") from exc
+    atomic_write(output, lambda tmp: Path(tmp).write_bytes(image.getvalue()))  # a full disk: an error naming it
     return output
