@@ -318,9 +318,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if run.main:
         with atomic_directory(run.folder.adapter) as tmp:
-            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model))
-            if config.method == "full":  # the folder is then a whole transformers model
-                run.tokenizer.save_pretrained(tmp)
+            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model), run.tokenizer)
             write_run_info(tmp, {
                 "task": config.task, "method": config.method, "base_model": str(Path(config.model).resolve()),
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),

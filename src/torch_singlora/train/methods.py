@@ -10,7 +10,7 @@ the same layers. The task's heads (e.g. ``classifier``) train fully and are save
 
     method = METHODS[name].wrap(base_model, settings, heads)   # the model to train
     optimizer = method.make_optimizer(lr, weight_decay); method.bind_ramp(optimizer)
-    method.save(folder, unwrapped_model)                       # after training
+    method.save(folder, unwrapped_model, tokenizer)            # after training
     METHODS[name].load(folder, load_base)                      # back: for evaluate / merge
     METHODS[name].merged(model)                                # a plain transformers model
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, ContextManager, Union
+from typing import Any, Callable, ClassVar, ContextManager, Union
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ class Method:
         """Inside: the base model alone (the step-0 "base" score; full fine-tuning has nothing to disable)."""
         return contextlib.nullcontext()
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
         """Write the trained weights of ``model`` (the unwrapped ``self.model``) into ``directory``; returns the
         weights file."""
         model.save_pretrained(directory)
@@ -174,7 +174,7 @@ class SingLoRA(Method):
     def disabled(self) -> ContextManager[None]:
         return self.model.disable_adapters()
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
         model.save_adapter(directory)
         return directory / self.weights_file
 
@@ -221,6 +221,11 @@ class Peft(Method):
 
 class Full(Method):
     weights_file = "model.safetensors"
+
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
+        """A whole transformers model folder: the weights and the tokenizer."""
+        tokenizer.save_pretrained(directory)
+        return super().save(directory, model, tokenizer)
 
     @staticmethod
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
