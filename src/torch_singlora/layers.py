@@ -91,8 +91,16 @@ class SingLoRAAdapter(nn.Module):
         self.scale = scale
         self.ramp_up_steps = ramp_up_steps
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        init_A(self.A, init, init_std)
+        self.init, self.init_std = init, init_std
+        self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+
+    def reset_parameters(self) -> None:
+        """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
+        meta-device recipe calls after ``to_empty()``, which leaves both uninitialised."""
+        init_A(self.A, self.init, self.init_std)
+        with torch.no_grad():
+            self.ramp_step.zero_()
 
     def ramp_value(self) -> Tensor:
         """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""

@@ -348,20 +348,23 @@ class SingLoRAModel(nn.Module):
             layer.unmerge()
 
     def unload(self) -> nn.Module:
-        """Remove all adapters without merging (merged ones are unmerged first); returns the original model."""
+        """Remove every adapter without merging (merged ones are unmerged first) and return the original model: the
+        original module objects, ``modules_to_save`` included (their trained copies are dropped; PEFT 0.21's
+        ``unload()`` keeps the trained copies instead). To keep what was trained, ``merge_and_unload()``."""
         self.unmerge()
-        return self._restore_originals()
+        return self._restore_originals(trained_copies=False)
 
     def merge_and_unload(self, safe: bool = False) -> nn.Module:
-        """Merge the active adapters and return the wrapped model with its original module classes."""
+        """Merge the active adapters and return the wrapped model with its original module classes; each
+        ``modules_to_save`` module is the active adapter's trained copy."""
         self.merge(safe=safe)
-        return self._restore_originals()
+        return self._restore_originals(trained_copies=True)
 
-    def _restore_originals(self) -> nn.Module:
+    def _restore_originals(self, trained_copies: bool) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
             _set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self.trainable_copies()):
-            _set_submodule(self.model, name, wrapper.active_module())
+            _set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
         self.configs.clear()
         self.active_adapters = []
         return self.model
