@@ -146,6 +146,7 @@ class SingLoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
+        self._shared_weight: list[nn.Parameter] = []  # a tied weight set aside while merged (``untie_weight``)
 
     @property
     def weight(self) -> Tensor:
@@ -270,6 +271,18 @@ class SingLoRALayer(nn.Module):
             adapter.merged_coefficient = coefficient
             self.merged_adapters.append(name)
 
+    def untie_weight(self) -> None:
+        """Give ``base_layer`` a copy of its weight, which it shares with another module (tied embeddings), so that a
+        merge changes this layer alone; ``unmerge()`` of the last merged adapter puts the shared weight back."""
+        weight = self.base_layer.weight
+        self._shared_weight = [weight]
+        self.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+
+    @property
+    def untied(self) -> bool:
+        """Whether ``base_layer`` holds its own copy of a tied weight (``untie_weight``)."""
+        return bool(self._shared_weight)
+
     def unmerge(self, names: Iterable[str] | None = None) -> None:
         """Subtract merged adapters (default: all merged) from the base weight, in float32; not merged: no-op."""
         weight = self.base_layer.weight
@@ -281,6 +294,8 @@ class SingLoRALayer(nn.Module):
             weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
             adapter.merged_coefficient = None
             self.merged_adapters.remove(name)
+        if not self.merged_adapters and self._shared_weight:  # tied again, to the untouched shared weight
+            self.base_layer.weight = self._shared_weight.pop()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_out={self.d_out}, d_in={self.d_in}, active={self.active_adapters}"
