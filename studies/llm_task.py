@@ -32,8 +32,26 @@ import torch
 from studies.bbc import Bench, RunSpec, Split, make_split
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("singlora", "lora", "loraplus", "dora")
+FULL_GRID = ("singlora", "lora")  # every grid rate x every seed: the learning-rate sensitivity
+MAX_EXTENSIONS = 2  # grid points a method may add on an edge of the grid
 PROMPT = ("Which section of the BBC News website does this headline belong to: business, entertainment, politics, "
           "sports or tech? Answer with one word.\nHeadline: {headline}")
+
+
+@dataclass
+class Settings:
+    """What the study runs (the command's flags)."""
+
+    split: Split
+    steps: int
+    batch_size: int
+    max_length: int
+    seeds: int
+    grid: tuple[float, ...]
+    methods: tuple[str, ...]
+    jobs: int
+    extensions: int = MAX_EXTENSIONS  # grid points a method may add on an edge
 
 
 @dataclass(frozen=True)
