@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from torch_singlora.cli import main  # noqa: E402
-from torch_singlora.train import checkpoint, tasks  # noqa: E402
+from torch_singlora.train import checkpoint, registry, tasks  # noqa: E402
 from torch_singlora.train.tasks import CausalLM  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def _eval_loss(model_dir: Path, eval_file: Path, max_length: int) -> float:
 
 def test_a_new_task_plugs_in_without_touching_the_loop(llama: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    monkeypatch.setitem(tasks.TASKS, "toy", "test_train_protocol:ToyTask")
+    monkeypatch.setitem(registry.TASKS, "toy", "test_train_protocol:ToyTask")
     out = tmp_path / "run"
     args = ["train", "--task", "toy", "--model", str(llama["llama"]), "--train-data", str(llama["train"]),
             "--eval-data", str(llama["eval"]), "--output-dir", str(out), "--max-length", "8", "--batch-size", "4",
