@@ -8,8 +8,6 @@ import importlib
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "torch_singlora"
 SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 MAX_LINES = 400
