@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
 from .config import SingLoRAConfig
-from .errors import SingLoRAError
-from .functional import matrix_dims
-from .layers import SingLoRALayer, TrainableCopy, layer_kind, weight_shape
+from .errors import AdapterFileError, SingLoRAError
+from .functional import ramp_value
+from .layers import SingLoRALayer, TrainableCopy
 from .mixed import BASE, Selection, check_adapter_names
-from .targets import resolve_modules_to_save, resolve_targets
+from .plan import plan_adapter
 
 
 class LayerBank(nn.Module):
@@ -182,36 +182,25 @@ class AdapterBank:
 
     def _check(self, directory: str | Path) -> _Checked:
         """Read ``directory`` (``adapter_config.json`` + ``adapter_model.safetensors``) and check it against the
-        model: targets, ranks (``<= max_rank``), keys, shapes, dtypes, finite values. Changes nothing."""
-        from .functional import ramp_value
-
+        model (``plan.plan_adapter``: targets, ranks; ``<= max_rank``; keys, shapes, dtypes, finite values).
+        Changes nothing."""
         directory = Path(directory)
         config, meta = read_adapter_config(directory)
-        modules: dict[str, tuple[int, int, int, float]] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        ramp_up_steps = config.resolve_ramp_up_steps()
-        u = float(ramp_value(torch.tensor(meta["ramp_step"]), ramp_up_steps, torch.float64))
-        for name in resolve_targets(self.model, config):
-            module = self.model.get_submodule(name)
-            base = getattr(module, "base_layer", module)
-            d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
-            r = config.rank_for(name)
-            if r > max(d_out, d_in):
-                raise SingLoRAError(f"{directory}: r={r} for module {name!r} exceeds n=max(d_out={d_out}, "
-                                    f"d_in={d_in})")
-            if self.max_rank is not None and r > self.max_rank:
-                raise SingLoRAError(f"{directory}: r={r} for module {name!r} exceeds this bank's max_rank="
-                                    f"{self.max_rank}")
-            modules[name] = (d_out, d_in, r, config.scale_for(name) * u)
-            shapes[f"{name}.{A_SUFFIX}"] = (max(d_out, d_in), r)
-        saved = resolve_modules_to_save(self.model, config)
-        dtypes: dict[str, torch.dtype] = {}
-        for name in saved:
-            module = self.model.get_submodule(name)
-            for key, value in getattr(module, "original_module", module).state_dict().items():
-                shapes[f"{name}.{key}"], dtypes[f"{name}.{key}"] = tuple(value.shape), value.dtype
+        try:
+            plan = plan_adapter(self.model, config)
+        except SingLoRAError as exc:
+            raise AdapterFileError(f"{directory}: does not fit this model: {exc}") from None
+        too_big = {name: m.r for name, m in plan.modules.items() if self.max_rank is not None and m.r > self.max_rank}
+        if too_big:
+            name, r = next(iter(too_big.items()))
+            raise SingLoRAError(f"{directory}: r={r} for module {name!r} exceeds this bank's max_rank={self.max_rank}")
+        u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
+        modules = {name: (m.d_out, m.d_in, m.r, m.scale * u) for name, m in plan.modules.items()}
+        shapes = {f"{name}.{A_SUFFIX}": (m.n, m.r) for name, m in plan.modules.items()}
+        shapes.update({key: shape for key, (shape, _) in plan.saved_tensors.items()})
+        dtypes = {key: dtype for key, (_, dtype) in plan.saved_tensors.items()}
         tensors = read_adapter_tensors(directory / WEIGHTS_FILE, shapes, dtypes)
-        return _Checked(config, meta["ramp_step"], modules, saved, tensors)
+        return _Checked(config, meta["ramp_step"], modules, list(plan.saved_modules), tensors)
 
     # ---- changing the bank ------------------------------------------------------------------------------------
 
