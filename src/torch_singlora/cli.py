@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
-EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli"]
+EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.serving.cli"]
 
 
 # ---- argparse from a dataclass ----------------------------------------------------------------------------------
