@@ -344,8 +344,9 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             prompt = chat_prompt_ids(service.tokenizer, messages)
-        except ValueError as exc:
-            raise ApiError(400, f"messages: {exc}", param="messages") from None
+        except ValueError as exc:  # SingLoRAError too
+            message = str(exc) if str(exc).startswith("messages") else f"messages: {exc}"
+            raise ApiError(400, message, param="messages") from None
         return await generate(body, [prompt], limits.max_tokens, True, request)
 
     @app.post("/classify", dependencies=[Depends(authorize)])

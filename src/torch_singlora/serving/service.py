@@ -24,6 +24,7 @@ from torch import nn
 
 from ..bank import AdapterBank
 from ..errors import SingLoRAError
+from ..llm.tokenization import stop_token_ids
 from ..mixed import BASE
 from .engine import ClassificationEngine, GenerationEngine
 
@@ -79,15 +80,7 @@ class Service:
         config = getattr(model, "config", None)
         self.max_model_len = getattr(config, "max_position_embeddings", None) or 1 << 30
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if task == "classify" else []
-        self.stop_token_ids = frozenset(self._eos_ids(model, tokenizer))
-
-    @staticmethod
-    def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-        ids: set[int] = set()
-        generation = getattr(model, "generation_config", None)
-        for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
-            ids.update([value] if isinstance(value, int) else list(value or []))
-        return ids
+        self.stop_token_ids = frozenset(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, task: Task = "generate", name: str | None = None,

@@ -1,5 +1,5 @@
-"""Text in and out of the engine: chat prompts through the tokenizer's chat template, and streamed detokenization
-with stop strings."""
+"""Text in and out of the engine: chat prompts (the ``llm`` package's chat-template helpers), and streamed
+detokenization with stop strings."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from typing import Any, Sequence
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template, ending with the assistant's turn
-    (``add_generation_prompt=True``), as ``transformers`` and vLLM render it."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of ``messages`` through the tokenizer's chat template, opening the assistant's turn
+    (``llm.generate.prompt_ids``), after refusing message texts that hold a special token's text (it would be read as
+    that token: a forged end of turn or role); ``SingLoRAError`` naming the message otherwise."""
+    from ..llm.data import Conversation
+    from ..llm.generate import prompt_ids
+    from ..llm.tokenization import check_contents, special_tokens
+
+    check_contents(Conversation(list(messages), (), "messages"), special_tokens(tokenizer))
+    return prompt_ids(tokenizer, messages)
 
 
 class TextStream:
