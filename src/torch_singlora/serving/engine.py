@@ -21,13 +21,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bank import AdapterBank
 from ..errors import SingLoRAError
 
 
@@ -73,14 +72,22 @@ class Overloaded(SingLoRAError):
     """The engine's queue is full."""
 
 
-class _Worker:
-    """A thread that takes requests from a queue and runs ``_step`` until stopped; bank changes in between."""
+UseAdapters = Callable[[list[str]], ContextManager[Any]]  # names, one per row -> a context for one forward
 
-    def __init__(self, bank: AdapterBank, *, max_batch_size: int, batch_window_s: float, max_queue: int) -> None:
+
+class _Worker:
+    """A thread that takes requests from a queue and runs ``_step`` until stopped; bank changes in between.
+
+    ``model`` runs every forward inside ``use_adapters(names)`` (one adapter name per row): ``AdapterBank.use``,
+    or any other mixed-adapter mechanism (the serving benchmark passes PEFT's).
+    """
+
+    def __init__(self, model: nn.Module, use_adapters: UseAdapters, *, max_batch_size: int, batch_window_s: float,
+                 max_queue: int) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise SingLoRAError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
-        self.bank = bank
-        self.model = bank.model
+        self.model = model
+        self.use_adapters = use_adapters
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
@@ -183,9 +190,10 @@ class GenerationEngine(_Worker):
     cache, rows left-padded to one length), ``mask`` ``(B, S)`` (1 = a real token), ``last`` ``(B,)``.
     """
 
-    def __init__(self, bank: AdapterBank, *, max_batch_size: int = 16, batch_window_s: float = 0.01,
-                 max_queue: int = 1024) -> None:
-        super().__init__(bank, max_batch_size=max_batch_size, batch_window_s=batch_window_s, max_queue=max_queue)
+    def __init__(self, model: nn.Module, use_adapters: UseAdapters, *, max_batch_size: int = 16,
+                 batch_window_s: float = 0.01, max_queue: int = 1024) -> None:
+        super().__init__(model, use_adapters, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                         max_queue=max_queue)
         from transformers import DynamicCache
 
         self._new_cache = lambda: DynamicCache(config=self.model.config)
@@ -201,7 +209,7 @@ class GenerationEngine(_Worker):
 
     def _forward(self, names: list[str], ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
         """Logits of the last position, ``(B, vocab)``, float32."""
-        with self.bank.use(names):
+        with self.use_adapters(names):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: cache})
         self.steps += 1
@@ -327,9 +335,10 @@ class ClassificationEngine(_Worker):
     """Dynamic batching of ``ClassificationRequest``s over a sequence classifier with an ``AdapterBank``: the
     requests that arrive within the window (up to ``max_batch_size`` requests) share one right-padded forward."""
 
-    def __init__(self, bank: AdapterBank, *, pad_token_id: int = 0, max_batch_size: int = 16,
-                 batch_window_s: float = 0.01, max_queue: int = 1024) -> None:
-        super().__init__(bank, max_batch_size=max_batch_size, batch_window_s=batch_window_s, max_queue=max_queue)
+    def __init__(self, model: nn.Module, use_adapters: UseAdapters, *, pad_token_id: int = 0,
+                 max_batch_size: int = 16, batch_window_s: float = 0.01, max_queue: int = 1024) -> None:
+        super().__init__(model, use_adapters, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                         max_queue=max_queue)
         self.pad_token_id = pad_token_id
         self.batch: list[ClassificationRequest] = []
 
@@ -347,7 +356,7 @@ class ClassificationEngine(_Worker):
             mask[i, : len(seq)] = 1
         device = next(self.model.parameters()).device
         self.most_rows = max(self.most_rows, len(sequences))
-        with self.bank.use(names):
+        with self.use_adapters(names):
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         self.steps += 1
         probabilities = torch.softmax(logits.float(), -1).cpu()

@@ -70,7 +70,7 @@ class Service:
                        max_queue=self.limits.max_queue)
         if task == "classify":
             options["pad_token_id"] = tokenizer.pad_token_id or 0
-        self.engine = engine_class(self.bank, **options)
+        self.engine = engine_class(self.bank.model, self.bank.use, **options)
         self.keys: dict[str, str] = {}
         self.inflight: Counter[str] = Counter()
         self.retired: set[str] = set()
