@@ -89,7 +89,9 @@ class SFT(Task):
         from .data import read_conversations
         from .tokenization import tokenize_conversations
 
-        conversations, _ = read_conversations(path, data_format=info["data_format"], split=split, encoding=encoding)
+        conversations, data_format = read_conversations(path, data_format=info["data_format"], split=split,
+                                                        encoding=encoding)
+        info.setdefault("data_formats", {})[str(path)] = data_format
         return tokenize_conversations(tokenizer, conversations, max_length=info["max_length"],
                                       assistant_only_loss=info["assistant_only_loss"])
 
