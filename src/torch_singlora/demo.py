@@ -10,7 +10,7 @@ only, one thread each, side by side. Each run evaluates the base model first (st
 loss and perplexity on the held-out examples, exact match and ROUGE-L of greedy answers. Prints the table, and a
 few held-out answers of the base model and of both tuned models side by side.
 
-    python -m torch_singlora.demo [--output-dir runs/demo] [--task section] [--steps 40]
+    python -m torch_singlora.demo [--output-dir runs/demo] [--task section] [--steps 30]
 
 ``python -m torch_singlora.demo_classification`` (``make demo-classification``) is the earlier demo:
 all-MiniLM-L6-v2 fine-tuned on BBC News classification, SingLoRA vs LoRA.
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 METHODS = ("singlora", "lora")
-TASK_SETTINGS = {"section": {"max_new_tokens": 8}, "headline": {"max_new_tokens": 24}, "mix": {"max_new_tokens": 24}}
+TASK_SETTINGS = {"section": {"max_new_tokens": 4}, "headline": {"max_new_tokens": 24}, "mix": {"max_new_tokens": 24}}
 
 
 def train_args(method: str, model: str, data: Path, output: Path, args: argparse.Namespace) -> list[str]:
@@ -42,6 +42,7 @@ def train_args(method: str, model: str, data: Path, output: Path, args: argparse
         str(args.batch_size), "--max-length", "256", "--eval-every", "0", "--save-every", "0",
         "--eval-batch-size", "16", "--eval-generations", str(args.eval_examples), "--max-new-tokens",
         str(TASK_SETTINGS[args.task]["max_new_tokens"]), "--eval-samples", str(args.samples), "--seed", "0",
+        "--max-train-samples", str(args.steps * args.batch_size),  # tokenize only what the steps use
         "--output-dir", str(output / method), "--name", method, "--overwrite", "--quiet",
     ]
 
@@ -59,7 +60,7 @@ def write_data(folder: Path, task: str, words: int, eval_examples: int) -> Path:
     return folder
 
 
-def _progress(runs: dict[str, Path], total: int) -> str:
+def progress(runs: dict[str, Path], total: int) -> str:
     """One line: the latest logged step and loss of each run (read from its metrics.jsonl)."""
     parts = []
     for method, run in runs.items():
@@ -71,6 +72,36 @@ def _progress(runs: dict[str, Path], total: int) -> str:
         else:
             parts.append(f"{method} {'evaluating the base model' if not records else 'starting'}")
     return " | ".join(parts)
+
+
+def run_side_by_side(commands: dict[str, list[str]], runs: dict[str, Path], total_steps: int, started: float) -> int:
+    """Run one ``singlora`` command per method side by side (logs in ``<run>.log``), print the progress every 10 s;
+    returns 0, or the exit status of the first failed run after printing the end of its log.
+
+    One thread each, one core each: on a shared machine two-thread runs lose much of their time waiting for each
+    other's descheduled thread. Same conditions for both methods."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    processes, logs = {}, {}
+    for name, command in commands.items():
+        print(f"$ singlora {shlex.join(command)}", flush=True)
+        logs[name] = runs[name].with_name(runs[name].name + ".log")
+        logs[name].parent.mkdir(parents=True, exist_ok=True)
+        with open(logs[name], "w") as log:
+            processes[name] = subprocess.Popen([sys.executable, "-m", "torch_singlora.cli", *command], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT)
+    last = ""
+    while any(p.poll() is None for p in processes.values()):
+        time.sleep(10)
+        line = progress(runs, total_steps)
+        if line != last:
+            print(f"[{time.perf_counter() - started:4.0f} s] {line}", flush=True)
+            last = line
+    for name, process in processes.items():
+        if process.returncode:
+            print(f"\n{name} failed (exit {process.returncode}); end of {logs[name]}:")
+            print("\n".join(logs[name].read_text().splitlines()[-20:]))
+            return process.returncode
+    return 0
 
 
 def _clip(text: str, width: int) -> str:
@@ -109,41 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_singlora.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where the data, both runs and the plot go")
     parser.add_argument("--task", default="section", choices=sorted(TASK_SETTINGS), help="what the model learns")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of both methods")
-    parser.add_argument("--words", type=int, default=40, help="words of each article shown")
-    parser.add_argument("--eval-examples", type=int, default=50, help="held-out examples (loss and generations)")
+    parser.add_argument("--words", type=int, default=32, help="words of each article shown")
+    parser.add_argument("--eval-examples", type=int, default=40, help="held-out examples (loss and generations)")
     parser.add_argument("--samples", type=int, default=3, help="held-out answers shown side by side")
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
     started = time.perf_counter()
     model = smollm2_path()  # converted once from the GGUF file on a fresh machine (~25 s)
     data = write_data(output / "data", args.task, args.words, args.eval_examples)
-    # The two runs train side by side, one core each (one thread each: on a shared machine, two-thread runs lose
-    # much of their time waiting for each other's descheduled thread). Same conditions for both methods.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     runs = {method: output / method for method in METHODS}
-    processes = {}
-    for method, run in runs.items():
-        command = train_args(method, model, data, output, args)
-        print(f"$ singlora {shlex.join(command)}", flush=True)
-        run.mkdir(parents=True, exist_ok=True)
-        with open(output / f"{method}.log", "w") as log:
-            processes[method] = subprocess.Popen([sys.executable, "-m", "torch_singlora.cli", *command], env=env,
-                                                 stdout=log, stderr=subprocess.STDOUT)
-    last = ""
-    while any(p.poll() is None for p in processes.values()):
-        time.sleep(10)
-        line = _progress(runs, args.steps)
-        if line != last:
-            print(f"[{time.perf_counter() - started:4.0f} s] {line}", flush=True)
-            last = line
-    for method, process in processes.items():
-        if process.returncode:
-            print(f"\n{method} failed (exit {process.returncode}); end of {output / f'{method}.log'}:")
-            print("\n".join((output / f"{method}.log").read_text().splitlines()[-20:]))
-            return process.returncode
+    status = run_side_by_side({m: train_args(m, model, data, output, args) for m in METHODS}, runs, args.steps,
+                              started)
+    if status:
+        return status
     from .train.metrics import read_summary
 
     summaries = {method: read_summary(run) for method, run in runs.items()}

@@ -13,17 +13,13 @@ trainable parameters, adapter file size and time per step; writes the curves sid
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from .assets import bbc_news_path, minilm_path
+from .demo import run_side_by_side
 
 
 def train_args(method: str, output_dir: Path, max_train_samples: int) -> list[str]:
@@ -38,17 +34,6 @@ def train_args(method: str, output_dir: Path, max_train_samples: int) -> list[st
     ]
 
 
-def _progress(runs: dict[str, Path], total: int) -> str:
-    """One line: the latest logged step and loss of each run (read from its metrics.jsonl)."""
-    parts = []
-    for method, run in runs.items():
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        train = [json.loads(line) for line in lines if '"train"' in line]
-        parts.append(f"{method} step {train[-1]['step']}/{total} loss {train[-1]['loss']:.3f}" if train
-                     else f"{method} starting")
-    return " | ".join(parts)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import main as cli_main
 
@@ -60,31 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
     started = time.perf_counter()
-    # The two runs train side by side, one core each (one thread each: on a shared machine, two-thread runs lose
-    # much of their time waiting for each other's descheduled thread). Same conditions for both methods.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     runs = {method: output / method for method in ("singlora", "lora")}
-    processes = {}
-    for method, run in runs.items():
-        command = train_args(method, output, args.max_train_samples) + ["--quiet"]
-        print(f"$ singlora {shlex.join(command)}", flush=True)
-        run.mkdir(parents=True, exist_ok=True)
-        with open(run / "train.log", "w") as log:
-            processes[method] = subprocess.Popen([sys.executable, "-m", "torch_singlora.cli", *command], env=env,
-                                                 stdout=log, stderr=subprocess.STDOUT)
-    total = math.ceil((args.max_train_samples or 1781) / 16)
-    last = ""
-    while any(p.poll() is None for p in processes.values()):
-        time.sleep(10)
-        line = _progress(runs, total)
-        if line != last:
-            print(f"[{time.perf_counter() - started:4.0f} s] {line}", flush=True)
-            last = line
-    for method, process in processes.items():
-        if process.returncode:
-            print(f"\n{method} failed (exit {process.returncode}); end of {runs[method] / 'train.log'}:")
-            print("\n".join((runs[method] / "train.log").read_text().splitlines()[-20:]))
-            return process.returncode
+    commands = {method: train_args(method, output, args.max_train_samples) + ["--quiet"] for method in runs}
+    status = run_side_by_side(commands, runs, math.ceil((args.max_train_samples or 1781) / 16), started)
+    if status:
+        return status
     print(f"\n$ singlora report {runs['singlora']} {runs['lora']} --plot {output / 'curves.png'}")
     status = cli_main(["report", str(runs["singlora"]), str(runs["lora"]), "--plot", str(output / "curves.png")])
     print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s (both runs side by side, one thread each)")

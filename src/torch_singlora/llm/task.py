@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import SingLoRAError
-from ..train.tasks import Task, TaskData
+from ..train.tasks import CausalLM, TaskData
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..train.config import TrainConfig
+    from .data import Conversation
     from .tokenization import SFTDataset
 
 
@@ -65,8 +66,9 @@ def _chat_template_text(path: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
-class SFT(Task):
-    """Instruction fine-tuning of a causal LM on chat data (see the module docstring)."""
+class SFT(CausalLM):
+    """Instruction fine-tuning of a causal LM on chat data (see the module docstring); the model and the answer
+    loss are ``causal-lm``'s."""
 
     name = "sft"
     metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l")
@@ -84,14 +86,17 @@ class SFT(Task):
             set_chat_template(tokenizer)  # a clear error for a tokenizer without one
         return tokenizer
 
-    def _tokenize(self, tokenizer: Any, path: str, info: dict[str, Any], split: str | None,
-                  encoding: str | None) -> "SFTDataset":
+    def _read(self, path: str, info: dict[str, Any], split: str | None, encoding: str | None) -> list["Conversation"]:
         from .data import read_conversations
-        from .tokenization import tokenize_conversations
 
         conversations, data_format = read_conversations(path, data_format=info["data_format"], split=split,
                                                         encoding=encoding)
         info.setdefault("data_formats", {})[str(path)] = data_format
+        return conversations
+
+    def _tokenize(self, tokenizer: Any, conversations: list["Conversation"], info: dict[str, Any]) -> "SFTDataset":
+        from .tokenization import tokenize_conversations
+
         return tokenize_conversations(tokenizer, conversations, max_length=info["max_length"],
                                       assistant_only_loss=info["assistant_only_loss"])
 
@@ -110,14 +115,18 @@ class SFT(Task):
         options = self.parse_options(config.task_options)
         info = self._info(options, config.max_length)
         set_chat_template(tokenizer, options.chat_template)
-        train = self._tokenize(tokenizer, config.train_data, info, options.data_split, config.encoding)
-        evaluation = None
+        conversations = self._read(config.train_data, info, options.data_split, config.encoding)
+        held: list["Conversation"] = []
         if config.eval_data:
-            evaluation = self._tokenize(tokenizer, config.eval_data, info, options.eval_data_split, config.encoding)
+            held = self._read(config.eval_data, info, options.eval_data_split, config.encoding)
         elif config.eval_split:
-            keep, held = split_indices(len(train), config.eval_split, config.split_seed)
-            train, evaluation = train.subset(keep), train.subset(held)
-        train = train.subset(_keep(len(train), config.max_train_samples, config.split_seed))
+            keep, held_out = split_indices(len(conversations), config.eval_split, config.split_seed)
+            conversations, held = [conversations[i] for i in keep], [conversations[i] for i in held_out]
+        # --max-train-samples before tokenizing: only the examples used are tokenized
+        conversations = [conversations[i] for i in _keep(len(conversations), config.max_train_samples,
+                                                         config.split_seed)]
+        train = self._tokenize(tokenizer, conversations, info)
+        evaluation = self._tokenize(tokenizer, held, info) if held else None
         if not config.quiet:
             for name, dataset in (("train", train), ("eval", evaluation)):
                 if dataset is not None:
@@ -128,7 +137,8 @@ class SFT(Task):
         return TaskData(train, evaluation, info)
 
     def read_eval_data(self, path: str, tokenizer: Any, info: dict[str, Any], encoding: str | None) -> "SFTDataset":
-        dataset = self._tokenize(tokenizer, path, {**info, "data_format": "auto"}, None, encoding)
+        info = {**info, "data_format": "auto"}
+        dataset = self._tokenize(tokenizer, self._read(path, info, None, encoding), info)
         if dataset.truncated:
             print(f"singlora evaluate: {dataset.describe(str(path))}", file=sys.stderr)
         return dataset
@@ -142,23 +152,13 @@ class SFT(Task):
 
         return SFTCollator(tokenizer.pad_token_id)
 
-    def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
-        from transformers import AutoModelForCausalLM
-
-        from ..train.pretrained import from_pretrained
-
-        return from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
-
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "SFTDataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
-        from ..train.evaluate import token_loss
-        from ..train.metrics import lm_metrics
         from .generate import GenerationOptions
         from .metrics import generation_metrics
 
-        total, tokens = token_loss(model, batches, accelerator)
-        lm = lm_metrics(total, tokens)
-        metrics: dict[str, Any] = {"eval_loss": lm["loss"], "perplexity": lm["perplexity"]}
+        metrics = super().evaluate(model, batches, dataset=dataset, tokenizer=tokenizer, info=info,
+                                   accelerator=accelerator)  # eval_loss, perplexity of the answer tokens
         count = min(info["eval_generations"], len(dataset))
         if count:
             generator = accelerator.unwrap_model(model) if accelerator is not None else model
