@@ -110,6 +110,8 @@ def test_adapter_merged_and_peft_export_generate_the_same(folders, base_chat) ->
     assert texts["adapter"] != generate(base_chat.model, base_chat.tokenizer, PROMPTS, options)  # it adapts
     with pytest.raises(SingLoRAError, match=r"--adapter .*: no adapter_config.json"):
         load_chat_model(str(folders / "base"), str(folders / "merged"))
+    with pytest.raises(SingLoRAError, match=r"adapter folder without run_info.json .* give its base model folder"):
+        load_chat_model(str(folders / "adapter"))
 
 
 def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys) -> None:

@@ -134,6 +134,9 @@ def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str
         tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
         source = f"{path} (base {info['base_model']})"
     else:
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise SingLoRAError(f"{path} is an adapter folder without run_info.json (not a `singlora train` output): "
+                                f"give its base model folder, and --adapter {path}")
         model = _load_causal_lm(path, dtype)
         tokenizer = load_tokenizer(path, "model")
         source = path
