@@ -1,5 +1,6 @@
 """Instruction data built at run time from real text that installs offline: BBC News (2,225 articles in 5
-sections; the first line of each article is its headline). Nothing is copied into the repository.
+sections, 2,060 distinct stories; the first line of each article is its headline). Nothing is copied into the
+repository.
 
 Tasks (chat ``messages`` rows, one user turn and the answer):
 - ``section``: "Which section of BBC News is this article from? Answer with one word: ..." -> ``sports``
@@ -35,16 +36,21 @@ class Article:
 
 
 def bbc_articles(path: str | Path | None = None) -> list[Article]:
-    """Every BBC News article (``assets.bbc_news_path()`` by default), sorted by section and file name."""
+    """The BBC News articles (``assets.bbc_news_path()`` by default), sorted by section and file name, each story
+    once: an article whose headline or body came earlier is left out (2,225 files, 2,060 distinct stories), so no
+    held-out example repeats a training one."""
     from ..assets import bbc_news_path
     from ..train.data import read_text
 
     root = Path(path or bbc_news_path())
-    articles = []
+    articles, seen = [], set()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
             title, _, body = read_text(file).strip().partition("\n")
-            articles.append(Article(folder.name, title.strip(), " ".join(body.split())))
+            article = Article(folder.name, title.strip(), " ".join(body.split()))
+            if article.title not in seen and article.body not in seen:  # the corpus repeats ~130 stories
+                articles.append(article)
+                seen.update((article.title, article.body))
     if not articles:
         raise SingLoRAError(f"{root}: no articles (expected one folder per section holding .txt files)")
     return articles
