@@ -21,6 +21,9 @@ Formats (``export_lora(..., format=...)``):
     ``pytorch_lora_weights.safetensors`` with keys ``lora_unet_<module, dots as _>.lora_down.weight`` /
     ``.lora_up.weight`` / ``.alpha`` (= r): the layout of kohya-ss, ComfyUI and A1111, which diffusers' loader
     converts too. Module names go through the loaders' name heuristics, verified for SD UNet attention layers.
+``"gguf"``
+    ``adapter_model.gguf``: a GGUF LoRA adapter for llama.cpp / ollama / LM Studio on top of the base model's GGUF
+    (Llama-family models; ``gguf_export``).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from .functional import LayerKind, lora_factors, matrix_dims, ramp
 from .layers import SingLoRAAdapter, layer_kind, weight_shape
 from .model import SingLoRAModel
 
-ExportFormat = Literal["peft", "diffusers", "kohya"]
-EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya")
+ExportFormat = Literal["peft", "diffusers", "kohya", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya", "gguf")
 DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -242,7 +245,7 @@ def export_lora(
         source: A ``SingLoRAModel`` (any wrapped model: transformers, a diffusers ``UNet2DConditionModel``, ...)
             or a singlora adapter directory (then ``base_model`` is required).
         out_dir: Output directory (created). Files are written atomically.
-        format: ``"peft"``, ``"diffusers"`` or ``"kohya"`` (see the module docstring).
+        format: ``"peft"``, ``"diffusers"``, ``"kohya"`` or ``"gguf"`` (see the module docstring).
         base_model: The un-adapted model an adapter directory was trained on (read only).
         adapter_name: Which adapter of a ``SingLoRAModel`` (default: the first active).
         dtype: Storage dtype of the factors (default: float32, float64 for float64 adapters).
@@ -251,6 +254,12 @@ def export_lora(
     if format not in EXPORT_FORMATS:
         raise SingLoRAError(f"format={format!r} must be one of {EXPORT_FORMATS}")
     adapter = collect_lora_factors(source, base_model, adapter_name)
+    if format == "gguf":
+        from .gguf_export import GGUF_FILE, write_gguf
+
+        model = base_model if base_model is not None else source.model
+        gguf_dtype = str(dtype or torch.float32).removeprefix("torch.")
+        return write_gguf(adapter, Path(out_dir) / GGUF_FILE, getattr(model, "config", None), dtype=gguf_dtype)
     if format == "peft":
         tensors = _peft_tensors(adapter)
         weights_file = WEIGHTS_FILE
