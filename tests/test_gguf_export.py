@@ -46,7 +46,7 @@ def _adapted(**overrides):
     with torch.no_grad():
         for _, layer in model.singlora_layers():
             layer.singlora["default"].A.normal_(0, 0.5)
-    model.set_step(5)  # u = 0.5: the ramp must be folded in
+    model.set_ramp_step(5)  # u = 0.5: the ramp must be folded in
     return model
 
 
