@@ -21,6 +21,7 @@ from .config import SingLoRAConfig
 from .errors import SingLoRAError, warn_deprecated
 from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .mixed import use_adapter_names
 from .targets import resolve_modules_to_save, resolve_targets
 
 AdapterNames = Union[str, list[str]]
@@ -64,8 +65,21 @@ class SingLoRAModel(nn.Module):
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per example, ``"__base__"`` for none): a
+        mixed-adapter batch (``torch_singlora.mixed``)."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with use_adapter_names(self, adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (beams and sequences of one
+        example use its adapter)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with use_adapter_names(self, adapter_names):
+            return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
