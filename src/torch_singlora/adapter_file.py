@@ -38,9 +38,7 @@ from safetensors.torch import save_file
 
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
-from .functional import matrix_dims
-from .layers import layer_kind, weight_shape
-from .targets import resolve_modules_to_save, resolve_targets
+from .plan import plan_adapter
 
 if TYPE_CHECKING:
     from .model import SingLoRAModel
@@ -340,20 +338,9 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, d
 
 def _expected_tensors(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for ``model`` (no change to it)."""
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name in resolve_targets(model.model, config):
-        module = model.model.get_submodule(name)
-        base = getattr(module, "base_layer", module)
-        d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
-        n, r = max(d_out, d_in), config.rank_for(name)
-        if r > n:
-            raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
-        expected[f"{name}.{A_SUFFIX}"] = ((n, r), torch.float32)
-    for name in resolve_modules_to_save(model.model, config):
-        module = model.model.get_submodule(name)
-        original = getattr(module, "original_module", module)
-        for key, value in original.state_dict().items():
-            expected[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
+    plan = plan_adapter(model.model, config)
+    expected = {f"{name}.{A_SUFFIX}": ((m.n, m.r), torch.float32) for name, m in plan.modules.items()}
+    expected.update(plan.saved_tensors)
     return expected
 
 
@@ -560,6 +547,8 @@ def load_adapter_in_place(model: "SingLoRAModel", directory: str | os.PathLike, 
     shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
     directory = _check_arguments(directory, adapter_name)
     model.adapter_modules(adapter_name)  # the adapter must exist
-    _, meta = read_adapter_config(directory)
+    saved_config, meta = read_adapter_config(directory)
     tensors = _read_fitting(model, directory, model.configs[adapter_name])
+    if model.get_ramp_up_steps(adapter_name) is None and saved_config.total_steps is not None:
+        model.set_total_steps(saved_config.total_steps, adapter_name)  # the run's length, known when it was saved
     _copy_into(model, adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)

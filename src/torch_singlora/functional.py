@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import SingLoRAError
+
 LayerKind = Literal["linear", "conv1d_t", "conv", "embedding"]
 LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d_t", "conv", "embedding")
 
@@ -61,16 +63,27 @@ def matrix_dims(kind: LayerKind, weight_shape: tuple[int, ...] | torch.Size) -> 
     raise ValueError(f"kind={kind!r} is not one of {LAYER_KINDS}")
 
 
+def adapter_rows(d_out: int, d_in: int, r: int) -> int:
+    """``n = max(d_out, d_in)``, the rows of ``A``, after checking ``r <= n`` (the one place this rule lives)."""
+    n = max(d_out, d_in)
+    if r > n:
+        raise SingLoRAError(f"r={r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
+    return n
+
+
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """``s = alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA-style scaling."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def ramp_value(ramp_step: Tensor, ramp_up_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def ramp_value(ramp_step: Tensor, ramp_up_steps: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``u = min(t / T, 1)`` as a 0-dim ``dtype`` tensor (no host sync); ``T = 0`` means no ramp (``u = 1``).
 
-    ``ramp_step`` (t) is a 0-dim integer tensor counting optimizer steps; ``ramp_up_steps`` (T) an int >= 0.
+    ``ramp_step`` (t) is a 0-dim integer tensor counting optimizer steps; ``ramp_up_steps`` (T) an int >= 0, or
+    ``None`` while T is a fraction of a run whose length is not known yet: the ramp has not started (``u = 0``).
     """
+    if ramp_up_steps is None:
+        return torch.zeros((), dtype=dtype, device=ramp_step.device)
     if ramp_up_steps == 0:
         return torch.ones((), dtype=dtype, device=ramp_step.device)
     return (ramp_step.to(dtype) / ramp_up_steps).clamp(max=1.0)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError, warn_deprecated
 from .functional import (
-    LayerKind, conv_update, delta_weight, embedding_update, factored_update, init_A, matrix_dims, mixed_conv_update,
-    mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, conv_update, delta_weight, embedding_update, factored_update, init_A, matrix_dims,
+    mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
 
 
@@ -44,6 +44,16 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def adaptable_kind(module: nn.Module) -> LayerKind:
+    """``layer_kind(module)``, or ``SingLoRAError`` when SingLoRA cannot adapt it (unknown type, grouped conv)."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise SingLoRAError(f"{type(module).__name__} cannot be adapted (Linear, Conv1D, Conv1d/2d, Embedding)")
+    if kind == "conv" and module.groups != 1:
+        raise SingLoRAError(f"{module!r} has groups={module.groups}; SingLoRA supports groups=1 only")
+    return kind
+
+
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
     """Logical shape of a module's weight. Linear layers report ``(out_features, in_features)``, which also holds
     for quantized ones whose stored weight is packed (bitsandbytes 4-bit stores ``(out * in / 2, 1)`` uint8)."""
@@ -52,26 +62,30 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
+_REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
+
+
 class SingLoRAAdapter(nn.Module):
     """One named adapter on one layer: ``A`` (n, r), the ramp step ``t``, and its constants.
 
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
-        scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp).
+        scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
+            a fraction of a run whose total is unknown: u = 0).
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None = None, dropout: float, init: str,
-        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None | object = _REQUIRED, dropout: float,
+        init: str, init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
         ramp_steps: int | None = None,
     ) -> None:
         super().__init__()
         if ramp_steps is not None:
             warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
-            ramp_up_steps = ramp_steps if ramp_up_steps is None else ramp_up_steps
-        if ramp_up_steps is None:
-            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T, an int >= 0)")
+            ramp_up_steps = ramp_steps if ramp_up_steps is _REQUIRED else ramp_up_steps
+        if ramp_up_steps is _REQUIRED:
+            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T: an int >= 0, or None while unknown)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
@@ -115,11 +129,7 @@ class SingLoRALayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
-            raise SingLoRAError(f"{type(base_layer).__name__} cannot be adapted (Linear, Conv1D, Conv1d/2d, Embedding)")
-        if kind == "conv" and base_layer.groups != 1:
-            raise SingLoRAError(f"{base_layer!r} has groups={base_layer.groups}; SingLoRA supports groups=1 only")
+        kind = adaptable_kind(base_layer)
         self.base_layer = base_layer
         self.kind: LayerKind = kind
         self.d_out, self.d_in = matrix_dims(kind, weight_shape(base_layer))
@@ -140,9 +150,7 @@ class SingLoRALayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, **kwargs) -> None:
         """Add adapter ``name`` with rank ``r``; kwargs go to ``SingLoRAAdapter``."""
-        n = max(self.d_out, self.d_in)
-        if r > n:
-            raise SingLoRAError(f"r={r} exceeds n=max(d_out={self.d_out}, d_in={self.d_in})={n}")
+        n = adapter_rows(self.d_out, self.d_in, r)
         weight = self.base_layer.weight
         # Low-precision (fp16/bf16) or quantized bases get a float32 adapter, as PEFT does; float64 stays float64.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

@@ -2,7 +2,7 @@
 layers into the targeted modules, and manages named adapters, the ramp step, merging and unloading.
 
     model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
-    model.bind_optimizer(optimizer)      # u(t) follows optimizer steps: t = ramp_step advances on each step
+    model.bind_optimizer(optimizer, total_steps=1000)  # t = ramp_step advances on each optimizer step
     ...train...
     model.save_adapter("out/")           # adapter_config.json + adapter_model.safetensors
     plain = model.merge_and_unload()     # the original module classes, adapters folded in
@@ -11,6 +11,7 @@ layers into the targeted modules, and manages named adapters, the ramp step, mer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any, Callable, Iterator, Union
 
@@ -22,7 +23,7 @@ from .errors import SingLoRAError, warn_deprecated
 from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
-from .targets import resolve_modules_to_save, resolve_targets
+from .plan import plan_adapter
 
 AdapterNames = Union[str, list[str]]
 
@@ -130,30 +131,20 @@ class SingLoRAModel(nn.Module):
             raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        config.validate()
-        ramp_up_steps = config.resolve_ramp_up_steps()
-        targets = resolve_targets(self.model, config)
-        saved = resolve_modules_to_save(self.model, config)
-        plans = []
-        for name in targets:
-            module = self.model.get_submodule(name)
-            layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
-            r = config.rank_for(name)
-            n = max(layer.d_out, layer.d_in)
-            if r > n:
-                raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={layer.d_out}, d_in={layer.d_in})={n}")
-            plans.append((name, module, layer, r))
+        plan = plan_adapter(self.model, config)
         # Validated: from here on nothing raises on user input.
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        for name, module, layer, r in plans:
+        for name, module_plan in plan.modules.items():
+            module = self.model.get_submodule(name)
+            layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
             layer.add_adapter(
-                adapter_name, r, scale=config.scale_for(name), ramp_up_steps=ramp_up_steps, dropout=config.dropout,
-                init=config.init, init_std=config.init_std,
+                adapter_name, module_plan.r, scale=module_plan.scale, ramp_up_steps=plan.ramp_up_steps,
+                dropout=config.dropout, init=config.init, init_std=config.init_std,
             )
             if layer is not module:
                 _set_submodule(self.model, name, layer)
-        for name in saved:
+        for name in plan.saved_modules:
             module = self.model.get_submodule(name)
             wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             wrapper.add_adapter(adapter_name)
@@ -228,9 +219,33 @@ class SingLoRAModel(nn.Module):
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise SingLoRAError(f"n={n!r} must be an int >= 0")
+        if n:
+            self._require_known_ramp(self.active_adapters)
         buffers = [adapter.ramp_step for adapter in self._adapters(self.active_adapters)]
         if buffers:
             torch._foreach_add_(buffers, n)
+
+    def _require_known_ramp(self, adapter_names: list[str]) -> None:
+        """``SingLoRAError`` if an adapter's ``T`` is still a fraction of an unknown total (``t`` cannot move then)."""
+        for name in adapter_names:
+            if self.get_ramp_up_steps(name) is None:
+                raise SingLoRAError(
+                    f"adapter {name!r}: ramp_up_steps={self.configs[name].ramp_up_steps} is a fraction of the run's "
+                    "total optimizer steps, which are not known: pass bind_optimizer(optimizer, total_steps=N), call "
+                    "set_total_steps(N), or set SingLoRAConfig(total_steps=N) or an int ramp_up_steps"
+                )
+
+    def set_total_steps(self, total_steps: int, adapter_name: str | None = None) -> None:
+        """Record the run's length in optimizer steps for an adapter (default: every active one): its config's
+        ``total_steps``, which resolves a fractional ``ramp_up_steps`` into ``T`` (saved with the adapter)."""
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or not 1 <= total_steps < 2**63:
+            raise SingLoRAError(f"total_steps={total_steps!r} must be an int >= 1")
+        names = [adapter_name] if adapter_name else self.active_adapters
+        self._check_names(names)
+        for name in names:
+            self.configs[name] = dataclasses.replace(self.configs[name], total_steps=total_steps)
+            for adapter in self._adapters([name]):
+                adapter.ramp_up_steps = self.configs[name].resolve_ramp_up_steps()
 
     def default_adapter(self) -> str:
         """The first active adapter, else the first added one; ``SingLoRAError`` if there is none."""
@@ -249,11 +264,14 @@ class SingLoRAModel(nn.Module):
             raise SingLoRAError(f"ramp_step={ramp_step!r} must be an int >= 0")
         names = [adapter_name] if adapter_name else self.active_adapters
         self._check_names(names)
+        if ramp_step:
+            self._require_known_ramp(names)
         for adapter in self._adapters(names):
             adapter.ramp_step.fill_(ramp_step)
 
-    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int:
-        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp)."""
+    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int | None:
+        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp;
+        ``None`` while it is a fraction of a run whose ``total_steps`` is unknown)."""
         return self._one_adapter(adapter_name).ramp_up_steps
 
     def get_ramp_value(self, adapter_name: str | None = None) -> float:
@@ -276,14 +294,19 @@ class SingLoRAModel(nn.Module):
         warn_deprecated("SingLoRAModel.set_step()", "set_ramp_step()")
         self.set_ramp_step(step, adapter_name)
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> Any:
         """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
 
-        Under gradient accumulation only real optimizer steps count; a step skipped by a ``GradScaler`` (inf/NaN
-        gradients) never calls ``optimizer.step`` and does not count.
+        ``total_steps``: the run's length in optimizer steps (``set_total_steps``), needed when an active adapter's
+        ``ramp_up_steps`` is a fraction (the default) and its config has no ``total_steps``; checked here, before
+        the first step. Under gradient accumulation only real optimizer steps count; a step skipped by a
+        ``GradScaler`` (inf/NaN gradients) never calls ``optimizer.step`` and does not count.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        self._require_known_ramp(self.active_adapters)
         # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
         inner = getattr(optimizer, "optimizer", optimizer)
         return inner.register_step_post_hook(lambda *_: self.advance_ramp())
