@@ -27,7 +27,6 @@ and are refused with an error naming them.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .adapter_file import atomic_write
+from .config import rank_and_pattern
 from .errors import SingLoRAError
 
 GGUF_FILE = "adapter_model.gguf"
@@ -103,7 +103,7 @@ def gguf_tensors(adapter: Any, config: Any) -> tuple[dict[str, Tensor], float]:
     n_head = _config_int(config, "num_attention_heads")
     n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.arch], _config_int(config, "num_hidden_layers"))
-    alpha = Counter(f.rank for f in adapter.factors.values()).most_common(1)[0][0]
+    alpha, _ = rank_and_pattern({module: f.rank for module, f in adapter.factors.items()})
     tensors: dict[str, Tensor] = {}
     for module, factors in sorted(adapter.factors.items()):
         base_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
