@@ -339,7 +339,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, d
 def _expected_tensors(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for ``model`` (no change to it)."""
     plan = plan_adapter(model.model, config)
-    expected = {f"{name}.{A_SUFFIX}": ((m.n, m.r), torch.float32) for name, m in plan.modules.items()}
+    expected = {f"{name}.{A_SUFFIX}": (m.a_shape, torch.float32) for name, m in plan.modules.items()}
     expected.update(plan.saved_tensors)
     return expected
 

@@ -36,14 +36,14 @@ unmerging are the same code as for every other layer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .layers import SingLoRAAdapter, SingLoRALayer
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 
 
 class ExpertAdapter(SingLoRAAdapter):
@@ -107,6 +107,7 @@ class SingLoRAExpertParameter(SingLoRALayer):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.selection: Any = None  # set by torch_singlora.mixed during a mixed-adapter call (refused here)
 
     @property
     def bias(self) -> None:
@@ -184,8 +185,104 @@ class SingLoRAExperts(nn.Module):
         delattr(self, parameter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        weights = {name: w for name, layer in self.parameter_layers().items()
-                   if (w := layer.effective_weight()) is not None}
+        layers = self.parameter_layers()
+        if any(layer.selection is not None for layer in layers.values()):
+            raise SingLoRAError("mixed-adapter batches (adapter_names=) do not support adapted expert parameters "
+                                "(target_parameters); run one adapter at a time")
+        weights = {name: w for name, layer in layers.items() if (w := layer.effective_weight()) is not None}
         if not weights:
             return self.base_layer(*args, **kwargs)
         return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
+
+
+# ---- targets, plan, unwrapping and the PEFT layout ------------------------------------------------------------
+
+
+def _owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(module name, module holding the parameters)`` for every module that owns parameters directly; the
+    original experts module inside a ``SingLoRAExperts`` is reported under the wrapper's name, and the insides of
+    other adapter wrappers are skipped."""
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(h + ".") for h in hidden):
+            continue
+        if isinstance(module, SingLoRAExperts):
+            hidden.append(name)
+            yield name, module.base_layer
+        elif isinstance(module, (SingLoRALayer, TrainableCopy)):
+            hidden.append(name)
+        else:
+            yield name, module
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def resolve_target_parameters(model: nn.Module, entries: list[str] | None) -> list[str]:
+    """Full names (``<module>.<parameter>``) of the parameters ``entries`` name (exactly or by dotted suffix, as
+    PEFT's ``target_parameters``), in the model's order. Each entry must match a parameter, and each match must be
+    a 3-D expert stack; ``SingLoRAError`` naming the entry or parameter otherwise."""
+    if not entries:
+        return []
+    found: list[str] = []
+    for owner_name, owner in _owners(model):
+        for parameter_name, _ in owner.named_parameters(recurse=False):
+            full = f"{owner_name}.{parameter_name}" if owner_name else parameter_name
+            if any(_matches(full, entry) for entry in entries):
+                if not owner_name:
+                    raise SingLoRAError(f"target parameter {full!r} belongs to the top-level module, which cannot be "
+                                        "wrapped; target a parameter of a submodule")
+                expert_layout(owner, parameter_name)  # a 3-D floating-point stack, or an error naming it
+                found.append(full)
+    for entry in entries:
+        if not any(_matches(name, entry) for name in found):
+            stacks = sorted({f"{o.rpartition('.')[2] or o}.{p}" for o, m in _owners(model)
+                             for p, v in m.named_parameters(recurse=False) if v.dim() == 3})
+            raise SingLoRAError(f"target_parameters entry {entry!r} matches no parameter; 3-D parameters of this "
+                                f"model end in {stacks}")
+    return found
+
+
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(module holding the parameter, parameter name)`` for a full expert parameter name, looking through a
+    ``SingLoRAExperts`` wrapper."""
+    owner_name, _, parameter_name = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return (owner.base_layer if isinstance(owner, SingLoRAExperts) else owner), parameter_name
+
+
+def adapt_parameter(model: nn.Module, name: str) -> SingLoRAExpertParameter:
+    """The adapters of expert parameter ``name`` (``<module>.<parameter>``), wrapping its module in a
+    ``SingLoRAExperts`` first if needed."""
+    owner_name, _, parameter_name = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if not isinstance(owner, SingLoRAExperts):
+        wrapper = SingLoRAExperts(owner)
+        parent_name, _, child = owner_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+        owner = wrapper
+    return owner.adapt(parameter_name)
+
+
+def release_parameter(model: nn.Module, name: str) -> None:
+    """Remove the (adapter-less) adapters of expert parameter ``name``; the original experts module goes back in
+    place once none of its parameters is adapted."""
+    owner_name, _, parameter_name = name.rpartition(".")
+    wrapper = model.get_submodule(owner_name)
+    wrapper.release(parameter_name)
+    if not wrapper.parameter_layers():
+        parent_name, _, child = owner_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
+
+
+def peft_module_name(model: nn.Module, name: str, adapted: Iterable[str]) -> str:
+    """Where stock PEFT's ``target_parameters`` LoRA puts the ``lora_A``/``lora_B`` of expert parameter ``name``:
+    PEFT wraps one parameter per ``ParamWrapper``, nesting them in the module's parameter order, so the parameter
+    registered first is the innermost (``<module>.base_layer.base_layer...``), one ``base_layer`` per adapted
+    parameter of the same module registered after it."""
+    owner, parameter_name = owner_of(model, name)
+    owner_name = name.rpartition(".")[0]
+    siblings = {n.rpartition(".")[2] for n in adapted if n.rpartition(".")[0] == owner_name}
+    order = [p for p, _ in owner.named_parameters(recurse=False) if p in siblings]
+    return owner_name + ".base_layer" * (len(order) - 1 - order.index(parameter_name))

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import SingLoRAConfig
 from .errors import SingLoRAError, warn_deprecated
+from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
 from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
@@ -136,7 +137,10 @@ class SingLoRAModel(nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         for name, module_plan in plan.modules.items():
-            module = self.model.get_submodule(name)
+            if module_plan.kind == "experts":  # a 3-D expert parameter (experts.py)
+                module = adapt_parameter(self.model, name)
+            else:
+                module = self.model.get_submodule(name)
             layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
             layer.add_adapter(
                 adapter_name, module_plan.r, scale=module_plan.scale, ramp_up_steps=plan.ramp_up_steps,
@@ -174,7 +178,7 @@ class SingLoRAModel(nn.Module):
             if adapter_name in layer.singlora:
                 layer.delete_adapter(adapter_name)
                 if not len(layer.singlora):
-                    _set_submodule(self.model, name, layer.base_layer)
+                    self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             if adapter_name in wrapper.copies:
                 wrapper.delete_adapter(adapter_name)
@@ -357,9 +361,17 @@ class SingLoRAModel(nn.Module):
         self.merge(safe=safe)
         return self._restore_originals()
 
+    def _put_back(self, name: str, layer: SingLoRALayer) -> None:
+        """Put the original module back in place of an adapter-less layer (an expert parameter's layer is removed
+        from its ``SingLoRAExperts``, which gives way to the original experts module once empty)."""
+        if isinstance(layer, SingLoRAExpertParameter):
+            release_parameter(self.model, name)
+        else:
+            _set_submodule(self.model, name, layer.base_layer)
+
     def _restore_originals(self) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             _set_submodule(self.model, name, wrapper.active_module())
         self.configs.clear()
