@@ -99,15 +99,9 @@ class SingLoRAExpertParameter(SingLoRALayer):
     unmerging are ``SingLoRALayer``'s. The forward is ``SingLoRAExperts``'s (``effective_weight``)."""
 
     def __init__(self, owner: nn.Module, parameter_name: str) -> None:
-        nn.Module.__init__(self)
-        self.num_experts, self.d_out, self.d_in, self.transposed = expert_layout(owner, parameter_name)
-        self.base_layer = _ParameterView(owner, parameter_name)
-        self.kind = "experts"
-        self.singlora = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.selection: Any = None  # set by torch_singlora.mixed during a mixed-adapter call (refused here)
+        num_experts, d_out, d_in, transposed = expert_layout(owner, parameter_name)
+        super().__init__(_ParameterView(owner, parameter_name), kind="experts", dims=(d_out, d_in))
+        self.num_experts, self.transposed = num_experts, transposed
 
     @property
     def bias(self) -> None:
