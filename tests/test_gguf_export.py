@@ -152,3 +152,14 @@ def test_gguf_refusals(tmp_path) -> None:
         export_lora(get_singlora_model(gpt2, SingLoRAConfig(r=2, target_modules=["c_attn"])), tmp_path / "g",
                     format="gguf")
     assert not any(tmp_path.rglob("*.gguf"))
+
+
+def test_gguf_from_adapter_directory_equals_from_model(tmp_path) -> None:
+    model = _adapted()
+    model.save_adapter(tmp_path / "adapter")
+    from_model = export_lora(model, tmp_path / "a", format="gguf")
+    from_dir = export_lora(tmp_path / "adapter", tmp_path / "b", format="gguf", base_model=_tiny_llama())
+    (fields_a, tensors_a), (fields_b, tensors_b) = _read(from_model), _read(from_dir)
+    assert fields_a["adapter.lora.alpha"] == fields_b["adapter.lora.alpha"] and set(tensors_a) == set(tensors_b)
+    for name, tensor in tensors_a.items():
+        torch.testing.assert_close(_values(tensors_b[name]), _values(tensor), atol=1e-6, rtol=1e-6)

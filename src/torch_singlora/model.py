@@ -396,11 +396,16 @@ class SingLoRAModel(nn.Module):
 
     # ---- files --------------------------------------------------------------------------------------------------
 
-    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``)."""
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None,
+                     dtype: str | torch.dtype | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``).
+
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` to store the tensors in (smaller files; loading
+        casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
+        """
         from .adapter_file import save_adapter
 
-        save_adapter(self, directory, adapter_name or self.default_adapter())
+        save_adapter(self, directory, adapter_name or self.default_adapter(), dtype)
 
     save_pretrained = save_adapter
 

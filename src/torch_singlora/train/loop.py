@@ -316,7 +316,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if run.main:
         with atomic_directory(run.folder.adapter) as tmp:
-            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model))
+            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model), config.save_dtype)
             if config.method == "full":  # the folder is then a whole transformers model
                 run.tokenizer.save_pretrained(tmp)
             write_run_info(tmp, {

@@ -122,9 +122,9 @@ class Method:
     def ramp_up_steps(self) -> int | None:
         return None
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
+    def save(self, directory: Path, model: nn.Module, dtype: str = "float32") -> Path:
         """Write the trained weights of ``model`` (the unwrapped ``self.model``) into ``directory``; returns the
-        weights file."""
+        weights file. ``dtype`` (``--save-dtype``): SingLoRA only (TrainConfig.validate)."""
         model.save_pretrained(directory)
         return directory / self.weights_file
 
@@ -166,8 +166,8 @@ class SingLoRA(Method):
     def ramp_up_steps(self) -> int:
         return self.model.get_ramp_up_steps()
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
-        model.save_adapter(directory)
+    def save(self, directory: Path, model: nn.Module, dtype: str = "float32") -> Path:
+        model.save_adapter(directory, dtype=dtype)
         return directory / self.weights_file
 
     @staticmethod
