@@ -95,7 +95,8 @@ def fresh_venv(folder: Path, wheel: Path) -> Path:
     run([sys.executable, "-m", "venv", "--without-pip", folder])
     python = folder / "bin" / "python"
     purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
-    shared = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    paths = sysconfig.get_paths()
+    shared = dict.fromkeys([*site.getsitepackages(), paths["purelib"], paths["platlib"]])
     run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel],
         env=clean_environment())  # before the .pth: pip must not see this environment's torch-singlora
     (purelib / "shared-dependencies.pth").write_text("".join(f"{p}\n" for p in shared if Path(p).is_dir()))

@@ -22,7 +22,8 @@ def _fake_dists(tmp_path: Path, modules: set[str], extra: tuple[str, ...] = ()) 
     with zipfile.ZipFile(whl, "w") as archive:
         for name in sorted(modules) + list(extra):
             archive.writestr(name, "")
-        archive.writestr("fake-0.1.dist-info/entry_points.txt", "[console_scripts]\nsinglora = torch_singlora.cli:main\n")
+        archive.writestr("fake-0.1.dist-info/entry_points.txt",
+                         "[console_scripts]\nsinglora = torch_singlora.cli:main\n")
     sdist = tmp_path / "fake-0.1.tar.gz"
     with tarfile.open(sdist, "w:gz") as archive:
         for name in ["pyproject.toml", "README.md", *(f"src/{m}" for m in modules)]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
-EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli"]
+EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli", "torch_singlora.serving.cli"]
 
 
 # ---- argparse from a dataclass ----------------------------------------------------------------------------------
@@ -211,8 +211,11 @@ def _add_merge(subparsers: Any) -> None:
     parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet))
 
 
-def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False) -> Path:
-    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``)."""
+def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
+           engine: str | None = None, max_lora_rank: int | None = None) -> Path:
+    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``); with ``engine``,
+    first refuse what that serving engine could not load (``torch_singlora.engines``)."""
+    from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
     from .train.tasks import get_task
@@ -221,6 +224,10 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
     base = get_task(info["task"]).load_model(model or info["base_model"], info)
+    if max_lora_rank is not None and engine is None:
+        raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
+    if engine is not None:
+        check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
     written = export_lora(adapter, output, format=format, base_model=base)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
@@ -231,7 +238,13 @@ def _add_export(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "export", "SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, "
                                        "kohya, GGUF for llama.cpp)", "folder for the LoRA files")
     parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya", "gguf"])
-    parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet))
+    parser.add_argument("--for", dest="engine", choices=["vllm", "lorax"], default=None,
+                        help="refuse what this serving engine cannot load (non-linear targets, modules_to_save, "
+                        "ranks above --max-lora-rank) before writing anything")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
+    parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
+                                              engine=a.engine, max_lora_rank=a.max_lora_rank))
 
 
 def inspect_adapter(adapter: str) -> dict[str, Any]:

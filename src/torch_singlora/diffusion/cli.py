@@ -49,7 +49,7 @@ def cmd_dreambooth(args: argparse.Namespace) -> None:
 
     options = DreamBoothArgs(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(DreamBoothArgs)})
     model = train_dreambooth(options)
-    print(f"adapter: {Path(options.output_dir) / 'singlora'} (step {model.get_step()})")
+    print(f"adapter: {Path(options.output_dir) / 'singlora'} (step {model.get_ramp_step()})")
     if options.export_lora:
         print(f"diffusers LoRA: {Path(options.output_dir) / 'diffusers_lora'} (pipe.load_lora_weights)")
 
