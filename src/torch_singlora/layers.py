@@ -135,7 +135,8 @@ class SingLoRAAdapter(nn.Module):
 class SingLoRALayer(nn.Module):
     """Wraps ``base_layer`` (Linear, transformers Conv1D, Conv1d/2d, Embedding) with named SingLoRA adapters."""
 
-    def __init__(self, base_layer: nn.Module, *, kind: str | None = None, dims: tuple[int, int] | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, *, kind: str | None = None,
+                 dims: tuple[int, int] | None = None) -> None:
         """``kind`` and ``dims`` (``(d_out, d_in)``) are for subclasses whose base is not a layer (an expert
         parameter: ``experts.py``); otherwise they come from ``base_layer``."""
         super().__init__()

@@ -43,7 +43,8 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 def _module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules, minus the insides of our own wrappers (``base_layer``, adapters, copies)."""
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, (SingLoRALayer, TrainableCopy, SingLoRAExperts))]
+    wrapper_types = (SingLoRALayer, TrainableCopy, SingLoRAExperts)
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, wrapper_types)]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
 
 
