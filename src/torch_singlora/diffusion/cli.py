@@ -75,7 +75,8 @@ def _prompts_for(generated: Path, args: argparse.Namespace) -> dict[str, str]:
 def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .dreambooth import generate_images, list_images
+    from .dreambooth import list_images
+    from .pipeline import generate_images
     from .metrics import fidelity_scores
 
     generated = Path(args.generated)
