@@ -128,7 +128,7 @@ def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str
             raise SingLoRAError(f"{path} is a trained adapter (it names its base model); --adapter applies to a base "
                                 "model folder")
         from ..train.run_folder import load_trained
-        from ..train.tasks import get_task
+        from ..train.registry import get_task
 
         model, info = load_trained(path)
         tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)

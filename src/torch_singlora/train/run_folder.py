@@ -80,6 +80,11 @@ class RunFolder:
                 raise SingLoRAError(f"--overwrite: cannot remove {path}: {exc.strerror or exc}") from exc
         return removed
 
+    def resume_advice(self) -> str:
+        """How a stopped run goes on, for error messages."""
+        return (f"the last checkpoint ({self.checkpoint}) is intact: resume with --resume" if self.checkpoint.exists()
+                else "no checkpoint was written yet")
+
     def create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -172,7 +177,7 @@ def load_trained(directory: str | Path, base_model: str | None = None) -> tuple[
     ``base_model`` replaces the recorded base model folder.
     """
     from .methods import method_class
-    from .tasks import get_task
+    from .registry import get_task
 
     info = read_run_info(directory)
     task, method = get_task(info["task"]), method_class(info["method"])
