@@ -65,7 +65,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> A
 
 def _task_option_owners() -> dict[str, list[str]]:
     """``{option field name: the tasks that have it}`` over the registered tasks whose module is installed."""
-    from .train.tasks import TASKS, task_class
+    from .train.registry import TASKS, task_class
 
     owners: dict[str, list[str]] = {}
     for name, target in TASKS.items():
@@ -80,7 +80,7 @@ def _task_option_owners() -> dict[str, list[str]]:
 def add_task_options(parser: argparse.ArgumentParser) -> None:
     """One argument group per task with options (``Task.options``); an option two tasks share gets one flag.
     Absent flags leave no attribute (``task_options`` collects the given ones)."""
-    from .train.tasks import task_class
+    from .train.registry import task_class
 
     added: set[str] = set()
     for name in dict.fromkeys(task for tasks in _task_option_owners().values() for task in tasks):
@@ -129,7 +129,7 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     from torch.utils.data import DataLoader
 
     from .train.run_folder import load_trained
-    from .train.tasks import get_task
+    from .train.registry import get_task
 
     if adapter is not None:
         if task is not None or options:
@@ -181,7 +181,7 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     from .adapter_file import atomic_directory
     from .train.methods import method_class
     from .train.run_folder import load_trained
-    from .train.tasks import get_task
+    from .train.registry import get_task
 
     trained, info = load_trained(adapter, model)
     plain = method_class(info["method"]).merged(trained)
@@ -218,7 +218,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
-    from .train.tasks import get_task
+    from .train.registry import get_task
 
     info = read_run_info(adapter)
     if info["method"] != "singlora":

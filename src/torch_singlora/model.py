@@ -14,12 +14,11 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator, Union
 
-import torch
 from torch import nn
 
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .layers import SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
 from .ramp import RampControls
