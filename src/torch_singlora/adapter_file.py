@@ -52,6 +52,7 @@ _META_FIELDS = ("format", "format_version", "ramp_step", "base_model_name_or_pat
 MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json
 MAX_HEADER_BYTES = 16 * 2**20  # the JSON header of adapter_model.safetensors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype name -> (torch dtype, bytes per element). Unknown names are refused.
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
@@ -174,15 +175,49 @@ def _check_arguments(directory: Any, adapter_name: Any) -> Path:
     return _as_path(directory)
 
 
-def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str) -> None:
-    """Write one adapter's two files into ``directory`` (created if missing), each atomically."""
+def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The storage dtype named by ``dtype`` (a name or a torch dtype of ``SAVE_DTYPES``); ``None``: as trained."""
+    if dtype is None:
+        return None
+    named = {v: v for v in SAVE_DTYPES.values()} | SAVE_DTYPES
+    if not isinstance(dtype, (str, torch.dtype)) or dtype not in named:
+        raise SingLoRAError(f"dtype={dtype!r} must be one of {sorted(SAVE_DTYPES)} (or None: as trained)")
+    return named[dtype]
+
+
+def cast_for_storage(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating tensor cast to ``dtype`` (None: unchanged); ``SingLoRAError`` naming the first
+    tensor whose values the cast would turn into Inf (float16 holds at most 65504), nothing cast silently."""
+    if dtype is None:
+        return tensors
+    stored = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    for key, value in stored.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            largest = tensors[key].abs().max().item()
+            raise SingLoRAError(f"{key}: values up to {largest:.4g} overflow {dtype} (they would be stored as Inf); "
+                                "save with dtype='float32' or 'bfloat16'; nothing was written")
+    return stored
+
+
+def save_adapter(model: "SingLoRAModel", directory: str | os.PathLike, adapter_name: str,
+                 dtype: str | torch.dtype | None = None) -> None:
+    """Write one adapter's two files into ``directory`` (created if missing), each atomically.
+
+    ``dtype``: storage type of every floating tensor (``A`` and ``modules_to_save`` tensors): ``"float32"``,
+    ``"bfloat16"`` or ``"float16"`` (half the size); ``None`` keeps the training dtype. Loading casts back to the
+    model's dtypes; the file's safetensors header (and its metadata ``dtype``) records what was stored.
+    """
     directory = _check_arguments(directory, adapter_name)
     config = model.configs.get(adapter_name)
     if config is None:
         raise SingLoRAError(f"adapter {adapter_name!r} does not exist; adapters are {sorted(model.configs)}")
+    stored = storage_dtype(dtype)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = cast_for_storage(tensors, stored)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    if stored is not None:
+        metadata["dtype"] = str(stored).removeprefix("torch.")
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     document = {
         "format": FORMAT_NAME,
@@ -339,7 +374,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, d
 def _expected_tensors(model: "SingLoRAModel", config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for ``model`` (no change to it)."""
     plan = plan_adapter(model.model, config)
-    expected = {f"{name}.{A_SUFFIX}": ((m.n, m.r), torch.float32) for name, m in plan.modules.items()}
+    expected = {f"{name}.{A_SUFFIX}": (m.a_shape, torch.float32) for name, m in plan.modules.items()}
     expected.update(plan.saved_tensors)
     return expected
 

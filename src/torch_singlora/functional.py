@@ -98,11 +98,12 @@ def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> T
 
 
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
-    """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both."""
-    n = A.shape[0]
+    """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both;
+    a stack ``(..., n, r)`` (one ``A`` per expert) gives ``(..., d_out, d_in)``."""
+    n = A.shape[-2]
     if n < max(d_out, d_in):
         raise ValueError(f"A has {n} rows, needs max(d_out={d_out}, d_in={d_in})")
-    return (A[:d_out] * coefficient) @ A[:d_in].T
+    return (A[..., :d_out, :] * coefficient) @ A[..., :d_in, :].mT
 
 
 def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
@@ -117,6 +118,18 @@ def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Te
     At = A.T.contiguous()  # (r, n)
     h = F.linear(x, At[:, :d_in]) * coefficient  # (..., d_in) -> (..., r)
     return F.linear(h, At[:, :d_out].T)  # (..., r) -> (..., d_out)
+
+
+def add_factored_update_(
+    out: Tensor, x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0
+) -> Tensor:
+    """``out += factored_update(x, A, d_out, d_in, c)`` in place, for inference: the second product accumulates
+    into ``out`` (``addmm_``), saving a pass over the output and its allocation; same products, so exact up to
+    float rounding. ``out``: contiguous ``(..., d_out)``, same dtype as ``A``; nothing may need its gradient."""
+    At = A.T.contiguous()  # (r, n)
+    h = F.linear(x.reshape(-1, d_in), At[:, :d_in]) * coefficient  # (tokens, r)
+    out.view(-1, d_out).addmm_(h, At[:, :d_out])
+    return out
 
 
 def embedding_update(
@@ -156,18 +169,23 @@ def conv_update(x: Tensor, A: Tensor, geometry: nn.Module, coefficient: Tensor |
 
 
 def mixed_factored_update(
-    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int
+    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int, out: Tensor | None = None
 ) -> Tensor:
     """``factored_update`` with example ``b`` of ``x`` using adapter ``index[b]`` of ``bank``.
 
     ``x``: ``(B, ..., d_in)``; ``bank``: ``(K, R, n)`` (transposed, zero-padded ``A``s); ``coefficients``:
     ``(K,)``; ``index``: ``(B,)`` int64 in ``[0, K)``. Returns ``(B, ..., d_out)``. Two ``bmm``s over the
-    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R).
+    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R). With ``out`` (contiguous, same
+    shape, dtype as ``bank``, no gradient needed), the update is added into it in place (``baddbmm_``) and
+    ``out`` is returned.
     """
     batch = x.shape[0]
     At = bank.index_select(0, index)  # (B, R, n)
     h = torch.bmm(x.reshape(batch, -1, d_in), At[:, :, :d_in].transpose(1, 2))  # (B, T, R)
     h = h * coefficients.index_select(0, index)[:, None, None]
+    if out is not None:
+        out.view(batch, -1, d_out).baddbmm_(h, At[:, :, :d_out])
+        return out
     return torch.bmm(h, At[:, :, :d_out]).reshape(*x.shape[:-1], d_out)  # (B, T, R) -> (B, ..., d_out)
 
 
@@ -240,9 +258,10 @@ def lora_factors(A: Tensor, d_out: int, d_in: int, coefficient: float) -> tuple[
     """Exact plain-LoRA factors of the update: ``lora_B @ lora_A == delta_matrix(A, d_out, d_in, c)``.
 
     Returns ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r), both ``sqrt(c)``-scaled (for LoRA scale 1, i.e.
-    ``lora_alpha = r``). ``c`` must be >= 0.
+    ``lora_alpha = r``); for a stack ``A`` ``(..., n, r)``, ``(..., r, d_in)`` and ``(..., d_out, r)``. ``c`` must
+    be >= 0.
     """
     if coefficient < 0:
         raise ValueError(f"coefficient={coefficient} < 0 has no real square root")
     root = math.sqrt(coefficient)
-    return (A[:d_in].T * root).contiguous(), (A[:d_out] * root).contiguous()
+    return (A[..., :d_in, :].mT * root).contiguous(), (A[..., :d_out, :] * root).contiguous()

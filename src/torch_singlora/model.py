@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
+from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
 from .layers import SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
@@ -143,7 +144,10 @@ class SingLoRAModel(RampControls, nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         for name, module_plan in plan.modules.items():
-            module = self.model.get_submodule(name)
+            if module_plan.kind == "experts":  # a 3-D expert parameter (experts.py)
+                module = adapt_parameter(self.model, name)
+            else:
+                module = self.model.get_submodule(name)
             layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
             layer.add_adapter(
                 adapter_name, module_plan.r, scale=module_plan.scale, ramp_up_steps=plan.ramp_up_steps,
@@ -181,7 +185,7 @@ class SingLoRAModel(RampControls, nn.Module):
             if adapter_name in layer.singlora:
                 layer.delete_adapter(adapter_name)
                 if not len(layer.singlora):
-                    _set_submodule(self.model, name, layer.base_layer)
+                    self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             if adapter_name in wrapper.copies:
                 wrapper.delete_adapter(adapter_name)
@@ -267,9 +271,17 @@ class SingLoRAModel(RampControls, nn.Module):
         self.merge(safe=safe)
         return self._restore_originals(trained_copies=True)
 
+    def _put_back(self, name: str, layer: SingLoRALayer) -> None:
+        """Put the original module back in place of an adapter-less layer (an expert parameter's layer is removed
+        from its ``SingLoRAExperts``, which gives way to the original experts module once empty)."""
+        if isinstance(layer, SingLoRAExpertParameter):
+            release_parameter(self.model, name)
+        else:
+            _set_submodule(self.model, name, layer.base_layer)
+
     def _restore_originals(self, trained_copies: bool) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             _set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
         self.configs.clear()
@@ -278,11 +290,16 @@ class SingLoRAModel(RampControls, nn.Module):
 
     # ---- files --------------------------------------------------------------------------------------------------
 
-    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``)."""
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None,
+                     dtype: str | torch.dtype | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``).
+
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` to store the tensors in (smaller files; loading
+        casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
+        """
         from .adapter_file import save_adapter
 
-        save_adapter(self, directory, self.default_adapter() if adapter_name is None else adapter_name)
+        save_adapter(self, directory, self.default_adapter() if adapter_name is None else adapter_name, dtype)
 
     save_pretrained = save_adapter
 
