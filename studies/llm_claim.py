@@ -8,7 +8,7 @@ same design on the one real decoder LLM we have offline (``studies/llm_task.py``
 2. learning-rate sweep of SingLoRA, LoRA, LoRA+ and DoRA on seed 0 over one grid, scored on the validation split;
    a method whose best rate sits on the grid's edge gets the next grid point, until its optimum is interior;
 3. the other seeds: the whole grid for LoRA and SingLoRA (the learning-rate sensitivity), each method's chosen
-   rate for LoRA+ and DoRA (the method comparison), and a run twice as long at LoRA's and SingLoRA's chosen rate
+   rate for LoRA+ and DoRA (the method comparison), and runs twice as long at LoRA's and SingLoRA's chosen rate
    with validation every ``steps / 4`` steps (the convergence check).
 
 Every run goes through the training CLI's Python API (``studies.bbc.Bench``), is cached in the work folder by its
@@ -143,12 +143,13 @@ def state_of(runner: Runner, bench: Bench, base: LLMRunSpec, settings: Settings,
     table = by_method_lr(runner, base, settings.methods)
     chosen = {m: best_lr({lr: runs[0] for lr, runs in table[m].items()}) for m in settings.methods if table[m]}
     finals = {m: table[m][lr] for m, lr in chosen.items()}
-    long_runs = {}
-    for method in FULL_GRID:
-        if method in chosen:
-            spec = long_spec(dataclasses.replace(base, method=method, lr=chosen[method], seed=0))
+    long_runs: dict[str, list[dict[str, Any]]] = {}  # method -> [{"seed", "result", "curve"}] of the long runs
+    for method in [m for m in FULL_GRID if m in chosen]:
+        for seed in range(settings.seeds):
+            spec = long_spec(dataclasses.replace(base, method=method, lr=chosen[method], seed=seed))
             if spec in runner.results:
-                long_runs[method] = {"result": runner.results[spec], "curve": training_curve(bench, spec)}
+                long_runs.setdefault(method, []).append(
+                    {"seed": seed, "result": runner.results[spec], "curve": training_curve(bench, spec)})
     curves = {m: training_curve(bench, dataclasses.replace(base, method=m, lr=lr, seed=0))
               for m, lr in chosen.items()}
     losses = {m: {f"{lr:g}": [final_loss(training_curve(bench, dataclasses.replace(base, method=m, lr=lr, seed=s)))
@@ -247,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in settings.methods:
             rates = grids[method] if method in FULL_GRID else [chosen[method]]
             later += [dataclasses.replace(base, method=method, lr=lr, seed=seed) for lr in rates]
-    if not args.no_long:  # the convergence check first: it is the longest
-        later = [long_spec(dataclasses.replace(base, method=m, lr=chosen[m], seed=0)) for m in FULL_GRID] + later
+    if not args.no_long:  # the convergence check: seed 0 first (the longest runs), the other seeds last
+        longs = [long_spec(dataclasses.replace(base, method=m, lr=chosen[m], seed=s))
+                 for s in range(settings.seeds) for m in FULL_GRID]
+        later = longs[: len(FULL_GRID)] + later + longs[len(FULL_GRID):]
     runner.run(later)
     complete = True
     publish()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from studies.bbc import mean_std
 from studies.common import md_table, pyplot, save_figure, summarize
@@ -80,9 +80,9 @@ def plot_comparison(state: dict[str, Any], out: Path) -> str | None:
         if curve["loss"]:
             steps, losses = zip(*curve["loss"])
             ax.plot(steps, losses, color=COLORS[method], lw=1, label=f"{NAMES[method]} lr {state['chosen'][method]:g}")
-    for method, run in state["long"].items():
-        if run["curve"]["loss"]:
-            steps, losses = zip(*run["curve"]["loss"])
+    for method, runs in state["long"].items():
+        if runs[0]["seed"] == 0 and runs[0]["curve"]["loss"]:
+            steps, losses = zip(*runs[0]["curve"]["loss"])
             ax.plot(steps, losses, color=COLORS[method], lw=0.8, ls=":", label=f"{NAMES[method]}, 2x steps")
     ax.set_yscale("log"), ax.set_xlabel("optimizer step"), ax.set_ylabel("training loss (seed 0)")
     ax.grid(alpha=0.3), ax.legend(fontsize=7)
@@ -96,18 +96,37 @@ def plot_convergence(state: dict[str, Any], out: Path, steps: int) -> str | None
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for method, run in state["long"].items():
-        if run["curve"]["val"]:
-            xs, ys = zip(*run["curve"]["val"])
+    for method, runs in state["long"].items():
+        for run in runs:
+            if run["curve"]["val"]:
+                xs, ys = zip(*run["curve"]["val"])
+                ax.plot(xs, [100 * y for y in ys], color=COLORS[method], lw=0.6, alpha=0.5)
+        mean = mean_curve([run["curve"]["val"] for run in runs])
+        if mean:
+            xs, ys = zip(*mean)
             ax.plot(xs, [100 * y for y in ys], marker="o", color=COLORS[method],
                     label=f"{NAMES[method]} lr {state['chosen'][method]:g}, {2 * steps} steps")
-        standard = state["finals"][method][0]["val_accuracy"]
-        ax.scatter([steps], [100 * standard], marker="*", s=90, color=COLORS[method],
-                   label=f"{NAMES[method]}, the {steps}-step run's end")
+        standard = standard_runs(state, method)
+        ax.scatter([steps], [summarize(100 * r["val_accuracy"] for r in standard)["mean"]], marker="*", s=90,
+                   color=COLORS[method], label=f"{NAMES[method]}, the {steps}-step runs' end")
     ax.set_xlabel("optimizer step"), ax.set_ylabel("validation accuracy (%)"), ax.grid(alpha=0.3)
-    ax.legend(fontsize=7), ax.set_title("convergence check (seed 0)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title("convergence check: mean over seeds (thin: single seeds)", fontsize=9)
     save_figure(fig, out / "convergence.png")
     return "convergence.png"
+
+
+def standard_runs(state: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The standard-length runs at the chosen rate with the same seeds as ``method``'s long runs (seed order)."""
+    by_seed = {r["spec"]["seed"]: r for r in state["finals"][method]}
+    return [by_seed[run["seed"]] for run in state["long"][method] if run["seed"] in by_seed]
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[tuple[float, float]]:
+    """Mean over curves of ``[[step, value], ...]`` at the steps every curve has."""
+    steps = sorted(set.intersection(*(set(step for step, _ in curve) for curve in curves))) if curves else []
+    values = [dict((step, value) for step, value in curve) for curve in curves]
+    return [(step, sum(v[step] for v in values) / len(values)) for step in steps]
 
 
 def _pct(x: float | None) -> str:
@@ -127,7 +146,7 @@ def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], fig
     final_rows = [[NAMES[m], f"{state['chosen'][m]:g}", len(runs), mean_std(runs), mean_std(runs, "test_macro_f1"),
                    f"{100 * min(r['test_accuracy'] for r in runs):.1f} – "
                    f"{100 * max(r['test_accuracy'] for r in runs):.1f}",
-                   f"{first(runs, 'adapter_params'):,}", _median(r["seconds_per_step"] for r in runs),
+                   f"{first(runs, 'adapter_params'):,}",
                    PAPER[m]] for m, runs in finals.items()]
     pair_rows = []
     for other in ("lora", "loraplus", "dora"):
@@ -151,14 +170,15 @@ def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], fig
     loss_rows = [[NAMES[m]] + [_loss_cell(state["losses"][m].get(f"{lr:g}")) for lr in lrs] for m in FULL_GRID
                  if m in state["losses"]]
     long_rows = []
-    for method, run in state["long"].items():
-        standard = finals[method][0]
-        result = run["result"]
-        long_rows.append([NAMES[method], f"{state['chosen'][method]:g}",
-                          f"{_pct(standard['val_accuracy'])} / {_pct(standard['test_accuracy'])}",
-                          f"{_pct(result['val_accuracy'])} / {_pct(result['test_accuracy'])}",
-                          ", ".join(f"{s}: {100 * a:.1f}" for s, a in run["curve"]["val"]),
-                          _loss_cell([final_loss(run["curve"])])])
+    for method, runs in state["long"].items():
+        standard, longer = standard_runs(state, method), [run["result"] for run in runs]
+        mean, std, ahead, n = paired(longer, standard)
+        long_rows.append([NAMES[method], f"{state['chosen'][method]:g}", n,
+                          f"{mean_std(standard, 'val_accuracy')} / {mean_std(standard)}",
+                          f"{mean_std(longer, 'val_accuracy')} / {mean_std(longer)}",
+                          f"{mean:+.1f} ± {std:.1f} ({ahead}/{n} higher)",
+                          ", ".join(f"{s}: {100 * a:.1f}" for s, a in mean_curve([r["curve"]["val"] for r in runs])),
+                          _loss_cell([final_loss(r["curve"]) for r in runs])])
     window = ", ".join(f"{lr:g}" for lr in state["window"]) or "-"
     added = "; ".join(f"{NAMES[m]} {', '.join(f'{lr:g}' for lr in sorted(set(grid) - set(settings.grid)))}"
                       for m, grid in state["grids"].items() if set(grid) - set(settings.grid)) or "none"
@@ -220,7 +240,7 @@ trained by every method and not counted.
 
 ## Method comparison (test accuracy at each method's validation-chosen rate)
 
-{md_table(["method", "lr", "seeds", "test accuracy % (mean ± std)", "macro-F1 %", "min – max", "adapter params", "s / step (median)", "paper (MNLI)"], final_rows)}
+{md_table(["method", "lr", "seeds", "test accuracy % (mean ± std)", "macro-F1 %", "min – max", "adapter params", "paper (MNLI)"], final_rows)}
 
 Seed-paired differences (test accuracy points; same seed = same head init and example order):
 
@@ -247,26 +267,21 @@ Training loss, mean of the last 8 steps (mean over seeds):
 
 {md_table(["method"] + [f"lr {lr:g}" for lr in lrs], loss_rows)}
 
-The same run with twice the steps ({2 * settings.steps}; the linear schedule stretched to the new length), seed 0,
-at the chosen rate, validated every {settings.steps // 4} steps:
+The same runs with twice the steps ({2 * settings.steps}; the linear schedule stretched to the new length) at the
+chosen rate, validated every {settings.steps // 4} steps (mean ± std over seeds; the difference is paired by seed):
 
-{md_table(["method", "lr", f"{settings.steps} steps: val / test %", f"{2 * settings.steps} steps: val / test %", "validation % during the long run (step: acc)", "final training loss"], long_rows)}
+{md_table(["method", "lr", "seeds", f"{settings.steps} steps: val / test %", f"{2 * settings.steps} steps: val / test %", f"test, {2 * settings.steps} − {settings.steps} steps", "validation % during the long runs, mean over seeds (step: acc)", "final training loss"], long_rows)}
 
 {figures_md}
 
-Seconds per step are wall-clock on the shared machine (other jobs running, {settings.jobs} study run(s) at a time):
-compare them only roughly.
+No timings here: the runs shared the machine with a changing load (each run's seconds per step are in
+results.json); speed is measured by `benchmarks/` (`python -m benchmarks.run`).
 """
 
 
 def first(runs: list[dict[str, Any]], key: str) -> Any:
     """``key`` of the first run that has it (diverged runs have no parameter count or timing)."""
     return next((r[key] for r in runs if r.get(key) is not None), None)
-
-
-def _median(values: Iterator[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    return "-" if not present else f"{summarize(present)['median']:.2f}"
 
 
 def _loss_cell(values: list[float | None] | None) -> str:

@@ -101,6 +101,9 @@ def test_good_window_and_paired_differences() -> None:
     assert llm_report.good_window(table) == [1e-4, 1e-3, 1e-2]  # mean over both methods: 1.725 beats 1.675
     mean, std, ahead, n = llm_report.paired(table["singlora"][1e-3], table["lora"][1e-3])
     assert (mean, ahead, n) == (pytest.approx(-5.0), 0, 2) and std == pytest.approx(7.0710678, rel=1e-6)
+    # Mean validation curve over seeds, at the steps all seeds logged.
+    assert llm_report.mean_curve([[[1, 0.5], [2, 0.7]], [[1, 0.7], [2, 0.9], [3, 1.0]]]) == [
+        (1, pytest.approx(0.6)), (2, pytest.approx(0.8))]
 
 
 def test_llm_claim_quick(work: Path, tmp_path: Path) -> None:
@@ -115,7 +118,8 @@ def test_llm_claim_quick(work: Path, tmp_path: Path) -> None:
         assert saved["params"][method]["measured"] == llm_task.adapter_params(config, method)
     assert set(saved["runs"]["lora"]) == set(saved["runs"]["singlora"]) == {"0.0003", "0.001"}
     assert set(saved["long"]) == {"singlora", "lora"}
-    assert all(run["result"]["steps"] == 4 and len(run["curve"]["val"]) == 4 for run in saved["long"].values())
+    assert all(run["result"]["steps"] == 4 and len(run["curve"]["val"]) == 4 and run["seed"] == 0
+               for runs in saved["long"].values() for run in runs)
     report = (out / "REPORT.md").read_text()
     assert "## Zero-shot" in report and "## Learning-rate sensitivity" in report and "Status: complete" in report
     assert (out / "accuracy_vs_lr.png").stat().st_size > 0 and (out / "comparison.png").stat().st_size > 0
