@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny random Llama, 2 steps per run")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="run outputs, cache and data split")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "llm_claim")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--lrs", type=float, nargs="+", default=list(GRID), help="the one grid of every method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, default=48, help="optimizer steps per run")
