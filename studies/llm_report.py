@@ -268,7 +268,7 @@ Training loss, mean of the last 8 steps (mean over seeds):
 {md_table(["method"] + [f"lr {lr:g}" for lr in lrs], loss_rows)}
 
 The same runs with twice the steps ({2 * settings.steps}; the linear schedule stretched to the new length) at the
-chosen rate, validated every {settings.steps // 4} steps (mean ± std over seeds; the difference is paired by seed):
+chosen rate, validated every {max(1, settings.steps // 4)} steps (mean ± std over seeds; the difference is paired by seed):
 
 {md_table(["method", "lr", "seeds", f"{settings.steps} steps: val / test %", f"{2 * settings.steps} steps: val / test %", f"test, {2 * settings.steps} − {settings.steps} steps", "validation % during the long runs, mean over seeds (step: acc)", "final training loss"], long_rows)}
 
