@@ -24,6 +24,22 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return name, directory
 
 
+def _trained_labels(args: argparse.Namespace) -> int | None:
+    """The number of classes recorded by ``singlora train`` beside the first adapter given (None if unknown)."""
+    from pathlib import Path
+
+    from ..train.run_folder import read_run_info
+
+    folders = [Path(d) for _, d in args.adapter] + [Path(e.path) for d in args.adapter_dir if Path(d).is_dir()
+                                                    for e in os.scandir(d) if e.is_dir()]
+    for folder in folders:
+        if (folder / "run_info.json").is_file():
+            labels = read_run_info(folder).get("labels")
+            if isinstance(labels, list):
+                return len(labels)
+    return None
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load the model and adapters, then serve until interrupted."""
     try:
@@ -41,8 +57,9 @@ def serve(args: argparse.Namespace) -> None:
                     max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_choices=args.max_choices)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    num_labels = args.num_labels or (_trained_labels(args) if args.task == "classify" else None)
     service = Service.from_folder(args.model, task=args.task, name=args.served_model_name, dtype=dtype,
-                                  num_labels=args.num_labels, limits=limits, max_rank=args.max_rank,
+                                  num_labels=num_labels, limits=limits, max_rank=args.max_rank,
                                   capacity=args.capacity)
     for name, directory in args.adapter:
         service.add_adapter(name, directory)
@@ -83,7 +100,8 @@ def add_parser(subparsers: Any) -> None:
                         "SINGLORA_API_KEY); the admin endpoints are on only with a key")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="base model dtype (adapters stay float32) (default: float32)")
-    parser.add_argument("--num-labels", type=int, default=None, help="classify: number of classes of the head")
+    parser.add_argument("--num-labels", type=int, default=None, help="classify: number of classes of the head "
+                        "(default: from the adapters' run_info.json, written by singlora train)")
     parser.add_argument("--max-rank", type=int, default=None, help="preallocate adapter banks at this rank and "
                         "refuse adapters above it (default: grow as needed)")
     parser.add_argument("--capacity", type=int, default=16, help="adapter slots per layer allocated at start "
