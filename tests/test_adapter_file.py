@@ -57,7 +57,7 @@ def test_documented_keys_and_config(tmp_path: Path) -> None:
 
 
 def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) -> None:
-    from torch_singlora.adapter_file import atomic_write, remove_stale_temps
+    from torch_singlora.atomic import atomic_write, remove_stale_temps
 
     atomic_write(tmp_path / "kept.json", lambda tmp: Path(tmp).write_text("{}"))
     torn = [tmp_path / ".checkpoint.pt.k3_9xq0a.tmp", tmp_path / ".adapter_model.safetensors.abcdefgh.tmp"]
@@ -71,7 +71,7 @@ def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) 
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     from torch_singlora import SingLoRAError
-    from torch_singlora.adapter_file import atomic_directory
+    from torch_singlora.atomic import atomic_directory
 
     out = tmp_path / "merged"
     with atomic_directory(out) as tmp:
@@ -152,3 +152,31 @@ def test_weights_errors(tmp_path: Path) -> None:
     (directory / "adapter_config.json").unlink()
     with pytest.raises(AdapterFileError, match="adapter_config.json: no such file"):
         SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+
+
+def test_written_files_and_folders_honour_the_umask(tmp_path: Path) -> None:
+    """Atomic writes give the modes an ordinary write gives (0o666 / 0o777 less the umask), not mkstemp's 0600:
+    a server running as another user must be able to read a saved adapter or a merged folder."""
+    import os
+    import stat
+
+    from torch_singlora.atomic import atomic_directory, atomic_write_text
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        adapted, directory = trained(tmp_path)
+        assert {mode(p) for p in directory.iterdir()} == {0o644}
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert mode(tmp_path / "merged") == 0o755 and mode(tmp_path / "merged" / "config.json") == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert mode(tmp_path / "private.txt") == 0o600
+        os.chmod(directory / "adapter_config.json", 0o640)  # replacing a file keeps its mode, as open(path, "w")
+        adapted.save_adapter(directory)
+        assert mode(directory / "adapter_config.json") == 0o640
+    finally:
+        os.umask(old)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch_singlora.untrusted as untrusted
 from torch_singlora import SingLoRAConfig, SingLoRAError
+from torch_singlora.adapter_file import WEIGHTS_FILE
 from torch_singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
                            write_case)
 from torch_singlora.targets import resolve_targets
@@ -78,15 +80,13 @@ def planted_read_data(path: Path, entries: dict) -> dict:
 def test_hypothesis_finding_saves_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finding's raw input goes to ``artifacts``: a planted KeyError after the header checks (the unmutated
     seed file gets there) is reported with the file that caused it."""
-    import torch_singlora.adapter_file as adapter_file
-
-    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
+    monkeypatch.setattr(untrusted, "read_safetensors_data", planted_read_data)
     campaign = run(examples=40, seed=0, targets=("weights",), artifacts=tmp_path / "artifacts")
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted
     for finding in planted:  # the whole file was saved (not the 300-byte excerpt): its header checks pass
         case = write_case(tmp_path / "case", b"{}", Path(finding["artifact"]).read_bytes())
-        _, entries = adapter_file.read_safetensors_header(case / adapter_file.WEIGHTS_FILE)
+        _, entries = untrusted.read_safetensors_header(case / WEIGHTS_FILE)
         assert "proj.singlora_A" in entries
 
 
@@ -131,10 +131,10 @@ def test_atheris_brief_campaign_finds_nothing(tmp_path: Path) -> None:
 
 
 PLANT = """import sys
-import torch_singlora.adapter_file as adapter_file
+import torch_singlora.untrusted as untrusted
 def broken(path, entries):
     raise KeyError("planted")
-adapter_file._read_data = broken
+untrusted.read_safetensors_data = broken
 from torch_singlora.fuzz import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -143,13 +143,11 @@ sys.exit(main(sys.argv[1:]))
 def test_atheris_finding_is_reported_with_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The atheris engine reports a bug planted in its child process, and each saved input replays it here."""
     pytest.importorskip("atheris")
-    import torch_singlora.adapter_file as adapter_file
-
     campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path / "artifacts",
                            launcher=(sys.executable, "-c", PLANT))
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted and campaign.counts["weights"]["findings"] >= len(planted)
-    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
+    monkeypatch.setattr(untrusted, "read_safetensors_data", planted_read_data)
     config_bytes, _ = seed_files(tmp_path / "seed")
     replay = Campaign()
     for finding in planted:
@@ -190,7 +188,6 @@ def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> No
     """Found by the atheris engine (its mutator re-encodes a file's tensors as F64, then sets a data byte): an F64
     value beyond float32's range passed the file's NaN/Inf check and loaded as Inf into the float32 parameter."""
     from torch_singlora import AdapterFileError
-    from torch_singlora.adapter_file import adapter_state_dict, load_adapter_in_place
     from torch_singlora.fuzz import fresh_model, same, snapshot
 
     _f64_adapter(tmp_path / "bad", key, 1e300)
@@ -202,9 +199,9 @@ def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> No
     # Within range, F64 loads (cast to float32); an in-place load (a resume) of the bad file then changes nothing.
     good = _f64_adapter(tmp_path / "good", key, 0.25)
     model.load_adapter(tmp_path / "good", "new")
-    loaded = adapter_state_dict(model, "new")
+    loaded = {k: v.detach().clone() for k, v in model.adapter_state_dict("new").items()}
     assert all(torch.equal(loaded[k], v.float()) for k, v in good.items())
     before = snapshot(model)
     with pytest.raises(AdapterFileError, match=rf"{key} holds values beyond"):
-        load_adapter_in_place(model, tmp_path / "bad", "new")
+        model.load_adapter_in_place(tmp_path / "bad", "new")
     assert same(before, snapshot(model))

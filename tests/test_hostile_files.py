@@ -15,6 +15,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 import torch_singlora.adapter_file as adapter_file
+import torch_singlora.untrusted as untrusted
 from torch_singlora import AdapterFileError, SingLoRAError
 from torch_singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
 from torch_singlora.fuzz import fresh_model, same, snapshot, valid_adapter
@@ -30,13 +31,13 @@ def saved(tmp_path: Path) -> Path:
 def data_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts calls into safetensors' parser: header-level attacks must be refused before it runs."""
     calls: list[int] = []
-    real = adapter_file.load_safetensors_bytes
+    real = untrusted.load_safetensors_bytes
 
     def counting(blob: bytes) -> dict[str, torch.Tensor]:
         calls.append(len(blob))
         return real(blob)
 
-    monkeypatch.setattr(adapter_file, "load_safetensors_bytes", counting)
+    monkeypatch.setattr(untrusted, "load_safetensors_bytes", counting)
     return calls
 
 
@@ -393,7 +394,7 @@ def test_existing_name_refused_and_good_load_matches(saved: Path) -> None:
     model.load_adapter(saved, "new")
     assert model.get_step("new") == 4 and model.get_step("keep") == 0
     stored = load_bytes((saved / WEIGHTS_FILE).read_bytes())
-    for key, value in adapter_file.adapter_state_dict(model, "new").items():
+    for key, value in model.adapter_state_dict("new").items():
         assert torch.equal(value, stored[key]), key
 
 
@@ -420,5 +421,5 @@ def test_model_free_readers_check_the_header_first(saved: Path, data_reads: list
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
         inspect_adapter(str(saved))
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
-        adapter_file.read_safetensors_file(saved / WEIGHTS_FILE)
+        untrusted.read_safetensors_file(saved / WEIGHTS_FILE)
     assert data_reads == []

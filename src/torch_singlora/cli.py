@@ -98,7 +98,7 @@ def evaluate(adapter: str, data: str, *, model: str | None = None, batch_size: i
         metrics = evaluate_model(trained, loader, info["task"], len(info.get("labels") or []))
     metrics["examples"] = len(dataset)
     if output:
-        from .adapter_file import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if not quiet:
@@ -133,7 +133,7 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     else:
         plain = trained.merge_and_unload(safe_merge=True)
     out = Path(output)
-    from .adapter_file import atomic_directory
+    from .atomic import atomic_directory
 
     with atomic_directory(out) as tmp:
         plain.save_pretrained(tmp)
@@ -189,7 +189,8 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
     """
     import torch
 
-    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config, read_safetensors_file
+    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
+    from .untrusted import read_safetensors_file
     from .functional import ramp
 
     if not Path(adapter).is_dir():

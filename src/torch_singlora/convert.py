@@ -31,7 +31,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, read_safetensors_file
+from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from .untrusted import read_safetensors_file
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .layers import layer_kind, weight_shape

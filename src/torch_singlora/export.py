@@ -37,10 +37,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import (
-    A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, expected_shapes, read_adapter_config,
-)
-from .adapter_file import read_adapter_tensors
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
+from .atomic import atomic_write, atomic_write_text
 from .errors import SingLoRAError
 from .functional import LayerKind, lora_factors, matrix_dims, ramp
 from .layers import SingLoRAAdapter, layer_kind, weight_shape
@@ -113,7 +111,7 @@ def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     """Read a singlora adapter directory against ``base_model`` without changing the model."""
     config, meta = read_adapter_config(directory)
     view = SingLoRAModel(base_model, None)  # read-only view: resolves targets, injects nothing
-    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, expected_shapes(view, config))
+    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, view.expected_tensors(config))
     u = float(ramp(torch.tensor(meta["ramp_step"]), config.ramp_steps()))
     factors: dict[str, LoRAFactors] = {}
     saved: dict[str, Tensor] = {}

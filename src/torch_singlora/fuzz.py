@@ -64,7 +64,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter_file import CONFIG_FILE, WEIGHTS_FILE, atomic_write_text
+from .adapter_file import CONFIG_FILE, WEIGHTS_FILE
+from .atomic import atomic_write_text
 from .config import INIT_METHODS, SingLoRAConfig
 from .errors import SingLoRAError
 from .model import SingLoRAModel, get_singlora_model

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import torch
 from torch import nn
 
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_tensors
+from .adapter_file import write_adapter
 from .config import SingLoRAConfig
-from .errors import SingLoRAError
-from .layers import SingLoRALayer, TrainableCopy
+from .errors import AdapterFileError, SingLoRAError
+from .functional import matrix_dims
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, layer_kind, weight_shape
 from .targets import resolve_modules_to_save, resolve_targets
+from .untrusted import check_finite
 
 AdapterNames = Union[str, list[str]]
 
@@ -111,8 +116,7 @@ class SingLoRAModel(nn.Module):
         """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change."""
         if not isinstance(config, SingLoRAConfig):
             raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+        _check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         config.validate()
@@ -298,30 +302,106 @@ class SingLoRAModel(nn.Module):
         self.active_adapters = []
         return self.model
 
-    # ---- files --------------------------------------------------------------------------------------------------
+    # ---- files (the format: adapter_file.py; the transaction: here) ---------------------------------------------
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under the documented file keys (the live parameters, not copies)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for module_name, module in self.adapter_modules(adapter_name).items():
+            if isinstance(module, SingLoRAAdapter):
+                tensors[f"{module_name}.{A_SUFFIX}"] = module.A
+            else:
+                tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict().items()})
+        return tensors
 
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``)."""
-        from .adapter_file import save_adapter
-
-        save_adapter(self, directory, adapter_name or self.default_adapter())
+        name = adapter_name or self.default_adapter()
+        _check_adapter_name(name)
+        as_directory(directory)
+        self._check_names([name])
+        base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_step(name), base_name)
 
     save_pretrained = save_adapter
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = True) -> None:
         """Add adapter ``adapter_name`` from files written by ``save_adapter`` and make it active.
 
-        Keys, shapes and config are checked against this model before anything changes.
+        Everything is validated first (config, keys, shapes, dtypes, values against this model); on any error the
+        model is left exactly as it was (modules, tensors, ``requires_grad`` flags).
         """
-        from .adapter_file import load_adapter
-
         if not isinstance(is_trainable, bool):
             raise SingLoRAError(f"is_trainable={is_trainable!r} must be a bool")
-        load_adapter(self, directory, adapter_name)
+        _check_adapter_name(adapter_name)
+        directory = as_directory(directory)
+        config, meta = read_adapter_config(directory)
+        if adapter_name in self.configs:
+            raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+        tensors = self._read_fitting(directory, config)
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            self.add_adapter(adapter_name, config)
+            self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
+        except BaseException:  # roll back: the model is as it was
+            if adapter_name in self.configs:
+                self.delete_adapter(adapter_name)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
         if not is_trainable:
             for module in self.adapter_modules(adapter_name).values():
                 module.requires_grad_(False)
+
+    def load_adapter_in_place(self, directory: str | os.PathLike, adapter_name: str) -> None:
+        """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
+        objects, so an optimizer holding them stays valid: resuming). The files must fit that adapter exactly (keys,
+        shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
+        _check_adapter_name(adapter_name)
+        directory = as_directory(directory)
+        self._check_names([adapter_name])
+        _, meta = read_adapter_config(directory)
+        tensors = self._read_fitting(directory, self.configs[adapter_name])
+        self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
+
+    def expected_tensors(self, config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for this model (no change to it)."""
+        expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name in resolve_targets(self.model, config):
+            module = self.model.get_submodule(name)
+            base = getattr(module, "base_layer", module)
+            d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
+            n, r = max(d_out, d_in), config.rank_for(name)
+            if r > n:
+                raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
+            dtype = torch.promote_types(base.weight.dtype, torch.float32)  # A's dtype, as SingLoRALayer makes it
+            expected[f"{name}.{A_SUFFIX}"] = ((n, r), dtype)
+        for name in resolve_modules_to_save(self.model, config):
+            module = self.model.get_submodule(name)
+            original = getattr(module, "original_module", module)
+            for key, value in original.state_dict().items():
+                expected[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
+        return expected
+
+    def _read_fitting(self, directory: Path, config: SingLoRAConfig) -> dict[str, torch.Tensor]:
+        """The tensors of ``directory`` after checking keys, shapes, dtypes and values against what ``config``
+        gives this model."""
+        try:
+            expected = self.expected_tensors(config)
+        except SingLoRAError as exc:
+            raise AdapterFileError(f"{directory / CONFIG_FILE}: does not fit this model: {exc}") from None
+        return read_adapter_tensors(directory / WEIGHTS_FILE, expected)
+
+    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], step: int, path: Path) -> None:
+        """Copy checked ``tensors`` into the adapter's parameters (same objects), cast to their dtypes, and set its
+        ramp step. Values that do not fit a parameter's dtype are refused before anything is copied."""
+        targets = self.adapter_state_dict(adapter_name)
+        check_finite(path, tensors, {key: target.dtype for key, target in targets.items()})
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(tensors[key].to(target.dtype))
+        self.set_step(step, adapter_name)
 
     @classmethod
     def from_pretrained(
@@ -331,6 +411,12 @@ class SingLoRAModel(nn.Module):
         wrapped = cls(model, None)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return wrapped
+
+
+def _check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+
 
 def get_singlora_model(model: nn.Module, config: SingLoRAConfig, adapter_name: str = "default") -> SingLoRAModel:
     """Inject SingLoRA adapters into ``model`` (in place) and return the wrapper, with the adapter active."""

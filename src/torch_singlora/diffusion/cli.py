@@ -101,7 +101,7 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
 

@@ -334,7 +334,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     except OSError as exc:
         raise SingLoRAError(f"--output-dir {output}: cannot create it: {exc.strerror}") from exc
     if main:  # temp files of writes a killed run never finished (the files they were replacing are intact)
-        from ..adapter_file import remove_stale_temps
+        from ..atomic import remove_stale_temps
 
         for stale in remove_stale_temps(output) + remove_stale_temps(output / "adapter"):
             print(f"singlora train: removed {stale}, left by an interrupted write", file=sys.stderr)
@@ -455,7 +455,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "adapted_modules": len(trainable.target_names), "ramp_steps": _ramp_steps(trainable),
             "config": dataclasses.asdict(config),
         }
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         text = json.dumps(summary, indent=2) + "\n"
         atomic_write_text(output / SUMMARY_FILE, text)

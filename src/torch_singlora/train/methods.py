@@ -190,7 +190,7 @@ def load_base(path: str, task: str, labels: list[str] | None, dtype: torch.dtype
 
 
 def write_run_info(directory: Path, info: dict[str, Any]) -> None:
-    from ..adapter_file import atomic_write_text
+    from ..atomic import atomic_write_text
 
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     atomic_write_text(directory / RUN_INFO, text)

@@ -36,7 +36,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
         """Open ``path`` for appending; when resuming, first drop lines logged after ``truncate_after_step``."""
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         self.path = path
         kept: list[str] = []
