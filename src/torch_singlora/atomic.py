@@ -71,7 +71,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         tmp = _temp_path(path, _create_file)
         _keep_mode(path, tmp)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(str(tmp))
+        os.chmod(tmp, mode)  # some writers (safetensors' save_file) recreate the file 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -20,7 +20,7 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
       .venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1
 
 - ``atheris`` (the ``fuzz`` extra: ``pip install 'torch-singlora[fuzz]'``): libFuzzer mutates raw bytes, guided by the
-  coverage of ``torch_singlora.adapter_file``, ``torch_singlora.config`` and ``torch_singlora.targets`` (instrumented at start), with
+  coverage of the file layer, model, config and targets modules (``INSTRUMENTED``, instrumented at start), with
   a dictionary of the seed files' JSON strings. ``weights``: the bytes are the safetensors file (seed corpus: the
   valid file and structural mutations, ``weight_seeds``; a structure-aware mutator, ``safetensors_mutator``,
   mutates the header JSON or the data alone and re-encodes tensors as other dtypes); ``config_file``: the bytes
@@ -341,7 +341,8 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
 
 # ---- atheris engine (coverage-guided; optional: the ``fuzz`` extra) -------------------------------------------------
 
-INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.config", "torch_singlora.targets")
+INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.untrusted", "torch_singlora.model", "torch_singlora.config",
+                "torch_singlora.targets")
 
 
 def instrument(atheris: Any, module_names: tuple[str, ...] = INSTRUMENTED) -> int:
