@@ -38,7 +38,7 @@ def fresh_base(seed_model: SingLoRAModel) -> torch.nn.Module:
 def test_round_trip_is_bitwise_and_restores_step(tmp_path: Path) -> None:
     adapted, directory = trained(tmp_path)
     loaded = SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
-    assert loaded.get_step() == adapted.get_step() == 4
+    assert loaded.get_ramp_step() == adapted.get_ramp_step() == 4
     for (name, layer), (name2, layer2) in zip(adapted.singlora_layers(), loaded.singlora_layers()):
         assert name == name2 and torch.equal(layer.singlora["default"].A, layer2.singlora["default"].A)
     assert torch.equal(loaded(IDS), adapted(IDS))

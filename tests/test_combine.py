@@ -19,7 +19,7 @@ def _model() -> SingLoRAModel:
         for _, layer in model.singlora_layers():
             for adapter in layer.singlora.values():
                 adapter.A.normal_()
-    model.set_step(2, "a")
+    model.set_ramp_step(2, "a")
     return model
 
 

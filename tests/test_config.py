@@ -42,7 +42,7 @@ def test_bad_fields(kwargs: dict, match: str) -> None:
 def test_round_trip_and_unknown_fields() -> None:
     config = SingLoRAConfig(r=4, alpha=16, target_modules=["q"], ramp_up_steps=0.02, total_steps=1000, use_rslora=True)
     assert SingLoRAConfig.from_dict(config.to_dict()) == config
-    assert config.ramp_steps() == 20
+    assert config.resolve_ramp_up_steps() == 20
     assert config.scale_for("x.q") == pytest.approx(16 / 2)  # rsLoRA: alpha / sqrt(r)
     with pytest.raises(SingLoRAError, match=r"cfg.json: unknown config field\(s\) \['rank'\]"):
         SingLoRAConfig.from_dict({"rank": 4}, source="cfg.json")

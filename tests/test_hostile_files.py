@@ -312,7 +312,7 @@ def test_symlink_to_device_refused_symlink_to_file_loads(saved: Path, tmp_path: 
     (saved / WEIGHTS_FILE).symlink_to(blob)  # how the Hugging Face cache stores files
     model = fresh_model()
     model.load_adapter(saved, "new")
-    assert model.get_step("new") == 4
+    assert model.get_ramp_step("new") == 4
 
 
 def test_missing_directory_and_files(saved: Path, tmp_path: Path) -> None:
@@ -379,7 +379,7 @@ def test_failure_after_injection_rolls_back(saved: Path, monkeypatch: pytest.Mon
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk vanished")
 
-    monkeypatch.setattr(model, "set_step", fail)
+    monkeypatch.setattr(model, "set_ramp_step", fail)
     with pytest.raises(RuntimeError, match="disk vanished"):
         model.load_adapter(saved, "new")
     assert same(before, snapshot(model))
@@ -392,7 +392,7 @@ def test_existing_name_refused_and_good_load_matches(saved: Path) -> None:
         model.load_adapter(saved, "keep")
     assert same(before, snapshot(model))
     model.load_adapter(saved, "new")
-    assert model.get_step("new") == 4 and model.get_step("keep") == 0
+    assert model.get_ramp_step("new") == 4 and model.get_ramp_step("keep") == 0
     stored = load_bytes((saved / WEIGHTS_FILE).read_bytes())
     for key, value in model.adapter_state_dict("new").items():
         assert torch.equal(value, stored[key]), key

@@ -10,16 +10,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from torch_singlora import SingLoRAError, SingLoRALayer, delta_matrix, lora_factors
-from torch_singlora.functional import delta_weight, matrix_dims, ramp
+from torch_singlora.functional import delta_weight, matrix_dims, ramp_value
 
 SHAPES = [(8, 8), (12, 5), (5, 12)]  # (d_out, d_in): square, tall (out > in), wide (in > out)
 
 
-def make_layer(base: nn.Module, r: int = 3, scale: float = 2.0, ramp_steps: int = 0, step: int = 0) -> SingLoRALayer:
+def make_layer(base: nn.Module, r: int = 3, scale: float = 2.0, ramp_up_steps: int = 0, step: int = 0) -> SingLoRALayer:
     layer = SingLoRALayer(base)
-    layer.add_adapter("default", r, scale=scale, ramp_steps=ramp_steps, dropout=0.0, init="normal", init_std=None)
+    layer.add_adapter("default", r, scale=scale, ramp_up_steps=ramp_up_steps, dropout=0.0, init="normal", init_std=None)
     layer.active_adapters = ["default"]
-    layer.singlora["default"].step.fill_(step)
+    layer.singlora["default"].ramp_step.fill_(step)
     with torch.no_grad():  # a large A so the update is far from negligible
         layer.singlora["default"].A.mul_(3.0)
     return layer
@@ -46,8 +46,8 @@ def test_lora_factors_are_exact() -> None:
 
 def test_ramp_counts_to_one() -> None:
     steps = torch.tensor([0, 1, 5, 10, 50])
-    assert [float(ramp(s, 10)) for s in steps] == pytest.approx([0.0, 0.1, 0.5, 1.0, 1.0], abs=1e-7)
-    assert float(ramp(torch.tensor(0), 0)) == 1.0
+    assert [float(ramp_value(s, 10)) for s in steps] == pytest.approx([0.0, 0.1, 0.5, 1.0, 1.0], abs=1e-7)
+    assert float(ramp_value(torch.tensor(0), 0)) == 1.0
 
 
 @pytest.mark.parametrize("d_out,d_in", SHAPES)
@@ -132,11 +132,11 @@ def test_delta_weight_layouts_match_forward() -> None:
         assert (layer.d_out, layer.d_in) == (d_out, d_in)
 
 
-@pytest.mark.parametrize("step,ramp_steps", [(0, 10), (3, 10), (25, 10), (0, 0)])
-def test_coefficient_follows_ramp(step: int, ramp_steps: int) -> None:
+@pytest.mark.parametrize("step,ramp_up_steps", [(0, 10), (3, 10), (25, 10), (0, 0)])
+def test_coefficient_follows_ramp(step: int, ramp_up_steps: int) -> None:
     base = nn.Linear(6, 6).double()
-    layer = make_layer(base, scale=1.5, ramp_steps=ramp_steps, step=step)
-    u = 1.0 if ramp_steps == 0 else min(step / ramp_steps, 1.0)
+    layer = make_layer(base, scale=1.5, ramp_up_steps=ramp_up_steps, step=step)
+    u = 1.0 if ramp_up_steps == 0 else min(step / ramp_up_steps, 1.0)
     x = torch.randn(3, 6, dtype=torch.float64)
     W = base.weight.detach() + dense_update(layer.singlora["default"].A.detach(), 6, 6, 1.5 * u)
     assert_close(layer(x), F.linear(x, W, base.bias))
@@ -144,7 +144,7 @@ def test_coefficient_follows_ramp(step: int, ramp_steps: int) -> None:
 
 def test_u_zero_equals_base_exactly() -> None:
     base = nn.Linear(7, 5)
-    layer = make_layer(base, ramp_steps=100, step=0)
+    layer = make_layer(base, ramp_up_steps=100, step=0)
     x = torch.randn(4, 7)
     assert torch.equal(layer(x), base(x))
 

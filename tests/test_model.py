@@ -44,7 +44,8 @@ def reference_forward(model: Toy, adapted, ids: torch.Tensor) -> torch.Tensor:
     weights = {}
     for name, layer in adapted.singlora_layers():
         adapter = layer.singlora["default"]
-        c = adapter.scale * (1.0 if adapter.ramp_steps == 0 else min(int(adapter.step) / adapter.ramp_steps, 1.0))
+        T = adapter.ramp_up_steps
+        c = adapter.scale * (1.0 if T == 0 else min(int(adapter.ramp_step) / T, 1.0))
         weights[name] = layer.base_layer.weight.detach() + dense_update(adapter.A.detach(), layer.d_out, layer.d_in, c)
     get = lambda n: weights.get(n, getattr(model, n).weight)  # noqa: E731
     base = lambda n: getattr(model, n).base_layer if n in weights else getattr(model, n)  # noqa: E731
@@ -118,9 +119,9 @@ def test_ramp_counts_optimizer_steps_under_accumulation_and_checkpointing() -> N
         optimizer.step()
         optimizer.zero_grad()
     assert forwards == 12
-    assert adapted.get_step() == optimizer_steps
+    assert adapted.get_ramp_step() == optimizer_steps
     for _, layer in adapted.singlora_layers():
-        assert int(layer.singlora["default"].step) == optimizer_steps
+        assert int(layer.singlora["default"].ramp_step) == optimizer_steps
         assert float(layer.singlora["default"].coefficient()) == pytest.approx(8 / 2 * 3 / 8)  # s = alpha / r, u = 3 / 8
 
 
@@ -128,12 +129,12 @@ def test_fractional_ramp_needs_total_steps() -> None:
     with pytest.raises(SingLoRAError, match="total_steps"):
         make(ramp_up_steps=0.1)
     _, adapted = make(ramp_up_steps=0.1, total_steps=50)
-    assert all(layer.singlora["default"].ramp_steps == 5 for _, layer in adapted.singlora_layers())
+    assert all(layer.singlora["default"].ramp_up_steps == 5 for _, layer in adapted.singlora_layers())
 
 
 def test_merge_unmerge_merge_and_unload_agree_and_strict_load() -> None:
     model, adapted = make(ramp_up_steps=4)
-    adapted.set_step(3)
+    adapted.set_ramp_step(3)
     unmerged = adapted(IDS)
     adapted.merge()
     merged_weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -290,5 +291,5 @@ def test_bad_adapter_names() -> None:
         adapted.add_adapter("a.b", SingLoRAConfig(target_modules=["up"]))
     with pytest.raises(SingLoRAError, match="SingLoRAConfig"):
         adapted.add_adapter("x", {"r": 2})
-    with pytest.raises(SingLoRAError, match="step=-1"):
-        adapted.set_step(-1)
+    with pytest.raises(SingLoRAError, match="ramp_step=-1"):
+        adapted.set_ramp_step(-1)

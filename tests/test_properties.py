@@ -110,14 +110,14 @@ def test_random_configs_on_random_trees(
         config = SingLoRAConfig(r=r, alpha=alpha, target_modules=targets, ramp_up_steps=ramp, total_steps=total,
                                 use_rslora=rslora, rank_pattern=rank_pattern)
         model = get_singlora_model(tree, config)
-        model.set_step(step)
+        model.set_ramp_step(step)
     except SingLoRAError:
         assert [(n, type(m)) for n, m in tree.named_modules()] == structure
         assert all(torch.equal(v, before[k]) for k, v in tree.state_dict().items())
         return
     model.eval()
     adapted = dict(model.singlora_layers())
-    T = config.ramp_steps()
+    T = config.resolve_ramp_up_steps()
     u = 1.0 if T == 0 else min(step / T, 1.0)
     for name, module in originals.items():
         # The targeting rule, written out: list = exact name or dotted suffix; string = full regex match.

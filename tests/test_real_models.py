@@ -55,7 +55,7 @@ def test_minilm_all_linear_param_count_training_save_load_merge(tmp_path: Path) 
     model.save_adapter(tmp_path)
     fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
     loaded = SingLoRAModel.from_pretrained(fresh, tmp_path).eval()
-    assert loaded.get_step() == 12
+    assert loaded.get_ramp_step() == 12
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, logits)
@@ -120,7 +120,7 @@ def test_hf_gradient_checkpointing_counts_optimizer_steps(use_reentrant: bool) -
             model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert model.get_step() == 3
+    assert model.get_ramp_step() == 3
     A = model.model.model.layers[0].self_attn.q_proj.singlora["default"].A
     assert A.grad is None  # zero_grad cleared it; now check one more backward gives a gradient
     model(input_ids=ids, labels=ids).loss.backward()

@@ -191,15 +191,15 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
 
     from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
     from .untrusted import read_safetensors_file
-    from .functional import ramp
+    from .functional import ramp_value
 
     if not Path(adapter).is_dir():
         raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
     config, meta = read_adapter_config(adapter)
     tensors = read_safetensors_file(Path(adapter) / WEIGHTS_FILE)[1]
-    T = config.ramp_steps()
+    T = config.resolve_ramp_up_steps()
     step = meta["ramp_step"]
-    u = float(ramp(torch.tensor(step), T, torch.float64))
+    u = float(ramp_value(torch.tensor(step), T, torch.float64))
     modules = {}
     for key, tensor in sorted(tensors.items()):
         if not key.endswith("." + A_SUFFIX):

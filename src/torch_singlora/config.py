@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .errors import SingLoRAError
+from .errors import SingLoRAError, warn_deprecated
 from .functional import scaling
 
 INIT_METHODS = ("normal", "kaiming_uniform", "gaussian")
@@ -34,6 +34,54 @@ def _is_int(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     """A float, or an int that fits int64 (so ``math.isfinite`` and float arithmetic cannot overflow)."""
     return isinstance(value, float) or _is_int(value)
+
+
+_STEPS_OR_FRACTION = ("must be a number of optimizer steps (an int >= 0, e.g. 100) or a fraction of the total "
+                      "steps (a number with a '.', in [0, 1], e.g. 0.01)")
+
+
+def parse_steps_or_fraction(value: str | int | float, name: str) -> int | float:
+    """The one reading of "a number of optimizer steps, or a fraction of the run's total steps".
+
+    Used for ``SingLoRAConfig.ramp_up_steps`` and every command-line option of that kind (``--ramp-up-steps``,
+    ``--warmup``). Returns an ``int`` (steps) or a ``float`` (fraction); resolve it with ``resolve_steps``.
+
+    - an ``int``, or a string of digits (``"100"``): that many optimizer steps, >= 0;
+    - a ``float``, or any other number string (``"0.01"``, ``"1e-2"``, ``"1.0"``): a fraction of the total steps,
+      in [0, 1]. ``1.0`` / ``"1.0"`` is the whole run, never one step.
+
+    Anything else (a bool, a negative or non-finite number, a fraction above 1, other text) raises
+    ``SingLoRAError`` naming ``name`` and the value.
+    """
+    original = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            value = int(text)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise SingLoRAError(f"{name}={original!r} {_STEPS_OR_FRACTION}") from None
+            if math.isfinite(value) and value > 1 and value.is_integer():
+                raise SingLoRAError(f"{name}={original!r}: a number with a '.' or an exponent is a fraction of the "
+                                    f"total steps, in [0, 1]; write {int(value)} steps as an int")
+    if _is_int(value) and value >= 0:
+        return value
+    if isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0:
+        return value
+    raise SingLoRAError(f"{name}={original!r} {_STEPS_OR_FRACTION}")
+
+
+def resolve_steps(value: int | float, total_steps: int | None) -> int | None:
+    """Optimizer steps of a ``parse_steps_or_fraction`` value: an int as is; a fraction ``f`` of ``total_steps``
+    as ``round(f * total_steps)``, at least 1 when ``f > 0`` (a positive fraction never becomes 0 steps); ``None``
+    for a fraction when ``total_steps`` is unknown (``None``)."""
+    if _is_int(value):
+        return value
+    if total_steps is None:
+        return None
+    return max(1, round(value * total_steps)) if value > 0 else 0
 
 
 def _check_patterns(name: str, value: Any, allow_none: bool = True) -> None:
@@ -69,9 +117,10 @@ class SingLoRAConfig:
         exclude_modules: Same forms as ``target_modules``; matching modules are not adapted.
         modules_to_save: Modules (name or suffix) trained fully and saved with the adapter, e.g. a classifier.
         dropout: Dropout probability applied to the adapter's input.
-        ramp_up_steps: ``T`` of ``u = min(t / T, 1)``, t = optimizer steps. An int is a number of steps
-            (0 = no ramp, u = 1); a float in (0, 1] is a fraction of ``total_steps``.
-        total_steps: Total optimizer steps of the run; needed when ``ramp_up_steps`` is a fraction.
+        ramp_up_steps: ``T``, the ramp length of ``u = min(t / T, 1)`` (t = ``ramp_step``, optimizer steps taken).
+            An int is a number of optimizer steps (0 = no ramp, u = 1); a float in [0, 1] is a fraction of
+            ``total_steps`` (``parse_steps_or_fraction``).
+        total_steps: Total optimizer steps of the run; resolves a fractional ``ramp_up_steps``.
         init: ``normal`` (N(0, 1/n), default), ``kaiming_uniform`` (what public implementations do; for their
             checkpoints) or ``gaussian`` (N(0, init_std^2)).
         init_std: Standard deviation for ``init="gaussian"``.
@@ -119,16 +168,9 @@ class SingLoRAConfig:
             raise SingLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1)")
         if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
             raise SingLoRAError(f"total_steps={self.total_steps!r} must be an int >= 1 or None")
-        if _is_int(self.ramp_up_steps):
-            if self.ramp_up_steps < 0:
-                raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps!r} must be >= 0")
-        elif isinstance(self.ramp_up_steps, float):
-            if not 0.0 < self.ramp_up_steps <= 1.0:
-                raise SingLoRAError(
-                    f"ramp_up_steps={self.ramp_up_steps!r}: a float is a fraction of total_steps and must be in (0, 1]"
-                )
-        else:
+        if not _is_number(self.ramp_up_steps):  # typed: strings are for command lines (parse_steps_or_fraction)
             raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps!r} must be an int (steps) or a float (fraction)")
+        parse_steps_or_fraction(self.ramp_up_steps, "ramp_up_steps")
         if self.init not in INIT_METHODS:
             raise SingLoRAError(f"init={self.init!r} must be one of {INIT_METHODS}")
         if self.init == "gaussian":
@@ -154,16 +196,20 @@ class SingLoRAConfig:
         if not isinstance(self.use_rslora, bool):
             raise SingLoRAError(f"use_rslora={self.use_rslora!r} must be a bool")
 
-    def ramp_steps(self) -> int:
-        """``T`` in optimizer steps, resolving a fraction against ``total_steps``."""
-        if _is_int(self.ramp_up_steps):
-            return self.ramp_up_steps
-        if self.total_steps is None:
+    def resolve_ramp_up_steps(self) -> int:
+        """``T`` in optimizer steps, resolving a fraction against ``total_steps`` (``resolve_steps``)."""
+        steps = resolve_steps(self.ramp_up_steps, self.total_steps)
+        if steps is None:
             raise SingLoRAError(
                 f"ramp_up_steps={self.ramp_up_steps} is a fraction of the total steps: set total_steps, "
                 "or give ramp_up_steps as an int number of steps"
             )
-        return max(1, round(self.ramp_up_steps * self.total_steps))
+        return steps
+
+    def ramp_steps(self) -> int:
+        """Deprecated name of ``resolve_ramp_up_steps``."""
+        warn_deprecated("SingLoRAConfig.ramp_steps()", "resolve_ramp_up_steps()")
+        return self.resolve_ramp_up_steps()
 
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():

@@ -136,7 +136,7 @@ def _write(
             for module_name, A in matrices.items():
                 target = base_model.get_submodule(module_name).singlora["default"].A
                 target.copy_(A.to(target.dtype))
-        model.set_step(ramp_step)
+        model.set_ramp_step(ramp_step)
         model.save_adapter(out_dir)
     finally:
         model.unload()

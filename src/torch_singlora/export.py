@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
 from .atomic import atomic_write, atomic_write_text
 from .errors import SingLoRAError
-from .functional import LayerKind, lora_factors, matrix_dims, ramp
+from .functional import LayerKind, lora_factors, matrix_dims, ramp_value
 from .layers import SingLoRAAdapter, layer_kind, weight_shape
 from .model import SingLoRAModel
 
@@ -112,7 +112,7 @@ def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     config, meta = read_adapter_config(directory)
     view = SingLoRAModel(base_model, None)  # read-only view: resolves targets, injects nothing
     tensors = read_adapter_tensors(directory / WEIGHTS_FILE, view.expected_tensors(config))
-    u = float(ramp(torch.tensor(meta["ramp_step"]), config.ramp_steps()))
+    u = float(ramp_value(torch.tensor(meta["ramp_step"]), config.resolve_ramp_up_steps()))
     factors: dict[str, LoRAFactors] = {}
     saved: dict[str, Tensor] = {}
     for key, tensor in tensors.items():

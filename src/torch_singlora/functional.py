@@ -12,6 +12,9 @@ A SingLoRA adapter on a weight whose matrix view is ``(d_out, d_in)`` is a singl
       |       |                 |     |
       +-------+                 +-----+
 
+The ramp's names, everywhere in the library: ``t`` = ``ramp_step`` (optimizer steps taken), ``T`` =
+``ramp_up_steps`` (ramp length in optimizer steps, 0 = no ramp), ``u`` = ``ramp_value(t, T)``.
+
 Every other place (layer forward, merge, export, tests) derives from the functions below. The forward never
 builds ``dW``: it computes ``((x @ A_in) * c) @ A_out.T`` at O(tokens * n * r).
 
@@ -57,14 +60,22 @@ def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def ramp_value(ramp_step: Tensor, ramp_up_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``u = min(t / T, 1)`` as a 0-dim ``dtype`` tensor (no host sync); ``T = 0`` means no ramp (``u = 1``).
 
-    ``step`` is a 0-dim integer tensor counting optimizer steps.
+    ``ramp_step`` (t) is a 0-dim integer tensor counting optimizer steps; ``ramp_up_steps`` (T) an int >= 0.
     """
-    if ramp_steps == 0:
-        return torch.ones((), dtype=dtype, device=step.device)
-    return (step.to(dtype) / ramp_steps).clamp(max=1.0)
+    if ramp_up_steps == 0:
+        return torch.ones((), dtype=dtype, device=ramp_step.device)
+    return (ramp_step.to(dtype) / ramp_up_steps).clamp(max=1.0)
+
+
+def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Deprecated name of ``ramp_value``."""
+    from .errors import warn_deprecated
+
+    warn_deprecated("torch_singlora.functional.ramp", "ramp_value")
+    return ramp_value(step, ramp_steps, dtype)
 
 
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:

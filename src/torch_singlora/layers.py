@@ -4,7 +4,7 @@
 with ``c = s * u(t)``; the dense update is built only to merge (``functional.delta_weight``).
 
 State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) and ``m.singlora.<adapter>.A``,
-``m.singlora.<adapter>.step``.
+``m.singlora.<adapter>.ramp_step`` (named ``step`` before 0.2; such state dicts still load).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SingLoRAError
-from .functional import LayerKind, delta_weight, factored_update, init_A, matrix_dims, ramp
+from .errors import SingLoRAError, warn_deprecated
+from .functional import LayerKind, delta_weight, factored_update, init_A, matrix_dims, ramp_value
 
 
 def _transformers_conv1d() -> type | None:
@@ -51,33 +51,61 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
 
 
 class SingLoRAAdapter(nn.Module):
-    """One named adapter on one layer: ``A`` (n, r), the ramp ``step``, and its constants.
+    """One named adapter on one layer: ``A`` (n, r), the ramp step ``t``, and its constants.
 
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
-        step: 0-dim int64 buffer, optimizer steps taken (``t``).
-        scale: ``s``. ramp_steps: ``T`` (0 = no ramp).
+        ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
+        scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp).
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_steps: int, dropout: float, init: str, init_std: float | None,
-        device: torch.device | None = None, dtype: torch.dtype | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None = None, dropout: float, init: str,
+        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        ramp_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if ramp_steps is not None:
+            warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
+            ramp_up_steps = ramp_steps if ramp_up_steps is None else ramp_up_steps
+        if ramp_up_steps is None:
+            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T, an int >= 0)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
-        self.ramp_steps = ramp_steps
+        self.ramp_up_steps = ramp_up_steps
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         init_A(self.A, init, init_std)
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
 
+    def ramp_value(self) -> Tensor:
+        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
+        return ramp_value(self.ramp_step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+
     def coefficient(self) -> Tensor:
         """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return ramp(self.step, self.ramp_steps, torch.promote_types(self.A.dtype, torch.float32)) * self.scale
+        return self.ramp_value() * self.scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """State dicts written before the buffer was renamed hold ``<prefix>step``: read it as ``ramp_step``."""
+        if prefix + "step" in state_dict and prefix + "ramp_step" not in state_dict:
+            state_dict[prefix + "ramp_step"] = state_dict.pop(prefix + "step")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def step(self) -> Tensor:
+        """Deprecated name of the ``ramp_step`` buffer."""
+        warn_deprecated("SingLoRAAdapter.step", "ramp_step")
+        return self.ramp_step
+
+    @property
+    def ramp_steps(self) -> int:
+        """Deprecated name of ``ramp_up_steps``."""
+        warn_deprecated("SingLoRAAdapter.ramp_steps", "ramp_up_steps")
+        return self.ramp_up_steps
 
     def extra_repr(self) -> str:
-        return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"
+        return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
 
 
 class SingLoRALayer(nn.Module):

@@ -2,7 +2,7 @@
 layers into the targeted modules, and manages named adapters, the ramp step, merging and unloading.
 
     model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
-    model.bind_optimizer(optimizer)      # u(t) follows optimizer steps
+    model.bind_optimizer(optimizer)      # u(t) follows optimizer steps: t = ramp_step advances on each step
     ...train...
     model.save_adapter("out/")           # adapter_config.json + adapter_model.safetensors
     plain = model.merge_and_unload()     # the original module classes, adapters folded in
@@ -21,8 +21,8 @@ from torch import nn
 from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_tensors
 from .adapter_file import write_adapter
 from .config import SingLoRAConfig
-from .errors import AdapterFileError, SingLoRAError
-from .functional import matrix_dims
+from .errors import AdapterFileError, SingLoRAError, warn_deprecated
+from .functional import matrix_dims, ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, layer_kind, weight_shape
 from .targets import resolve_modules_to_save, resolve_targets
 from .untrusted import check_finite
@@ -120,7 +120,7 @@ class SingLoRAModel(nn.Module):
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         config.validate()
-        ramp_steps = config.ramp_steps()
+        ramp_up_steps = config.resolve_ramp_up_steps()
         targets = resolve_targets(self.model, config)
         saved = resolve_modules_to_save(self.model, config)
         plans = []
@@ -137,7 +137,7 @@ class SingLoRAModel(nn.Module):
             parameter.requires_grad_(False)
         for name, module, layer, r in plans:
             layer.add_adapter(
-                adapter_name, r, scale=config.scale_for(name), ramp_steps=ramp_steps, dropout=config.dropout,
+                adapter_name, r, scale=config.scale_for(name), ramp_up_steps=ramp_up_steps, dropout=config.dropout,
                 init=config.init, init_std=config.init_std,
             )
             if layer is not module:
@@ -198,18 +198,26 @@ class SingLoRAModel(nn.Module):
             for name, layer in self.singlora_layers():
                 layer.merge(merged.get(name, []))
 
-    # ---- ramp-up: t counts optimizer steps ----------------------------------------------------------------------
+    # ---- the ramp: u = min(t / T, 1), t = ramp_step (optimizer steps taken), T = ramp_up_steps ------------------
 
-    def _step_buffers(self, adapter_names: list[str]) -> list[torch.Tensor]:
-        return [
-            layer.singlora[n].step for _, layer in self.singlora_layers() for n in adapter_names if n in layer.singlora
-        ]
+    def _adapters(self, adapter_names: list[str]) -> list[SingLoRAAdapter]:
+        return [layer.singlora[n] for _, layer in self.singlora_layers() for n in adapter_names if n in layer.singlora]
 
-    def step(self, n: int = 1) -> None:
-        """Advance the ramp of the active adapters by ``n`` optimizer steps (no host sync)."""
+    def _one_adapter(self, adapter_name: str | None) -> SingLoRAAdapter:
+        """The first layer's ``SingLoRAAdapter`` of ``adapter_name`` (default: ``default_adapter()``); all layers of
+        an adapter share its ramp, and every adapter adapts at least one module."""
+        name = adapter_name or self.default_adapter()
+        self._check_names([name])
+        return self._adapters([name])[0]
+
+    def advance_ramp(self, n: int = 1) -> None:
+        """Advance ``t`` (``ramp_step``) of the active adapters by ``n`` optimizer steps (no host sync).
+
+        ``bind_optimizer`` calls it after every ``optimizer.step()``; call it yourself only without one.
+        """
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise SingLoRAError(f"n={n!r} must be an int >= 0")
-        buffers = self._step_buffers(self.active_adapters)
+        buffers = [adapter.ramp_step for adapter in self._adapters(self.active_adapters)]
         if buffers:
             torch._foreach_add_(buffers, n)
 
@@ -220,20 +228,42 @@ class SingLoRAModel(nn.Module):
             raise SingLoRAError("this model has no adapter; add_adapter() or load_adapter() first")
         return names[0]
 
-    def get_step(self, adapter_name: str | None = None) -> int:
-        """Optimizer steps taken by an adapter (default: ``default_adapter()``)."""
-        name = adapter_name or self.default_adapter()
-        self._check_names([name])
-        return int(self._step_buffers([name])[0])
+    def get_ramp_step(self, adapter_name: str | None = None) -> int:
+        """``t``: optimizer steps taken by an adapter (default: ``default_adapter()``)."""
+        return int(self._one_adapter(adapter_name).ramp_step)
 
-    def set_step(self, step: int, adapter_name: str | None = None) -> None:
-        """Set the ramp step of an adapter (default: every active one), e.g. when resuming."""
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise SingLoRAError(f"step={step!r} must be an int >= 0")
+    def set_ramp_step(self, ramp_step: int, adapter_name: str | None = None) -> None:
+        """Set ``t`` of an adapter (default: every active one), e.g. when resuming."""
+        if not isinstance(ramp_step, int) or isinstance(ramp_step, bool) or not 0 <= ramp_step < 2**63:
+            raise SingLoRAError(f"ramp_step={ramp_step!r} must be an int >= 0")
         names = [adapter_name] if adapter_name else self.active_adapters
         self._check_names(names)
-        for buffer in self._step_buffers(names):
-            buffer.fill_(step)
+        for adapter in self._adapters(names):
+            adapter.ramp_step.fill_(ramp_step)
+
+    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int:
+        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp)."""
+        return self._one_adapter(adapter_name).ramp_up_steps
+
+    def get_ramp_value(self, adapter_name: str | None = None) -> float:
+        """``u = min(t / T, 1)`` of an adapter (default: ``default_adapter()``), computed in float64."""
+        adapter = self._one_adapter(adapter_name)
+        return float(ramp_value(adapter.ramp_step, adapter.ramp_up_steps, torch.float64))
+
+    def step(self, n: int = 1) -> None:
+        """Deprecated name of ``advance_ramp``."""
+        warn_deprecated("SingLoRAModel.step()", "advance_ramp()")
+        self.advance_ramp(n)
+
+    def get_step(self, adapter_name: str | None = None) -> int:
+        """Deprecated name of ``get_ramp_step``."""
+        warn_deprecated("SingLoRAModel.get_step()", "get_ramp_step()")
+        return self.get_ramp_step(adapter_name)
+
+    def set_step(self, step: int, adapter_name: str | None = None) -> None:
+        """Deprecated name of ``set_ramp_step``."""
+        warn_deprecated("SingLoRAModel.set_step()", "set_ramp_step()")
+        self.set_ramp_step(step, adapter_name)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
         """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
@@ -245,7 +275,7 @@ class SingLoRAModel(nn.Module):
             raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
         inner = getattr(optimizer, "optimizer", optimizer)
-        return inner.register_step_post_hook(lambda *_: self.step())
+        return inner.register_step_post_hook(lambda *_: self.advance_ramp())
 
     # ---- parameters ---------------------------------------------------------------------------------------------
 
@@ -321,7 +351,7 @@ class SingLoRAModel(nn.Module):
         as_directory(directory)
         self._check_names([name])
         base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
-        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_step(name), base_name)
+        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_ramp_step(name), base_name)
 
     save_pretrained = save_adapter
 
@@ -401,7 +431,7 @@ class SingLoRAModel(nn.Module):
         with torch.no_grad():
             for key, target in targets.items():
                 target.copy_(tensors[key].to(target.dtype))
-        self.set_step(step, adapter_name)
+        self.set_ramp_step(step, adapter_name)
 
     @classmethod
     def from_pretrained(

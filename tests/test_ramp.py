@@ -1,0 +1,132 @@
+"""The ramp u = min(t / T, 1): one vocabulary (t = ramp_step, T = ramp_up_steps, u = ramp_value), one parser of
+"steps or a fraction of the total", public accessors, and the old names as deprecated aliases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRAModel, get_singlora_model
+from torch_singlora.config import parse_steps_or_fraction, resolve_steps
+from torch_singlora.layers import SingLoRAAdapter
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("100", 100), (" 7 ", 7), ("0", 0), ("0.01", 0.01), ("1e-2", 0.01), ("1.0", 1.0), ("0.0", 0.0), (".5", 0.5),
+     (100, 100), (0.25, 0.25), (1.0, 1.0)],
+)
+def test_parser_reads_steps_or_fraction(text, expected) -> None:
+    value = parse_steps_or_fraction(text, "--x")
+    assert value == expected and type(value) is type(expected)  # int = steps, float = fraction
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [("-1", "--x='-1' must be a number of optimizer steps"), ("1.5", "in \\[0, 1\\]"), ("abc", "--x='abc'"),
+     ("", "--x=''"), ("nan", "--x='nan'"), ("inf", "--x='inf'"), ("1e3", "write 1000 steps as an int"),
+     ("2.0", "write 2 steps as an int"), (True, "--x=True"), (-1, "--x=-1"), (1.5, "--x=1.5"),
+     (float("nan"), "--x=nan"), (2**64, "--x=18446744073709551616"), (None, "--x=None")],
+)
+def test_parser_refuses_with_the_name_and_value(text, match) -> None:
+    with pytest.raises(SingLoRAError, match=match):
+        parse_steps_or_fraction(text, "--x")
+
+
+def test_resolve_steps_rounds_and_never_turns_a_positive_fraction_into_zero() -> None:
+    assert resolve_steps(0.01, 1000) == 10
+    assert resolve_steps(0.01, 6) == 1  # round(0.06) = 0, but a positive fraction means a ramp
+    assert resolve_steps(0.0, 50) == 0
+    assert resolve_steps(1.0, 37) == 37  # the whole run
+    assert resolve_steps(12, None) == 12
+    assert resolve_steps(0.5, None) is None  # total unknown
+
+
+def test_config_uses_the_parser_whole_run_and_zero_fraction() -> None:
+    assert SingLoRAConfig(ramp_up_steps=1.0, total_steps=40).resolve_ramp_up_steps() == 40  # not one step
+    assert SingLoRAConfig(ramp_up_steps=0.0, total_steps=40).resolve_ramp_up_steps() == 0
+    with pytest.raises(SingLoRAError, match="ramp_up_steps='10'"):  # typed: strings are for command lines
+        SingLoRAConfig(ramp_up_steps="10")
+
+
+def _model(**config) -> SingLoRAModel:
+    base = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    fields = {"r": 2, "alpha": 4.0, "target_modules": ["0", "1"], "ramp_up_steps": 8, **config}
+    return get_singlora_model(base, SingLoRAConfig(**fields))
+
+
+def test_accessors_for_t_T_and_u() -> None:
+    model = _model()
+    model.add_adapter("other", SingLoRAConfig(r=1, target_modules=["1"], ramp_up_steps=0.5, total_steps=6))
+    assert (model.get_ramp_step(), model.get_ramp_up_steps(), model.get_ramp_value()) == (0, 8, 0.0)
+    assert (model.get_ramp_up_steps("other"), model.get_ramp_value("other")) == (3, 0.0)
+    model.advance_ramp(3)  # the active adapter only
+    assert model.get_ramp_step() == 3 and model.get_ramp_step("other") == 0
+    assert model.get_ramp_value() == 3 / 8
+    model.set_ramp_step(2, "other")
+    assert model.get_ramp_value("other") == pytest.approx(2 / 3, abs=1e-15)  # float64
+    model.set_ramp_step(20)
+    assert model.get_ramp_value() == 1.0
+    for _, layer in model.singlora_layers():  # every layer holds the same t
+        assert int(layer.singlora["default"].ramp_step) == 20
+        assert float(layer.singlora["default"].coefficient()) == pytest.approx(4.0 / 2 * 1.0)
+    with pytest.raises(SingLoRAError, match="adapter 'nope' does not exist"):
+        model.get_ramp_value("nope")
+
+
+def test_bind_optimizer_advances_t() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.bind_optimizer(optimizer)
+    for _ in range(5):
+        optimizer.step()
+    assert model.get_ramp_step() == 5 and model.get_ramp_value() == 5 / 8
+
+
+def test_old_names_are_deprecated_aliases() -> None:
+    model = _model()
+    adapter = model.model[0].singlora["default"]
+    with pytest.warns(DeprecationWarning, match="advance_ramp"):
+        model.step(2)
+    with pytest.warns(DeprecationWarning, match="get_ramp_step"):
+        assert model.get_step() == 2
+    with pytest.warns(DeprecationWarning, match="set_ramp_step"):
+        model.set_step(5)
+    assert model.get_ramp_step() == 5
+    with pytest.warns(DeprecationWarning, match="ramp_step"):
+        assert adapter.step is adapter.ramp_step
+    with pytest.warns(DeprecationWarning, match="ramp_up_steps"):
+        assert adapter.ramp_steps == 8
+    with pytest.warns(DeprecationWarning, match="resolve_ramp_up_steps"):
+        assert SingLoRAConfig(ramp_up_steps=0.5, total_steps=10).ramp_steps() == 5
+    from torch_singlora.functional import ramp
+
+    with pytest.warns(DeprecationWarning, match="ramp_value"):
+        assert float(ramp(torch.tensor(3), 4)) == 0.75
+    with pytest.warns(DeprecationWarning, match="ramp_up_steps"):
+        old = SingLoRAAdapter(4, 2, scale=1.0, ramp_steps=7, dropout=0.0, init="normal", init_std=None)
+    assert old.ramp_up_steps == 7
+
+
+def test_state_dicts_with_the_old_buffer_name_still_load() -> None:
+    model = _model()
+    model.set_ramp_step(6)
+    state = {k.replace(".ramp_step", ".step"): v for k, v in model.state_dict().items()}
+    assert any(k.endswith("singlora.default.step") for k in state)
+    fresh = _model()
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.get_ramp_step() == 6
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_file_keeps_the_ramp_step_field(tmp_path) -> None:
+    model = _model()
+    model.set_ramp_step(4)
+    model.save_adapter(tmp_path)
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert document["ramp_step"] == 4 and document["ramp_up_steps"] == 8
+    loaded = SingLoRAModel.from_pretrained(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), tmp_path)
+    assert (loaded.get_ramp_step(), loaded.get_ramp_up_steps(), loaded.get_ramp_value()) == (4, 8, 0.5)
