@@ -6,7 +6,7 @@ was. Anything else (another exception type, a half-changed model, a loaded adapt
 recorded with its input.
 
 - ``config``: ``SingLoRAConfig.from_dict`` on random dicts of known and unknown fields with values of every JSON
-  type (and NaN/Inf floats), then ``ramp_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
+  type (and NaN/Inf floats), then ``resolve_ramp_up_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
   ``resolve_targets`` on a small model.
 - ``config_file``: a saved adapter whose ``adapter_config.json`` is replaced by mutated JSON (random edits of a
   valid document) or random bytes, loaded into a model.
@@ -120,7 +120,7 @@ def valid_adapter(directory: Path) -> None:
     config = SingLoRAConfig(r=2, alpha=4.0, target_modules=["proj", "conv", "emb"], modules_to_save=["head"],
                             ramp_up_steps=10)
     model = get_singlora_model(FuzzModel(), config)
-    model.step(4)
+    model.advance_ramp(4)
     model.save_adapter(directory)
 
 
