@@ -125,9 +125,7 @@ def test_ramp_counts_optimizer_steps_under_accumulation_and_checkpointing() -> N
         assert float(layer.singlora["default"].coefficient()) == pytest.approx(8 / 2 * 3 / 8)  # s = alpha / r, u = 3 / 8
 
 
-def test_fractional_ramp_needs_total_steps() -> None:
-    with pytest.raises(SingLoRAError, match="total_steps"):
-        make(ramp_up_steps=0.1)
+def test_fractional_ramp_resolves_against_total_steps() -> None:
     _, adapted = make(ramp_up_steps=0.1, total_steps=50)
     assert all(layer.singlora["default"].ramp_up_steps == 5 for _, layer in adapted.singlora_layers())
 
@@ -253,7 +251,7 @@ def test_exclude_and_regex_targets() -> None:
         ({"target_modules": ["up", "nope"]}, "'nope' matches no module"),
         ({"target_modules": "zz.*"}, "matches no module"),
         ({"target_modules": ["up"], "exclude_modules": ["up"]}, "matches no module"),
-        ({"target_modules": ["up"], "r": 11}, "r=11 for module 'up' exceeds n"),
+        ({"target_modules": ["up"], "r": 11}, "module 'up': r=11 exceeds n"),
         ({"target_modules": ["up"], "modules_to_save": ["missing"]}, "'missing' matches no module"),
         ({"target_modules": ["up"], "rank_pattern": {"down": 2}}, "rank_pattern key 'down'"),
     ],

@@ -130,3 +130,93 @@ def test_file_keeps_the_ramp_step_field(tmp_path) -> None:
     assert document["ramp_step"] == 4 and document["ramp_up_steps"] == 8
     loaded = SingLoRAModel.from_pretrained(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), tmp_path)
     assert (loaded.get_ramp_step(), loaded.get_ramp_up_steps(), loaded.get_ramp_value()) == (4, 8, 0.5)
+
+
+# ---- one default everywhere: T = 1% of the run ---------------------------------------------------------------
+
+
+def test_default_is_one_percent_of_the_run_as_the_cli() -> None:
+    from torch_singlora.config import DEFAULT_RAMP_UP_STEPS
+    from torch_singlora.train.loop import TrainConfig
+
+    assert SingLoRAConfig().ramp_up_steps == DEFAULT_RAMP_UP_STEPS == 0.01
+    assert parse_steps_or_fraction(TrainConfig(model="m", train_data="d", output_dir="o").ramp_up, "--ramp-up") == 0.01
+
+
+def _short_run(model: SingLoRAModel, steps: int, **bind) -> None:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.bind_optimizer(optimizer, **bind)
+    for _ in range(steps):
+        optimizer.step()
+
+
+def test_a_short_api_run_ramps_fully() -> None:
+    """Six steps with the default ramp: T = max(1, round(0.06)) = 1, so u = 1 (the old default of 100 steps gave
+    u = 0.06)."""
+    model = _model(ramp_up_steps=DEFAULT, total_steps=6)
+    _short_run(model, 6)
+    assert (model.get_ramp_up_steps(), model.get_ramp_value()) == (1, 1.0)
+
+
+DEFAULT = SingLoRAConfig().ramp_up_steps
+
+
+def test_unknown_total_waits_at_u_zero_and_refuses_to_advance(tmp_path) -> None:
+    base = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    expected = base(x)
+    model = get_singlora_model(base, SingLoRAConfig(r=2, target_modules=["0", "1"]))  # default ramp, no total
+    assert model.get_ramp_up_steps() is None and model.get_ramp_value() == 0.0
+    assert torch.equal(model(x), expected)  # u = 0: the base model, exactly
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for call in (lambda: model.bind_optimizer(optimizer), lambda: model.advance_ramp(), lambda: model.set_ramp_step(3)):
+        with pytest.raises(SingLoRAError, match=r"adapter 'default': ramp_up_steps=0.01 is a fraction .* total_steps"):
+            call()
+    assert model.get_ramp_step() == 0
+    model.set_ramp_step(0)  # t = 0 needs no T
+    _short_run(model, 4, total_steps=200)  # the run's length, given where the loop starts
+    assert (model.get_ramp_up_steps(), model.get_ramp_step(), model.get_ramp_value()) == (2, 4, 1.0)
+    assert model.configs["default"].total_steps == 200
+    model.save_adapter(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["total_steps"] == 200
+    loaded = SingLoRAModel.from_pretrained(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), tmp_path)
+    assert (loaded.get_ramp_up_steps(), loaded.get_ramp_value()) == (2, 1.0)
+
+
+def test_set_total_steps_leaves_the_config_object_and_int_ramps_alone() -> None:
+    config = SingLoRAConfig(r=2, target_modules=["0"])
+    model = get_singlora_model(nn.Sequential(nn.Linear(4, 6)), config)
+    model.add_adapter("fixed", SingLoRAConfig(r=2, target_modules=["0"], ramp_up_steps=7))
+    model.set_total_steps(1000)
+    model.set_total_steps(1000, "fixed")
+    assert config.total_steps is None  # the caller's object is not mutated
+    assert (model.get_ramp_up_steps(), model.get_ramp_up_steps("fixed")) == (10, 7)
+    with pytest.raises(SingLoRAError, match="total_steps=0 must be an int >= 1"):
+        model.set_total_steps(0)
+
+
+def test_trainer_callback_fills_in_the_total_from_max_steps() -> None:
+    from types import SimpleNamespace
+
+    from torch_singlora.integrations.trainer import SingLoRACallback
+
+    model = _model(ramp_up_steps=DEFAULT)
+    callback = SingLoRACallback(model, save_adapter=False)
+    state = SimpleNamespace(global_step=0, max_steps=300)
+    callback.on_train_begin(None, state, None)
+    assert model.get_ramp_up_steps() == 3
+    state.global_step = 2
+    callback.on_step_end(None, state, None)
+    assert model.get_ramp_value() == 2 / 3
+
+
+def test_resuming_in_place_takes_the_saved_run_length(tmp_path) -> None:
+    """SingLoRATrainer's resume: a fresh model with the default ramp (total unknown) takes T and t from the file."""
+    from torch_singlora.adapter_file import load_adapter_in_place
+
+    model = _model(ramp_up_steps=DEFAULT)
+    _short_run(model, 5, total_steps=400)
+    model.save_adapter(tmp_path)
+    fresh = _model(ramp_up_steps=DEFAULT)
+    load_adapter_in_place(fresh, tmp_path, "default")
+    assert (fresh.get_ramp_up_steps(), fresh.get_ramp_step(), fresh.get_ramp_value()) == (4, 5, 1.0)

@@ -4,7 +4,7 @@ Quick start::
 
     from torch_singlora import SingLoRAConfig, get_singlora_model
     model = get_singlora_model(model, SingLoRAConfig(r=8, alpha=8, target_modules="all-linear"))
-    model.bind_optimizer(optimizer)   # the ramp-up u(t) follows optimizer steps
+    model.bind_optimizer(optimizer, total_steps=1000)   # u(t) follows optimizer steps; T = 1% of the run
 """
 
 from .adapter_file import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
+from .plan import AdapterPlan
 from .untrusted import (
     MAX_JSON_BYTES, Entries, Expected, read_expected, read_json, read_safetensors_header,
 )
@@ -186,6 +188,18 @@ def read_adapter_header(path: str | os.PathLike) -> Entries:
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterFileError(f"{path}: metadata format={metadata.get('format')!r}, expected {FORMAT_NAME!r}")
     return entries
+
+
+def expected_tensors(model: nn.Module, plan: AdapterPlan) -> Expected:
+    """``{file key: (shape, dtype the model will hold)}`` of the adapter file that ``plan`` describes for ``model``
+    (a base model, or one holding adapters): ``(n, r)`` for each ``A``, in the dtype ``SingLoRALayer`` gives it
+    (float32, or float64 on a float64 weight), and the full state of each ``modules_to_save`` module."""
+    expected: Expected = {}
+    for name, module in plan.modules.items():
+        weight_dtype = model.get_submodule(name).weight.dtype
+        expected[f"{name}.{A_SUFFIX}"] = ((module.n, module.r), torch.promote_types(weight_dtype, torch.float32))
+    expected.update(plan.saved_tensors)
+    return expected
 
 
 def read_adapter_tensors(path: str | os.PathLike, expected: Expected) -> dict[str, torch.Tensor]:

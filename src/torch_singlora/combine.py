@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from .config import SingLoRAConfig
+from .config import SingLoRAConfig, rank_and_pattern
 from .errors import SingLoRAError
 from .model import SingLoRAModel
 
@@ -59,9 +59,7 @@ def combine_adapters(model: SingLoRAModel, weights: dict[str, float], new_name: 
                 parts.append(adapter.A.detach() * torch.sqrt(adapter.coefficient().to(adapter.A.dtype) * weight))
         if parts:
             columns[module_name] = torch.cat(parts, dim=1)
-    ranks = {name: A.shape[1] for name, A in columns.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    r, pattern = rank_and_pattern({name: A.shape[1] for name, A in columns.items()})
     config = SingLoRAConfig(
         r=r, alpha=float(r), target_modules="|".join(re.escape(name) for name in columns), ramp_up_steps=0,
         rank_pattern=pattern, alpha_pattern={key: float(rank) for key, rank in pattern.items()},

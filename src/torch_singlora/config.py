@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from .errors import SingLoRAError, warn_deprecated
 from .functional import scaling
 
 INIT_METHODS = ("normal", "kaiming_uniform", "gaussian")
+# T by default: 1% of the run's optimizer steps, the paper's setting (its ablation finds 0.5% to 8% equally good).
+# The same default for the Python API and every command; it needs the run's total_steps (see ramp_up_steps).
+DEFAULT_RAMP_UP_STEPS = 0.01
 
 # Default targets per transformers ``model_type`` (attention query + value, as the paper's GLUE runs).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -84,6 +88,15 @@ def resolve_steps(value: int | float, total_steps: int | None) -> int | None:
     return max(1, round(value * total_steps)) if value > 0 else 0
 
 
+def rank_and_pattern(ranks: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+    """``(r, rank_pattern)`` that give each module of ``{module name: rank}`` its rank: ``r`` is the most common
+    rank (a tie goes to the smallest, whatever the order of ``ranks``) and every other module gets an exact-name
+    entry (``re.escape(name)``, a full match for ``rank_pattern`` and for PEFT). ``(1, {})`` for no module."""
+    counts = Counter(ranks.values())
+    r = min(counts, key=lambda rank: (-counts[rank], rank)) if counts else 1
+    return r, {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != r}
+
+
 def _check_patterns(name: str, value: Any, allow_none: bool = True) -> None:
     """A pattern field is a regex string (full match) or a list of names/suffixes."""
     if value is None and allow_none:
@@ -119,8 +132,10 @@ class SingLoRAConfig:
         dropout: Dropout probability applied to the adapter's input.
         ramp_up_steps: ``T``, the ramp length of ``u = min(t / T, 1)`` (t = ``ramp_step``, optimizer steps taken).
             An int is a number of optimizer steps (0 = no ramp, u = 1); a float in [0, 1] is a fraction of
-            ``total_steps`` (``parse_steps_or_fraction``).
-        total_steps: Total optimizer steps of the run; resolves a fractional ``ramp_up_steps``.
+            ``total_steps`` (``parse_steps_or_fraction``). Default: 0.01, the paper's 1% of the run.
+        total_steps: Total optimizer steps of the run; resolves a fractional ``ramp_up_steps``. May stay ``None``
+            until training starts: ``bind_optimizer(optimizer, total_steps=...)``, ``set_total_steps``, or the
+            Trainer integration (from ``max_steps``) fill it in. Until then ``u = 0`` and ``t`` cannot advance.
         init: ``normal`` (N(0, 1/n), default), ``kaiming_uniform`` (what public implementations do; for their
             checkpoints) or ``gaussian`` (N(0, init_std^2)).
         init_std: Standard deviation for ``init="gaussian"``.
@@ -135,7 +150,7 @@ class SingLoRAConfig:
     exclude_modules: Union[list[str], str, None] = None
     modules_to_save: Union[list[str], None] = None
     dropout: float = 0.0
-    ramp_up_steps: Union[int, float] = 100
+    ramp_up_steps: Union[int, float] = DEFAULT_RAMP_UP_STEPS
     total_steps: Union[int, None] = None
     init: str = "normal"
     init_std: Union[float, None] = None
@@ -196,20 +211,18 @@ class SingLoRAConfig:
         if not isinstance(self.use_rslora, bool):
             raise SingLoRAError(f"use_rslora={self.use_rslora!r} must be a bool")
 
-    def resolve_ramp_up_steps(self) -> int:
-        """``T`` in optimizer steps, resolving a fraction against ``total_steps`` (``resolve_steps``)."""
-        steps = resolve_steps(self.ramp_up_steps, self.total_steps)
-        if steps is None:
-            raise SingLoRAError(
-                f"ramp_up_steps={self.ramp_up_steps} is a fraction of the total steps: set total_steps, "
-                "or give ramp_up_steps as an int number of steps"
-            )
-        return steps
+    def resolve_ramp_up_steps(self) -> int | None:
+        """``T`` in optimizer steps (``resolve_steps``): a fraction resolved against ``total_steps``; ``None`` for a
+        fraction while ``total_steps`` is unknown (the ramp then waits at u = 0: see ``SingLoRAModel.bind_optimizer``)."""
+        return resolve_steps(self.ramp_up_steps, self.total_steps)
 
     def ramp_steps(self) -> int:
-        """Deprecated name of ``resolve_ramp_up_steps``."""
+        """Deprecated: ``resolve_ramp_up_steps``, raising while ``T`` is unknown."""
         warn_deprecated("SingLoRAConfig.ramp_steps()", "resolve_ramp_up_steps()")
-        return self.resolve_ramp_up_steps()
+        steps = self.resolve_ramp_up_steps()
+        if steps is None:
+            raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps} is a fraction of the total steps: set total_steps")
+        return steps
 
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from .untrusted import read_safetensors_file
-from .config import SingLoRAConfig
+from .config import SingLoRAConfig, rank_and_pattern
 from .errors import AdapterFileError, SingLoRAError
 from .layers import layer_kind, weight_shape
 from .functional import matrix_dims
@@ -178,8 +178,9 @@ def convert_kyegomez(
     step = _single_step(steps, "kyegomez") if ramp_step is None else ramp_step
     report.notes.append("training_step counted training forward calls (micro-batches), carried over as optimizer steps")
     report.notes.append("out > in layers use the paper's orientation A[:out] @ A[:in].T (kyegomez's could not run)")
-    return _write(base_model, matrices, {"r": _common_rank(matrices), "alpha": alpha, "ramp_up_steps": ramp_up_steps,
-                                         "rank_pattern": _rank_pattern(matrices)}, step, out_dir, report)
+    r, pattern = rank_and_pattern({name: A.shape[1] for name, A in matrices.items() if A.dim() == 2})
+    return _write(base_model, matrices, {"r": r, "alpha": alpha, "ramp_up_steps": ramp_up_steps,
+                                         "rank_pattern": pattern}, step, out_dir, report)
 
 
 def _find(model: nn.Module, name: str) -> nn.Module | None:
@@ -187,16 +188,6 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def _common_rank(matrices: dict[str, Tensor]) -> int:
-    ranks = [A.shape[1] for A in matrices.values() if A.dim() == 2]
-    return max(set(ranks), key=ranks.count) if ranks else 1
-
-
-def _rank_pattern(matrices: dict[str, Tensor]) -> dict[str, int]:
-    r = _common_rank(matrices)
-    return {re.escape(name): A.shape[1] for name, A in matrices.items() if A.dim() == 2 and A.shape[1] != r}
 
 
 def convert_peft_singlora(

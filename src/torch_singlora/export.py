@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -37,12 +35,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, expected_tensors, read_adapter_config
+from .adapter_file import read_adapter_tensors
 from .atomic import atomic_write, atomic_write_text
+from .config import rank_and_pattern
 from .errors import SingLoRAError
 from .functional import LayerKind, lora_factors, matrix_dims, ramp_value
-from .layers import SingLoRAAdapter, layer_kind, weight_shape
+from .layers import SingLoRAAdapter, weight_shape
 from .model import SingLoRAModel
+from .plan import plan_adapter
 
 ExportFormat = Literal["peft", "diffusers", "kohya"]
 EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya")
@@ -110,19 +111,12 @@ def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapt
 def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     """Read a singlora adapter directory against ``base_model`` without changing the model."""
     config, meta = read_adapter_config(directory)
-    view = SingLoRAModel(base_model, None)  # read-only view: resolves targets, injects nothing
-    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, view.expected_tensors(config))
-    u = float(ramp_value(torch.tensor(meta["ramp_step"]), config.resolve_ramp_up_steps()))
-    factors: dict[str, LoRAFactors] = {}
-    saved: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        module_name, _, tensor_name = key.rpartition(".")
-        if tensor_name != A_SUFFIX:
-            saved[key] = tensor
-            continue
-        module = base_model.get_submodule(module_name)
-        kind = layer_kind(module)
-        factors[module_name] = _factors(tensor, kind, weight_shape(module), config.scale_for(module_name) * u)
+    plan = plan_adapter(base_model, config)
+    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, expected_tensors(base_model, plan))
+    u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
+    factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, m.scale * u)
+               for name, m in plan.modules.items()}
+    saved = {key: tensors[key] for key in plan.saved_tensors}
     return ExportedAdapter(factors, saved, meta.get("base_model_name_or_path"))
 
 
@@ -177,9 +171,7 @@ def peft_config(adapter: ExportedAdapter) -> dict:
     """The ``adapter_config.json`` of a PEFT LoRA equal to ``adapter``: ``lora_alpha = r`` everywhere (scale 1);
     modules whose rank differs from the most common one go to ``rank_pattern``/``alpha_pattern`` (escaped full
     names, which PEFT matches as regexes)."""
-    ranks = {module: factors.rank for module, factors in adapter.factors.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(module): rank for module, rank in sorted(ranks.items()) if rank != r}
+    r, pattern = rank_and_pattern({module: factors.rank for module, factors in adapter.factors.items()})
     return {
         "peft_type": "LORA",
         "task_type": None,

@@ -16,7 +16,13 @@ The ramp's names, everywhere in the library: ``t`` = ``ramp_step`` (optimizer st
 ``ramp_up_steps`` (ramp length in optimizer steps, 0 = no ramp), ``u`` = ``ramp_value(t, T)``.
 
 Every other place (layer forward, merge, export, tests) derives from the functions below. The forward never
-builds ``dW``: it computes ``((x @ A_in) * c) @ A_out.T`` at O(tokens * n * r).
+builds ``dW``: it computes ``((x @ A_in) * c) @ A_out.T`` at O(tokens * n * r) (``factored_update``,
+``embedding_update``, ``conv_update``, one per layer kind).
+
+Mixed-adapter batches (each example its own adapter, ``mixed_*``) read a *bank*: the adapters' ``A`` stacked
+transposed and zero-padded to a common rank ``R``, ``bank[k] = [A_k.T ; 0]`` of shape ``(R, n)``, with one
+coefficient ``c_k`` each. Example ``b`` uses ``bank[index[b]]``; the batched products (gather + ``bmm``, the
+S-LoRA / Punica idea) are exact for every rank <= R, since zero columns of ``A`` add nothing to ``A A^T``.
 
 Layer kinds and how their weight is viewed as a ``(d_out, d_in)`` matrix:
 
@@ -37,7 +43,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from .errors import SingLoRAError
 
 LayerKind = Literal["linear", "conv1d_t", "conv", "embedding"]
 LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d_t", "conv", "embedding")
@@ -55,16 +63,27 @@ def matrix_dims(kind: LayerKind, weight_shape: tuple[int, ...] | torch.Size) -> 
     raise ValueError(f"kind={kind!r} is not one of {LAYER_KINDS}")
 
 
+def adapter_rows(d_out: int, d_in: int, r: int) -> int:
+    """``n = max(d_out, d_in)``, the rows of ``A``, after checking ``r <= n`` (the one place this rule lives)."""
+    n = max(d_out, d_in)
+    if r > n:
+        raise SingLoRAError(f"r={r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
+    return n
+
+
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """``s = alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA-style scaling."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def ramp_value(ramp_step: Tensor, ramp_up_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def ramp_value(ramp_step: Tensor, ramp_up_steps: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``u = min(t / T, 1)`` as a 0-dim ``dtype`` tensor (no host sync); ``T = 0`` means no ramp (``u = 1``).
 
-    ``ramp_step`` (t) is a 0-dim integer tensor counting optimizer steps; ``ramp_up_steps`` (T) an int >= 0.
+    ``ramp_step`` (t) is a 0-dim integer tensor counting optimizer steps; ``ramp_up_steps`` (T) an int >= 0, or
+    ``None`` while T is a fraction of a run whose length is not known yet: the ramp has not started (``u = 0``).
     """
+    if ramp_up_steps is None:
+        return torch.zeros((), dtype=dtype, device=ramp_step.device)
     if ramp_up_steps == 0:
         return torch.ones((), dtype=dtype, device=ramp_step.device)
     return (ramp_step.to(dtype) / ramp_up_steps).clamp(max=1.0)
@@ -98,6 +117,91 @@ def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Te
     At = A.T.contiguous()  # (r, n)
     h = F.linear(x, At[:, :d_in]) * coefficient  # (..., d_in) -> (..., r)
     return F.linear(h, At[:, :d_out].T)  # (..., r) -> (..., d_out)
+
+
+def embedding_update(
+    ids: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0, *,
+    scale_grad_by_freq: bool = False, sparse: bool = False,
+) -> Tensor:
+    """Update of an embedding (``num = d_out`` rows of ``dim = d_in``): ``(c * A[ids]) @ A[:d_in].T``.
+
+    ``ids``: integer tensor of any shape ``(...)`` -> ``(..., d_in)``; the two flags mirror ``nn.Embedding``'s.
+    """
+    h = F.embedding(ids, A[:d_out], scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)  # (..., r)
+    return F.linear(h * coefficient, A[:d_in])  # (..., r) -> (..., d_in)
+
+
+def convolve(x: Tensor, kernel: Tensor, geometry: nn.Module, groups: int = 1) -> Tensor:
+    """``x`` convolved with ``kernel`` under the stride, padding (and padding mode) and dilation of ``geometry``
+    (an ``nn.Conv1d`` / ``nn.Conv2d``), with ``groups`` groups and no bias: what ``geometry`` computes, any kernel."""
+    conv = F.conv1d if kernel.dim() == 3 else F.conv2d
+    padding = geometry.padding
+    if geometry.padding_mode != "zeros":
+        x = F.pad(x, geometry._reversed_padding_repeated_twice, mode=geometry.padding_mode)
+        padding = 0
+    return conv(x, kernel, None, geometry.stride, padding, geometry.dilation, groups)
+
+
+def conv_update(x: Tensor, A: Tensor, geometry: nn.Module, coefficient: Tensor | float = 1.0) -> Tensor:
+    """Update of a convolution ``geometry`` (weight ``(out, in, *k)``, matrix view ``(out, in * prod(k))``).
+
+    ``x``: ``(N, in, *S)`` -> conv with the ``r`` filters ``A[:d_in].T`` -> ``(N, r, *S')`` -> 1x1 conv with
+    ``A[:out]`` -> ``(N, out, *S')``.
+    """
+    out_channels, *kernel_shape = geometry.weight.shape
+    d_in, r = math.prod(kernel_shape), A.shape[1]
+    h = convolve(x, A[:d_in].T.reshape(r, *kernel_shape), geometry) * coefficient  # (N, r, *S')
+    pointwise = A[:out_channels].reshape(out_channels, r, *([1] * (h.dim() - 2)))
+    return F.conv1d(h, pointwise) if h.dim() == 3 else F.conv2d(h, pointwise)
+
+
+def mixed_factored_update(
+    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int
+) -> Tensor:
+    """``factored_update`` with example ``b`` of ``x`` using adapter ``index[b]`` of ``bank``.
+
+    ``x``: ``(B, ..., d_in)``; ``bank``: ``(K, R, n)`` (transposed, zero-padded ``A``s); ``coefficients``:
+    ``(K,)``; ``index``: ``(B,)`` int64 in ``[0, K)``. Returns ``(B, ..., d_out)``. Two ``bmm``s over the
+    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R).
+    """
+    batch = x.shape[0]
+    At = bank.index_select(0, index)  # (B, R, n)
+    h = torch.bmm(x.reshape(batch, -1, d_in), At[:, :, :d_in].transpose(1, 2))  # (B, T, R)
+    h = h * coefficients.index_select(0, index)[:, None, None]
+    return torch.bmm(h, At[:, :, :d_out]).reshape(*x.shape[:-1], d_out)  # (B, T, R) -> (B, ..., d_out)
+
+
+def mixed_embedding_update(
+    ids: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int
+) -> Tensor:
+    """``embedding_update`` with example ``b`` using adapter ``index[b]`` of ``bank`` (see
+    ``mixed_factored_update``). ``ids``: ``(B, ...)`` -> ``(B, ..., d_in)``; only the looked-up rows of each
+    example's ``A`` and its ``A[:d_in]`` are read (not the whole ``(num, R)`` block per example)."""
+    batch = ids.shape[0]
+    flat = ids.reshape(batch, -1)  # (B, T)
+    h = bank[index[:, None], :, flat]  # (B, T, R): row ids[b, t] of example b's A
+    h = h * coefficients.index_select(0, index)[:, None, None]
+    out = torch.bmm(h, bank.index_select(0, index)[:, :, :d_in])  # (B, T, d_in)
+    return out.reshape(*ids.shape, d_in)
+
+
+def mixed_conv_update(
+    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, geometry: nn.Module
+) -> Tensor:
+    """``conv_update`` with example ``b`` using adapter ``index[b]`` of ``bank`` (see ``mixed_factored_update``).
+
+    One grouped convolution (``groups = B``: example ``b``'s ``R`` filters see only example ``b``), then a
+    ``bmm`` with each example's ``A[:out]``. ``x``: ``(B, in, *S)`` -> ``(B, out, *S')``.
+    """
+    out_channels, *kernel_shape = geometry.weight.shape
+    batch, rank, d_in = x.shape[0], bank.shape[1], math.prod(kernel_shape)
+    At = bank.index_select(0, index)  # (B, R, n)
+    kernels = At[:, :, :d_in].reshape(batch * rank, *kernel_shape)  # (B * R, in, *k)
+    h = convolve(x.reshape(1, batch * x.shape[1], *x.shape[2:]), kernels, geometry, groups=batch)  # (1, B*R, *S')
+    spatial = h.shape[2:]
+    h = h.reshape(batch, rank, -1) * coefficients.index_select(0, index)[:, None, None]  # (B, R, P)
+    out = torch.bmm(At[:, :, :out_channels].transpose(1, 2), h)  # (B, out, R) @ (B, R, P) -> (B, out, P)
+    return out.reshape(batch, out_channels, *spatial)
 
 
 def delta_weight(

@@ -224,7 +224,7 @@ def check_config(campaign: Campaign, data: dict[str, Any], raw: bytes | None = N
     ``data`` was made from, saved with a finding)."""
     try:
         config = SingLoRAConfig.from_dict(data, source="fuzz")
-        config.resolve_ramp_up_steps() if isinstance(config.ramp_up_steps, int) or config.total_steps else None
+        config.resolve_ramp_up_steps()
         for name in ("proj", "a.b.proj", ""):
             config.rank_for(name)
             scale = config.scale_for(name)

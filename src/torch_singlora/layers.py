@@ -10,14 +10,16 @@ State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) 
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SingLoRAError, warn_deprecated
-from .functional import LayerKind, delta_weight, factored_update, init_A, matrix_dims, ramp_value
+from .functional import (
+    LayerKind, adapter_rows, conv_update, delta_weight, embedding_update, factored_update, init_A, matrix_dims,
+    mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+)
 
 
 def _transformers_conv1d() -> type | None:
@@ -42,6 +44,16 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def adaptable_kind(module: nn.Module) -> LayerKind:
+    """``layer_kind(module)``, or ``SingLoRAError`` when SingLoRA cannot adapt it (unknown type, grouped conv)."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise SingLoRAError(f"{type(module).__name__} cannot be adapted (Linear, Conv1D, Conv1d/2d, Embedding)")
+    if kind == "conv" and module.groups != 1:
+        raise SingLoRAError(f"{module!r} has groups={module.groups}; SingLoRA supports groups=1 only")
+    return kind
+
+
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
     """Logical shape of a module's weight. Linear layers report ``(out_features, in_features)``, which also holds
     for quantized ones whose stored weight is packed (bitsandbytes 4-bit stores ``(out * in / 2, 1)`` uint8)."""
@@ -50,26 +62,30 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
+_REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
+
+
 class SingLoRAAdapter(nn.Module):
     """One named adapter on one layer: ``A`` (n, r), the ramp step ``t``, and its constants.
 
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
-        scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp).
+        scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
+            a fraction of a run whose total is unknown: u = 0).
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None = None, dropout: float, init: str,
-        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None | object = _REQUIRED, dropout: float,
+        init: str, init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
         ramp_steps: int | None = None,
     ) -> None:
         super().__init__()
         if ramp_steps is not None:
             warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
-            ramp_up_steps = ramp_steps if ramp_up_steps is None else ramp_up_steps
-        if ramp_up_steps is None:
-            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T, an int >= 0)")
+            ramp_up_steps = ramp_steps if ramp_up_steps is _REQUIRED else ramp_up_steps
+        if ramp_up_steps is _REQUIRED:
+            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T: an int >= 0, or None while unknown)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
@@ -113,11 +129,7 @@ class SingLoRALayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
-            raise SingLoRAError(f"{type(base_layer).__name__} cannot be adapted (Linear, Conv1D, Conv1d/2d, Embedding)")
-        if kind == "conv" and base_layer.groups != 1:
-            raise SingLoRAError(f"{base_layer!r} has groups={base_layer.groups}; SingLoRA supports groups=1 only")
+        kind = adaptable_kind(base_layer)
         self.base_layer = base_layer
         self.kind: LayerKind = kind
         self.d_out, self.d_in = matrix_dims(kind, weight_shape(base_layer))
@@ -125,6 +137,7 @@ class SingLoRALayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
 
     @property
     def weight(self) -> Tensor:
@@ -137,9 +150,7 @@ class SingLoRALayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, **kwargs) -> None:
         """Add adapter ``name`` with rank ``r``; kwargs go to ``SingLoRAAdapter``."""
-        n = max(self.d_out, self.d_in)
-        if r > n:
-            raise SingLoRAError(f"r={r} exceeds n=max(d_out={self.d_out}, d_in={self.d_in})={n}")
+        n = adapter_rows(self.d_out, self.d_in, r)
         weight = self.base_layer.weight
         # Low-precision (fp16/bf16) or quantized bases get a float32 adapter, as PEFT does; float64 stays float64.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -171,20 +182,32 @@ class SingLoRALayer(nn.Module):
         """Factored update output for input ``x``; same shape as ``base_layer(x)``."""
         A = adapter.A
         coefficient = adapter.coefficient().to(A.dtype)
-        if self.kind == "embedding":  # (..., ) ids -> (..., num rows of A) -> (..., dim)
+        if self.kind == "embedding":  # (..., ) ids -> (..., dim)
             base = self.base_layer
-            h = F.embedding(x, A[: self.d_out], max_norm=None, norm_type=base.norm_type,
-                            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-            return F.linear(h * coefficient, A[: self.d_in])
+            return embedding_update(x, A, self.d_out, self.d_in, coefficient,
+                                    scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         x = adapter.dropout(x.to(A.dtype))
-        if self.kind == "conv":  # (N, in, *S) -> conv with r filters -> (N, r, *S') -> 1x1 conv -> (N, out, *S')
-            base = self.base_layer
-            kernel = A[: self.d_in].T.reshape(A.shape[1], *base.weight.shape[1:])
-            h = base._conv_forward(x, kernel, None) * coefficient
-            pointwise = A[: self.d_out].reshape(self.d_out, A.shape[1], *([1] * (h.dim() - 2)))
-            return F.conv1d(h, pointwise) if h.dim() == 3 else F.conv2d(h, pointwise)
+        if self.kind == "conv":  # (N, in, *S) -> (N, out, *S')
+            return conv_update(x, A, self.base_layer, coefficient)
         # linear / conv1d_t: (..., d_in) -> (..., r) -> (..., d_out)
         return factored_update(x, A, self.d_out, self.d_in, coefficient)
+
+    def _mixed_output(self, x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor) -> Tensor:
+        """Update output when example ``b`` uses adapter ``index[b]`` of ``bank`` (``(K, R, n)``, see
+        ``functional.mixed_factored_update``); same shape as ``base_layer(x)``. An input whose first dimension is
+        ``k`` times the number of examples (beam search, sequences flattened example-major) repeats each index."""
+        rows = x.shape[0]
+        if rows % index.shape[0]:
+            raise SingLoRAError(f"{self.kind} layer: an input of {rows} rows (first dimension) does not split into "
+                                f"the {index.shape[0]} examples of adapter_names")
+        if rows != index.shape[0]:
+            index = index.repeat_interleave(rows // index.shape[0])
+        if self.kind == "embedding":
+            return mixed_embedding_update(x, bank, coefficients, index, self.d_out, self.d_in)
+        x = x.to(bank.dtype)
+        if self.kind == "conv":
+            return mixed_conv_update(x, bank, coefficients, index, self.base_layer)
+        return mixed_factored_update(x, bank, coefficients, index, self.d_out, self.d_in)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -192,6 +215,12 @@ class SingLoRALayer(nn.Module):
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
+        selection = self.selection
+        if selection is not None:  # a mixed-adapter batch (torch_singlora.mixed)
+            found = selection.for_layer(self)
+            if found is None:  # no example of this batch uses an adapter of this layer
+                return result
+            return result + self._mixed_output(x, *found).to(result.dtype)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = result + self._adapter_output(x, self.singlora[name]).to(result.dtype)
@@ -261,6 +290,7 @@ class TrainableCopy(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
 
     def add_adapter(self, name: str) -> None:
         replica = copy.deepcopy(self.original_module)
@@ -280,4 +310,6 @@ class TrainableCopy(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
+        if self.selection is not None and not self.disabled:  # a mixed-adapter batch (torch_singlora.mixed)
+            return self.selection.run_copies(self, *args, **kwargs)
         return self.active_module()(*args, **kwargs)

@@ -2,7 +2,7 @@
 layers into the targeted modules, and manages named adapters, the ramp step, merging and unloading.
 
     model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
-    model.bind_optimizer(optimizer)      # u(t) follows optimizer steps: t = ramp_step advances on each step
+    model.bind_optimizer(optimizer, total_steps=1000)  # t = ramp_step advances on each optimizer step
     ...train...
     model.save_adapter("out/")           # adapter_config.json + adapter_model.safetensors
     plain = model.merge_and_unload()     # the original module classes, adapters folded in
@@ -11,6 +11,7 @@ layers into the targeted modules, and manages named adapters, the ramp step, mer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -18,13 +19,14 @@ from typing import Any, Callable, Iterator, Union
 import torch
 from torch import nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_tensors
-from .adapter_file import write_adapter
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, as_directory, expected_tensors, read_adapter_config
+from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError, warn_deprecated
-from .functional import matrix_dims, ramp_value
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, layer_kind, weight_shape
-from .targets import resolve_modules_to_save, resolve_targets
+from .functional import ramp_value
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .mixed import use_adapter_names
+from .plan import plan_adapter
 from .untrusted import check_finite
 
 AdapterNames = Union[str, list[str]]
@@ -68,8 +70,21 @@ class SingLoRAModel(nn.Module):
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per example, ``"__base__"`` for none): a
+        mixed-adapter batch (``torch_singlora.mixed``)."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with use_adapter_names(self, adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (beams and sequences of one
+        example use its adapter)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with use_adapter_names(self, adapter_names):
+            return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -119,30 +134,20 @@ class SingLoRAModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        config.validate()
-        ramp_up_steps = config.resolve_ramp_up_steps()
-        targets = resolve_targets(self.model, config)
-        saved = resolve_modules_to_save(self.model, config)
-        plans = []
-        for name in targets:
-            module = self.model.get_submodule(name)
-            layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
-            r = config.rank_for(name)
-            n = max(layer.d_out, layer.d_in)
-            if r > n:
-                raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={layer.d_out}, d_in={layer.d_in})={n}")
-            plans.append((name, module, layer, r))
+        plan = plan_adapter(self.model, config)
         # Validated: from here on nothing raises on user input.
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        for name, module, layer, r in plans:
+        for name, module_plan in plan.modules.items():
+            module = self.model.get_submodule(name)
+            layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
             layer.add_adapter(
-                adapter_name, r, scale=config.scale_for(name), ramp_up_steps=ramp_up_steps, dropout=config.dropout,
-                init=config.init, init_std=config.init_std,
+                adapter_name, module_plan.r, scale=module_plan.scale, ramp_up_steps=plan.ramp_up_steps,
+                dropout=config.dropout, init=config.init, init_std=config.init_std,
             )
             if layer is not module:
                 _set_submodule(self.model, name, layer)
-        for name in saved:
+        for name in plan.saved_modules:
             module = self.model.get_submodule(name)
             wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             wrapper.add_adapter(adapter_name)
@@ -217,9 +222,33 @@ class SingLoRAModel(nn.Module):
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise SingLoRAError(f"n={n!r} must be an int >= 0")
+        if n:
+            self._require_known_ramp(self.active_adapters)
         buffers = [adapter.ramp_step for adapter in self._adapters(self.active_adapters)]
         if buffers:
             torch._foreach_add_(buffers, n)
+
+    def _require_known_ramp(self, adapter_names: list[str]) -> None:
+        """``SingLoRAError`` if an adapter's ``T`` is still a fraction of an unknown total (``t`` cannot move then)."""
+        for name in adapter_names:
+            if self.get_ramp_up_steps(name) is None:
+                raise SingLoRAError(
+                    f"adapter {name!r}: ramp_up_steps={self.configs[name].ramp_up_steps} is a fraction of the run's "
+                    "total optimizer steps, which are not known: pass bind_optimizer(optimizer, total_steps=N), call "
+                    "set_total_steps(N), or set SingLoRAConfig(total_steps=N) or an int ramp_up_steps"
+                )
+
+    def set_total_steps(self, total_steps: int, adapter_name: str | None = None) -> None:
+        """Record the run's length in optimizer steps for an adapter (default: every active one): its config's
+        ``total_steps``, which resolves a fractional ``ramp_up_steps`` into ``T`` (saved with the adapter)."""
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or not 1 <= total_steps < 2**63:
+            raise SingLoRAError(f"total_steps={total_steps!r} must be an int >= 1")
+        names = [adapter_name] if adapter_name else self.active_adapters
+        self._check_names(names)
+        for name in names:
+            self.configs[name] = dataclasses.replace(self.configs[name], total_steps=total_steps)
+            for adapter in self._adapters([name]):
+                adapter.ramp_up_steps = self.configs[name].resolve_ramp_up_steps()
 
     def default_adapter(self) -> str:
         """The first active adapter, else the first added one; ``SingLoRAError`` if there is none."""
@@ -238,11 +267,14 @@ class SingLoRAModel(nn.Module):
             raise SingLoRAError(f"ramp_step={ramp_step!r} must be an int >= 0")
         names = [adapter_name] if adapter_name else self.active_adapters
         self._check_names(names)
+        if ramp_step:
+            self._require_known_ramp(names)
         for adapter in self._adapters(names):
             adapter.ramp_step.fill_(ramp_step)
 
-    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int:
-        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp)."""
+    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int | None:
+        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp;
+        ``None`` while it is a fraction of a run whose ``total_steps`` is unknown)."""
         return self._one_adapter(adapter_name).ramp_up_steps
 
     def get_ramp_value(self, adapter_name: str | None = None) -> float:
@@ -265,14 +297,19 @@ class SingLoRAModel(nn.Module):
         warn_deprecated("SingLoRAModel.set_step()", "set_ramp_step()")
         self.set_ramp_step(step, adapter_name)
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> Any:
         """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
 
-        Under gradient accumulation only real optimizer steps count; a step skipped by a ``GradScaler`` (inf/NaN
-        gradients) never calls ``optimizer.step`` and does not count.
+        ``total_steps``: the run's length in optimizer steps (``set_total_steps``), needed when an active adapter's
+        ``ramp_up_steps`` is a fraction (the default) and its config has no ``total_steps``; checked here, before
+        the first step. Under gradient accumulation only real optimizer steps count; a step skipped by a
+        ``GradScaler`` (inf/NaN gradients) never calls ``optimizer.step`` and does not count.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        self._require_known_ramp(self.active_adapters)
         # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
         inner = getattr(optimizer, "optimizer", optimizer)
         return inner.register_step_post_hook(lambda *_: self.advance_ramp())
@@ -368,7 +405,7 @@ class SingLoRAModel(nn.Module):
         config, meta = read_adapter_config(directory)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        tensors = self._read_fitting(directory, config)
+        tensors = self.read_adapter_file(directory, config)
         flags = [(p, p.requires_grad) for p in self.parameters()]
         try:
             self.add_adapter(adapter_name, config)
@@ -391,39 +428,22 @@ class SingLoRAModel(nn.Module):
         _check_adapter_name(adapter_name)
         directory = as_directory(directory)
         self._check_names([adapter_name])
-        _, meta = read_adapter_config(directory)
-        tensors = self._read_fitting(directory, self.configs[adapter_name])
+        saved_config, meta = read_adapter_config(directory)
+        tensors = self.read_adapter_file(directory, self.configs[adapter_name])
+        if self.get_ramp_up_steps(adapter_name) is None and saved_config.total_steps is not None:
+            self.set_total_steps(saved_config.total_steps, adapter_name)  # the run's length, known when it was saved
         self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
 
-    def expected_tensors(self, config: SingLoRAConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """``{file key: (shape, dtype the model holds)}`` that ``config`` implies for this model (no change to it)."""
-        expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for name in resolve_targets(self.model, config):
-            module = self.model.get_submodule(name)
-            base = getattr(module, "base_layer", module)
-            d_out, d_in = matrix_dims(layer_kind(base), weight_shape(base))
-            n, r = max(d_out, d_in), config.rank_for(name)
-            if r > n:
-                raise SingLoRAError(f"r={r} for module {name!r} exceeds n=max(d_out={d_out}, d_in={d_in})={n}")
-            dtype = torch.promote_types(base.weight.dtype, torch.float32)  # A's dtype, as SingLoRALayer makes it
-            expected[f"{name}.{A_SUFFIX}"] = ((n, r), dtype)
-        for name in resolve_modules_to_save(self.model, config):
-            module = self.model.get_submodule(name)
-            original = getattr(module, "original_module", module)
-            for key, value in original.state_dict().items():
-                expected[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
-        return expected
-
-    def _read_fitting(self, directory: Path, config: SingLoRAConfig) -> dict[str, torch.Tensor]:
+    def read_adapter_file(self, directory: Path, config: SingLoRAConfig) -> dict[str, torch.Tensor]:
         """The tensors of ``directory`` after checking keys, shapes, dtypes and values against what ``config``
-        gives this model."""
+        gives this model; nothing changes."""
         try:
-            expected = self.expected_tensors(config)
+            expected = expected_tensors(self.model, plan_adapter(self.model, config))
         except SingLoRAError as exc:
             raise AdapterFileError(f"{directory / CONFIG_FILE}: does not fit this model: {exc}") from None
         return read_adapter_tensors(directory / WEIGHTS_FILE, expected)
 
-    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], step: int, path: Path) -> None:
+    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], ramp_step: int, path: Path) -> None:
         """Copy checked ``tensors`` into the adapter's parameters (same objects), cast to their dtypes, and set its
         ramp step. Values that do not fit a parameter's dtype are refused before anything is copied."""
         targets = self.adapter_state_dict(adapter_name)
@@ -431,7 +451,7 @@ class SingLoRAModel(nn.Module):
         with torch.no_grad():
             for key, target in targets.items():
                 target.copy_(tensors[key].to(target.dtype))
-        self.set_ramp_step(step, adapter_name)
+        self.set_ramp_step(ramp_step, adapter_name)
 
     @classmethod
     def from_pretrained(

@@ -1,7 +1,7 @@
 """``transformers.Trainer`` integration: the ramp follows optimizer steps, resumes with the checkpoint, and
 checkpoints can hold only the adapter.
 
-    model = get_singlora_model(hf_model, SingLoRAConfig(r=8, ramp_up_steps=0.01, total_steps=max_steps))
+    model = get_singlora_model(hf_model, SingLoRAConfig(r=8))   # T = 1% of the Trainer's max_steps
     trainer = SingLoRATrainer(model=model, args=TrainingArguments(..., remove_unused_columns=False), ...)
     trainer.train()                      # checkpoint-N/ holds adapter_config.json + adapter_model.safetensors
     trainer.train(resume_from_checkpoint=True)   # adapter weights and ramp step restored
@@ -62,6 +62,9 @@ class SingLoRACallback(TrainerCallback):
             self.model.set_step(offset + global_step, name)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        for name in self.model.active_adapters:  # a fractional ramp (the default) resolves against the run's length
+            if self.model.get_ramp_up_steps(name) is None:
+                self.model.set_total_steps(state.max_steps, name)
         self.offsets = {
             name: max(self.model.get_step(name) - state.global_step, 0) for name in self.model.active_adapters
         }
