@@ -53,7 +53,7 @@ def test_campaign_detects_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None
 def test_found_invalid_regex_pattern_keys_refused(field: str) -> None:
     """Found by the fuzzer: a pattern-dict key that is not a regex passed validation, then ``rank_for`` /
     ``resolve_targets`` raised ``re.error``."""
-    with pytest.raises(SingLoRAError, match=rf"{field} key '\(' is not a valid regex"):
+    with pytest.raises(SingLoRAError, match=rf"{field} key '\(': .* is not a valid regex"):
         SingLoRAConfig(target_modules=["proj"], **{field: {"(": 2}})
     config = SingLoRAConfig(target_modules=["proj"], **{field: {"pro.": 2}})
     assert resolve_targets(FuzzModel(), config) == ["proj"]

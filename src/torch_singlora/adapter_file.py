@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 from .atomic import atomic_write, atomic_write_text
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
-from .plan import AdapterPlan
+from .plan import AdapterPlan, plan_adapter
 from .untrusted import (
     MAX_JSON_BYTES, Entries, Expected, read_expected, read_json, read_safetensors_header,
 )
@@ -74,58 +73,6 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def _unsafe_regex(pattern: str) -> str | None:
-    """Why a regex from a file could backtrack catastrophically (a repeat inside a repeat), or None.
-
-    A heuristic, enough for module-name patterns: loading must not hang on a crafted ``target_modules``.
-    """
-    import re._parser as sre_parse  # the stdlib's own regex parser (3.11+)
-
-    def repeats(items: Any, depth: int) -> str | None:
-        for op, arg in items:
-            name = str(op)
-            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-                _, high, sub = arg
-                if high > 1 and depth > 0:
-                    return "a repeat nested inside a repeat"
-                found = repeats(sub, depth + (high > 1))
-            elif name == "SUBPATTERN":
-                found = repeats(arg[-1], depth)
-            elif name == "BRANCH":
-                if depth > 0:
-                    return "an alternation inside a repeat"
-                found = next((r for branch in arg[1] if (r := repeats(branch, depth))), None)
-            elif name in ("ASSERT", "ASSERT_NOT"):
-                found = repeats(arg[1], depth)
-            else:
-                found = None
-            if found:
-                return found
-        return None
-
-    if len(pattern) > 1000:
-        return f"{len(pattern)} characters long (limit 1000)"
-    try:
-        return repeats(sre_parse.parse(pattern), 0)
-    except Exception as exc:  # re.error, or a parser internal on odd input
-        return f"not a valid regex: {exc}"
-
-
-def _check_file_patterns(path: Path, fields: dict[str, Any]) -> None:
-    """Refuse regexes in a config file that could hang matching (``target_modules``, pattern-dict keys)."""
-    checks: list[tuple[str, Any]] = []
-    for name in ("target_modules", "exclude_modules"):
-        if isinstance(fields.get(name), str) and fields[name] != "all-linear":
-            checks.append((name, fields[name]))
-    for name in ("rank_pattern", "alpha_pattern"):
-        if isinstance(fields.get(name), dict):
-            checks.extend((f"{name} key", key) for key in fields[name])
-    for name, pattern in checks:
-        reason = _unsafe_regex(pattern) if isinstance(pattern, str) else None
-        if reason:
-            raise AdapterFileError(f"{path}: {name} {pattern!r} is refused: {reason}")
-
-
 def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, dict[str, Any]]:
     """Parse and validate ``adapter_config.json``: ``(config, {format, format_version, ramp_step, ...})``."""
     path = as_directory(directory) / CONFIG_FILE
@@ -150,12 +97,11 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, d
         raise AdapterFileError(f"{path}: base_model_name_or_path={base!r} must be a string or null")
     meta = {k: document[k] for k in META_FIELDS if k in document}
     fields = {k: v for k, v in document.items() if k not in META_FIELDS}
-    _check_file_patterns(path, fields)
     try:
         config = SingLoRAConfig.from_dict(fields, source=str(path))
     except SingLoRAError as exc:
         raise AdapterFileError(str(exc)) from None
-    except (TypeError, ValueError, re.error, RecursionError) as exc:  # a field value the validator did not foresee
+    except (TypeError, ValueError, RecursionError) as exc:  # a field value the validator did not foresee
         raise AdapterFileError(f"{path}: invalid config: {exc!r}") from None
     return config, meta
 
@@ -200,6 +146,25 @@ def expected_tensors(model: nn.Module, plan: AdapterPlan) -> Expected:
         expected[f"{name}.{A_SUFFIX}"] = ((module.n, module.r), torch.promote_types(weight_dtype, torch.float32))
     expected.update(plan.saved_tensors)
     return expected
+
+
+def read_adapter_for(model: nn.Module, directory: Path, config: SingLoRAConfig
+                     ) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
+    """``(plan, tensors)`` of the adapter in ``directory`` (its config already read: ``config``) for ``model``,
+    changing nothing. The adapted modules are exactly those the ``<module>.singlora_A`` keys name (the config's
+    target patterns are metadata, never matched); everything (modules, shapes, dtypes, values) is checked against
+    the model before the data is read."""
+    path = Path(directory) / WEIGHTS_FILE
+    entries = read_adapter_header(path)
+    modules = [key[: -len(A_SUFFIX) - 1] for key in entries if key.endswith("." + A_SUFFIX)]
+    if not modules:
+        raise AdapterFileError(f"{path}: no <module>.{A_SUFFIX} tensor: not a SingLoRA adapter")
+    try:
+        plan = plan_adapter(model, config, modules)
+    except SingLoRAError as exc:
+        raise AdapterFileError(f"{Path(directory) / CONFIG_FILE} and {path}: the adapter does not fit this model: "
+                               f"{exc}") from None
+    return plan, read_expected(path, entries, expected_tensors(model, plan))
 
 
 def read_adapter_tensors(path: str | os.PathLike, expected: Expected) -> dict[str, torch.Tensor]:

@@ -35,15 +35,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, expected_tensors, read_adapter_config
-from .adapter_file import read_adapter_tensors
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_for
 from .atomic import atomic_write, atomic_write_text
 from .config import rank_and_pattern
 from .errors import SingLoRAError
 from .functional import LayerKind, lora_factors, matrix_dims, ramp_value
 from .layers import SingLoRAAdapter, weight_shape
 from .model import SingLoRAModel
-from .plan import plan_adapter
 
 ExportFormat = Literal["peft", "diffusers", "kohya"]
 EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya")
@@ -111,8 +109,7 @@ def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapt
 def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     """Read a singlora adapter directory against ``base_model`` without changing the model."""
     config, meta = read_adapter_config(directory)
-    plan = plan_adapter(base_model, config)
-    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, expected_tensors(base_model, plan))
+    plan, tensors = read_adapter_for(base_model, directory, config)  # exactly as loading reads it
     u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
     factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, m.scale * u)
                for name, m in plan.modules.items()}

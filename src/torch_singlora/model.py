@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator, Union
 import torch
 from torch import nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, as_directory, expected_tensors, read_adapter_config
+from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_for
 from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
-from .errors import AdapterFileError, SingLoRAError, warn_deprecated
+from .errors import SingLoRAError, warn_deprecated
 from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
@@ -127,14 +127,17 @@ class SingLoRAModel(nn.Module):
             if not isinstance(name, str) or name not in self.configs:
                 raise SingLoRAError(f"adapter {name!r} does not exist; adapters are {sorted(self.configs)}")
 
-    def add_adapter(self, adapter_name: str, config: SingLoRAConfig) -> None:
-        """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change."""
+    def add_adapter(self, adapter_name: str, config: SingLoRAConfig, *, modules: list[str] | None = None) -> None:
+        """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change.
+
+        ``modules``: adapt exactly these module names (``plan_adapter``; loading a file: its keys name them).
+        """
         if not isinstance(config, SingLoRAConfig):
             raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
         _check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        plan = plan_adapter(self.model, config)
+        plan = plan_adapter(self.model, config, modules)
         # Validated: from here on nothing raises on user input.
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -405,10 +408,10 @@ class SingLoRAModel(nn.Module):
         config, meta = read_adapter_config(directory)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        tensors = self.read_adapter_file(directory, config)
+        plan, tensors = read_adapter_for(self.model, directory, config)
         flags = [(p, p.requires_grad) for p in self.parameters()]
         try:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, modules=list(plan.modules))
             self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
         except BaseException:  # roll back: the model is as it was
             if adapter_name in self.configs:
@@ -429,19 +432,11 @@ class SingLoRAModel(nn.Module):
         directory = as_directory(directory)
         self._check_names([adapter_name])
         saved_config, meta = read_adapter_config(directory)
-        tensors = self.read_adapter_file(directory, self.configs[adapter_name])
+        own = {key: (tuple(value.shape), value.dtype) for key, value in self.adapter_state_dict(adapter_name).items()}
+        tensors = read_adapter_tensors(directory / WEIGHTS_FILE, own)
         if self.get_ramp_up_steps(adapter_name) is None and saved_config.total_steps is not None:
             self.set_total_steps(saved_config.total_steps, adapter_name)  # the run's length, known when it was saved
         self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
-
-    def read_adapter_file(self, directory: Path, config: SingLoRAConfig) -> dict[str, torch.Tensor]:
-        """The tensors of ``directory`` after checking keys, shapes, dtypes and values against what ``config``
-        gives this model; nothing changes."""
-        try:
-            expected = expected_tensors(self.model, plan_adapter(self.model, config))
-        except SingLoRAError as exc:
-            raise AdapterFileError(f"{directory / CONFIG_FILE}: does not fit this model: {exc}") from None
-        return read_adapter_tensors(directory / WEIGHTS_FILE, expected)
 
     def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], ramp_step: int, path: Path) -> None:
         """Copy checked ``tensors`` into the adapter's parameters (same objects), cast to their dtypes, and set its

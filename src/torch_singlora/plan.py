@@ -21,7 +21,7 @@ from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .functional import LayerKind, adapter_rows, matrix_dims
 from .layers import adaptable_kind, weight_shape
-from .targets import resolve_modules_to_save, resolve_targets
+from .targets import module_names, resolve_modules_to_save, resolve_targets
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
@@ -80,19 +80,31 @@ def module_plan(name: str, module: nn.Module, r: int, scale: float) -> ModulePla
     return ModulePlan(kind, shape, d_out, d_in, r, scale)
 
 
-def plan_adapter(model: nn.Module, config: SingLoRAConfig) -> AdapterPlan:
+def plan_adapter(model: nn.Module, config: SingLoRAConfig, modules: list[str] | None = None) -> AdapterPlan:
     """The plan of ``config`` on ``model`` (a base model, or one already holding SingLoRA adapters); changes
-    nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``."""
+    nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``.
+
+    ``modules``: adapt exactly these module names, not those ``config.target_modules`` selects (an adapter file's
+    keys name them; its target patterns are then metadata, never matched). Each must be a module of ``model``
+    outside ``modules_to_save``."""
     config.validate()
-    modules = {
-        name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
-        for name in resolve_targets(model, config)
-    }
     saved = resolve_modules_to_save(model, config)
+    if modules is not None:
+        known = set(module_names(model))
+        for name in modules:
+            if name not in known:
+                raise SingLoRAError(f"module {name!r} is not a module of this model")
+            if any(name == s or name.startswith(s + ".") for s in saved):
+                raise SingLoRAError(f"module {name!r} lies inside modules_to_save module(s) {saved}")
+    targets = resolve_targets(model, config) if modules is None else modules
+    modules_plan = {
+        name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
+        for name in targets
+    }
     tensors: dict[str, TensorSpec] = {}
     for name in saved:
         module = model.get_submodule(name)
         original = getattr(module, "original_module", module)
         for key, value in original.state_dict().items():
             tensors[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
-    return AdapterPlan(modules, tuple(saved), tensors, config.resolve_ramp_up_steps())
+    return AdapterPlan(modules_plan, tuple(saved), tensors, config.resolve_ramp_up_steps())
