@@ -206,3 +206,35 @@ def test_a_key_naming_no_adaptable_module_is_refused(tmp_path: Path) -> None:
         with pytest.raises(AdapterFileError, match=match):
             SingLoRAModel.from_pretrained(base, directory)
         assert all(type(m).__name__ != "SingLoRALayer" for m in base.modules())
+
+
+def test_write_errors_however_reported_name_the_file(tmp_path: Path) -> None:
+    """A full disk reaches us as an OSError, as torch.save's RuntimeError caused by one, or as safetensors'
+    "(os error 28)" message: each is one SingLoRAError naming the file; the previous file stays, no temp left."""
+    from safetensors import SafetensorError
+
+    from torch_singlora import SingLoRAError
+    from torch_singlora.atomic import atomic_directory, atomic_write
+
+    target = tmp_path / "weights.safetensors"
+    target.write_text("previous")
+
+    def full_torch(tmp: str) -> None:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1114") from exc
+
+    def full_safetensors(tmp: str) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    for writer in (full_torch, full_safetensors):
+        with pytest.raises(SingLoRAError, match=f"{target}: cannot write: No space left on device"):
+            atomic_write(target, writer)
+        assert target.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    with pytest.raises(SingLoRAError, match="merged: cannot write: No space left on device"):
+        with atomic_directory(tmp_path / "merged"):
+            full_safetensors("")
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(KeyError):  # not an I/O error: a bug, raised as is
+        atomic_write(target, lambda tmp: {}["x"])

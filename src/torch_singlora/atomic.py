@@ -51,6 +51,28 @@ def _keep_mode(source: Path, target: Path) -> None:
         os.chmod(target, stat.S_IMODE(os.stat(source).st_mode))
 
 
+def io_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None: ``exc`` itself, one in its ``__cause__``/``__context__`` chain
+    (torch.save's ``RuntimeError``), or an ``(os error N)`` in its message (safetensors' ``SafetensorError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and not isinstance(current, SingLoRAError):
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        found = re.search(r"\(os error (\d+)\)", str(current))
+        if found:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
+
+
+def _cannot_write(path: Path, error: OSError) -> SingLoRAError:
+    return SingLoRAError(f"{path}: cannot write: {error.strerror or error}; the previous {path.name}, if any, is "
+                         "unchanged")
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -79,11 +101,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
         tmp = None
         _fsync_directory(path.parent)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's writer on a full disk
-        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+    except Exception as exc:  # an I/O failure, however the writer reports it (io_error); anything else is a bug
+        error = io_error(exc)
+        if error is None:
             raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SingLoRAError(f"{path}: cannot write: {reason}; the previous {path.name}, if any, is unchanged") from exc
+        raise _cannot_write(path, error) from exc
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -121,9 +143,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_directory(path.parent)
-    except OSError as exc:
-        raise SingLoRAError(f"{path}: cannot write: {exc.strerror or exc}; the previous {path.name}, if any, is "
-                            "unchanged") from exc
+    except Exception as exc:  # also from the body: a writer on a full disk
+        error = io_error(exc)
+        if error is None:
+            raise
+        raise _cannot_write(path, error) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
