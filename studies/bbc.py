@@ -163,8 +163,8 @@ class Bench:
         config = TrainConfig(
             model=self.model, train_data=str(self.data["train"]), eval_data=str(self.data["val"]),
             output_dir=str(out), method=spec.method, lr=spec.lr, seed=spec.seed, r=spec.r, alpha=spec.alpha,
-            ramp_up=spec.ramp_up, epochs=spec.epochs, max_steps=spec.max_steps, batch_size=spec.batch_size,
-            max_length=spec.max_length, save_every=0, quiet=True, plot=False, **extra,
+            ramp_up_steps=spec.ramp_up, epochs=spec.epochs, max_steps=spec.max_steps, batch_size=spec.batch_size,
+            max_length=spec.max_length, save_every=0, quiet=True, plot=False, overwrite=True, **extra,
         )
         start = time.perf_counter()
         summary = train(config)
@@ -174,7 +174,7 @@ class Bench:
             "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
             "trainable_params": summary["trainable_params"], "adapter_params": summary["adapter_params"],
             "seconds_per_step": summary["seconds_per_step"], "steps": summary["steps"],
-            "ramp_steps": summary.get("ramp_steps"), "wall_s": time.perf_counter() - start,
+            "ramp_steps": summary.get("ramp_up_steps"), "wall_s": time.perf_counter() - start,
         }
         write_json(result_file, result)
         print(f"  {spec.key()}: val {result['val_accuracy']:.3f} test {result['test_accuracy']:.3f} "

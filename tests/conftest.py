@@ -60,4 +60,27 @@ def param_formula(model: torch.nn.Module, r: int) -> int:
     return sum(max(m.in_features, m.out_features) * r for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-__all__ = ["TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML template, no {% generation %} blocks), loaded once."""
+    transformers = pytest.importorskip("transformers")
+    from torch_singlora.assets import smollm2_path
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def save_tiny_chat_llama(folder, tokenizer, *, seed: int = 0, **config) -> None:
+    """Save a tiny random Llama with tied embeddings and ``tokenizer`` (SmolLM2's: a chat template) to ``folder``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=tokenizer.bos_token_id, initializer_range=0.5)  # varied greedy text
+    settings.update(config)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+__all__ = ["save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]

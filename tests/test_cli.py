@@ -279,28 +279,74 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"--model": "{root}/nope"}, "nope"),
+    ({"--model": "{root}/nope"}, "--model '{root}/nope': no such folder"),
+    ({"--model": "{root}/no_weights"}, "--model '{root}/no_weights': no weights (expected one of model.safetensors"),
     ({"--train-data": "{root}/missing.jsonl"}, "missing.jsonl"),
     ({"--text-column": "body"}, "no column 'body' (--text-column)"),
     ({"--train-data": "{root}/empty.jsonl"}, "empty dataset"),
     ({"--eval-data": "{root}/other_labels.jsonl"}, "label set mismatch"),
     ({"--target-modules": "qkv_proj"}, "'qkv_proj' matches no module"),
     ({"--target-modules": "re:.*nothing.*"}, "matches no module"),
-    ({"--ramp-up": "soon"}, "--ramp-up='soon'"),
+    ({"--ramp-up": "soon"}, "--ramp-up-steps='soon'"),
+    # data checks: nothing is stringified or trained as a class "None" / ""
+    ({"--train-data": "{root}/missing_label.csv"}, "missing_label.csv: row 2 (line 3): column 'label' "
+                                                   "(--label-column) has no value"),
+    ({"--train-data": "{root}/empty_label.csv"}, "empty_label.csv: row 3 (line 4): column 'label' (--label-column) "
+                                                 "is empty"),
+    ({"--train-data": "{root}/list_text.jsonl"}, 'list_text.jsonl: line 2: column \'text\' (--text-column) must be '
+                                                 'a string, got list ["goal", "match"]'),
+    ({"--train-data": "{root}/null_text.jsonl"}, "null_text.jsonl: line 1: column 'text' (--text-column) has no "
+                                                 "value"),
+    ({"--eval-data": "{root}/dict_label.jsonl"}, "dict_label.jsonl: line 2: column 'label' (--label-column) must be "
+                                                 "a string or an integer, got dict"),
+    ({"--train-data": "{root}/unlabelled.jsonl"}, "has no column 'label' (--label-column); columns are ['text'] "
+                                                  "(text without labels: --task causal-lm trains a language model"),
+    ({"--precision": "fp16"}, "--precision fp16 needs a CUDA GPU"),
 ])
 def test_errors_name_the_problem(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
                                  change: dict[str, str], message: str) -> None:
     root = assets["root"]
     (root / "empty.jsonl").write_text("")
     _write_jsonl(root / "other_labels.jsonl", _examples(4, seed=5) + [{"text": "x", "label": "weather"}])
+    (root / "no_weights").mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (root / "no_weights" / name).write_bytes((assets["bert"] / name).read_bytes())
+    (root / "missing_label.csv").write_text("text,label\ngoal match,sport\nchip computer\nsong band,music\n")
+    (root / "empty_label.csv").write_text("text,label\ngoal match,sport\nsong band,music\nchip computer,\n")
+    _write_jsonl(root / "list_text.jsonl", [{"text": "chip", "label": "tech"}, {"text": ["goal", "match"],
+                                                                                "label": "sport"}])
+    (root / "null_text.jsonl").write_text('{"text": null, "label": "tech"}\n')
+    _write_jsonl(root / "dict_label.jsonl", [{"text": "chip", "label": "tech"}, {"text": "goal", "label": {"a": 1}}])
+    _write_jsonl(root / "unlabelled.jsonl", [{"text": "goal match"}, {"text": "chip computer"}])
     args = {"--model": str(assets["bert"]), "--train-data": str(assets["train"]), "--eval-data": str(assets["eval"]),
             "--output-dir": str(tmp_path / "out"), "--max-steps": "1", "--target-modules": "query"}
     args.update({k: v.format(root=root) for k, v in change.items()})
     capsys.readouterr()
     assert main(["train", "--quiet", *[x for kv in args.items() for x in kv]]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message in error and error.startswith("singlora train: error:")
-    assert not (tmp_path / "out" / "adapter").exists()
+    assert message.format(root=root) in error and error.startswith("singlora train: error:")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs have loaded
+
+
+def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Training into a finished run's folder is refused (naming what is there) unless --resume / --overwrite;
+    --overwrite replaces the run's files and nothing else."""
+    out = tmp_path / "run"
+    _train(assets, out, "--max-steps", "2", "--save-every", "1", "--no-plot")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--output-dir",
+                 str(out), "--quiet", "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert (f"--output-dir {out} already holds a run (a finished run): adapter/, checkpoint.pt, metrics.jsonl, "
+            "summary.json; continue it with --resume, or replace it with --overwrite") in error
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")
+    summary = _train(assets, out, "--max-steps", "1", "--overwrite", "--no-plot")
+    assert summary["steps"] == 1 and not (out / "checkpoint.pt").exists()  # --save-every 0: the old one is gone
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_path: Path,

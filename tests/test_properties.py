@@ -198,7 +198,7 @@ TRAIN_NUMBERS = ("r", "alpha", "adapter_dropout", "loraplus_lr_ratio", "lr", "we
 
 @SETTINGS
 @given(changes=st.dictionaries(st.sampled_from(TRAIN_NUMBERS), numbers, min_size=1, max_size=3),
-       texts=st.dictionaries(st.sampled_from(["ramp_up", "warmup"]),
+       texts=st.dictionaries(st.sampled_from(["ramp_up_steps", "warmup"]),
                              st.sampled_from(["0.01", "5", "-1", "1.5", "abc", "", "nan", "0"]), max_size=2))
 def test_train_options_validated_up_front(changes: dict[str, Any], texts: dict[str, str]) -> None:
     """``TrainConfig.validate`` (run before anything is loaded) accepts only values the run can use: every numeric

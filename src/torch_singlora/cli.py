@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
-EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli"]
+EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli"]
 
 
 # ---- argparse from a dataclass ----------------------------------------------------------------------------------
@@ -36,23 +36,69 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field of dataclass ``cls``; the help is the field's ``metadata["help"]``."""
+def add_dataclass_arguments(parser: Any, cls: type, *, suppress: bool = False, skip: Sequence[str] = ()) -> None:
+    """One ``--flag`` per field of dataclass ``cls`` but those in ``skip``; the help is the field's
+    ``metadata["help"]``. Fields with ``metadata["cli"] = False`` get no flag; ``metadata["aliases"]`` are other
+    spellings of the flag. ``suppress``: a flag not given leaves no attribute (its default is the dataclass's)."""
     hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
+        if not spec.metadata.get("cli", True) or spec.name in skip:
+            continue
         kind = hints[spec.name]
         help_text = spec.metadata.get("help", "")
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        names = [_flag(spec.name), *spec.metadata.get("aliases", ())]
+        extra: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {"default": default}
         if kind is bool:
-            parser.add_argument(_flag(spec.name), action=argparse.BooleanOptionalAction, default=spec.default,
-                                help=help_text)
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=help_text, **extra)
             continue
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        parser.add_argument(_flag(spec.name), type=base, default=spec.default,
-                            help=f"{help_text} (default: {spec.default})")
+        parser.add_argument(*names, type=base, help=f"{help_text} (default: {default})", **extra)
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls)})
+def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    fields = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls) if spec.metadata.get("cli", True)}
+    return cls(**fields, **values)
+
+
+# ---- task options: each task's own flags (``Task.options``) -------------------------------------------------------
+
+def _task_option_owners() -> dict[str, list[str]]:
+    """``{option field name: the tasks that have it}`` over the registered tasks whose module is installed."""
+    from .train.tasks import TASKS, task_class
+
+    owners: dict[str, list[str]] = {}
+    for name, target in TASKS.items():
+        if importlib.util.find_spec(target.partition(":")[0]) is None:
+            continue
+        options = task_class(name).options
+        for spec in dataclasses.fields(options) if options is not None else ():
+            owners.setdefault(spec.name, []).append(name)
+    return owners
+
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per task with options (``Task.options``); an option two tasks share gets one flag.
+    Absent flags leave no attribute (``task_options`` collects the given ones)."""
+    from .train.tasks import task_class
+
+    added: set[str] = set()
+    for name in dict.fromkeys(task for tasks in _task_option_owners().values() for task in tasks):
+        options = task_class(name).options
+        add_dataclass_arguments(parser.add_argument_group(f"options of --task {name}"), options, suppress=True,
+                                skip=sorted(added))
+        added.update(spec.name for spec in dataclasses.fields(options))
+
+
+def task_options(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    """The task options given on the command line; an option of another task is an error naming it."""
+    owners = _task_option_owners()
+    given = {name: getattr(args, name) for name in owners if hasattr(args, name)}
+    for name in given:
+        if task not in owners[name]:
+            raise SingLoRAError(f"{_flag(name)} is an option of --task {' / '.join(owners[name])}, not of "
+                                f"--task {task or '(none given)'}")
+    return given
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
@@ -60,42 +106,48 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
-    train(dataclass_from_args(TrainConfig, args))
+    train(dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task)))
 
 
 def _add_train(subparsers: Any) -> None:
-    from .train.loop import TrainConfig  # light: no transformers import at module level
+    from .train.config import TrainConfig  # light: no transformers import at module level
 
     parser = subparsers.add_parser("train", help="fine-tune a transformers model (SingLoRA, LoRA, DoRA, LoRA+, full)",
                                    description="Fine-tune a local transformers model with SingLoRA (or LoRA, DoRA, "
-                                   "LoRA+ through PEFT, or fully) for sequence classification or causal LM. "
+                                   "LoRA+ through PEFT, or fully) for one of the tasks (--task). "
                                    "--model, --train-data and --output-dir are required.")
     add_dataclass_arguments(parser, TrainConfig)
+    add_task_options(parser)
     parser.set_defaults(func=cmd_train)
 
 
-def evaluate(adapter: str, data: str, *, model: str | None = None, batch_size: int = 32,
-             encoding: str | None = None, output: str | None = None, quiet: bool = False) -> dict[str, float]:
-    """Metrics of a trained output folder (``<output-dir>/adapter``) on ``data`` (same formats as training)."""
-    import torch
+def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: str | None = None,
+             options: dict[str, Any] | None = None, batch_size: int = 32, encoding: str | None = None,
+             output: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Metrics of a trained output folder (``<output-dir>/adapter``) on ``data`` (same formats as training), or of
+    a base model (``model`` + ``task``, no adapter) where the task can evaluate one (``Task.base_info``)."""
     from torch.utils.data import DataLoader
 
-    from .train import data as D
-    from .train.evaluate import evaluate_model
-    from .train.loop import load_tokenizer
-    from .train.methods import load_trained
+    from .train.run_folder import load_trained
+    from .train.tasks import get_task
 
-    trained, info = load_trained(adapter, model)
-    tokenizer = load_tokenizer(info["tokenizer"])
-    if info["task"] == "classification":
-        texts, names = D.read_classification(data, info["text_column"], info["label_column"], encoding)
-        dataset = D.tokenize_classification(tokenizer, texts, D.label_ids(names, info["labels"], data), info["max_length"])
+    if adapter is not None:
+        if task is not None or options:
+            raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
+                                "without an adapter folder")
+        trained, info = load_trained(adapter, model)
+        the_task = get_task(info["task"])
+        tokenizer = the_task.load_tokenizer(info["tokenizer"], info)
     else:
-        dataset = D.tokenize_lm(tokenizer, D.read_texts(data, info["text_column"], encoding), info["max_length"])
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=D.Collator(tokenizer.pad_token_id,
-                                                                             info["task"] == "causal-lm"))
-    with torch.inference_mode():
-        metrics = evaluate_model(trained, loader, info["task"], len(info.get("labels") or []))
+        if model is None or task is None:
+            raise SingLoRAError("without an adapter folder, give the base model: --model and --task")
+        the_task = get_task(task)
+        info = the_task.base_info(the_task.parse_options(options or {}))
+        tokenizer = the_task.load_tokenizer(model, info, "--model")
+        trained = the_task.load_model(model, info)
+    dataset = the_task.read_eval_data(data, tokenizer, info, encoding)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=the_task.collator(tokenizer, info))
+    metrics = the_task.evaluate(trained, loader, dataset=dataset, tokenizer=tokenizer, info=info)
     metrics["examples"] = len(dataset)
     if output:
         from .atomic import atomic_write_text
@@ -107,37 +159,37 @@ def evaluate(adapter: str, data: str, *, model: str | None = None, batch_size: i
 
 
 def _add_evaluate(subparsers: Any) -> None:
-    parser = subparsers.add_parser("evaluate", help="metrics of a trained adapter on a dataset")
-    parser.add_argument("adapter", help="adapter folder written by `singlora train` (<output-dir>/adapter)")
+    parser = subparsers.add_parser("evaluate", help="metrics of a trained adapter (or of a base model) on a dataset")
+    parser.add_argument("adapter", nargs="?", default=None,
+                        help="adapter folder written by `singlora train` (<output-dir>/adapter); leave out to "
+                        "evaluate the base model given by --model and --task")
     parser.add_argument("--data", required=True, help="dataset (same formats as --train-data)")
     parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--task", default=None, help="the task, when evaluating a base model without an adapter")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, else latin-1)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(func=lambda a: evaluate(a.adapter, a.data, model=a.model, batch_size=a.batch_size,
-                                                encoding=a.encoding, output=a.output, quiet=a.quiet))
+    add_task_options(parser)
+    parser.set_defaults(func=lambda a: evaluate(
+        a.adapter, a.data, model=a.model, task=a.task, options=task_options(a, a.task or ""),
+        batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet))
 
 
 def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False) -> Path:
     """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer)."""
-    from .model import SingLoRAModel
-    from .train.loop import load_tokenizer
-    from .train.methods import load_trained
+    from .atomic import atomic_directory
+    from .train.methods import method_class
+    from .train.run_folder import load_trained
+    from .train.tasks import get_task
 
     trained, info = load_trained(adapter, model)
-    if isinstance(trained, SingLoRAModel):
-        plain = trained.merge_and_unload(safe=True)
-    elif info["method"] == "full":
-        plain = trained
-    else:
-        plain = trained.merge_and_unload(safe_merge=True)
+    plain = method_class(info["method"]).merged(trained)
+    tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
     out = Path(output)
-    from .atomic import atomic_directory
-
     with atomic_directory(out) as tmp:
         plain.save_pretrained(tmp)
-        load_tokenizer(info["tokenizer"]).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if not quiet:
         print(f"merged model written to {out}")
     return out
@@ -162,12 +214,13 @@ def _add_merge(subparsers: Any) -> None:
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False) -> Path:
     """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``)."""
     from .export import export_lora
-    from .train.methods import load_base, read_run_info
+    from .train.run_folder import read_run_info
+    from .train.tasks import get_task
 
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
-    base = load_base(model or info["base_model"], info["task"], info.get("labels"))
+    base = get_task(info["task"]).load_model(model or info["base_model"], info)
     written = export_lora(adapter, output, format=format, base_model=base)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
@@ -290,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 on a user-input error)."""
+    from .integrations.quantized import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -33,6 +33,7 @@ def train_args(method: str, output_dir: Path, max_train_samples: int) -> list[st
         "--target-modules", "all-linear", "--r", "8", "--alpha", "8", "--lr", "2e-3", "--epochs", "1",
         "--batch-size", "16", "--max-length", "128", "--eval-every", "0", "--save-every", "0",
         "--eval-batch-size", "64", "--seed", "0", "--output-dir", str(output_dir / method), "--name", method,
+        "--overwrite",  # `make demo` again replaces the previous demo runs
     ]
 
 

@@ -16,7 +16,6 @@ Pieces, usable on their own:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
-from ..config import SingLoRAConfig
+from ..config import SingLoRAConfig, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel, get_singlora_model
+from ..train.step import OptimizerStep
 
 DEFAULT_TARGETS = ["to_q", "to_k"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -159,7 +159,8 @@ class DreamBoothArgs:
     alpha: float | None = _opt(None, "scale numerator, s = alpha / r (default: r)")
     target_modules: list[str] = _opt(None, "U-Net modules to adapt (paper: to_q to_k)",
                                      default_factory=lambda: list(DEFAULT_TARGETS))
-    ramp_up_steps: float = _opt(0.01, "ramp u(t): a fraction of max_train_steps (< 1) or a number of steps")
+    ramp_up_steps: str = _opt("0.01", "ramp u(t): int optimizer steps, or a fraction of max_train_steps (a number "
+                                      "with a '.', e.g. 0.01; 1.0 = the whole run)")
     init: str = _opt("normal", "initialisation of A: normal | kaiming_uniform | gaussian")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _opt(False, "recompute U-Net activations in backward (less memory)")
@@ -189,11 +190,11 @@ class DreamBoothArgs:
             raise SingLoRAError("--checkpointing-steps must be >= 0 and --validation-steps >= 1")
         if not self.learning_rate > 0:
             raise SingLoRAError(f"--learning-rate {self.learning_rate!r} must be > 0")
+        self.ramp()
 
     def ramp(self) -> int | float:
-        """``ramp_up_steps`` as SingLoRAConfig wants it: whole numbers >= 1 are steps, else a fraction."""
-        value = self.ramp_up_steps
-        return int(value) if float(value).is_integer() and value >= 1 or value == 0 else float(value)
+        """``ramp_up_steps`` read by the library's one parser: int steps, or a fraction of ``max_train_steps``."""
+        return parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:
@@ -319,8 +320,7 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
     args.validate()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)  # accumulation: OptimizerStep
     set_seed(args.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     pipe = load_pipeline(args.pretrained_model)
@@ -377,33 +377,43 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         global_step = int(Path(path).name.split("-")[-1])
     generator = torch.Generator(device="cpu").manual_seed(args.seed + global_step)
 
+    def advice() -> str:
+        checkpoints = _checkpoints(output_dir)
+        return (f"resume from the last checkpoint ({checkpoints[-1]}) with --resume-from-checkpoint latest"
+                if checkpoints else "no checkpoint was written yet") + f" (or lower --learning-rate={args.learning_rate})"
+
+    stepper = OptimizerStep(accelerator, unet, optimizer, None, parameters, max_grad_norm=args.max_grad_norm,
+                            check_gradients=args.mixed_precision != "fp16", advice=advice)
+    accumulate = args.gradient_accumulation_steps
+
+    def micro_batch() -> Tensor:
+        """The loss of one micro-batch: instance images (+ as many class images with prior preservation)."""
+        picks = torch.randint(0, len(instance_paths), (args.train_batch_size,), generator=generator).tolist()
+        pixels = [image_tensor(instance_paths[i], args.resolution, args.center_crop) for i in picks]
+        embeds, added = _repeat(*instance_text, len(picks))
+        if class_paths:
+            picks = torch.randint(0, len(class_paths), (args.train_batch_size,), generator=generator).tolist()
+            pixels += [image_tensor(class_paths[i], args.resolution, args.center_crop) for i in picks]
+            class_embeds, class_added = _repeat(*class_text, len(picks))
+            embeds = torch.cat([embeds, class_embeds])
+            added = None if added is None else {k: torch.cat([added[k], class_added[k]]) for k in added}
+        latents = _latents(pipe, torch.stack(pixels)).to(weight_dtype)
+        with accelerator.autocast():
+            per_sample = denoising_loss(unet, pipe.scheduler, latents, embeds.to(weight_dtype),
+                                        added_cond_kwargs=added)
+        return dreambooth_loss(per_sample, args.train_batch_size, args.prior_loss_weight)
+
     model.train()
     logs: list[dict[str, float]] = []
     while global_step < args.max_train_steps:
-        with accelerator.accumulate(model):
-            picks = torch.randint(0, len(instance_paths), (args.train_batch_size,), generator=generator).tolist()
-            pixels = [image_tensor(instance_paths[i], args.resolution, args.center_crop) for i in picks]
-            embeds, added = _repeat(*instance_text, len(picks))
-            if class_paths:
-                picks = torch.randint(0, len(class_paths), (args.train_batch_size,), generator=generator).tolist()
-                pixels += [image_tensor(class_paths[i], args.resolution, args.center_crop) for i in picks]
-                class_embeds, class_added = _repeat(*class_text, len(picks))
-                embeds = torch.cat([embeds, class_embeds])
-                added = None if added is None else {k: torch.cat([added[k], class_added[k]]) for k in added}
-            latents = _latents(pipe, torch.stack(pixels)).to(weight_dtype)
-            with accelerator.autocast():
-                per_sample = denoising_loss(unet, pipe.scheduler, latents, embeds.to(weight_dtype),
-                                            added_cond_kwargs=added)
-            loss = dreambooth_loss(per_sample, args.train_batch_size, args.prior_loss_weight)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
+        for index in range(accumulate):
+            with stepper.accumulating(index == accumulate - 1):
+                stepper.backward(micro_batch(), accumulate)
+        loss = stepper.step(f"optimizer step {global_step + 1}")
+        if loss is None:  # never: DreamBooth stops on a non-finite loss or gradient
             continue
         global_step += 1
-        logs.append({"step": global_step, "loss": float(loss.detach())})
+        logs.append({"step": global_step, "loss": loss})
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             if args.checkpoints_total_limit is not None:
                 existing = _checkpoints(output_dir)
@@ -422,6 +432,4 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
 
         export_lora(model, output_dir / "diffusers_lora", format="diffusers")
     atomic_write_text(output_dir / "train_log.json", json.dumps(logs) + "\n")
-    if logs and not math.isfinite(logs[-1]["loss"]):
-        raise SingLoRAError(f"training diverged: loss {logs[-1]['loss']} at step {logs[-1]['step']}")
     return model

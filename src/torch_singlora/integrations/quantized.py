@@ -15,11 +15,38 @@ backward); the same code path runs on CUDA.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel
+
+
+# Log records of bitsandbytes that are noise for us, by logger: the message's start. Dropped one by one (a filter on
+# that logger for those messages only); every other bitsandbytes message, and every other logger, is untouched.
+BITSANDBYTES_NOISE = {
+    # at import, on CPUs with AVX512-BF16: an optional kernel from the Hugging Face hub (the built-in one is used)
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    # on every 8-bit matmul of float32 / bfloat16 inputs (hundreds per forward)
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+}
+
+
+def _drop_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BITSANDBYTES_NOISE.get(record.name, "\0"))
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop the bitsandbytes log messages in ``BITSANDBYTES_NOISE`` (idempotent; call before importing it)."""
+    for name in BITSANDBYTES_NOISE:
+        logger = logging.getLogger(name)
+        if _drop_noise not in logger.filters:
+            logger.addFilter(_drop_noise)
+
+
+quiet_bitsandbytes()
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -70,4 +97,4 @@ def dequantize_and_merge(model: SingLoRAModel, dtype: torch.dtype = torch.float3
     return model.merge_and_unload()
 
 
-__all__ = ["dequantize_and_merge", "dequantize_weight", "dequantized_linear", "is_quantized"]
+__all__ = ["dequantize_and_merge", "dequantize_weight", "dequantized_linear", "is_quantized", "quiet_bitsandbytes"]

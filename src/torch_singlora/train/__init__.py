@@ -1,11 +1,15 @@
-"""Fine-tuning transformers models from the command line (``singlora train``): data, methods, loop, checkpoints.
+"""Fine-tuning transformers models from the command line (``singlora train``).
 
-- ``data``: read classification (CSV / JSONL / folder of class subfolders) and causal-LM (text / JSONL) datasets.
-- ``methods``: build the model to train: ``singlora``, ``lora`` / ``dora`` / ``loraplus`` (through PEFT), ``full``.
-- ``loop``: ``TrainConfig`` and ``train()`` on ``accelerate`` (one process, ``accelerate launch`` or ``torchrun``).
-- ``checkpoint``: one atomic file with trainable tensors, optimizer, scheduler, RNG and position.
-- ``evaluate``: metrics of a model on a dataset; ``metrics``: metric functions, the JSONL log, the summary table;
-  ``plots``: PNG curves of one or several runs.
+- ``config``: ``TrainConfig``, every option of ``singlora train`` (validated; errors name the flag).
+- ``tasks``: what is trained: the ``Task`` protocol, ``classification`` and ``causal-lm`` (a new task plugs in here).
+- ``data``: reading and checking rows (CSV / JSONL / folders), splits, tokenizing, the collator.
+- ``methods``: how it trains: the ``Method`` protocol, ``singlora``, PEFT's ``lora`` / ``dora`` / ``loraplus``, ``full``.
+- ``step``: one optimizer step with gradient accumulation and the non-finite policy (also used by DreamBooth).
+- ``loop``: ``train(config)`` on ``accelerate``: prepare, steps, finish.
+- ``checkpoint``: the training state in one atomic file; ``run_folder``: the output folder (new run / ``--resume`` /
+  ``--overwrite``, run_info.json, loading a trained run back).
+- ``pretrained``: loading local model / tokenizer folders with clear errors; ``evaluate``: eval passes;
+  ``metrics``: metric functions, the JSONL log, the summary table; ``plots``: PNG curves of one or several runs.
 
 Imports transformers / accelerate / peft / matplotlib, so ``import torch_singlora`` never imports this package.
 """

@@ -1,20 +1,26 @@
-"""Datasets for ``singlora train`` / ``singlora evaluate``.
+"""Datasets for ``singlora train`` / ``singlora evaluate``: files -> checked rows -> tokenized examples -> batches.
 
-Classification (``task="classification"``), one example = ``(text, label name)``:
-    - ``.csv``: a header row; columns ``text_column`` and ``label_column``.
-    - ``.jsonl``: one JSON object per line with keys ``text_column`` and ``label_column``.
-    - a folder with one subfolder per class, one text file per example (``<folder>/<label>/<any>.txt``).
-Causal LM (``task="causal-lm"``), texts only:
-    - ``.txt`` (one document per file, or a folder of ``.txt`` files), or ``.jsonl`` with ``text_column``.
-    Texts are tokenized, joined with the EOS token and cut into blocks of ``max_length`` tokens.
+Reading (``read_rows``): ``.csv`` (a header row), ``.jsonl`` (one JSON object per line) or ``.json`` (a list of
+objects, or JSON lines). Each row remembers where it came from, so every error names the file and the row.
+Checking (``column_values``, the one place for it): a value must exist and have the expected type; nothing is
+converted silently (a null, list or dict where text is expected is an error, not ``"None"`` or ``"['a']"``).
+
+Classification (``read_classification``), one example = ``(text, label name)``: a ``.csv`` / ``.jsonl`` file with
+``text_column`` and ``label_column`` (labels: non-empty strings, or integers), or a folder with one subfolder per
+class, one text file per example (``<folder>/<label>/<any>.txt``).
+Causal LM (``read_texts``): ``.txt`` (one document), a folder of ``.txt`` files, or ``.csv`` / ``.jsonl`` with
+``text_column``. Texts are tokenized, joined with the EOS token and cut into blocks of ``max_length`` tokens.
 
 Text files are read as UTF-8, falling back to latin-1 (e.g. BBC News) unless an ``encoding`` is given.
-Every problem is a ``SingLoRAError`` naming the file, column or label.
+We read these small formats ourselves rather than through ``datasets``: exact row numbers in errors, no type
+inference (a CSV label ``"01"`` stays ``"01"``), no cache written to disk. Rows from elsewhere (e.g. a ``datasets``
+table) go through the same ``column_values`` checks by wrapping them in ``Rows``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -25,12 +31,16 @@ import torch
 
 from ..errors import SingLoRAError
 
-TASKS = ("classification", "causal-lm")
+TEXT = (str,)
+LABEL = (str, int)
 
 
 def read_text(path: Path, encoding: str | None = None) -> str:
     """A text file's contents: ``encoding`` if given, else UTF-8 with a latin-1 fallback."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SingLoRAError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if encoding:
         try:
             return data.decode(encoding)
@@ -49,35 +59,88 @@ def _check_path(path: str | Path, what: str) -> Path:
     return path
 
 
-def _records(path: Path, encoding: str | None) -> list[dict[str, Any]]:
-    """Rows of a ``.csv`` / ``.jsonl`` file as dicts."""
-    text = read_text(path, encoding)
-    if path.suffix.lower() == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
+@dataclass
+class Rows:
+    """Rows of a table (dicts) and, for each, where it is (``"row 3 (line 4)"``), for error messages."""
+
+    source: str
+    rows: list[dict[str, Any]]
+    places: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _csv_rows(path: Path, text: str) -> Rows:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, places = [], []
+    for number, row in enumerate(reader, start=1):
+        place = f"row {number} (line {reader.line_num})"
+        if None in row:  # more fields than the header has
+            raise SingLoRAError(f"{path}: {place} has {len(reader.fieldnames or []) + len(row[None])} fields, the "
+                                f"header has {len(reader.fieldnames or [])}")
+        rows.append(row)  # a missing trailing field is None here: ``column_values`` refuses it by name
+        places.append(place)
+    return Rows(str(path), rows, places)
+
+
+def _json_rows(path: Path, text: str) -> Rows:
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SingLoRAError(f"{path}: not valid JSON: {exc}") from None
+        items = [(f"item {i}", row) for i, row in enumerate(document)]
+    else:
+        items = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                items.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise SingLoRAError(f"{path}:{number}: not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise SingLoRAError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-        return rows
-    raise SingLoRAError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .jsonl, or a folder)")
+                raise SingLoRAError(f"{path}: line {number}: not valid JSON: {exc}") from None
+    for place, row in items:
+        if not isinstance(row, dict):
+            raise SingLoRAError(f"{path}: {place}: expected a JSON object, got {type(row).__name__}")
+    return Rows(str(path), [row for _, row in items], [place for place, _ in items])
 
 
-def _column(rows: list[dict[str, Any]], column: str, path: Path, flag: str) -> list[str]:
+def read_rows(path: str | Path, encoding: str | None = None) -> Rows:
+    """The rows of a ``.csv`` / ``.jsonl`` / ``.json`` file (errors name the file and the row)."""
+    path = _check_path(path, "data path")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise SingLoRAError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .jsonl, .json, or a folder)")
+    text = read_text(path, encoding)
+    rows = _csv_rows(path, text) if suffix == ".csv" else _json_rows(path, text)
+    if not rows.rows:
+        raise SingLoRAError(f"{path}: empty dataset (no rows)")
+    return rows
+
+
+def column_values(rows: Rows, column: str, flag: str, *, types: tuple[type, ...] = TEXT, allow_empty: bool = True,
+                  hint: str = "") -> list[Any]:
+    """The values of ``column``, each checked: present, not null, of one of ``types`` (``bool`` is not an
+    ``int``), and not blank unless ``allow_empty``. An error names the file, the row, the column and ``flag``."""
     values = []
-    for number, row in enumerate(rows, start=1):
+    expected = " or ".join({str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(t, t.__name__)
+                           for t in types)
+    for row, place in zip(rows.rows, rows.places):
+        where = f"{rows.source}: {place}"
         if column not in row:
-            raise SingLoRAError(
-                f"{path}: row {number} has no column {column!r} ({flag}); columns are {sorted(row)}"
-            )
-        values.append(str(row[column]))
+            raise SingLoRAError(f"{where} has no column {column!r} ({flag}); columns are {sorted(map(str, row))}"
+                                + hint)
+        value = row[column]
+        if value is None:
+            raise SingLoRAError(f"{where}: column {column!r} ({flag}) has no value")
+        if isinstance(value, bool) or not isinstance(value, types):
+            shown = json.dumps(value)[:60] if isinstance(value, (list, dict, float, bool)) else repr(value)[:60]
+            raise SingLoRAError(f"{where}: column {column!r} ({flag}) must be {expected}, got "
+                                f"{type(value).__name__} {shown}")
+        if not allow_empty and isinstance(value, str) and not value.strip():
+            raise SingLoRAError(f"{where}: column {column!r} ({flag}) is empty")
+        values.append(value)
     return values
 
 
@@ -96,19 +159,21 @@ def read_classification(
         if not texts:
             raise SingLoRAError(f"{path}: empty dataset: expected one subfolder per class holding text files")
         return texts, labels
-    rows = _records(path, encoding)
-    if not rows:
-        raise SingLoRAError(f"{path}: empty dataset (no rows)")
-    return _column(rows, text_column, path, "--text-column"), _column(rows, label_column, path, "--label-column")
+    rows = read_rows(path, encoding)
+    texts = column_values(rows, text_column, "--text-column")
+    hint = " (text without labels: --task causal-lm trains a language model on it)" if all(
+        label_column not in row for row in rows.rows) else ""
+    labels = column_values(rows, label_column, "--label-column", types=LABEL, allow_empty=False, hint=hint)
+    return texts, [str(label) for label in labels]
 
 
 def read_texts(path: str | Path, text_column: str = "text", encoding: str | None = None) -> list[str]:
-    """Documents for causal LM from a ``.txt`` file, a folder of ``.txt`` files, or a ``.jsonl`` file."""
+    """Documents for causal LM from a ``.txt`` file, a folder of ``.txt`` files, or a ``.csv`` / ``.jsonl`` file."""
     path = _check_path(path, "data path")
     if path.is_dir():
         texts = [read_text(f, encoding) for f in sorted(path.rglob("*.txt"))]
     elif path.suffix.lower() in (".jsonl", ".json", ".csv"):
-        texts = _column(_records(path, encoding), text_column, path, "--text-column")
+        texts = column_values(read_rows(path, encoding), text_column, "--text-column")
     else:
         texts = [read_text(path, encoding)]
     texts = [t for t in texts if t.strip()]
@@ -156,6 +221,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
         if self.labels is not None:
             item["labels"] = self.labels[index]
         return item
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedDataset":
+        labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return TokenizedDataset([self.input_ids[i] for i in indices], labels)
 
 
 def label_ids(labels: list[str], label_names: list[str], source: str) -> list[int]:

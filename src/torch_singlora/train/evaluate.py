@@ -1,46 +1,56 @@
-"""Metrics of a model on a dataset: accuracy / macro-F1 for classification, loss / perplexity for causal LM."""
+"""Evaluation passes shared by the tasks: class predictions, and the summed token loss of a language model.
+
+Each runs the model in eval mode without gradients, then restores its mode. Under ``accelerate``, pass the
+``accelerator``: results are gathered (predictions) or summed (losses) over every process.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .metrics import classification_metrics, lm_metrics
 
-
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, batches: Any, task: str, num_labels: int = 0, accelerator: Any = None
-) -> dict[str, float]:
-    """Run ``model`` over ``batches`` (dicts of tensors from ``data.Collator``) in eval mode, then restore its mode.
-
-    Under ``accelerate``, pass the ``accelerator``: predictions are gathered from every process.
-    """
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` and no gradients inside; the previous mode after."""
     was_training = model.training
     model.eval()
-    predictions, labels = [], []
-    total_loss, total_tokens = 0.0, 0
     try:
-        for batch in batches:
-            output = model(**batch)
-            if task == "classification":
-                pred, gold = output.logits.argmax(-1), batch["labels"]
-                if accelerator is not None:
-                    pred, gold = accelerator.gather_for_metrics((pred, gold))
-                predictions.append(pred.cpu())
-                labels.append(gold.cpu())
-            else:
-                tokens = (batch["labels"][:, 1:] != -100).sum()
-                loss_sum = output.loss.float() * tokens
-                if accelerator is not None:
-                    loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
-                total_loss += float(loss_sum)
-                total_tokens += int(tokens)
+        with torch.no_grad():
+            yield
     finally:
         model.train(was_training)
-    if task == "classification":
-        return classification_metrics(torch.cat(predictions), torch.cat(labels), num_labels)
-    metrics = lm_metrics(total_loss, total_tokens)
-    return {"eval_loss": metrics["loss"], "perplexity": metrics["perplexity"]}
+
+
+def class_predictions(model: nn.Module, batches: Any, accelerator: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(argmax predictions, gold labels)`` (N,) over ``batches`` of a sequence classifier."""
+    predictions, labels = [], []
+    with eval_mode(model):
+        for batch in batches:
+            pred, gold = model(**batch).logits.argmax(-1), batch["labels"]
+            if accelerator is not None:
+                pred, gold = accelerator.gather_for_metrics((pred, gold))
+            predictions.append(pred.cpu())
+            labels.append(gold.cpu())
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def token_loss(model: nn.Module, batches: Any, accelerator: Any = None) -> tuple[float, int]:
+    """``(summed cross-entropy, number of predicted tokens)`` of a causal LM over ``batches``.
+
+    A token counts when its label is not -100 (the model shifts labels by one: the first position predicts
+    nothing). ``model(**batch).loss`` is the mean over the batch's counted tokens, so sum = loss * count.
+    """
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in batches:
+            tokens = (batch["labels"][:, 1:] != -100).sum()
+            loss_sum = model(**batch).loss.float() * tokens
+            if accelerator is not None:
+                loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
+            total += float(loss_sum)
+            count += int(tokens)
+    return total, count

@@ -1,0 +1,132 @@
+"""``TrainConfig``: every option of ``singlora train`` in one validated dataclass (one field = one ``--flag``, its
+help text in the field's metadata). ``--ramp-up-steps`` and ``--warmup`` are "steps or a fraction of the run",
+read by the library's one parser (``torch_singlora.config.parse_steps_or_fraction``).
+
+Task-specific options (e.g. those of ``--task sft``) are not fields here: each task declares its own options
+dataclass (``tasks.Task.options``) and the values travel in ``TrainConfig.task_options``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import parse_steps_or_fraction
+from ..errors import SingLoRAError
+from .methods import METHOD_NAMES
+from .tasks import TASKS, task_class
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+NONFINITE_ACTIONS = ("stop", "skip")
+NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
+# Settings that may differ between a run and its resumption: they change neither the data, the model nor the
+# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``run_folder``).
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "name", "plot", "on_nonfinite", "output_dir",
+                     "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``singlora train`` (each field is a ``--flag``; its help is the text given here)."""
+
+    model: str = _help("local folder of a transformers model (config.json + weights)", default="")
+    train_data: str = _help("training data: .csv / .jsonl file or folder of class subfolders (classification), "
+                            ".txt / .jsonl / folder of .txt (causal-lm)", default="")
+    output_dir: str = _help("where the adapter, metrics.jsonl, summary.json, checkpoint.pt and plots go", default="")
+    task: str = _help(f"what to train: {', '.join(TASKS)}", default="classification")
+    eval_data: str | None = _help("evaluation data (same formats); default: --eval-split of the training data",
+                                  default=None)
+    eval_split: float = _help("fraction of the training data held out for evaluation when no --eval-data "
+                              "(stratified by label; 0 = no evaluation)", default=0.0)
+    split_seed: int = _help("seed of the train/eval split and of --max-train-samples (fixed split)", default=0)
+    max_train_samples: int = _help("use at most this many training examples (0 = all)", default=0)
+    text_column: str = _help("text column of CSV / JSONL data", default="text")
+    label_column: str = _help("label column of CSV / JSONL data", default="label")
+    encoding: str | None = _help("text encoding of the data files (default: UTF-8, else latin-1)", default=None)
+    tokenizer: str | None = _help("tokenizer folder (default: --model)", default=None)
+    method: str = _help(f"one of {', '.join(METHOD_NAMES)}", default="singlora")
+    target_modules: str | None = _help("modules to adapt: comma-separated names/suffixes, 'all-linear', or "
+                                       "'re:<regex>' (default: per architecture, e.g. query,value for BERT)",
+                                       default=None)
+    r: int = _help("rank", default=8)
+    alpha: float = _help("scale numerator: s = alpha / r", default=8.0)
+    adapter_dropout: float = _help("dropout on the adapter input", default=0.0)
+    ramp_up_steps: str = field(default="0.01", metadata={
+        "help": "SingLoRA ramp-up T: int optimizer steps, or a fraction of the total steps", "aliases": ["--ramp-up"]})
+    init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
+                      default="normal")
+    loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
+    lr: float = _help("peak learning rate", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
+    warmup: str = _help("warm-up: int optimizer steps or a fraction of the total steps", default="0.06")
+    epochs: int = _help("epochs (ignored when --max-steps is set)", default=1)
+    max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
+    batch_size: int = _help("micro-batch size per process", default=16)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    max_length: int = _help("maximum tokens per example (classification) or per block (causal-lm)", default=128)
+    max_grad_norm: float = _help("gradient clipping (0 = off)", default=1.0)
+    eval_every: int = _help("evaluate every N optimizer steps (0 = only at the end)", default=0)
+    eval_batch_size: int = _help("batch size for evaluation", default=32)
+    save_every: int = _help("write checkpoint.pt every N optimizer steps (0 = never)", default=100)
+    log_every: int = _help("log training loss every N optimizer steps", default=1)
+    seed: int = _help("seed of initialisation, example order and dropout", default=0)
+    precision: str = _help(f"mixed precision: {', '.join(PRECISIONS)} (fp16 needs a CUDA GPU; bf16 also runs on "
+                           "CPU)", default="no")
+    gradient_checkpointing: bool = _help("recompute activations in backward (less memory)", default=False)
+    resume: bool = _help("continue the run in --output-dir from its checkpoint.pt", default=False)
+    overwrite: bool = _help("replace the run already in --output-dir (its adapter, checkpoint, metrics, summary "
+                            "and plot; other files stay)", default=False)
+    quiet: bool = _help("no progress bar, no table (errors still go to stderr)", default=False)
+    plot: bool = _help("write <output-dir>/curves.png at the end", default=True)
+    name: str | None = _help("run name in tables and plots (default: the method)", default=None)
+    on_nonfinite: str = _help("on a NaN/Inf loss or gradient: stop (error naming the step, no adapter written, the "
+                              f"last checkpoint kept) or skip that optimizer step (at most {NONFINITE_SKIP_LIMIT} "
+                              "in a row)", default="stop")
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "options of the chosen task (its Task.options dataclass; on the command line, its own flags)",
+        "cli": False})
+
+    def validate(self) -> None:
+        """Check the fields; errors name the flag."""
+        for flag in ("model", "train_data", "output_dir"):
+            if not getattr(self, flag):
+                raise SingLoRAError(f"--{flag.replace('_', '-')} is required")
+        if self.task not in TASKS:
+            raise SingLoRAError(f"--task={self.task!r} must be one of {tuple(TASKS)}")
+        if self.method not in METHOD_NAMES:
+            raise SingLoRAError(f"--method={self.method!r} must be one of {METHOD_NAMES}")
+        for flag, allowed in (("scheduler", SCHEDULERS), ("on_nonfinite", NONFINITE_ACTIONS),
+                              ("precision", PRECISIONS)):
+            if getattr(self, flag) not in allowed:
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r} must be one of {allowed}")
+        for flag in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every", "r"):
+            if getattr(self, flag) < 1:
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be >= 1")
+        for flag in ("epochs", "max_steps", "eval_every", "save_every", "max_train_samples"):
+            if getattr(self, flag) < 0:
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be >= 0")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise SingLoRAError("--epochs=0 and --max-steps=0: nothing to train")
+        if self.eval_data and self.eval_split:
+            raise SingLoRAError("can't give both --eval-data and --eval-split")
+        if self.resume and self.overwrite:
+            raise SingLoRAError("can't give both --resume (continue the run) and --overwrite (replace it)")
+        for flag in ("lr", "alpha", "loraplus_lr_ratio"):
+            if not (math.isfinite(getattr(self, flag)) and getattr(self, flag) > 0):
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be a finite number > 0")
+        for flag in ("max_grad_norm", "weight_decay"):  # a negative clip norm would flip the gradients
+            if not (math.isfinite(getattr(self, flag)) and getattr(self, flag) >= 0):
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be a finite number >= 0")
+        for flag in ("eval_split", "adapter_dropout"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
+        parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
+        parse_steps_or_fraction(self.warmup, "--warmup")
+        task_class(self.task)().parse_options(self.task_options)
