@@ -15,6 +15,7 @@ Errors about user input (``SingLoRAError``) print one line to stderr and exit wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -22,7 +23,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import SingLoRAError
 
@@ -176,31 +177,56 @@ def _add_evaluate(subparsers: Any) -> None:
         batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet))
 
 
-def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False) -> Path:
-    """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer)."""
-    from .atomic import atomic_directory
+def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False,
+          overwrite: bool = False) -> Path:
+    """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer).
+
+    ``output`` goes through the output-folder policy (``atomic.output_folder``): refused if it holds anything but
+    an earlier merge (unless ``overwrite``), and always if it holds the adapter, the base model or the tokenizer.
+    """
+    from .atomic import check_output_folder, output_folder
     from .train.methods import method_class
-    from .train.run_folder import load_trained
+    from .train.run_folder import load_trained, read_run_info
     from .train.tasks import get_task
 
-    trained, info = load_trained(adapter, model)
-    plain = method_class(info["method"]).merged(trained)
-    tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
-    out = Path(output)
-    with atomic_directory(out) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    info = read_run_info(adapter)
+    inputs = [adapter, model or info["base_model"], info["tokenizer"]]
+    check_output_folder(output, command="merge", inputs=inputs, overwrite=overwrite)  # before the slow part
+    with _progress_bars(not quiet):
+        trained, info = load_trained(adapter, model)
+        plain = method_class(info["method"]).merged(trained)
+        tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
+        out = Path(output)
+        with output_folder(out, command="merge", inputs=inputs, overwrite=overwrite) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     if not quiet:
         print(f"merged model written to {out}")
     return out
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars (loading weights...) on or off inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def _adapter_to_folder_parser(subparsers: Any, name: str, help_text: str, output_help: str) -> Any:
-    """A subcommand reading ``adapter`` (a ``singlora train`` output) and writing ``output``."""
+    """A subcommand reading ``adapter`` (a ``singlora train`` output) and writing the folder ``output``."""
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("adapter", help="adapter folder written by `singlora train` (<output-dir>/adapter)")
     parser.add_argument("output", help=output_help)
     parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace OUTPUT even if it holds files an earlier `singlora {name}` did not write "
+                        "(everything in it goes; a folder holding the adapter or the base model is never replaced)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -208,11 +234,15 @@ def _adapter_to_folder_parser(subparsers: Any, name: str, help_text: str, output
 def _add_merge(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "merge", "base + adapter -> a standalone transformers model folder",
                                        "folder for the merged model")
-    parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet))
+    parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet, overwrite=a.overwrite))
 
 
-def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False) -> Path:
-    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``)."""
+def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
+           overwrite: bool = False) -> Path:
+    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``; ``output`` under the
+    output-folder policy, as ``merge``)."""
+    from .atomic import check_output_folder
+
     from .export import export_lora
     from .train.run_folder import read_run_info
     from .train.tasks import get_task
@@ -220,8 +250,11 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
-    base = get_task(info["task"]).load_model(model or info["base_model"], info)
-    written = export_lora(adapter, output, format=format, base_model=base)
+    inputs = [adapter, model or info["base_model"]]
+    check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
+    with _progress_bars(not quiet):
+        base = get_task(info["task"]).load_model(model or info["base_model"], info)
+    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
     return written
@@ -231,7 +264,8 @@ def _add_export(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "export", "SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, "
                                        "kohya)", "folder for the LoRA files")
     parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
-    parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet))
+    parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
+                                              overwrite=a.overwrite))
 
 
 def inspect_adapter(adapter: str) -> dict[str, Any]:

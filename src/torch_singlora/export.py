@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_for
-from .atomic import atomic_write, atomic_write_text
+from .atomic import output_folder
 from .config import rank_and_pattern
 from .errors import SingLoRAError
 from .functional import LayerKind, lora_factors, matrix_dims, ramp_value
@@ -222,18 +222,22 @@ def export_lora(
     adapter_name: str | None = None,
     dtype: torch.dtype | None = None,
     prefix: str = "unet",
+    overwrite: bool = False,
 ) -> Path:
     """Write an adapter as an exact plain LoRA; returns the weights file written.
 
     Args:
         source: A ``SingLoRAModel`` (any wrapped model: transformers, a diffusers ``UNet2DConditionModel``, ...)
             or a singlora adapter directory (then ``base_model`` is required).
-        out_dir: Output directory (created). Files are written atomically.
+        out_dir: Output folder, written whole and atomically (``atomic.output_folder``): a folder that is neither
+            new, empty nor an earlier export's is refused (naming what is there) unless ``overwrite=True``; a
+            folder holding the source adapter never is.
         format: ``"peft"``, ``"diffusers"`` or ``"kohya"`` (see the module docstring).
         base_model: The un-adapted model an adapter directory was trained on (read only).
         adapter_name: Which adapter of a ``SingLoRAModel`` (default: the first active).
         dtype: Storage dtype of the factors (default: float32, float64 for float64 adapters).
         prefix: Component name for ``diffusers``/``kohya`` keys: ``"unet"`` (SD/SDXL), ``"transformer"`` (SD3, Flux).
+        overwrite: Replace a non-empty ``out_dir`` that is not an earlier export (everything in it goes).
     """
     if format not in EXPORT_FORMATS:
         raise SingLoRAError(f"format={format!r} must be one of {EXPORT_FORMATS}")
@@ -251,10 +255,10 @@ def export_lora(
         raise SingLoRAError(f"export to {out_dir}: {bad[:5]} would hold NaN or Inf (values beyond the range of "
                             f"{tensors[bad[0]].dtype}); nothing was written")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "exported_by": "singlora", "export_format": format}
-    atomic_write(out / weights_file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    if format == "peft":
-        text = json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n"
-        atomic_write_text(out / CONFIG_FILE, text)
+    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
+    with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / weights_file), metadata=metadata)
+        if format == "peft":
+            (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
     return out / weights_file
