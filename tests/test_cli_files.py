@@ -110,3 +110,88 @@ def test_export_validates_exactly_as_load(run: Path, tmp_path: Path, capsys: pyt
     assert main(["export", str(folder), str(tmp_path / "lora")]) == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "lora").exists()
+
+
+def _weights(folder: Path, change) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "singlora", "format_version": "1"})
+
+
+def _inspect_copy(run: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((run / "adapter" / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda t: t.__setitem__("bert.encoder.layer.0.attention.self.query.singlora_A", torch.ones(64)), "shape [64]"),
+    (lambda t: t.__setitem__("x.singlora_A", torch.ones(1, 20_000)), "x.singlora_A has shape [1, 20000]"),  # 80 KB
+    (lambda t: t["classifier.weight"].view(-1).__setitem__(0, float("nan")), "classifier.weight contains NaN"),
+    (lambda t: t.__setitem__("pooler.dense.weight", torch.ones(2)), "pooler.dense.weight is neither"),
+    (lambda t: t.clear() or t.__setitem__("classifier.bias", torch.ones(2)), "no <module>.singlora_A tensor"),
+])
+def test_inspect_refuses_what_loaders_refuse(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, change,
+                                             fragment: str) -> None:
+    """Issue 11: inspect ran out of memory on an 80 KB tensor (a 20,000 x 20,000 Gram matrix), crashed with a
+    traceback on a 1-D tensor and exited 0 on files every loader refuses."""
+    folder = _inspect_copy(run, tmp_path)
+    _weights(folder, change)
+    assert main(["inspect", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert fragment in error and "Traceback" not in error, error
+
+
+def test_inspect_escapes_file_text_and_wraps_read_errors(run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    folder = _inspect_copy(run, tmp_path)
+    evil = "\x1b[2J\x1b[Hall clear\r\n"
+    document = json.loads((folder / "adapter_config.json").read_text())
+    document.update(base_model_name_or_path=evil, target_modules=[f"layer_{i}.q_proj" for i in range(210)])
+    (folder / "adapter_config.json").write_text(json.dumps(document))
+    _weights(folder, lambda t: t.__setitem__(f"{evil}.singlora_A", torch.ones(4, 2)))
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\\x1b[2J" in out
+    assert max(len(line) for line in out.splitlines()) < 200  # 210 names are summarised, not printed on one line
+    assert main(["inspect", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_model_name_or_path"] == evil  # JSON escapes it itself
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to("/proc/self/mem")  # a "regular file" that fails to read
+    assert main(["inspect", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert "cannot read" in error and "Traceback" not in error, error
+
+
+INSPECT_BIG = """
+import resource, sys
+from torch_singlora.cli import main
+code = main(["inspect", sys.argv[1]])
+print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_inspect_memory_stays_small_on_a_big_tensor(run: Path, tmp_path: Path) -> None:
+    """A 200 MB tensor (a sparse file): read block by block, so the peak (torch included) stays below the tensor's
+    size in float64, 400 MB (the old reader held the file, its tensors and their float64 copies)."""
+    import struct
+    import subprocess
+    import sys
+
+    folder = _inspect_copy(run, tmp_path)
+    rows = 25_000_000
+    header = json.dumps({"__metadata__": {"format": "singlora", "format_version": "1"},
+                         "big.singlora_A": {"dtype": "F32", "shape": [rows, 2], "data_offsets": [0, rows * 8]}})
+    path = folder / "adapter_model.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+    os_size = 8 + len(header) + rows * 8
+    with open(path, "r+b") as handle:
+        handle.truncate(os_size)  # sparse: zeros, no disk used
+    result = subprocess.run([sys.executable, "-c", INSPECT_BIG, str(folder)], capture_output=True, text=True,
+                            timeout=300)
+    code, peak_mib = map(int, result.stdout.split()[-2:])
+    assert code == 0 and peak_mib < 600, (result.stdout[-500:], result.stderr[-500:])

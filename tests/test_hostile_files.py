@@ -412,7 +412,7 @@ def test_file_swapped_after_header_check(saved: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("attack", ["huge shape", "overlapping offsets", "header over cap"])
 def test_model_free_readers_check_the_header_first(saved: Path, data_reads: list[int], attack: str) -> None:
     """``singlora inspect`` and the converters read adapters without a model: same header checks, no data read."""
-    from torch_singlora.cli import inspect_adapter
+    from torch_singlora.inspection import inspect_adapter
 
     HEADER_ATTACKS[attack][0](saved / WEIGHTS_FILE)
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):

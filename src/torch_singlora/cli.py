@@ -268,68 +268,16 @@ def _add_export(subparsers: Any) -> None:
                                               overwrite=a.overwrite))
 
 
-def inspect_adapter(adapter: str) -> dict[str, Any]:
-    """A SingLoRA adapter folder's config, ramp step, u, parameter count, and per-module shape and norms.
-
-    Per module: ``shape`` (n, r) of A, ``norm_A`` = ||A||_F and ``norm_update`` = s * u * ||A A^T||_F (the
-    update's norm when the layer is square; an upper bound on the truncated block otherwise).
-    """
-    import torch
-
-    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config
-    from .untrusted import read_safetensors_file
-    from .functional import ramp_value
-
-    if not Path(adapter).is_dir():
-        raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
-    config, meta = read_adapter_config(adapter)
-    tensors = read_safetensors_file(Path(adapter) / WEIGHTS_FILE)[1]
-    T = config.resolve_ramp_up_steps()
-    step = meta["ramp_step"]
-    u = float(ramp_value(torch.tensor(step), T, torch.float64))
-    modules = {}
-    for key, tensor in sorted(tensors.items()):
-        if not key.endswith("." + A_SUFFIX):
-            continue
-        name = key[: -len(A_SUFFIX) - 1]
-        A = tensor.double()
-        modules[name] = {
-            "shape": list(A.shape), "norm_A": float(A.norm()),
-            "norm_update": float(config.scale_for(name) * u * torch.linalg.matrix_norm(A.T @ A)),
-        }
-    return {
-        "adapter": str(adapter), "ramp_step": step, "ramp_steps": T, "u": u,
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "adapter_parameters": sum(tensors[k].numel() for k in tensors if k.endswith("." + A_SUFFIX)),
-        "saved_modules": sorted({k.rsplit(".", 1)[0] for k in tensors if not k.endswith("." + A_SUFFIX)}),
-        "config": config.to_dict(), "modules": modules, **{k: v for k, v in meta.items() if k != "ramp_step"},
-    }
-
-
-def _print_inspection(report: dict[str, Any]) -> None:
-    print(f"adapter: {report['adapter']}  (format {report['format']} v{report['format_version']})")
-    print(f"base model: {report.get('base_model_name_or_path')}")
-    print(f"ramp step t = {report['ramp_step']}, T = {report['ramp_steps']}, u = {report['u']:.4f}")
-    print(f"parameters: {report['parameters']:,} ({report['adapter_parameters']:,} in A matrices)")
-    config = report["config"]
-    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items() if v not in (None, {}, [])))
-    if report["saved_modules"]:
-        print(f"trained fully and saved: {report['saved_modules']}")
-    width = max((len(n) for n in report["modules"]), default=6)
-    print(f"{'module'.ljust(width)}  {'A shape':>12}  {'||A||':>9}  {'s*u*||AtA||':>12}")
-    for name, row in report["modules"].items():
-        shape = "x".join(map(str, row["shape"]))
-        print(f"{name.ljust(width)}  {shape:>12}  {row['norm_A']:9.4f}  {row['norm_update']:12.4f}")
-
-
 def _add_inspect(subparsers: Any) -> None:
     parser = subparsers.add_parser("inspect", help="an adapter's config, step, u, parameters, shapes and norms")
     parser.add_argument("adapter", help="a SingLoRA adapter folder")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args: argparse.Namespace) -> None:
+        from .inspection import format_inspection, inspect_adapter
+
         report = inspect_adapter(args.adapter)
-        print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+        print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 
     parser.set_defaults(func=run)
 
@@ -384,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SingLoRAError as exc:
-        print(f"singlora {args.command}: error: {exc}", file=sys.stderr)
+        from .inspection import printable  # file-provided text in a message must not reach the terminal raw
+
+        print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     return 0
 
