@@ -63,10 +63,9 @@ def _prompts_for(generated: Path, args: argparse.Namespace) -> dict[str, str]:
     if not prompts_file.is_file():
         raise SingLoRAError(f"--prompts-file {str(prompts_file)!r} not found: give --prompt or a JSON "
                             "{image file name: prompt}")
-    try:
-        prompts = json.loads(prompts_file.read_text())
-    except ValueError as exc:
-        raise SingLoRAError(f"--prompts-file {prompts_file}: not valid JSON ({exc})") from None
+    from ..untrusted import read_json
+
+    prompts = read_json(prompts_file, what="--prompts-file: a JSON {image file name: prompt}")
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise SingLoRAError(f"--prompts-file {prompts_file}: expected an object {{image file name: prompt}}")
     return prompts
