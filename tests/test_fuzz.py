@@ -1,7 +1,8 @@
-"""A brief run of the fuzzing harness (``torch_singlora.fuzz``) in ``make test``, plus regressions for what it found.
+"""A brief run of the fuzzing harness (``fuzzing/``, beside the package) in ``make test``, plus regressions for what
+it found.
 
-The longer campaigns: ``.venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1`` (hypothesis) and
-``.venv/bin/python -m torch_singlora.fuzz --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
+The longer campaigns: ``.venv/bin/python -m fuzzing --examples 20000 --seed 1`` (hypothesis) and
+``.venv/bin/python -m fuzzing --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
 ``fuzz`` extra; its tests here skip without it).
 """
 
@@ -16,23 +17,43 @@ import torch
 import torch_singlora.untrusted as untrusted
 from torch_singlora import SingLoRAConfig, SingLoRAError
 from torch_singlora.adapter_file import WEIGHTS_FILE
-from torch_singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
-                           write_case)
 from torch_singlora.targets import resolve_targets
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds fuzzing/
+from adapter_fixtures import FuzzModel, fresh_model, same, snapshot, valid_adapter  # noqa: E402
+from fuzzing.harness import (ATHERIS_TARGETS, MORE_TARGETS, Campaign, check_load, config_seeds, run,  # noqa: E402
+                             run_atheris, seed_files, weight_seeds, write_case)
+
 EXAMPLES = 120
+MORE_EXAMPLES = 30
 
 
 def test_brief_fuzz_campaign_finds_nothing() -> None:
-    campaign = run(examples=EXAMPLES, seed=0)
+    campaign = run(examples=EXAMPLES, seed=0, targets=ATHERIS_TARGETS)
+    campaign.merge(run(examples=MORE_EXAMPLES, seed=0, targets=MORE_TARGETS).to_dict())
     assert campaign.findings == []
-    assert set(campaign.counts) == {"config", "config_file", "weights"}
+    assert set(campaign.counts) == set(ATHERIS_TARGETS + MORE_TARGETS)
     for target, counts in campaign.counts.items():
-        assert counts["inputs"] == EXAMPLES, target
+        assert counts["inputs"] == (EXAMPLES if target in ATHERIS_TARGETS else MORE_EXAMPLES), target
         assert counts["refused"] > 0, target  # the mutations reach the checks
     # Some inputs must get all the way through, or the harness only exercises the first check.
     assert campaign.counts["config"]["loaded"] > 0
     assert campaign.counts["config_file"]["loaded"] > 0
+    assert all(campaign.counts[target]["loaded"] > 0 for target in MORE_TARGETS)
+
+
+def test_more_targets_detect_planted_bugs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new targets report what their oracles exist for: a run_info reader that accepts a document breaking
+    its schema, and a command raising something other than SingLoRAError."""
+    import torch_singlora.export as export
+    import torch_singlora.train.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder, "read_run_info", lambda folder: {"task": "nope", "method": "x", "base_model": 1})
+    monkeypatch.setattr(export, "peft_config", lambda adapter: 1 / 0)
+    campaign = run(examples=20, seed=0, targets=("run_info", "commands"))
+    problems = {f["target"]: f["problem"] for f in campaign.findings}
+    assert "breaks its schema" in problems.get("run_info", ""), problems
+    assert "export raised something other than SingLoRAError" in problems.get("commands", ""), problems
 
 
 def test_campaign_detects_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,7 +84,6 @@ def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
     """Found by the fuzzer: a 5,000-digit integer in adapter_config.json raised Python's plain ValueError."""
     from torch_singlora import AdapterFileError
     from torch_singlora.adapter_file import CONFIG_FILE, read_adapter_config
-    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(tmp_path)
     path = tmp_path / CONFIG_FILE
@@ -135,7 +155,7 @@ import torch_singlora.untrusted as untrusted
 def broken(path, entries):
     raise KeyError("planted")
 untrusted.read_safetensors_data = broken
-from torch_singlora.fuzz import main
+from fuzzing.harness import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -173,7 +193,6 @@ def _f64_adapter(directory: Path, key: str, value: float) -> dict:
     from safetensors.torch import load_file, save_file
 
     from torch_singlora.adapter_file import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
-    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(directory)
     tensors = {k: v.double() for k, v in load_file(directory / WEIGHTS_FILE).items()}
@@ -188,7 +207,6 @@ def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> No
     """Found by the atheris engine (its mutator re-encodes a file's tensors as F64, then sets a data byte): an F64
     value beyond float32's range passed the file's NaN/Inf check and loaded as Inf into the float32 parameter."""
     from torch_singlora import AdapterFileError
-    from torch_singlora.fuzz import fresh_model, same, snapshot
 
     _f64_adapter(tmp_path / "bad", key, 1e300)
     model = fresh_model()

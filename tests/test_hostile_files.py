@@ -18,7 +18,7 @@ import torch_singlora.adapter_file as adapter_file
 import torch_singlora.untrusted as untrusted
 from torch_singlora import AdapterFileError, SingLoRAError
 from torch_singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
-from torch_singlora.fuzz import fresh_model, same, snapshot, valid_adapter
+from adapter_fixtures import fresh_model, same, snapshot, valid_adapter
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
