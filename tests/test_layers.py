@@ -160,3 +160,32 @@ def test_low_precision_input_and_base() -> None:
     A = layer.singlora["default"].A.detach()
     W = base.weight.detach().double() + dense_update(A, 8, 16, 2.0)
     assert_close(out, F.linear(x.double(), W, base.bias.double()), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("init,init_std,std", [("normal", None, 1 / 512**0.5), ("gaussian", 0.02, 0.02)])
+def test_meta_device_recipe_initialises_A_and_the_ramp_step(init: str, init_std: float | None, std: float) -> None:
+    """FSDP2's recipe: build on the meta device, ``to_empty()``, then ``reset_parameters()`` on every module that has
+    one. Memory from ``to_empty`` is uninitialised: filled here with NaN / a bogus step so nothing passes by luck."""
+    from torch_singlora import SingLoRAConfig, get_singlora_model
+
+    config = SingLoRAConfig(r=16, target_modules=["0", "1"], ramp_up_steps=10, init=init, init_std=init_std)
+    with torch.device("meta"):
+        model = get_singlora_model(nn.Sequential(nn.Linear(512, 256), nn.Linear(128, 512)), config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+        for buffer in model.buffers():
+            buffer.fill_(12345)
+    for module in model.modules():
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    for _, layer in model.singlora_layers():
+        adapter = layer.singlora["default"]
+        assert adapter.A.shape == (512, 16) and adapter.A.requires_grad
+        assert torch.isfinite(adapter.A).all()
+        assert float(adapter.A.detach().std()) == pytest.approx(std, rel=0.05)  # 8,192 draws: sampling error ~1%
+        assert abs(float(adapter.A.detach().mean())) < 4 * std / 8192**0.5
+        assert int(adapter.ramp_step) == 0  # t restarts: u = 0, the base model
+    x = torch.randn(2, 512)
+    assert torch.equal(model.model[0](x), model.model[0].base_layer(x))

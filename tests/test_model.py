@@ -161,6 +161,26 @@ def test_unload_returns_original_modules_and_weights() -> None:
         assert_close(plain.state_dict()[key], value)
 
 
+def test_unload_gives_back_the_original_modules_to_save_module_merge_and_unload_the_trained_copy() -> None:
+    """unload() removes every adapter: the model is the base model again, the head included (PEFT 0.21's unload()
+    keeps the trained copy instead). merge_and_unload() keeps what was trained: the copy."""
+    results = {}
+    for method in ("unload", "merge_and_unload"):
+        model = toy()
+        original = model.head
+        weight = original.weight.detach().clone()
+        adapted = get_singlora_model(model, SingLoRAConfig(r=2, target_modules=["up"], modules_to_save=["head"],
+                                                           ramp_up_steps=0))
+        trained = adapted.model.head.copies["default"]
+        with torch.no_grad():
+            trained.weight.add_(1.0)
+        results[method] = (getattr(adapted, method)().head, original, trained, weight)
+    head, original, _, weight = results["unload"]
+    assert head is original and torch.equal(head.weight, weight)
+    head, _, trained, weight = results["merge_and_unload"]
+    assert head is trained and torch.equal(head.weight, weight + 1.0)
+
+
 def test_merge_unmerge_cycles_float32_stay_bounded() -> None:
     model = Toy().float()
     adapted = get_singlora_model(model, SingLoRAConfig(r=3, target_modules="all-linear", ramp_up_steps=0))
@@ -269,6 +289,18 @@ def test_bad_targets_are_clear_errors_and_change_nothing(kwargs: dict, match: st
 def test_error_lists_candidates() -> None:
     with pytest.raises(SingLoRAError, match=r"adaptable modules end in \['down', 'embed', 'head', 'square', 'up'\]"):
         get_singlora_model(toy(), SingLoRAConfig(target_modules=["q_proj"]))
+
+
+def test_a_string_target_is_a_full_match_regex_and_the_error_says_so() -> None:
+    tree = nn.Module()
+    tree.block = nn.Module()
+    tree.block.q_proj = nn.Linear(4, 4)
+    with pytest.raises(SingLoRAError, match=(
+            r"target_modules='q_proj' matches no module: a string is a regex that must match the whole module name "
+            r"\(e.g. 'block.q_proj'\); to match names or dotted suffixes pass a list: target_modules=\['q_proj'\]")):
+        get_singlora_model(tree, SingLoRAConfig(r=1, target_modules="q_proj"))
+    adapted = get_singlora_model(tree, SingLoRAConfig(r=1, target_modules=["q_proj"]))  # the list form works
+    assert [n for n, _ in adapted.singlora_layers()] == ["block.q_proj"]
 
 
 def test_unsupported_target_type() -> None:

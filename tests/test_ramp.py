@@ -137,10 +137,14 @@ def test_file_keeps_the_ramp_step_field(tmp_path) -> None:
 
 def test_default_is_one_percent_of_the_run_as_the_cli() -> None:
     from torch_singlora.config import DEFAULT_RAMP_UP_STEPS
-    from torch_singlora.train.loop import TrainConfig
+    from torch_singlora.diffusion.dreambooth import DreamBoothArgs
+    from torch_singlora.train.config import TrainConfig
 
     assert SingLoRAConfig().ramp_up_steps == DEFAULT_RAMP_UP_STEPS == 0.01
-    assert parse_steps_or_fraction(TrainConfig(model="m", train_data="d", output_dir="o").ramp_up, "--ramp-up") == 0.01
+    train = TrainConfig(model="m", train_data="d", output_dir="o").ramp_up_steps
+    dreambooth = DreamBoothArgs(pretrained_model="m", instance_data_dir="d", instance_prompt="p").ramp_up_steps
+    for flag in (train, dreambooth):
+        assert parse_steps_or_fraction(flag, "--ramp-up-steps") == DEFAULT_RAMP_UP_STEPS
 
 
 def _short_run(model: SingLoRAModel, steps: int, **bind) -> None:

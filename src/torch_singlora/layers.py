@@ -91,8 +91,16 @@ class SingLoRAAdapter(nn.Module):
         self.scale = scale
         self.ramp_up_steps = ramp_up_steps
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        init_A(self.A, init, init_std)
+        self.init, self.init_std = init, init_std
+        self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+
+    def reset_parameters(self) -> None:
+        """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
+        meta-device recipe calls after ``to_empty()``, which leaves both uninitialised."""
+        init_A(self.A, self.init, self.init_std)
+        with torch.no_grad():
+            self.ramp_step.zero_()
 
     def ramp_value(self) -> Tensor:
         """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
@@ -138,6 +146,7 @@ class SingLoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
+        self._shared_weight: list[nn.Parameter] = []  # a tied weight set aside while merged (``untie_weight``)
 
     @property
     def weight(self) -> Tensor:
@@ -262,6 +271,18 @@ class SingLoRALayer(nn.Module):
             adapter.merged_coefficient = coefficient
             self.merged_adapters.append(name)
 
+    def untie_weight(self) -> None:
+        """Give ``base_layer`` a copy of its weight, which it shares with another module (tied embeddings), so that a
+        merge changes this layer alone; ``unmerge()`` of the last merged adapter puts the shared weight back."""
+        weight = self.base_layer.weight
+        self._shared_weight = [weight]
+        self.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+
+    @property
+    def untied(self) -> bool:
+        """Whether ``base_layer`` holds its own copy of a tied weight (``untie_weight``)."""
+        return bool(self._shared_weight)
+
     def unmerge(self, names: Iterable[str] | None = None) -> None:
         """Subtract merged adapters (default: all merged) from the base weight, in float32; not merged: no-op."""
         weight = self.base_layer.weight
@@ -273,6 +294,8 @@ class SingLoRALayer(nn.Module):
             weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
             adapter.merged_coefficient = None
             self.merged_adapters.remove(name)
+        if not self.merged_adapters and self._shared_weight:  # tied again, to the untouched shared weight
+            self.base_layer.weight = self._shared_weight.pop()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_out={self.d_out}, d_in={self.d_in}, active={self.active_adapters}"

@@ -27,6 +27,7 @@ from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
+from .tied import retie_config, untie_before_merge
 from .untrusted import check_finite
 
 AdapterNames = Union[str, list[str]]
@@ -66,6 +67,7 @@ class SingLoRAModel(nn.Module):
         self.model = model
         self.configs: dict[str, SingLoRAConfig] = {}
         self.active_adapters: list[str] = []
+        self._untied_config = False  # config.tie_word_embeddings set False by a merge (torch_singlora.tied)
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -189,6 +191,7 @@ class SingLoRAModel(nn.Module):
         del self.configs[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter(self.active_adapters)
+        self._retie_config()
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -203,8 +206,7 @@ class SingLoRAModel(nn.Module):
         finally:
             for module in modules:
                 module.disabled = False
-            for name, layer in self.singlora_layers():
-                layer.merge(merged.get(name, []))
+            self._merge_layers([(name, layer, merged.get(name, [])) for name, layer in self.singlora_layers()])
 
     # ---- the ramp: u = min(t / T, 1), t = ramp_step (optimizer steps taken), T = ramp_up_steps ------------------
 
@@ -345,29 +347,43 @@ class SingLoRAModel(nn.Module):
                     layer.check_merge([n for n in names if n in layer.singlora])
                 except SingLoRAError as exc:
                     raise SingLoRAError(f"module {module_name!r}: {exc}") from None
-        for _, layer in layers:
-            layer.merge([n for n in names if n in layer.singlora])
+        self._merge_layers([(name, layer, [n for n in names if n in layer.singlora]) for name, layer in layers])
+
+    def _merge_layers(self, todo: list[tuple[str, SingLoRALayer, list[str]]]) -> None:
+        """Merge each ``(module name, layer, adapter names)``; tied weights get a copy first (``tied``)."""
+        changing = [(name, layer) for name, layer, names in todo if layer._to_merge(names)]
+        self._untied_config |= untie_before_merge(self.model, changing)
+        for _, layer, names in todo:
+            layer.merge(names)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weights. Idempotent."""
+        """Subtract every merged adapter from the base weights (tied weights are tied again). Idempotent."""
         for _, layer in self.singlora_layers():
             layer.unmerge()
+        self._retie_config()
+
+    def _retie_config(self) -> None:
+        if self._untied_config:
+            self._untied_config = retie_config(self.model, [layer for _, layer in self.singlora_layers()])
 
     def unload(self) -> nn.Module:
-        """Remove all adapters without merging (merged ones are unmerged first); returns the original model."""
+        """Remove every adapter without merging (merged ones are unmerged first) and return the original model: the
+        original module objects, ``modules_to_save`` included (their trained copies are dropped; PEFT 0.21's
+        ``unload()`` keeps the trained copies instead). To keep what was trained, ``merge_and_unload()``."""
         self.unmerge()
-        return self._restore_originals()
+        return self._restore_originals(trained_copies=False)
 
     def merge_and_unload(self, safe: bool = False) -> nn.Module:
-        """Merge the active adapters and return the wrapped model with its original module classes."""
+        """Merge the active adapters and return the wrapped model with its original module classes; each
+        ``modules_to_save`` module is the active adapter's trained copy."""
         self.merge(safe=safe)
-        return self._restore_originals()
+        return self._restore_originals(trained_copies=True)
 
-    def _restore_originals(self) -> nn.Module:
+    def _restore_originals(self, trained_copies: bool) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
             _set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self.trainable_copies()):
-            _set_submodule(self.model, name, wrapper.active_module())
+            _set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
         self.configs.clear()
         self.active_adapters = []
         return self.model

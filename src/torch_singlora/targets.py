@@ -79,10 +79,8 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
                         f"target_modules entry {entry!r} matches no module; adaptable modules end in {_candidates(model)}"
                     )
     if not found:
-        raise SingLoRAError(
-            f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matches no module; "
-            f"adaptable modules end in {_candidates(model)}"
-        )
+        raise SingLoRAError(f"target_modules={targets!r}{_no_match_hint(names, targets, config.exclude_modules)}; "
+                            f"adaptable modules end in {_candidates(model)}")
     for name in found:
         module = modules[name]
         if not isinstance(module, SingLoRALayer) and layer_kind(module) is None:
@@ -99,6 +97,16 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
             if not any(fullmatch(key_pattern(key), n) for n in found):
                 raise SingLoRAError(f"{field_name} key {key!r} matches no targeted module")
     return found
+
+
+def _no_match_hint(names: list[str], targets: Patterns, exclude: Patterns | None) -> str:
+    """Why ``targets`` selected nothing; for a string that names modules by suffix, the string-vs-list rule."""
+    if isinstance(targets, str) and targets != "all-linear":
+        by_suffix = [n for n in names if _name_matches(n, targets)]
+        if by_suffix and not any(fullmatch(targets, n) for n in names):
+            return (f" matches no module: a string is a regex that must match the whole module name (e.g. "
+                    f"{by_suffix[0]!r}); to match names or dotted suffixes pass a list: target_modules={[targets]!r}")
+    return f" (exclude_modules={exclude!r}) matches no module"
 
 
 def _prefixes(name: str) -> list[str]:
