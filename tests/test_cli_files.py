@@ -167,10 +167,11 @@ def test_inspect_escapes_file_text_and_wraps_read_errors(run: Path, tmp_path: Pa
 
 
 INSPECT_BIG = """
-import resource, sys
+import re, sys
 from torch_singlora.cli import main
 code = main(["inspect", sys.argv[1]])
-print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+peak_kib = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)  # this process only
+print(code, int(peak_kib) // 1024)
 """
 
 
