@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,10 +153,17 @@ def test_minilm_without_the_weights_package_builds_the_same_architecture(monkeyp
     assert fallback.batch["input_ids"].shape == (2, 8)
 
 
-def test_cpu_timing_needs_no_synchronization():
+def test_cpu_timing_needs_no_synchronization(monkeypatch):
+    """``timed`` returns the clock difference around exactly one call (a fake clock: the result is exact)."""
+    from benchmarks import measure
+
     sync = synchronizer("cpu")
     assert sync is not torch.cuda.synchronize
-    assert timed(lambda: sum(range(1000)), sync) > 0
+    events = []
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or next(clock)))
+    assert timed(lambda: events.append("call"), sync) == 2.5
+    assert events == ["clock", "call", "clock"]
 
 
 def test_cuda_peak_is_the_allocator_peak_above_the_starting_level(monkeypatch):
@@ -179,7 +187,10 @@ def test_cuda_peak_is_the_allocator_peak_above_the_starting_level(monkeypatch):
     assert measure.peak_step_bytes(step, "cuda") == 700
     assert state["calls"] == ["sync", "reset", "step", "sync"]
     state["calls"].clear()
-    assert measure.timed(step, measure.synchronizer("cuda")) > 0 and state["calls"] == ["sync", "step", "sync"]
+    clock = iter([3.0, 3.75])
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: state["calls"].append("clock") or next(clock)))
+    assert measure.timed(step, measure.synchronizer("cuda")) == 0.75
+    assert state["calls"] == ["sync", "clock", "step", "sync", "clock"]  # synchronized before each reading
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -120,8 +120,8 @@ def checkpoint_step(out: Path) -> int:
     return torch.load(out / "checkpoint.pt", weights_only=True)["step"]
 
 
-def resume_and_compare(setup: dict[str, Any], out: Path) -> None:
-    assert main([*setup["args"], "--output-dir", str(out), "--resume"]) == 0
+def resume_and_compare(setup: dict[str, Any], out: Path, *extra: str) -> None:
+    assert main([*setup["args"], "--output-dir", str(out), "--resume", *extra]) == 0
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == setup["reference"].keys()
     for key, value in setup["reference"].items():
@@ -254,3 +254,112 @@ def test_nan_every_step_gives_up_after_the_skip_limit(setup: dict[str, Any], mon
     assert main([*setup["args"], "--output-dir", str(out), "--on-nonfinite", "skip"]) == 2
     assert f"after {NONFINITE_SKIP_LIMIT} skipped steps in a row" in capsys.readouterr().err
     assert not (out / "adapter").exists()
+
+
+def test_resume_checks_identity_not_spelling(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                             capsys: Any) -> None:
+    """A run stopped at step 6 (checkpoint of step 4), moved elsewhere with its base model, its metrics log torn
+    mid-line, resumes from a path spelled with ``..`` and a trailing slash to the reference adapter; changed
+    training data are refused."""
+    import shutil
+
+    root, args = setup["root"], list(setup["args"])
+    out = root / "to_move"
+    poison_loss(monkeypatch, {11})
+    assert main([*args, "--output-dir", str(out)]) == 2
+    monkeypatch.undo()
+    moved = root / "elsewhere" / "run"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    shutil.copytree(root / "bert", root / "elsewhere" / "bert")
+    args[args.index("--model") + 1] = str(root / "elsewhere" / "bert")
+    with open(moved / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "step": 7, "lo')  # a write cut short by a crash or a full disk
+    spelled = f"{root}/elsewhere/../elsewhere/run/"
+
+    rows = (root / "train.jsonl").read_text().splitlines()
+    (root / "changed.jsonl").write_text("\n".join([rows[0].replace("goal", "team", 1), *rows[1:]]) + "\n")
+    changed = [*args]
+    changed[changed.index("--train-data") + 1] = str(root / "changed.jsonl")
+    capsys.readouterr()
+    assert main([*changed, "--output-dir", spelled, "--resume"]) == 2
+    assert "was written with different inputs (tokenized data / base model): data" in capsys.readouterr().err
+
+    assert main([*args, "--output-dir", spelled, "--resume"]) == 0
+    resumed = load_file(moved / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == setup["reference"].keys()
+    for key, value in setup["reference"].items():
+        assert torch.equal(resumed[key], value), key
+    steps = [json.loads(line)["step"] for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # the torn line and step 5 (after the checkpoint) logged once
+
+
+def _recognises_safetensors_io_errors() -> bool:
+    """Whether the crash-safe writes turn safetensors' ``SafetensorError`` of a full disk into an error naming the
+    file (``torch_singlora.atomic.io_error``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch_singlora.atomic") is not None and hasattr(
+        __import__("torch_singlora.atomic", fromlist=["io_error"]), "io_error")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 1 MiB tmpfs (root only; skipped where mounting is not permitted) and ``fill(pages)``: leave that many
+    free pages on it."""
+    import shutil
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def fill(pages: int) -> Path:
+        filler = mount / "filler"
+        stats = os.statvfs(mount)
+        filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - pages * page))
+        return filler
+
+    try:
+        yield mount, fill
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# Pages (4 KiB) the tiny run writes: metrics.jsonl 1 (12 lines), checkpoint.pt 4, the adapter's 3 files 1 each,
+# summary.json 1, curves.png more than 1.
+@pytest.mark.parametrize("full_at, pages, save_every", [
+    ("metrics.jsonl", 0, SAVE_EVERY),  # the first line of the log
+    ("checkpoint.pt", 1 + 4 + 1, SAVE_EVERY),  # the log + the first checkpoint fit; the second's temp file doesn't
+    pytest.param("adapter", 1 + 4, STEPS, marks=pytest.mark.skipif(  # the log + the last checkpoint fit; the adapter not
+        not _recognises_safetensors_io_errors(), reason="waits for torch_singlora.atomic.io_error (files helper)")),
+    ("curves.png", 1 + 4 + 3 + 1, STEPS),  # all but the plot
+])
+def test_full_disk_names_the_file_and_resumes_once_space_is_freed(setup: dict[str, Any], small_disk: Any,
+                                                                  capsys: Any, full_at: str, pages: int,
+                                                                  save_every: int) -> None:
+    """On a real full disk every write fails with an error naming the file (no traceback), leaves no temp file and
+    no torn checkpoint; after space is freed, --resume finishes with the reference adapter."""
+    mount, fill = small_disk
+    out = mount / "run"
+    plot = ["--plot"] if full_at == "curves.png" else []
+    args = [*setup["args"], "--output-dir", str(out), "--save-every", str(save_every), *plot]
+    filler = fill(pages)
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("singlora train: error: ") and "No space left on device" in error, error
+    assert f"{out / full_at}: cannot write" in error, error
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert (out / "adapter").exists() == (full_at == "curves.png")
+    if full_at == "metrics.jsonl":
+        assert not (out / "checkpoint.pt").exists()
+        return
+    assert checkpoint_step(out) == (SAVE_EVERY if full_at == "checkpoint.pt" else STEPS)
+    filler.unlink()
+    resume_and_compare(setup, out, "--save-every", str(save_every), *plot)

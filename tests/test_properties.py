@@ -1,13 +1,22 @@
-"""Property-based tests: random configs on random module trees either work, matching a dense float64 reference
-computed here, or raise ``SingLoRAError`` (leaving the model unchanged), never another exception type. Random
-(garbage) arguments to the public API get the same treatment."""
+"""Property-based tests, each with a floor on the examples that reach its oracle.
+
+- Valid by construction: random trees of Linear / Conv1d / Conv2d / Embedding layers with random valid configs
+  (list / suffix / regex / all-linear targets, exclusions, rank and alpha patterns, rsLoRA, int and fractional
+  ramps): every example compares every module, unmerged, merged and unmerged again, with a dense float64 reference
+  computed here.
+- Invalid by construction: the same, with one mistake; every example must be refused with ``SingLoRAError`` and the
+  model (fresh, or already holding an adapter) must be exactly as it was.
+- Garbage arguments to the public API: a ``SingLoRAError``, or a normal return whose result is checked.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES
@@ -15,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRAModel, get_singlora_model
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
@@ -30,7 +39,6 @@ def layer_specs(draw: Any) -> dict[str, Any]:
         spec["k"] = draw(st.integers(1, 3))
         spec["stride"] = draw(st.integers(1, 2))
         spec["padding"] = draw(st.integers(0, 1))
-        spec["groups"] = draw(st.sampled_from([1, 1, 1, 2]))
     spec["bias"] = draw(st.booleans())
     return spec
 
@@ -42,8 +50,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
     if kind == "embedding":
         return nn.Embedding(a, b)
     conv = nn.Conv1d if kind == "conv1d" else nn.Conv2d
-    groups = spec["groups"] if a % spec["groups"] == 0 and b % spec["groups"] == 0 else 1
-    return conv(a, b, spec["k"], stride=spec["stride"], padding=spec["padding"], groups=groups, bias=spec["bias"])
+    return conv(a, b, spec["k"], stride=spec["stride"], padding=spec["padding"], bias=spec["bias"])
 
 
 def make_input(module: nn.Module) -> torch.Tensor:
@@ -72,78 +79,181 @@ def reference(module: nn.Module, x: torch.Tensor, A: torch.Tensor | None, c: flo
     return conv(x.double(), weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
-targets_strategy = st.one_of(
-    st.lists(st.sampled_from(["m0", "m1", "m2", "block.m1", "zzz", "m", "1"]), min_size=0, max_size=3),
-    st.sampled_from(["all-linear", "m.*", ".*", "block\\..*", "(", "", "m[02]"]),
-    st.none(),
-)
+NAMES = ("m0", "block.m1", "m2", "block.inner.m3")  # names at three depths; the suffixes m0..m3 are unique
 
 
-@SETTINGS
-@given(
-    specs=st.lists(layer_specs(), min_size=1, max_size=3),
-    r=st.integers(-1, 10),
-    alpha=st.one_of(st.floats(-1.0, 10.0), st.integers(-1, 10), st.just(float("nan"))),
-    targets=targets_strategy,
-    ramp=st.one_of(st.integers(-1, 6), st.floats(-0.1, 1.2)),
-    total=st.one_of(st.none(), st.integers(0, 20)),
-    step=st.integers(0, 8),
-    rslora=st.booleans(),
-    rank_pattern=st.one_of(st.just({}), st.dictionaries(st.sampled_from(["m0", "m1", "m2", "q"]), st.integers(0, 4),
-                                                       max_size=2)),
-)
-def test_random_configs_on_random_trees(
-    specs: list[dict[str, Any]], r: int, alpha: float, targets: Any, ramp: Any, total: Any, step: int,
-    rslora: bool, rank_pattern: dict[str, int],
-) -> None:
+def rows(module: nn.Module) -> int:
+    """n = max(d_out, d_in) of a module's matrix view, written out (Linear/Embedding weights are 2-D)."""
+    shape = module.weight.shape
+    return max(shape[0], math.prod(shape[1:]))
+
+
+def make_tree(specs: list[dict[str, Any]]) -> nn.Module:
     torch.manual_seed(0)
     tree = nn.Module()
     tree.block = nn.Module()
-    for i, spec in enumerate(specs):  # m0, block.m1, m2: names at two depths
-        (tree.block if i == 1 else tree).add_module(f"m{i}", build(spec))
-    names = [f"block.m{i}" if i == 1 else f"m{i}" for i in range(len(specs))]
-    originals = {name: tree.get_submodule(name) for name in names}
-    inputs = {name: make_input(module) for name, module in originals.items()}
-    before = {k: v.clone() for k, v in tree.state_dict().items()}
-    structure = [(n, type(m)) for n, m in tree.named_modules()]
-    try:
-        config = SingLoRAConfig(r=r, alpha=alpha, target_modules=targets, ramp_up_steps=ramp, total_steps=total,
-                                use_rslora=rslora, rank_pattern=rank_pattern)
-        model = get_singlora_model(tree, config)
-        model.set_ramp_step(step)
-    except SingLoRAError:
-        assert [(n, type(m)) for n, m in tree.named_modules()] == structure
-        assert all(torch.equal(v, before[k]) for k, v in tree.state_dict().items())
-        return
-    model.eval()
-    adapted = dict(model.singlora_layers())
-    T = config.resolve_ramp_up_steps()
-    u = 1.0 if T == 0 else min(step / T, 1.0)
-    for name, module in originals.items():
-        # The targeting rule, written out: list = exact name or dotted suffix; string = full regex match.
-        if targets == "all-linear":
-            wanted = isinstance(module, nn.Linear)
-        elif isinstance(targets, list):
-            wanted = any(name == t or name.endswith("." + t) for t in targets)
+    tree.block.inner = nn.Module()
+    for name, spec in zip(NAMES, specs):
+        parent, _, leaf = name.rpartition(".")
+        (tree.get_submodule(parent) if parent else tree).add_module(leaf, build(spec))
+    return tree
+
+
+@st.composite
+def valid_cases(draw: Any) -> dict[str, Any]:
+    """A tree and a config that is valid for it by construction, with the expected adapted modules, ranks and
+    scales computed from the drawn choices (not by the library)."""
+    specs = [draw(layer_specs()) for _ in range(draw(st.integers(2, 4)))]
+    names = list(NAMES[: len(specs)])
+    linear = [n for n, spec in zip(names, specs) if spec["kind"] == "linear"]
+    form = draw(st.sampled_from(["list", "regex", "all-linear"] if linear else ["list", "regex"]))
+    if form == "all-linear":
+        chosen, targets = linear, "all-linear"
+    else:
+        chosen = draw(st.permutations(names))[: draw(st.integers(1, len(names)))]
+        if form == "list":  # full names or unique dotted suffixes
+            targets = [draw(st.sampled_from([n, n.rsplit(".", 1)[-1]])) for n in chosen]
         else:
-            wanted = re.fullmatch(targets, name) is not None
-        assert (name in adapted) == wanted, (name, targets)
-        A, c = None, 0.0
-        if wanted:
-            rank = next((v for k, v in rank_pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), r)
-            adapter = adapted[name].singlora["default"]
-            assert tuple(adapter.A.shape) == (max(adapted[name].d_out, adapted[name].d_in), rank)
-            A = adapter.A
-            c = alpha / (math.sqrt(rank) if rslora else rank) * u
-        expected = reference(module, inputs[name], A, c)
+            targets = "|".join(re.escape(n) for n in chosen)
+    excluded = chosen[:1] if len(chosen) > 1 and draw(st.booleans()) else []
+    adapted = [n for n in names if n in chosen and n not in excluded]
+    n_of = {n: rows(build(spec)) for n, spec in zip(names, specs)}
+    r = draw(st.integers(1, min(n_of[n] for n in adapted)))
+    ranks = {n: draw(st.integers(1, n_of[n])) for n in draw(st.lists(st.sampled_from(adapted), unique=True))}
+    alphas = {n: draw(st.floats(0.1, 10.0)) for n in draw(st.lists(st.sampled_from(adapted), unique=True))}
+    ramp = draw(st.one_of(st.integers(0, 6), st.floats(0.0, 1.0)))
+    total = draw(st.one_of(st.none(), st.integers(1, 20)))
+    if isinstance(ramp, int):
+        T: int | None = ramp
+    elif total is None:
+        T = None  # a fraction of an unknown run: u = 0 and t stays 0
+    else:
+        T = max(1, round(ramp * total)) if ramp > 0 else 0
+    config = SingLoRAConfig(
+        r=r, alpha=draw(st.floats(0.1, 10.0)), target_modules=targets, exclude_modules=excluded or None,
+        rank_pattern={n.rsplit(".", 1)[-1]: v for n, v in ranks.items()},
+        alpha_pattern={n.rsplit(".", 1)[-1]: v for n, v in alphas.items()}, use_rslora=draw(st.booleans()),
+        ramp_up_steps=ramp, total_steps=total,
+    )
+    step = 0 if T is None else draw(st.integers(0, 8))
+    u = 0.0 if T is None else 1.0 if T == 0 else min(step / T, 1.0)
+    expected = {}
+    for n in adapted:
+        rank = ranks.get(n, r)
+        expected[n] = (rank, alphas.get(n, config.alpha) / (math.sqrt(rank) if config.use_rslora else rank) * u)
+    return {"specs": specs, "names": names, "config": config, "step": step, "expected": expected}
+
+
+def test_valid_configs_match_the_float64_reference_merged_and_unmerged() -> None:
+    compared: list[int] = []
+
+    @SETTINGS
+    @given(case=valid_cases())
+    def run(case: dict[str, Any]) -> None:
+        tree = make_tree(case["specs"])
+        originals = {n: tree.get_submodule(n) for n in case["names"]}
+        inputs = {n: make_input(m) for n, m in originals.items()}
+        model = get_singlora_model(tree, case["config"])
+        model.set_ramp_step(case["step"])
+        model.eval()
+        adapted = dict(model.singlora_layers())
+        assert sorted(adapted) == sorted(case["expected"])
         atol, rtol = TOLERANCES[torch.float32]
         with torch.no_grad():
-            torch.testing.assert_close(model.model.get_submodule(name)(inputs[name]).double(), expected,
-                                       atol=atol, rtol=rtol)
-            model.merge()
-            torch.testing.assert_close(model.model.get_submodule(name)(inputs[name]).double(), expected,
-                                       atol=atol, rtol=rtol)
-            model.unmerge()
+            with torch.random.fork_rng():
+                torch.manual_seed(1)
+                for layer in adapted.values():  # larger than the N(0, 1/n) init, so the update is not negligible
+                    layer.singlora["default"].A.normal_()
+            expected = {}
+            for name, module in originals.items():
+                A, c = None, 0.0
+                if name in adapted:
+                    rank, c = case["expected"][name]
+                    A = adapted[name].singlora["default"].A
+                    assert tuple(A.shape) == (rows(module), rank)
+                expected[name] = reference(module, inputs[name], A, c)
+            for state in ("unmerged", "merged", "unmerged again"):
+                if state == "merged":
+                    model.merge()
+                elif state == "unmerged again":
+                    model.unmerge()
+                for name, x in inputs.items():
+                    actual = model.model.get_submodule(name)(x).double()
+                    torch.testing.assert_close(actual, expected[name], atol=atol, rtol=rtol, msg=f"{name} {state}")
+        compared.append(len(adapted))
+
+    run()
+    assert len(compared) == SETTINGS.max_examples  # every example reached the reference
+    assert sum(compared) >= SETTINGS.max_examples  # and adapted at least one module each
+
+
+def snapshot(tree: nn.Module, model: SingLoRAModel | None) -> tuple:
+    """Everything a refused call must leave as it was: module types, every tensor, requires_grad flags, adapters."""
+    structure = [(n, type(m)) for n, m in tree.named_modules()]
+    tensors = {k: v.detach().clone() for k, v in tree.state_dict().items()}
+    flags = [(n, p.requires_grad) for n, p in tree.named_parameters()]
+    adapters = None if model is None else (dict(model.configs), list(model.active_adapters))
+    return structure, tensors, flags, adapters
+
+
+def same(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and a[1].keys() == b[1].keys()
+            and all(torch.equal(a[1][k], b[1][k]) for k in a[1]))
+
+
+def mistakes(case: dict[str, Any], tree: nn.Module) -> dict[str, SingLoRAConfig]:
+    """One config-valid change per kind of mistake that makes ``case``'s config invalid for ``tree``."""
+    config: SingLoRAConfig = case["config"]
+    adapted = sorted(case["expected"])
+    first = adapted[0]
+    nested = [n for n in case["names"] if "." in n]  # a string naming it by its suffix alone matches nothing
+    plain = {"exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}}
+    changes = {
+        "r > n": {"r": min(rows(tree.get_submodule(n)) for n in adapted) + 1, "rank_pattern": {}},
+        "rank_pattern value > n": {"rank_pattern": {first.rsplit(".", 1)[-1]: rows(tree.get_submodule(first)) + 1}},
+        "list entry matches nothing": {"target_modules": [*adapted, "zzz"], "exclude_modules": None},
+        "regex matches nothing": {"target_modules": "zzz.*", "exclude_modules": None},
+        "string names a module by suffix only": {"target_modules": nested[0].rsplit(".", 1)[-1] if nested else "zzz",
+                                                 **plain},
+        "rank_pattern key matches nothing": {"rank_pattern": {"nomatch": 1}},
+        "alpha_pattern key matches nothing": {"alpha_pattern": {"nomatch": 1.0}},
+        "exclude entry matches nothing": {"exclude_modules": ["zzz"]},
+        "modules_to_save matches nothing": {"modules_to_save": ["zzz"]},
+        "grouped conv targeted": {"target_modules": ["grouped"], **plain},
+        "unsupported module targeted": {"target_modules": ["block"], **plain},
+    }
+    return {name: dataclasses.replace(config, **change) for name, change in changes.items()}
+
+
+MISTAKES = ("r > n", "rank_pattern value > n", "list entry matches nothing", "regex matches nothing",
+            "string names a module by suffix only", "rank_pattern key matches nothing",
+            "alpha_pattern key matches nothing", "exclude entry matches nothing", "modules_to_save matches nothing",
+            "grouped conv targeted", "unsupported module targeted")
+
+
+def test_invalid_configs_are_refused_and_change_nothing() -> None:
+    refused: list[str] = []
+
+    @SETTINGS
+    @given(case=valid_cases(), mistake=st.sampled_from(MISTAKES), existing=st.booleans())
+    def run(case: dict[str, Any], mistake: str, existing: bool) -> None:
+        tree = make_tree(case["specs"])
+        tree.grouped = nn.Conv2d(4, 4, 3, groups=2)
+        model = get_singlora_model(tree, case["config"]) if existing else None  # a model already holding one
+        if model is not None:
+            model.set_ramp_step(case["step"])
+        before = snapshot(tree, model)
+        bad = mistakes(case, tree)[mistake]
+        with pytest.raises(SingLoRAError):
+            if model is None:
+                get_singlora_model(tree, bad)
+            else:
+                model.add_adapter("second", bad)
+        assert same(snapshot(tree, model), before), mistake
+        refused.append(mistake)
+
+    run()
+    assert len(refused) == SETTINGS.max_examples and len(set(refused)) >= 8  # most kinds of mistake were made
 
 
 # ---- garbage arguments to the public API ----------------------------------------------------------------------
@@ -154,38 +264,111 @@ garbage = st.one_of(
                                                                          max_size=2),
     st.just({"a": 1}), st.just(object()), st.just(nn.Linear(2, 2)),
 )
-CALLS = ["set_step", "set_adapter", "merge", "delete_adapter", "add_adapter", "get_step", "step", "bind_optimizer",
-         "unmerge", "get_singlora_model", "config", "disable_adapters", "load_adapter", "save_adapter", "load_name"]
+CALLS = ["set_ramp_step", "set_adapter", "merge", "delete_adapter", "add_adapter", "get_ramp_step", "advance_ramp",
+         "bind_optimizer", "set_total_steps", "get_ramp_value", "unmerge", "get_singlora_model", "config",
+         "disable_adapters", "load_adapter", "save_adapter", "load_name"]
+X = torch.randn(2, 4)
 
 
-@SETTINGS
-@given(call=st.sampled_from(CALLS), a=garbage, b=garbage)
-def test_public_api_garbage_raises_singlora_error(call: str, a: Any, b: Any, tmp_path_factory: Any) -> None:
-    torch.manual_seed(0)
-    model = get_singlora_model(nn.Sequential(nn.Linear(4, 3)), SingLoRAConfig(r=2, target_modules=["0"]))
-    try:
-        if call == "get_singlora_model":
-            get_singlora_model(a, b)
-        elif call == "config":
-            SingLoRAConfig(r=a, alpha=b) if isinstance(b, (int, float)) else SingLoRAConfig(target_modules=a, r=2)
-        elif call == "add_adapter":
-            model.add_adapter(a, SingLoRAConfig(r=2, target_modules=["0"]) if b is None else b)
-        elif call == "disable_adapters":
-            with model.disable_adapters():
-                model(torch.randn(1, 4))
-        elif call in ("load_adapter", "save_adapter"):
-            directory = tmp_path_factory.mktemp("d") / str(a).replace("/", "_")[:20] if isinstance(a, str) else a
-            getattr(model, call)(directory, b) if call == "save_adapter" else model.load_adapter(directory, "x", b)
-        elif call == "load_name":
-            directory = tmp_path_factory.mktemp("d")
-            model.save_adapter(directory)
-            model.load_adapter(directory, a)
-        elif call == "unmerge":
-            model.unmerge()
-        else:
-            getattr(model, call)(a)
-    except SingLoRAError:
-        pass
+def _is_count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else value
+
+
+def _path(folder: Any, a: Any) -> Any:
+    return folder / str(a).replace("/", "_")[:20] if isinstance(a, str) else a
+
+
+def _call(call: str, a: Any, b: Any, model: SingLoRAModel, folder: Any) -> Callable[[], None]:
+    """Make the call (garbage ``a``, ``b``); returns the check to run when it returned normally: the arguments
+    were in fact valid, and the result and the model are what that call promises."""
+    layer = model.model[0]
+    before, base = model(X), layer.base_layer(X)
+    if call in ("set_ramp_step", "advance_ramp"):
+        getattr(model, call)(a)
+        return lambda: _expect(_is_count(a) and model.get_ramp_step() == a)
+    if call == "set_total_steps":
+        model.set_total_steps(a)
+        return lambda: _expect(_is_count(a, 1) and model.get_ramp_up_steps() == max(1, round(0.01 * a)))
+    if call in ("get_ramp_step", "get_ramp_value"):
+        result = getattr(model, call)(a)
+        return lambda: _expect(a in (None, "default") and result == 0)
+    if call == "set_adapter":
+        model.set_adapter(a)
+        return lambda: _expect(a in ("default", ["default"], []) and model.active_adapters == _as_list(a))
+    if call in ("merge", "unmerge"):
+        model.merge(a) if call == "merge" else (model.merge(), model.unmerge())
+        merged = [] if call == "unmerge" else ["default"]
+
+        def check() -> None:
+            _expect(call == "unmerge" or a in (None, "default", ["default"]))
+            _expect(layer.merged_adapters == merged and torch.allclose(model(X), before, atol=1e-6))
+        return check
+    if call == "delete_adapter":
+        model.delete_adapter(a)
+        return lambda: _expect(a == "default" and not model.configs and type(model.model[0]) is nn.Linear)
+    if call == "add_adapter":
+        config = SingLoRAConfig(r=2, target_modules=["0"]) if b is None else b
+        model.add_adapter(a, config)
+        valid = isinstance(a, str) and a not in ("", "default") and "." not in a and isinstance(config, SingLoRAConfig)
+        return lambda: _expect(valid and model.configs[a] is config and a in layer.singlora)
+    if call == "bind_optimizer":
+        model.bind_optimizer(a)
+        return lambda: _expect(False)  # no garbage is an optimizer
+    if call == "get_singlora_model":
+        get_singlora_model(a, b)
+        return lambda: _expect(False)  # no garbage is a (model, config) pair
+    if call == "config":
+        if isinstance(b, (int, float)):
+            config = SingLoRAConfig(r=a, alpha=b)
+            return lambda: _expect(_is_count(a, 1) and not isinstance(b, bool) and math.isfinite(b) and b > 0
+                                   and (config.r, config.alpha) == (a, b))
+        config = SingLoRAConfig(target_modules=a, r=2)
+        valid = a is None or (isinstance(a, str) and a) or (isinstance(a, list) and all(isinstance(v, str) and v for v in a)
+                                                            and a)
+        return lambda: _expect(bool(valid) and config.target_modules == a)
+    if call == "disable_adapters":
+        with model.disable_adapters():
+            inside = model(X)
+        return lambda: _expect(torch.equal(inside, base) and torch.equal(model(X), before))
+    if call == "save_adapter":
+        model.save_adapter(_path(folder, a), b)
+        return lambda: _expect(isinstance(a, str) and b in (None, "default") and sorted(
+            p.name for p in _path(folder, a).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"])
+    if call == "load_adapter":
+        model.load_adapter(_path(folder, a), "x", b)
+        return lambda: _expect(False)  # nothing was saved there
+    assert call == "load_name"
+    model.save_adapter(folder)
+    model.load_adapter(folder, a)
+    return lambda: _expect(isinstance(a, str) and a not in ("", "default") and "." not in a
+                           and model.active_adapters == [a] and torch.equal(layer.singlora[a].A, layer.singlora["default"].A))
+
+
+def _expect(condition: bool) -> None:
+    assert condition
+
+
+def test_public_api_garbage_raises_singlora_error_or_returns_what_it_should(tmp_path_factory: Any) -> None:
+    returned: list[str] = []
+
+    @SETTINGS
+    @given(call=st.sampled_from(CALLS), a=garbage, b=garbage)
+    def run(call: str, a: Any, b: Any) -> None:
+        torch.manual_seed(0)
+        model = get_singlora_model(nn.Sequential(nn.Linear(4, 3)), SingLoRAConfig(r=2, target_modules=["0"]))
+        try:
+            check = _call(call, a, b, model, tmp_path_factory.mktemp("d"))
+        except SingLoRAError:
+            return
+        check()
+        returned.append(call)
+
+    run()
+    assert len(returned) >= 5  # some garbage is valid after all, and those results were checked
 
 
 # ---- training options (``singlora train``) ---------------------------------------------------------------------

@@ -101,3 +101,82 @@ def test_stock_peft_serves_export_on_quantized_base(tmp_path, bits: int) -> None
             lora_term = lora_layer(h) - lora_layer.base_layer(h)
             assert_close(lora_term, layer(h) - layer.base_layer(h), torch.float32)
             h = layer(h)
+
+
+@pytest.mark.parametrize("repacked_by", ["an eval forward", "bitsandbytes' CPU packing"])
+def test_dequantize_and_merge_after_the_cpu_kernel_repacked_the_weight(repacked_by: str) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first eval-mode
+    no-grad forward (``quant_state.packing_format_for_cpu``); merging must dequantize the original layout. Where the
+    CPU lacks the instructions, the repacked state is made the way bitsandbytes makes it."""
+    model = _adapted(4)
+    expected, base = {}, {}
+    for name, layer in model.singlora_layers():  # the reference, from the weights as quantized (not repacked)
+        A = layer.singlora["default"].A
+        base[name] = dequantize_weight(layer.base_layer).double()
+        expected[name] = base[name] + dense_update(A, layer.d_out, layer.d_in, expected_coefficient(3, 6.0, 1, 2))
+    x = torch.randn(5, 64)
+    if repacked_by == "an eval forward":
+        if not bnb.functional.has_avx512bf16():
+            pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+        model.eval()
+        with torch.no_grad():
+            quantized = model(x)
+    else:
+        for _, layer in model.singlora_layers():
+            weight = layer.base_layer.weight
+            if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+                weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data,
+                                                                                                weight.quant_state)
+    assert all(layer.base_layer.weight.quant_state.packing_format_for_cpu for _, layer in model.singlora_layers())
+    plain = dequantize_and_merge(model)
+    for name, module in plain.named_children():
+        assert type(module) is nn.Linear
+        # Repacking stores the per-block scales (absmax) in bfloat16, which bitsandbytes cannot undo: each
+        # dequantized value may move by the rounding of its scale, at most bfloat16's unit roundoff 2^-8 of itself.
+        error = (module.weight.double() - expected[name]).abs()
+        assert (error <= 2**-8 * base[name].abs() + 1e-6).all(), float(error.max())
+    if repacked_by == "an eval forward":  # and the merged model answers as the quantized one + adapter did
+        with torch.no_grad():
+            merged = plain(x)
+        assert torch.equal(merged.argmax(-1), quantized.argmax(-1))
+        assert_close(merged, quantized, torch.bfloat16)  # the CPU kernel computes in bfloat16
+
+
+NOISE_SCRIPT = """
+import logging, torch
+from torch_singlora.integrations.quantized import _drop_noise, quiet_bitsandbytes
+quiet_bitsandbytes()
+import bitsandbytes as bnb  # on AVX512-BF16 CPUs: the "Failed to load CPU gemm_4bit_forward" message, dropped
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another cpu.ops message")
+layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu").eval()
+with torch.no_grad():
+    for _ in range(3):  # eval mode: MatMul8bitLt (training on CPU takes another path); its warnings dropped
+        layer(torch.randn(2, 64))
+    logging.getLogger("bitsandbytes.autograd._functions").removeFilter(_drop_noise)
+    layer(torch.randn(2, 64))  # the control: without the filter, the warning shows
+logging.getLogger("bitsandbytes.autograd._functions").warning("another _functions message")
+"""
+
+
+def test_bitsandbytes_noise_is_dropped_and_nothing_else() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NOISE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("MatMul8bitLt: inputs will be cast from torch.float32") == 1  # the control's
+    assert "gemm_4bit_forward" not in done.stderr
+    assert "another cpu.ops message" in done.stderr and "another _functions message" in done.stderr
+
+
+def test_the_cli_installs_the_noise_filter(tmp_path) -> None:
+    import logging
+
+    from torch_singlora.cli import main
+    from torch_singlora.integrations import quantized
+
+    loggers = [logging.getLogger(name) for name in quantized.BITSANDBYTES_NOISE]
+    for logger in loggers:
+        logger.removeFilter(quantized._drop_noise)
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    assert all(quantized._drop_noise in logger.filters for logger in loggers)

@@ -90,12 +90,12 @@ def test_a_new_task_plugs_in_without_touching_the_loop(llama: dict[str, Path], t
     args = ["train", "--task", "toy", "--model", str(llama["llama"]), "--train-data", str(llama["train"]),
             "--eval-data", str(llama["eval"]), "--output-dir", str(out), "--max-length", "8", "--batch-size", "4",
             "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--quiet", "--no-plot",
-            "--sample-prefix", "#"]
+            "--sample-prefix", "#", "--ramp-up-steps", "0"]  # u = 1 from step 0: the base score disables A
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]  # the base model's score first
-    expected = _eval_loss(llama["llama"], llama["eval"], 8)  # u = 0 at step 0: exactly the base model
+    expected = _eval_loss(llama["llama"], llama["eval"], 8)
     assert evals[0]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert evals[0]["samples"] == [f"#{evals[0]['samples'][0][1:]}"] and int(evals[0]["samples"][0][1:]) > 0
     summary = json.loads((out / "summary.json").read_text())
@@ -162,3 +162,16 @@ def test_dreambooth_stops_at_the_first_non_finite_step(tmp_path: Path, monkeypat
     with pytest.raises(SingLoRAError, match=r"non-finite loss \(nan\) at optimizer step 2; stopped without writing"):
         dreambooth.train_dreambooth(args)
     assert len(calls) == 4 and not (tmp_path / "out" / "singlora").exists()
+
+
+def test_evaluate_a_base_model_without_an_adapter(llama: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    assert main(["evaluate", "--model", str(llama["llama"]), "--task", "causal-lm", "--data", str(llama["eval"]),
+                 "--output", str(tmp_path / "m.json"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(_eval_loss(llama["llama"], llama["eval"], 128), rel=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(llama["llama"]), "--task", "classification", "--data",
+                 str(llama["eval"])]) == 2
+    assert "--task classification: evaluating needs a trained adapter folder" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(llama["eval"])]) == 2
+    assert "without an adapter folder, give the base model: --model and --task" in capsys.readouterr().err

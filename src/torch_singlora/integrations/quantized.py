@@ -15,7 +15,9 @@ backward); the same code path runs on CUDA.
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +57,23 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and type(weight).__module__.startswith("bitsandbytes")
 
 
+def _cpu_packing_undone(data: Tensor, quant_state: Any) -> tuple[Tensor, Any]:
+    """The 4-bit weight and quantization state in bitsandbytes' original layout, from the layout its CPU kernel
+    uses. On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight at its first eval-mode no-grad
+    forward (``quant_state.packing_format_for_cpu``: nibbles reordered, per-block scales ``absmax`` made bfloat16
+    and transposed), and ``dequantize_4bit`` reads the original layout only. The nibbles go back with bitsandbytes'
+    own inverse (what it does before saving or moving such a weight), on a copy of the state: the layer stays as it
+    is, and the scales stay the bfloat16 values the layer computes with (the inverse would quantize them again)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    packed_absmax = quant_state.absmax  # (blocks per row, out_features) bfloat16
+    state = copy.copy(quant_state)
+    state.original_nested = False  # keep float scales: no second quantization of absmax
+    data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    state.absmax, state.nested = packed_absmax.T.reshape(-1).float(), False
+    return data, state
+
+
 def dequantize_weight(module: nn.Module) -> Tensor:
     """The float32 weight ``(out, in)`` of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` layer."""
     import bitsandbytes as bnb
@@ -62,7 +81,10 @@ def dequantize_weight(module: nn.Module) -> Tensor:
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # 4-bit: packed uint8 + quantization state
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).to(torch.float32)
+        data = weight.data
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            data, quant_state = _cpu_packing_undone(data, quant_state)
+        return bnb.functional.dequantize_4bit(data, quant_state).to(torch.float32)
     scales = getattr(weight, "SCB", None)
     if scales is None:
         scales = getattr(getattr(module, "state", None), "SCB", None)

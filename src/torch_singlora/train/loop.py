@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     run = prepare(config)
     if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
-        run.base_metrics = evaluate(run)  # the base model's score (u = 0 / B = 0 at step 0)
+        with run.method.disabled():  # the base model's score, before training
+            run.base_metrics = evaluate(run)
     run.model.train()
     while run.step < run.total_steps:
         train_epoch(run)
@@ -130,6 +131,30 @@ def prepare(config: TrainConfig) -> Run:
         eval_loader = accelerator.prepare(DataLoader(data.eval, batch_size=config.eval_batch_size, collate_fn=collate,
                                                      generator=torch.Generator()))  # leaves the global RNG alone
 
+    method = make_method(config, task, data, tokenizer, total_steps)
+    optimizer = method.make_optimizer(config.lr, config.weight_decay)
+    method.bind_ramp(optimizer)
+    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"),
+                                                             total_steps))
+    model, optimizer = accelerator.prepare(method.model, optimizer)
+    parameters = list(method.named_trainable().values())
+
+    stepper = OptimizerStep(
+        accelerator, model, optimizer, scheduler, parameters, max_grad_norm=config.max_grad_norm,
+        on_nonfinite=config.on_nonfinite, skip_limit=NONFINITE_SKIP_LIMIT, check_gradients=config.precision != "fp16",
+        advice=lambda: f"{folder.resume_advice()} (--on-nonfinite skip drops such steps; or lower --lr={config.lr})")
+    identity = {"data": data_fingerprint([data.train, data.eval]), "model": model_fingerprint(config.model)}
+    run = Run(config, task, folder, accelerator, tokenizer, data, collate, method, model, optimizer, scheduler, stepper,
+              eval_loader, batches_per_epoch, total_steps, identity)
+    if state is not None:
+        restore(run, state)
+    start_output(run, state)
+    return run
+
+
+def make_method(config: TrainConfig, task: Task, data: TaskData, tokenizer: Any, total_steps: int) -> Method:
+    """The base model (the task's class) made trainable by the method (SingLoRA, PEFT or full)."""
     base = task.load_model(config.model, data.info)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
@@ -144,30 +169,7 @@ def prepare(config: TrainConfig) -> Run:
         ramp_up_steps=parse_steps_or_fraction(config.ramp_up_steps, "--ramp-up-steps"),
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
     )
-    method = method_class(config.method).wrap(base, settings, task.heads(base))
-    optimizer = method.make_optimizer(config.lr, config.weight_decay)
-    method.bind_ramp(optimizer)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"),
-                                                             total_steps))
-    model, optimizer = accelerator.prepare(method.model, optimizer)
-    parameters = list(method.named_trainable().values())
-
-    def advice() -> str:
-        kept = (f"the last checkpoint ({folder.checkpoint}) is intact: resume with --resume"
-                if folder.checkpoint.exists() else "no checkpoint was written yet")
-        return f"{kept} (--on-nonfinite skip drops such steps; or lower --lr={config.lr})"
-
-    stepper = OptimizerStep(accelerator, model, optimizer, scheduler, parameters, max_grad_norm=config.max_grad_norm,
-                            on_nonfinite=config.on_nonfinite, skip_limit=NONFINITE_SKIP_LIMIT,
-                            check_gradients=config.precision != "fp16", advice=advice)
-    identity = {"data": data_fingerprint([data.train, data.eval]), "model": model_fingerprint(config.model)}
-    run = Run(config, task, folder, accelerator, tokenizer, data, collate, method, model, optimizer, scheduler, stepper,
-              eval_loader, batches_per_epoch, total_steps, identity)
-    if state is not None:
-        restore(run, state)
-    start_output(run, state)
-    return run
+    return method_class(config.method).wrap(base, settings, task.heads(base))
 
 
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
@@ -316,9 +318,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if run.main:
         with atomic_directory(run.folder.adapter) as tmp:
-            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model))
-            if config.method == "full":  # the folder is then a whole transformers model
-                run.tokenizer.save_pretrained(tmp)
+            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model), run.tokenizer)
             write_run_info(tmp, {
                 "task": config.task, "method": config.method, "base_model": str(Path(config.model).resolve()),
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),

@@ -10,16 +10,17 @@ the same layers. The task's heads (e.g. ``classifier``) train fully and are save
 
     method = METHODS[name].wrap(base_model, settings, heads)   # the model to train
     optimizer = method.make_optimizer(lr, weight_decay); method.bind_ramp(optimizer)
-    method.save(folder, unwrapped_model)                       # after training
+    method.save(folder, unwrapped_model, tokenizer)            # after training
     METHODS[name].load(folder, load_base)                      # back: for evaluate / merge
     METHODS[name].merged(model)                                # a plain transformers model
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, ContextManager, Union
 
 import torch
 from torch import nn
@@ -122,7 +123,11 @@ class Method:
     def ramp_up_steps(self) -> int | None:
         return None
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
+    def disabled(self) -> ContextManager[None]:
+        """Inside: the base model alone (the step-0 "base" score; full fine-tuning has nothing to disable)."""
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
         """Write the trained weights of ``model`` (the unwrapped ``self.model``) into ``directory``; returns the
         weights file."""
         model.save_pretrained(directory)
@@ -166,7 +171,10 @@ class SingLoRA(Method):
     def ramp_up_steps(self) -> int:
         return self.model.get_ramp_up_steps()
 
-    def save(self, directory: Path, model: nn.Module) -> Path:
+    def disabled(self) -> ContextManager[None]:
+        return self.model.disable_adapters()
+
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
         model.save_adapter(directory)
         return directory / self.weights_file
 
@@ -197,6 +205,9 @@ class Peft(Method):
         return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=lr,
                                          loraplus_lr_ratio=self.settings.loraplus_lr_ratio, weight_decay=weight_decay)
 
+    def disabled(self) -> ContextManager[None]:
+        return self.model.disable_adapter()
+
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
         from peft import PeftModel
@@ -211,6 +222,11 @@ class Peft(Method):
 
 class Full(Method):
     weights_file = "model.safetensors"
+
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
+        """A whole transformers model folder: the weights and the tokenizer."""
+        tokenizer.save_pretrained(directory)
+        return super().save(directory, model, tokenizer)
 
     @staticmethod
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:

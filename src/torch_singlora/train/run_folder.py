@@ -81,6 +81,11 @@ class RunFolder:
                 raise SingLoRAError(f"--overwrite: cannot remove {path}: {exc.strerror or exc}") from exc
         return removed
 
+    def resume_advice(self) -> str:
+        """How a stopped run goes on, for error messages."""
+        return (f"the last checkpoint ({self.checkpoint}) is intact: resume with --resume" if self.checkpoint.exists()
+                else "no checkpoint was written yet")
+
     def create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
