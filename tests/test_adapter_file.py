@@ -238,3 +238,23 @@ def test_write_errors_however_reported_name_the_file(tmp_path: Path) -> None:
     assert not (tmp_path / "merged").exists()
     with pytest.raises(KeyError):  # not an I/O error: a bug, raised as is
         atomic_write(target, lambda tmp: {}["x"])
+
+
+def test_a_nested_write_failure_names_the_folder_not_its_temp(tmp_path: Path) -> None:
+    """A folder written through atomic_directory whose files are written by atomic_write (a saved adapter): the
+    error names the folder, not the temp folder inside which the file failed."""
+    from torch_singlora import SingLoRAError
+    from torch_singlora.atomic import atomic_directory, atomic_write
+
+    def full(tmp: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SingLoRAError, match=rf"^{tmp_path / 'adapter'}: cannot write: No space left on device"):
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            atomic_write(tmp / "adapter_model.safetensors", full)
+    with pytest.raises(SingLoRAError, match="not an I/O error"):  # a refusal inside the body stays as it is
+        with atomic_directory(tmp_path / "adapter"):
+            try:
+                raise FileNotFoundError(2, "No such file or directory")
+            except FileNotFoundError:
+                raise SingLoRAError("not an I/O error") from None

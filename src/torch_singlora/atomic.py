@@ -53,10 +53,11 @@ def _keep_mode(source: Path, target: Path) -> None:
 
 def io_error(exc: BaseException) -> OSError | None:
     """The OSError behind a failed write, or None: ``exc`` itself, one in its ``__cause__``/``__context__`` chain
-    (torch.save's ``RuntimeError``), or an ``(os error N)`` in its message (safetensors' ``SafetensorError``)."""
+    (torch.save's ``RuntimeError``; a nested ``atomic_write``'s ``SingLoRAError``), or an ``(os error N)`` in its
+    message (safetensors' ``SafetensorError``). A context suppressed by ``raise ... from None`` is not followed."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen and not isinstance(current, SingLoRAError):
+    while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError):
             return current
