@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch_singlora import SingLoRAConfig, get_singlora_model
-from torch_singlora.functional import delta_matrix, init_A, ramp, scaling
+from torch_singlora.functional import delta_matrix, init_A, ramp_value, scaling
 
 METHODS = ("base", "lora", "lora_again", "singlora", "singlora_compile", "lora_compile", "dense_ref")
 RAMP_STEPS = 1000  # T of the ramp (the paper's GLUE value); u stays a tensor, so compile never recompiles on it
@@ -55,7 +55,7 @@ class DenseUpdateLinear(nn.Module):
         self.scale = scaling(r, alpha)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        coefficient = ramp(self.step, RAMP_STEPS) * self.scale
+        coefficient = ramp_value(self.step, RAMP_STEPS) * self.scale
         delta = delta_matrix(self.A, self.d_out, self.d_in, coefficient)  # no-op cast for a float32 base
         weight = self.base_layer.weight + delta.to(self.base_layer.weight.dtype)
         return F.linear(x, weight, self.base_layer.bias)

@@ -140,7 +140,7 @@ def _singlora_extras(workload: Workload, methods: dict[str, Method], warmup: int
     extras: dict[str, Any] = {
         "inference": inference,
         "merged_vs_unmerged_max_abs_diff": float((unmerged_out.float() - merged_out.float()).abs().max()),
-        "singlora_step": ours.get_step(),
+        "singlora_step": ours.get_ramp_step(),
     }
     files = {"singlora": directory_bytes(lambda d: ours.save_adapter(d))}
     if "lora" in methods:

@@ -153,7 +153,7 @@ class SingLoRAPair:
         return self.A
 
     def coefficient(self) -> Tensor:
-        return functional.ramp(self.step, self.ramp_steps) * self.scale
+        return functional.ramp_value(self.step, self.ramp_steps) * self.scale
 
     def project(self, XW: Tensor, X: Tensor, which: int) -> Tensor:
         """``X (W + c A A^T)`` given ``XW``, factored as in ``SingLoRALayer``: (B, N, d)."""

@@ -336,7 +336,7 @@ def small_disk(tmp_path: Path) -> Any:
 @pytest.mark.parametrize("full_at, pages, save_every", [
     ("metrics.jsonl", 0, SAVE_EVERY),  # the first line of the log
     ("checkpoint.pt", 1 + 4 + 1, SAVE_EVERY),  # the log + the first checkpoint fit; the second's temp file doesn't
-    pytest.param("adapter", 1 + 4, STEPS, marks=pytest.mark.skipif(  # the log + the last checkpoint fit; the adapter not
+    pytest.param("adapter", 1 + 4, STEPS, marks=pytest.mark.skipif(  # the log + the last checkpoint fit; not the
         not _recognises_safetensors_io_errors(), reason="waits for torch_singlora.atomic.io_error (files helper)")),
     ("curves.png", 1 + 4 + 3 + 1, STEPS),  # all but the plot
 ])

@@ -11,9 +11,9 @@ pytest.importorskip("transformers")
 
 from torch_singlora import SingLoRAModel  # noqa: E402
 from torch_singlora.diffusion.dreambooth import (  # noqa: E402
-    DEFAULT_TARGETS, DreamBoothArgs, add_singlora, denoising_loss, dreambooth_loss, encode_prompt, load_pipeline,
-    pipeline_class_name, train_dreambooth,
+    DEFAULT_TARGETS, DreamBoothArgs, add_singlora, denoising_loss, dreambooth_loss, train_dreambooth,
 )
+from torch_singlora.diffusion.pipeline import encode_prompt, load_pipeline, pipeline_class_name  # noqa: E402
 from torch_singlora.diffusion.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet  # noqa: E402
 from torch_singlora.errors import SingLoRAError  # noqa: E402
 from torch_singlora.layers import SingLoRALayer  # noqa: E402

@@ -327,8 +327,8 @@ def _call(call: str, a: Any, b: Any, model: SingLoRAModel, folder: Any) -> Calla
             return lambda: _expect(_is_count(a, 1) and not isinstance(b, bool) and math.isfinite(b) and b > 0
                                    and (config.r, config.alpha) == (a, b))
         config = SingLoRAConfig(target_modules=a, r=2)
-        valid = a is None or (isinstance(a, str) and a) or (isinstance(a, list) and all(isinstance(v, str) and v for v in a)
-                                                            and a)
+        valid = a is None or (isinstance(a, str) and a) or (
+            isinstance(a, list) and a and all(isinstance(v, str) and v for v in a))
         return lambda: _expect(bool(valid) and config.target_modules == a)
     if call == "disable_adapters":
         with model.disable_adapters():
@@ -344,8 +344,8 @@ def _call(call: str, a: Any, b: Any, model: SingLoRAModel, folder: Any) -> Calla
     assert call == "load_name"
     model.save_adapter(folder)
     model.load_adapter(folder, a)
-    return lambda: _expect(isinstance(a, str) and a not in ("", "default") and "." not in a
-                           and model.active_adapters == [a] and torch.equal(layer.singlora[a].A, layer.singlora["default"].A))
+    return lambda: _expect(isinstance(a, str) and a not in ("", "default") and "." not in a and model.active_adapters
+                           == [a] and torch.equal(layer.singlora[a].A, layer.singlora["default"].A))
 
 
 def _expect(condition: bool) -> None:

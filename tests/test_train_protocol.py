@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from torch_singlora.cli import main  # noqa: E402
-from torch_singlora.train import checkpoint, tasks  # noqa: E402
+from torch_singlora.train import checkpoint, registry, tasks  # noqa: E402
 from torch_singlora.train.tasks import CausalLM  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def _eval_loss(model_dir: Path, eval_file: Path, max_length: int) -> float:
 
 def test_a_new_task_plugs_in_without_touching_the_loop(llama: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    monkeypatch.setitem(tasks.TASKS, "toy", "test_train_protocol:ToyTask")
+    monkeypatch.setitem(registry.TASKS, "toy", "test_train_protocol:ToyTask")
     out = tmp_path / "run"
     args = ["train", "--task", "toy", "--model", str(llama["llama"]), "--train-data", str(llama["train"]),
             "--eval-data", str(llama["eval"]), "--output-dir", str(out), "--max-length", "8", "--batch-size", "4",
@@ -175,3 +175,18 @@ def test_evaluate_a_base_model_without_an_adapter(llama: dict[str, Path], tmp_pa
     assert "--task classification: evaluating needs a trained adapter folder" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(llama["eval"])]) == 2
     assert "without an adapter folder, give the base model: --model and --task" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_a_wrong_field_type_is_refused_by_name(tmp_path: Path) -> None:
+    from torch_singlora.errors import SingLoRAError
+
+    fields = {f.name: None for f in dataclasses.fields(checkpoint.TrainingState)}
+    fields.update(trainable={"a": torch.zeros(2)}, optimizer={}, scheduler={}, ramp_step=0,
+                  rng={"torch": torch.get_rng_state()}, step=3, epoch=0, batch=6, skipped=0, log_records=3,
+                  config={}, identity={})
+    torch.save(fields, tmp_path / "good.pt")
+    assert checkpoint.load_checkpoint(tmp_path / "good.pt").step == 3
+    for name, bad in (("step", "x"), ("batch", -1), ("trainable", {"a": [1.0]}), ("rng", {}), ("config", [])):
+        torch.save({**fields, name: bad}, tmp_path / "bad.pt")
+        with pytest.raises(SingLoRAError, match=f"field '{name}' has the wrong type"):
+            checkpoint.load_checkpoint(tmp_path / "bad.pt")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
-EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli"]
+EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli", "torch_singlora.serving.cli"]
 
 
 # ---- argparse from a dataclass ----------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> A
 
 def _task_option_owners() -> dict[str, list[str]]:
     """``{option field name: the tasks that have it}`` over the registered tasks whose module is installed."""
-    from .train.tasks import TASKS, task_class
+    from .train.registry import TASKS, task_class
 
     owners: dict[str, list[str]] = {}
     for name, target in TASKS.items():
@@ -81,7 +81,7 @@ def _task_option_owners() -> dict[str, list[str]]:
 def add_task_options(parser: argparse.ArgumentParser) -> None:
     """One argument group per task with options (``Task.options``); an option two tasks share gets one flag.
     Absent flags leave no attribute (``task_options`` collects the given ones)."""
-    from .train.tasks import task_class
+    from .train.registry import task_class
 
     added: set[str] = set()
     for name in dict.fromkeys(task for tasks in _task_option_owners().values() for task in tasks):
@@ -130,7 +130,7 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     from torch.utils.data import DataLoader
 
     from .train.run_folder import load_trained
-    from .train.tasks import get_task
+    from .train.registry import get_task
 
     if adapter is not None:
         if task is not None or options:
@@ -186,8 +186,8 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     """
     from .atomic import check_output_folder, output_folder
     from .train.methods import method_class
+    from .train.registry import get_task
     from .train.run_folder import load_trained, read_run_info
-    from .train.tasks import get_task
 
     info = read_run_info(adapter)
     inputs = [adapter, model or info["base_model"], info["tokenizer"]]
@@ -238,14 +238,15 @@ def _add_merge(subparsers: Any) -> None:
 
 
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
-           overwrite: bool = False) -> Path:
+           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False) -> Path:
     """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``; ``output`` under the
-    output-folder policy, as ``merge``)."""
+    output-folder policy, as ``merge``); with ``engine``, first refuse what that serving engine could not load
+    (``torch_singlora.engines``)."""
     from .atomic import check_output_folder
-
+    from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
-    from .train.tasks import get_task
+    from .train.registry import get_task
 
     info = read_run_info(adapter)
     if info["method"] != "singlora":
@@ -254,6 +255,10 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
     with _progress_bars(not quiet):
         base = get_task(info["task"]).load_model(model or info["base_model"], info)
+    if max_lora_rank is not None and engine is None:
+        raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
+    if engine is not None:
+        check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
     written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
@@ -264,8 +269,13 @@ def _add_export(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "export", "SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, "
                                        "kohya)", "folder for the LoRA files")
     parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
+    parser.add_argument("--for", dest="engine", choices=["vllm", "lorax"], default=None,
+                        help="refuse what this serving engine cannot load (non-linear targets, modules_to_save, "
+                        "ranks above --max-lora-rank) before writing anything")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
     parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
-                                              overwrite=a.overwrite))
+                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite))
 
 
 def _add_inspect(subparsers: Any) -> None:

@@ -220,7 +220,7 @@ class SingLoRAConfig:
 
     def resolve_ramp_up_steps(self) -> int | None:
         """``T`` in optimizer steps (``resolve_steps``): a fraction resolved against ``total_steps``; ``None`` for a
-        fraction while ``total_steps`` is unknown (the ramp then waits at u = 0: see ``SingLoRAModel.bind_optimizer``)."""
+        fraction while ``total_steps`` is unknown (the ramp then waits at u = 0: ``SingLoRAModel.bind_optimizer``)."""
         return resolve_steps(self.ramp_up_steps, self.total_steps)
 
     def ramp_steps(self) -> int:

@@ -4,7 +4,7 @@
 with ``c = s * u(t)``; the dense update is built only to merge (``functional.delta_weight``).
 
 State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) and ``m.singlora.<adapter>.A``,
-``m.singlora.<adapter>.ramp_step`` (named ``step`` before 0.2; such state dicts still load).
+``m.singlora.<adapter>.ramp_step`` (state dicts that call it ``step``, its former name, still load).
 """
 
 from __future__ import annotations

@@ -58,7 +58,11 @@ class Selection:
         inverse: ``(B,)`` int64, ``unique[inverse[b]] == names[b]``.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self.select(names)
+
+    def select(self, names: Sequence[str]) -> None:
+        """Set the per-example names (a selection object can be reused from call to call)."""
         self.names = list(names)
         self.unique = list(dict.fromkeys(self.names))
         position = {name: i for i, name in enumerate(self.unique)}

@@ -49,7 +49,7 @@ def cmd_dreambooth(args: argparse.Namespace) -> None:
 
     options = DreamBoothArgs(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(DreamBoothArgs)})
     model = train_dreambooth(options)
-    print(f"adapter: {Path(options.output_dir) / 'singlora'} (step {model.get_step()})")
+    print(f"adapter: {Path(options.output_dir) / 'singlora'} (step {model.get_ramp_step()})")
     if options.export_lora:
         print(f"diffusers LoRA: {Path(options.output_dir) / 'diffusers_lora'} (pipe.load_lora_weights)")
 
@@ -74,7 +74,8 @@ def _prompts_for(generated: Path, args: argparse.Namespace) -> dict[str, str]:
 def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .dreambooth import generate_images, list_images
+    from .dreambooth import list_images
+    from .pipeline import generate_images
     from .metrics import fidelity_scores
 
     generated = Path(args.generated)

@@ -3,7 +3,9 @@
 - ``config``: ``TrainConfig``, every option of ``singlora train`` (validated; errors name the flag).
 - ``tasks``: what is trained: the ``Task`` protocol, ``classification`` and ``causal-lm`` (a new task plugs in here).
 - ``data``: reading and checking rows (CSV / JSONL / folders), splits, tokenizing, the collator.
-- ``methods``: how it trains: the ``Method`` protocol, ``singlora``, PEFT's ``lora`` / ``dora`` / ``loraplus``, ``full``.
+- ``registry``: the task names (``TASKS``: name -> the module and class, imported when used).
+- ``methods``: how it trains: the ``Method`` protocol, ``singlora``, PEFT's ``lora`` / ``dora`` / ``loraplus``,
+  ``full``.
 - ``step``: one optimizer step with gradient accumulation and the non-finite policy (also used by DreamBooth).
 - ``loop``: ``train(config)`` on ``accelerate``: prepare, steps, finish.
 - ``checkpoint``: the training state in one atomic file; ``run_folder``: the output folder (new run / ``--resume`` /

@@ -82,7 +82,30 @@ def load_checkpoint(path: Path) -> TrainingState:
         raise SingLoRAError(f"{path}: not a checkpoint of this version of singlora train (missing "
                             f"{sorted(names - have)}, unexpected {sorted(map(str, have - names))}); start the run "
                             "again with --overwrite")
+    for name, expected in _FIELD_TYPES.items():
+        value = fields[name]
+        if not _has_type(value, expected):
+            raise SingLoRAError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}); not a "
+                                "checkpoint of singlora train: start the run again with --overwrite")
     return TrainingState(**fields)
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    if expected == "count":  # a non-negative int
+        return type(value) is int and value >= 0
+    if expected == "tensors":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in value.items())
+    if expected == "rng":
+        return isinstance(value, dict) and isinstance(value.get("torch"), torch.Tensor)
+    return isinstance(value, expected)
+
+
+_FIELD_TYPES: dict[str, Any] = {
+    "trainable": "tensors", "optimizer": dict, "scheduler": dict, "ramp_step": "count", "rng": "rng",
+    "step": "count", "epoch": "count", "batch": "count", "skipped": "count", "log_records": "count",
+    "base_metrics": (dict, type(None)), "config": dict, "identity": dict,
+}
 
 
 def restore_parameters(named: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:

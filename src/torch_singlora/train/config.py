@@ -15,7 +15,7 @@ from typing import Any
 from ..config import parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
-from .tasks import TASKS, task_class
+from .registry import TASKS, task_class
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")

@@ -38,9 +38,10 @@ from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
 from .pretrained import check_model_folder
+from .registry import get_task
 from .run_folder import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
 from .step import OptimizerStep
-from .tasks import Task, TaskData, get_task
+from .tasks import Task, TaskData
 
 
 @dataclass

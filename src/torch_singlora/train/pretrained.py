@@ -9,7 +9,8 @@ from typing import Any
 from ..errors import SingLoRAError
 
 # Files that hold a transformers model's weights (single file or the index of a sharded checkpoint).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_model_folder(path: str, flag: str = "--model") -> Path:

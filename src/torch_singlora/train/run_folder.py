@@ -194,7 +194,7 @@ def load_trained(directory: str | Path, base_model: str | None = None) -> tuple[
     ``base_model`` replaces the recorded base model folder.
     """
     from .methods import method_class
-    from .tasks import get_task
+    from .registry import get_task
 
     info = read_run_info(directory)
     task, method = get_task(info["task"]), method_class(info["method"])

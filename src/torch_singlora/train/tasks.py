@@ -1,6 +1,6 @@
 """What is trained: the ``Task`` protocol, and the two tasks of ``singlora train`` (``classification``,
-``causal-lm``). A new task plugs in by subclassing ``Task`` and adding one line to ``TASKS``; the loop never
-changes.
+``causal-lm``). A new task plugs in by subclassing ``Task`` and adding one line to ``registry.TASKS``; the loop
+never changes.
 
 A task owns everything that depends on the data and the objective:
 
@@ -17,17 +17,16 @@ A task owns everything that depends on the data and the objective:
     evaluate_base                                 True: the loop also evaluates at step 0 (the base model's score)
     options                                       a dataclass of the task's own flags (``TrainConfig.task_options``)
 
-Modules named in ``TASKS`` are imported to build ``singlora train --help``: keep their top level light (import
-transformers / datasets inside the methods).
+Modules named in ``registry.TASKS`` are imported to build ``singlora train --help``: keep their top level light
+(import transformers / datasets inside the methods).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ..errors import SingLoRAError
 
@@ -36,13 +35,6 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from .config import TrainConfig
-
-# name -> "module:class". Another task (e.g. instruction fine-tuning) adds one line here.
-TASKS: dict[str, str] = {
-    "classification": "torch_singlora.train.tasks:Classification",
-    "causal-lm": "torch_singlora.train.tasks:CausalLM",
-}
-
 
 @dataclass
 class TaskData:
@@ -111,18 +103,6 @@ class Task:
             flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
             raise SingLoRAError(f"{flags}: not an option of --task {self.name} (its options: {sorted(known)})")
         return self.options(**values)
-
-
-def task_class(name: str) -> type[Task]:
-    """The ``Task`` subclass registered as ``name`` (imports its module)."""
-    if name not in TASKS:
-        raise SingLoRAError(f"--task={name!r} must be one of {tuple(TASKS)}")
-    module, _, attribute = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def get_task(name: str) -> Task:
-    return task_class(name)()
 
 
 # ---- the two built-in tasks -------------------------------------------------------------------------------------
@@ -269,11 +249,3 @@ class CausalLM(Task):
         total, tokens = token_loss(model, batches, accelerator)
         metrics = lm_metrics(total, tokens)
         return {"eval_loss": metrics["loss"], "perplexity": metrics["perplexity"]}
-
-
-def metric_names(tasks: Sequence[str]) -> list[str]:
-    """The metric names of the given tasks, in order, without repeats (for tables and plots)."""
-    names: list[str] = []
-    for name in tasks:
-        names += [m for m in task_class(name).metrics if m not in names]
-    return names

@@ -1,0 +1,32 @@
+"""The tasks ``singlora train`` knows, by name. A task's module is imported only when the task is used (or to
+build ``--help``), so this module imports nothing of the training package.
+
+A new task: subclass ``tasks.Task`` in its own module and add one line to ``TASKS`` (name -> "module:Class").
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ..errors import SingLoRAError
+
+if TYPE_CHECKING:
+    from .tasks import Task
+
+TASKS: dict[str, str] = {
+    "classification": "torch_singlora.train.tasks:Classification",
+    "causal-lm": "torch_singlora.train.tasks:CausalLM",
+}
+
+
+def task_class(name: str) -> type["Task"]:
+    """The ``Task`` subclass registered as ``name`` (imports its module)."""
+    if name not in TASKS:
+        raise SingLoRAError(f"--task={name!r} must be one of {tuple(TASKS)}")
+    module, _, attribute = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def get_task(name: str) -> "Task":
+    return task_class(name)()

@@ -1,0 +1,54 @@
+"""The export check for multi-adapter engines (``torch_singlora.engines``, ``singlora export --for vllm``): what
+vLLM / LoRAX cannot load is refused before anything is written, every reason listed; the rest exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_mixed_batch import tiny_llama
+
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora.cli import main
+from torch_singlora.engines import check_engine_export
+
+
+def test_every_reason_is_listed_and_a_clean_adapter_passes() -> None:
+    model = get_singlora_model(tiny_llama(), SingLoRAConfig(
+        r=8, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
+        rank_pattern={"v_proj": 32}, ramp_up_steps=0), "bad")
+    model.add_adapter("good", SingLoRAConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], ramp_up_steps=0))
+    with pytest.raises(SingLoRAError) as caught:
+        check_engine_export(model, engine="vllm", adapter_name="bad")
+    message = str(caught.value)
+    assert "'model.embed_tokens' is an Embedding" in message
+    assert "modules_to_save ['lm_head']" in message
+    assert "rank 32 (module 'model.layers.0.self_attn.v_proj', 2 module(s) above 16)" in message
+    check_engine_export(model, engine="vllm", adapter_name="good")  # passes
+    with pytest.raises(SingLoRAError, match="rank 8 .* exceeds --max-lora-rank 4"):
+        check_engine_export(model, engine="lorax", max_lora_rank=4, adapter_name="good")
+    with pytest.raises(SingLoRAError, match="engine='tgi' must be one of"):
+        check_engine_export(model, engine="tgi", adapter_name="good")
+
+
+def test_singlora_export_for_vllm_refuses_before_writing(tmp_path, capsys) -> None:
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    for name, config in {"wide": SingLoRAConfig(r=16, target_modules=["q_proj", "v_proj"], ramp_up_steps=0),
+                         "emb": SingLoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"], ramp_up_steps=0)}.items():
+        model = get_singlora_model(tiny_llama(), config)
+        model.save_adapter(tmp_path / name)
+        info = {"task": "causal-lm", "method": "singlora", "base_model": str(tmp_path / "base"),
+                "tokenizer": str(tmp_path / "base"), "target_modules": config.target_modules}
+        (tmp_path / name / "run_info.json").write_text(json.dumps(info))
+    assert main(["export", str(tmp_path / "wide"), str(tmp_path / "out"), "--for", "vllm", "--max-lora-rank", "8"]) == 2
+    assert "exceeds --max-lora-rank 8: start vllm with --max-lora-rank 16" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "emb"), str(tmp_path / "out"), "--for", "vllm"]) == 2
+    assert "is an Embedding" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert main(["export", str(tmp_path / "wide"), str(tmp_path / "out"), "--max-lora-rank", "8"]) == 2
+    assert "give --for vllm" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "wide"), str(tmp_path / "out"), "--for", "vllm", "--max-lora-rank",
+                 "16", "--quiet"]) == 0
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["r"] == 16 and not written.get("modules_to_save")
