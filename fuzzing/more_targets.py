@@ -33,7 +33,7 @@ RUN_INFO = {"task": "classification", "method": "singlora", "base_model": "/mode
 def check_run_info(campaign: Any, folder: Path, given: Any, raw: bytes) -> None:
     from torch_singlora.train.methods import METHOD_NAMES
     from torch_singlora.train.run_folder import MAX_LABELS, read_run_info
-    from torch_singlora.train.tasks import TASKS
+    from torch_singlora.train.registry import TASKS
 
     try:
         info = read_run_info(folder)

@@ -15,13 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
+import torch
 from torch import nn
 
 from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_for
 from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
-from .layers import SingLoRALayer, TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
 from .ramp import RampControls

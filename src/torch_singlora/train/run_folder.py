@@ -156,7 +156,7 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
     strings; ``max_length`` a positive int). Errors name the file and the field."""
     from ..untrusted import read_json
     from .methods import METHOD_NAMES
-    from .tasks import TASKS
+    from .registry import TASKS
 
     path = Path(directory) / RUN_INFO
     if not Path(directory).is_dir():
