@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo wheel-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m torch_singlora.demo
+
+# Build the sdist + wheel and use the wheel in a fresh venv (singlora --help, a 2-step training): checks/wheel.py
+wheel-check: $(STAMP)
+	$(PY) -m checks.wheel
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

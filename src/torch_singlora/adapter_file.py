@@ -30,6 +30,7 @@ from torch import nn
 from .atomic import atomic_write, atomic_write_text
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
+from .experts import owner_of
 from .plan import AdapterPlan, plan_adapter
 from .untrusted import (
     MAX_JSON_BYTES, Entries, Expected, read_expected, read_json, read_safetensors_header,
@@ -43,6 +44,7 @@ A_SUFFIX = "singlora_A"
 META_FIELDS = ("format", "format_version", "ramp_step", "base_model_name_or_path")  # beside the config fields
 MAX_CONFIG_BYTES = MAX_JSON_BYTES  # adapter_config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def as_directory(directory: Any) -> Path:
@@ -52,16 +54,47 @@ def as_directory(directory: Any) -> Path:
     return Path(directory)
 
 
+def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The storage dtype named by ``dtype`` (a name or a torch dtype of ``SAVE_DTYPES``); ``None``: as trained."""
+    if dtype is None:
+        return None
+    named = {v: v for v in SAVE_DTYPES.values()} | SAVE_DTYPES
+    if not isinstance(dtype, (str, torch.dtype)) or dtype not in named:
+        raise SingLoRAError(f"dtype={dtype!r} must be one of {sorted(SAVE_DTYPES)} (or None: as trained)")
+    return named[dtype]
+
+
+def cast_for_storage(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating tensor cast to ``dtype`` (None: unchanged); ``SingLoRAError`` naming the first
+    tensor whose values the cast would turn into Inf (float16 holds at most 65504), nothing cast silently."""
+    if dtype is None:
+        return tensors
+    stored = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    for key, value in stored.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            largest = tensors[key].abs().max().item()
+            raise SingLoRAError(f"{key}: values up to {largest:.4g} overflow {dtype} (they would be stored as Inf); "
+                                "save with dtype='float32' or 'bfloat16'; nothing was written")
+    return stored
+
+
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: SingLoRAConfig,
-                  ramp_step: int, base_model_name_or_path: str | None) -> None:
+                  ramp_step: int, base_model_name_or_path: str | None, dtype: str | torch.dtype | None = None
+                  ) -> None:
     """Write the two files of one adapter into ``directory`` (created if missing), each atomically.
 
     ``tensors``: ``{file key: tensor}`` (``<module>.singlora_A`` and saved modules' ``<module>.<tensor>``).
+    ``dtype``: storage type of every floating tensor (``"float32"``, ``"bfloat16"`` or ``"float16"``: half the
+    size; ``storage_dtype``); ``None`` keeps the training dtype. Loading casts back to the model's dtypes; the
+    file's header (and its metadata ``dtype``) records what was stored.
     """
     directory = as_directory(directory)
+    stored = storage_dtype(dtype)
+    tensors = cast_for_storage({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, stored)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    if stored is not None:
+        metadata["dtype"] = str(stored).removeprefix("torch.")
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     document = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ramp_step": ramp_step,
@@ -138,12 +171,16 @@ def read_adapter_header(path: str | os.PathLike) -> Entries:
 
 def expected_tensors(model: nn.Module, plan: AdapterPlan) -> Expected:
     """``{file key: (shape, dtype the model will hold)}`` of the adapter file that ``plan`` describes for ``model``
-    (a base model, or one holding adapters): ``(n, r)`` for each ``A``, in the dtype ``SingLoRALayer`` gives it
+    (a base model, or one holding adapters): ``(n, r)`` (``(experts, n, r)``) for each ``A``, in the dtype ``SingLoRALayer`` gives it
     (float32, or float64 on a float64 weight), and the full state of each ``modules_to_save`` module."""
     expected: Expected = {}
     for name, module in plan.modules.items():
-        weight_dtype = model.get_submodule(name).weight.dtype
-        expected[f"{name}.{A_SUFFIX}"] = ((module.n, module.r), torch.promote_types(weight_dtype, torch.float32))
+        if module.kind == "experts":  # a 3-D expert parameter ``<module>.<parameter>``
+            owner, parameter = owner_of(model, name)
+            weight = getattr(owner, parameter)
+        else:
+            weight = model.get_submodule(name).weight
+        expected[f"{name}.{A_SUFFIX}"] = (module.a_shape, torch.promote_types(weight.dtype, torch.float32))
     expected.update(plan.saved_tensors)
     return expected
 

@@ -3,7 +3,7 @@
     singlora train --model PATH --train-data DATA --output-dir OUT [--method singlora|lora|dora|loraplus|full] ...
     singlora evaluate OUT/adapter --data DATA
     singlora merge OUT/adapter MERGED_DIR
-    singlora export OUT/adapter LORA_DIR [--format peft|diffusers|kohya]
+    singlora export OUT/adapter LORA_DIR [--format peft|diffusers|kohya|gguf]
     singlora inspect OUT/adapter
     singlora report OUT1 OUT2 ... [--plot curves.png]
 
@@ -267,8 +267,8 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
 
 def _add_export(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "export", "SingLoRA adapter -> exact plain LoRA (PEFT, diffusers, "
-                                       "kohya)", "folder for the LoRA files")
-    parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
+                                       "kohya, GGUF for llama.cpp)", "folder for the LoRA files")
+    parser.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya", "gguf"])
     parser.add_argument("--for", dest="engine", choices=["vllm", "lorax"], default=None,
                         help="refuse what this serving engine cannot load (non-linear targets, modules_to_save, "
                         "ranks above --max-lora-rank) before writing anything")

@@ -135,6 +135,9 @@ class SingLoRAConfig:
             A string is a regex that must fully match a module name. ``"all-linear"``: every Linear / Conv1D but
             the output layer. ``None``: a default for known transformers ``model_type`` values.
         exclude_modules: Same forms as ``target_modules``; matching modules are not adapted.
+        target_parameters: 3-D expert parameters to adapt (``experts.py``), as PEFT's ``target_parameters``:
+            ``<module>.<parameter>`` names or dotted suffixes (``"mlp.experts.gate_up_proj"``); each entry must
+            match something. With it, ``target_modules=[]`` adapts no module.
         modules_to_save: Modules (name or suffix) trained fully and saved with the adapter, e.g. a classifier.
         dropout: Dropout probability applied to the adapter's input.
         ramp_up_steps: ``T``, the ramp length of ``u = min(t / T, 1)`` (t = ``ramp_step``, optimizer steps taken).
@@ -155,6 +158,7 @@ class SingLoRAConfig:
     alpha: float = 8.0
     target_modules: Union[list[str], str, None] = None
     exclude_modules: Union[list[str], str, None] = None
+    target_parameters: Union[list[str], None] = None
     modules_to_save: Union[list[str], None] = None
     dropout: float = 0.0
     ramp_up_steps: Union[int, float] = DEFAULT_RAMP_UP_STEPS
@@ -172,6 +176,8 @@ class SingLoRAConfig:
             self.exclude_modules = list(self.exclude_modules)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_parameters, tuple):
+            self.target_parameters = list(self.target_parameters)
         self.validate()
 
     def validate(self) -> None:
@@ -180,7 +186,8 @@ class SingLoRAConfig:
             raise SingLoRAError(f"r={self.r!r} must be an int >= 1")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise SingLoRAError(f"alpha={self.alpha!r} must be a finite number > 0")
-        _check_patterns("target_modules", self.target_modules)
+        if not (self.target_parameters and self.target_modules == []):  # [] = no module, only the parameters
+            _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) and m for m in self.modules_to_save)
@@ -188,6 +195,14 @@ class SingLoRAConfig:
             raise SingLoRAError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise SingLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        if self.target_parameters is not None:
+            if not (isinstance(self.target_parameters, list) and self.target_parameters
+                    and all(isinstance(p, str) and p for p in self.target_parameters)):
+                raise SingLoRAError(f"target_parameters={self.target_parameters!r} must be a non-empty list of "
+                                    "parameter names (e.g. ['mlp.experts.gate_up_proj'])")
+            if self.dropout:
+                raise SingLoRAError(f"dropout={self.dropout!r} cannot apply to target_parameters (the update is folded "
+                                    "into the expert weights for the module's own forward, as in PEFT); use dropout=0")
         if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
             raise SingLoRAError(f"total_steps={self.total_steps!r} must be an int >= 1 or None")
         if not _is_number(self.ramp_up_steps):  # typed: strings are for command lines (parse_steps_or_fraction)

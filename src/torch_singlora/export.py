@@ -21,6 +21,9 @@ Formats (``export_lora(..., format=...)``):
     ``pytorch_lora_weights.safetensors`` with keys ``lora_unet_<module, dots as _>.lora_down.weight`` /
     ``.lora_up.weight`` / ``.alpha`` (= r): the layout of kohya-ss, ComfyUI and A1111, which diffusers' loader
     converts too. Module names go through the loaders' name heuristics, verified for SD UNet attention layers.
+``"gguf"``
+    ``adapter_model.gguf``: a GGUF LoRA adapter for llama.cpp / ollama / LM Studio on top of the base model's GGUF
+    (Llama-family models; ``gguf_export``).
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_conf
 from .atomic import output_folder
 from .config import rank_and_pattern
 from .errors import SingLoRAError
-from .functional import LayerKind, lora_factors, matrix_dims, ramp_value
+from .experts import peft_module_name
+from .functional import LayerKind, lora_factors, ramp_value
 from .layers import SingLoRAAdapter, weight_shape
 from .model import SingLoRAModel
 
-ExportFormat = Literal["peft", "diffusers", "kohya"]
-EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya")
+ExportFormat = Literal["peft", "diffusers", "kohya", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya", "gguf")
 DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -54,18 +58,22 @@ class LoRAFactors:
     """Plain-LoRA factors of one adapted module: ``lora_B @ lora_A`` equals the SingLoRA update (matrix view).
 
     Attributes:
-        kind: Layer kind (``functional.LAYER_KINDS``). weight_shape: logical shape of the base weight.
-        lora_A: ``(r, d_in)``. lora_B: ``(d_out, r)``.
+        kind: Layer kind (``functional.LAYER_KINDS``, or ``"experts"``). weight_shape: logical shape of the base
+            weight. lora_A: ``(r, d_in)``. lora_B: ``(d_out, r)``; ``(E, r, d_in)`` / ``(E, d_out, r)`` for an
+            expert parameter (one pair per expert).
+        peft_module: Expert parameters only: the module path where PEFT's ``target_parameters`` LoRA keeps this
+            pair (``experts.peft_module_name``).
     """
 
     kind: LayerKind
     weight_shape: tuple[int, ...]
     lora_A: Tensor
     lora_B: Tensor
+    peft_module: str | None = None
 
     @property
     def rank(self) -> int:
-        return self.lora_A.shape[0]
+        return self.lora_A.shape[-2]
 
 
 @dataclass
@@ -78,10 +86,11 @@ class ExportedAdapter:
     base_model_name_or_path: str | None
 
 
-def _factors(A: Tensor, kind: LayerKind, shape: tuple[int, ...], coefficient: float) -> LoRAFactors:
-    d_out, d_in = matrix_dims(kind, shape)
-    lora_A, lora_B = lora_factors(A.detach().to(torch.promote_types(A.dtype, torch.float32)), d_out, d_in, coefficient)
-    return LoRAFactors(kind, shape, lora_A, lora_B)
+def _factors(A: Tensor, kind: LayerKind, shape: tuple[int, ...], dims: tuple[int, int], coefficient: float,
+             peft_module: str | None = None) -> LoRAFactors:
+    """``dims``: ``(d_out, d_in)`` of the weight's matrix view (per expert for an expert parameter)."""
+    lora_A, lora_B = lora_factors(A.detach().to(torch.promote_types(A.dtype, torch.float32)), *dims, coefficient)
+    return LoRAFactors(kind, shape, lora_A, lora_B, peft_module)
 
 
 def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapter:
@@ -90,6 +99,7 @@ def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapt
     name = adapter_name or model.default_adapter()
     factors: dict[str, LoRAFactors] = {}
     saved: dict[str, Tensor] = {}
+    experts = [n for n, layer in model.singlora_layers() if layer.kind == "experts" and name in layer.singlora]
     for module_name, module in model.adapter_modules(name).items():
         if isinstance(module, SingLoRAAdapter):
             layer = model.model.get_submodule(module_name)
@@ -99,7 +109,9 @@ def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapt
                     "would apply it twice)"
                 )
             coefficient = float(module.coefficient())
-            factors[module_name] = _factors(module.A, layer.kind, weight_shape(layer.base_layer), coefficient)
+            peft_module = peft_module_name(model.model, module_name, experts) if layer.kind == "experts" else None
+            factors[module_name] = _factors(module.A, layer.kind, weight_shape(layer.base_layer),
+                                            (layer.d_out, layer.d_in), coefficient, peft_module)
         else:
             saved.update({f"{module_name}.{k}": v.detach() for k, v in module.state_dict().items()})
     base_name = getattr(getattr(model.model, "config", None), "name_or_path", None) or None
@@ -111,7 +123,9 @@ def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     config, meta = read_adapter_config(directory)
     plan, tensors = read_adapter_for(base_model, directory, config)  # exactly as loading reads it
     u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
-    factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, m.scale * u)
+    experts = [name for name, m in plan.modules.items() if m.kind == "experts"]
+    factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, (m.d_out, m.d_in), m.scale * u,
+                              peft_module_name(base_model, name, experts) if m.kind == "experts" else None)
                for name, m in plan.modules.items()}
     saved = {key: tensors[key] for key in plan.saved_tensors}
     return ExportedAdapter(factors, saved, meta.get("base_model_name_or_path"))
@@ -153,7 +167,11 @@ def _peft_tensors(adapter: ExportedAdapter) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for module, factors in adapter.factors.items():
         key = PEFT_PREFIX + module
-        if factors.kind == "embedding":  # PEFT: delta E = lora_embedding_A.T @ lora_embedding_B.T
+        if factors.kind == "experts":  # one ParamWrapper: lora_A (E*r, d_in), row e*r+k; lora_B (d_out, r*E), col k*E+e
+            key = PEFT_PREFIX + factors.peft_module
+            tensors[f"{key}.lora_A.weight"] = factors.lora_A.reshape(-1, factors.lora_A.shape[-1])
+            tensors[f"{key}.lora_B.weight"] = factors.lora_B.permute(1, 2, 0).reshape(factors.lora_B.shape[1], -1)
+        elif factors.kind == "embedding":  # PEFT: delta E = lora_embedding_A.T @ lora_embedding_B.T
             tensors[f"{key}.lora_embedding_A"] = factors.lora_B.T
             tensors[f"{key}.lora_embedding_B"] = factors.lora_A.T
         else:
@@ -169,7 +187,8 @@ def peft_config(adapter: ExportedAdapter) -> dict:
     modules whose rank differs from the most common one go to ``rank_pattern``/``alpha_pattern`` (escaped full
     names, which PEFT matches as regexes)."""
     r, pattern = rank_and_pattern({module: factors.rank for module, factors in adapter.factors.items()})
-    return {
+    experts = sorted(m for m, f in adapter.factors.items() if f.kind == "experts")
+    config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": adapter.base_model_name_or_path,
@@ -177,7 +196,7 @@ def peft_config(adapter: ExportedAdapter) -> dict:
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(adapter.factors),
+        "target_modules": sorted(set(adapter.factors) - set(experts)),
         "modules_to_save": sorted({key.rsplit(".", 1)[0] for key in adapter.saved}) or None,
         "fan_in_fan_out": any(f.kind == "conv1d_t" for f in adapter.factors.values()),
         "lora_dropout": 0.0,
@@ -187,6 +206,9 @@ def peft_config(adapter: ExportedAdapter) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if experts:  # PEFT >= 0.17: LoRA on nn.Parameters (3-D expert stacks)
+        config["target_parameters"] = experts
+    return config
 
 
 def _diffusion_tensors(adapter: ExportedAdapter, format: str, prefix: str) -> dict[str, Tensor]:
@@ -232,7 +254,7 @@ def export_lora(
         out_dir: Output folder, written whole and atomically (``atomic.output_folder``): a folder that is neither
             new, empty nor an earlier export's is refused (naming what is there) unless ``overwrite=True``; a
             folder holding the source adapter never is.
-        format: ``"peft"``, ``"diffusers"`` or ``"kohya"`` (see the module docstring).
+        format: ``"peft"``, ``"diffusers"``, ``"kohya"`` or ``"gguf"`` (see the module docstring).
         base_model: The un-adapted model an adapter directory was trained on (read only).
         adapter_name: Which adapter of a ``SingLoRAModel`` (default: the first active).
         dtype: Storage dtype of the factors (default: float32, float64 for float64 adapters).
@@ -242,6 +264,16 @@ def export_lora(
     if format not in EXPORT_FORMATS:
         raise SingLoRAError(f"format={format!r} must be one of {EXPORT_FORMATS}")
     adapter = collect_lora_factors(source, base_model, adapter_name)
+    out = Path(out_dir)
+    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
+    if format == "gguf":
+        from .gguf_export import GGUF_FILE, write_gguf
+
+        model = base_model if base_model is not None else source.model
+        gguf_dtype = str(dtype or torch.float32).removeprefix("torch.")
+        with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
+            write_gguf(adapter, tmp / GGUF_FILE, getattr(model, "config", None), dtype=gguf_dtype)
+        return out / GGUF_FILE
     if format == "peft":
         tensors = _peft_tensors(adapter)
         weights_file = WEIGHTS_FILE
@@ -254,9 +286,7 @@ def export_lora(
     if bad:  # e.g. an F64 adapter file beyond float32's range, or factors beyond float16's with dtype=float16
         raise SingLoRAError(f"export to {out_dir}: {bad[:5]} would hold NaN or Inf (values beyond the range of "
                             f"{tensors[bad[0]].dtype}); nothing was written")
-    out = Path(out_dir)
     metadata = {"format": "pt", "exported_by": "singlora", "export_format": format}
-    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
     with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / weights_file), metadata=metadata)
         if format == "peft":

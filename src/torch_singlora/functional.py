@@ -98,11 +98,12 @@ def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> T
 
 
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
-    """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both."""
-    n = A.shape[0]
+    """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both;
+    a stack ``(..., n, r)`` (one ``A`` per expert) gives ``(..., d_out, d_in)``."""
+    n = A.shape[-2]
     if n < max(d_out, d_in):
         raise ValueError(f"A has {n} rows, needs max(d_out={d_out}, d_in={d_in})")
-    return (A[:d_out] * coefficient) @ A[:d_in].T
+    return (A[..., :d_out, :] * coefficient) @ A[..., :d_in, :].mT
 
 
 def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
@@ -240,9 +241,10 @@ def lora_factors(A: Tensor, d_out: int, d_in: int, coefficient: float) -> tuple[
     """Exact plain-LoRA factors of the update: ``lora_B @ lora_A == delta_matrix(A, d_out, d_in, c)``.
 
     Returns ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r), both ``sqrt(c)``-scaled (for LoRA scale 1, i.e.
-    ``lora_alpha = r``). ``c`` must be >= 0.
+    ``lora_alpha = r``); for a stack ``A`` ``(..., n, r)``, ``(..., r, d_in)`` and ``(..., d_out, r)``. ``c`` must
+    be >= 0.
     """
     if coefficient < 0:
         raise ValueError(f"coefficient={coefficient} < 0 has no real square root")
     root = math.sqrt(coefficient)
-    return (A[:d_in].T * root).contiguous(), (A[:d_out] * root).contiguous()
+    return (A[..., :d_in, :].mT * root).contiguous(), (A[..., :d_out, :] * root).contiguous()

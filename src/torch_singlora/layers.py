@@ -135,12 +135,15 @@ class SingLoRAAdapter(nn.Module):
 class SingLoRALayer(nn.Module):
     """Wraps ``base_layer`` (Linear, transformers Conv1D, Conv1d/2d, Embedding) with named SingLoRA adapters."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, *, kind: str | None = None,
+                 dims: tuple[int, int] | None = None) -> None:
+        """``kind`` and ``dims`` (``(d_out, d_in)``) are for subclasses whose base is not a layer (an expert
+        parameter: ``experts.py``); otherwise they come from ``base_layer``."""
         super().__init__()
-        kind = adaptable_kind(base_layer)
+        kind = kind or adaptable_kind(base_layer)
         self.base_layer = base_layer
         self.kind: LayerKind = kind
-        self.d_out, self.d_in = matrix_dims(kind, weight_shape(base_layer))
+        self.d_out, self.d_in = dims or matrix_dims(kind, weight_shape(base_layer))
         self.singlora = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

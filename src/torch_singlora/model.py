@@ -22,6 +22,7 @@ from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_con
 from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
+from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
@@ -150,7 +151,10 @@ class SingLoRAModel(RampControls, nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         for name, module_plan in plan.modules.items():
-            module = self.model.get_submodule(name)
+            if module_plan.kind == "experts":  # a 3-D expert parameter (experts.py)
+                module = adapt_parameter(self.model, name)
+            else:
+                module = self.model.get_submodule(name)
             layer = module if isinstance(module, SingLoRALayer) else SingLoRALayer(module)
             layer.add_adapter(
                 adapter_name, module_plan.r, scale=module_plan.scale, ramp_up_steps=plan.ramp_up_steps,
@@ -188,7 +192,7 @@ class SingLoRAModel(RampControls, nn.Module):
             if adapter_name in layer.singlora:
                 layer.delete_adapter(adapter_name)
                 if not len(layer.singlora):
-                    _set_submodule(self.model, name, layer.base_layer)
+                    self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             if adapter_name in wrapper.copies:
                 wrapper.delete_adapter(adapter_name)
@@ -274,9 +278,17 @@ class SingLoRAModel(RampControls, nn.Module):
         self.merge(safe=safe)
         return self._restore_originals(trained_copies=True)
 
+    def _put_back(self, name: str, layer: SingLoRALayer) -> None:
+        """Put the original module back in place of an adapter-less layer (an expert parameter's layer is removed
+        from its ``SingLoRAExperts``, which gives way to the original experts module once empty)."""
+        if isinstance(layer, SingLoRAExpertParameter):
+            release_parameter(self.model, name)
+        else:
+            _set_submodule(self.model, name, layer.base_layer)
+
     def _restore_originals(self, trained_copies: bool) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
             _set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
         self.configs.clear()
@@ -295,14 +307,20 @@ class SingLoRAModel(RampControls, nn.Module):
                 tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict().items()})
         return tensors
 
-    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``)."""
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None,
+                     dtype: str | torch.dtype | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``).
+
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` to store the tensors in (smaller files; loading
+        casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
+        """
         name = self.default_adapter() if adapter_name is None else adapter_name
         _check_adapter_name(name)
         as_directory(directory)
         self._check_names([name])
         base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
-        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_ramp_step(name), base_name)
+        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_ramp_step(name), base_name,
+                      dtype)
 
     save_pretrained = save_adapter
 

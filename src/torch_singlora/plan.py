@@ -8,6 +8,9 @@ export all read this one plan, so ``r <= n`` and the other per-module rules live
     plan = plan_adapter(base_model, config)
     plan.modules["encoder.layer.0.attention.self.query"]
     # ModulePlan(kind='linear', weight_shape=(384, 384), d_out=384, d_in=384, r=8, scale=1.0), .n == 384
+
+Expert parameters named by ``target_parameters`` (``experts.py``) are planned too, under ``<module>.<parameter>``,
+with kind ``"experts"`` and ``A`` of shape ``(experts, n, r)`` (``ModulePlan.a_shape``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
+from .experts import expert_layout, owner_of, resolve_target_parameters
 from .functional import LayerKind, adapter_rows, matrix_dims
 from .layers import adaptable_kind, weight_shape
 from .targets import module_names, resolve_modules_to_save, resolve_targets
@@ -41,11 +45,17 @@ class ModulePlan:
     d_in: int
     r: int
     scale: float
+    experts: int = 0  # kind "experts" (a 3-D expert parameter, ``experts.py``): the number of experts
 
     @property
     def n(self) -> int:
         """Rows of ``A``: ``max(d_out, d_in)``."""
         return max(self.d_out, self.d_in)
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        """Shape of ``A``: ``(n, r)``, or ``(experts, n, r)`` for an expert parameter."""
+        return (self.experts, self.n, self.r) if self.experts else (self.n, self.r)
 
 
 @dataclass(frozen=True)
@@ -80,27 +90,51 @@ def module_plan(name: str, module: nn.Module, r: int, scale: float) -> ModulePla
     return ModulePlan(kind, shape, d_out, d_in, r, scale)
 
 
+def expert_plan(name: str, model: nn.Module, r: int, scale: float) -> ModulePlan:
+    """The plan of expert parameter ``name`` (``<module>.<parameter>``, see ``experts.py``): ``A`` is
+    ``(experts, n, r)``; ``weight_shape`` is the stored ``(E, d_out, d_in)`` or ``(E, d_in, d_out)``."""
+    owner, parameter_name = owner_of(model, name)
+    experts, d_out, d_in, _ = expert_layout(owner, parameter_name)
+    try:
+        adapter_rows(d_out, d_in, r)
+    except SingLoRAError as exc:
+        raise SingLoRAError(f"expert parameter {name!r}: {exc}") from None
+    return ModulePlan("experts", tuple(getattr(owner, parameter_name).shape), d_out, d_in, r, scale, experts)
+
+
 def plan_adapter(model: nn.Module, config: SingLoRAConfig, modules: list[str] | None = None) -> AdapterPlan:
     """The plan of ``config`` on ``model`` (a base model, or one already holding SingLoRA adapters); changes
     nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``.
 
-    ``modules``: adapt exactly these module names, not those ``config.target_modules`` selects (an adapter file's
-    keys name them; its target patterns are then metadata, never matched). Each must be a module of ``model``
-    outside ``modules_to_save``."""
+    ``modules``: adapt exactly these names (modules, or ``<module>.<parameter>`` expert parameters), not those
+    ``config.target_modules`` / ``target_parameters`` select (an adapter file's keys name them; its patterns are
+    then metadata, never matched). Each must be a module or expert parameter of ``model`` outside
+    ``modules_to_save``."""
     config.validate()
     saved = resolve_modules_to_save(model, config)
-    if modules is not None:
+    if modules is None:
+        targets = resolve_targets(model, config)
+        parameters = resolve_target_parameters(model, config.target_parameters)
+    else:
         known = set(module_names(model))
+        targets = [name for name in modules if name in known]
+        parameters = [name for name in modules if name not in known]
+        for name in parameters:
+            try:
+                found = resolve_target_parameters(model, [name])
+            except SingLoRAError:
+                found = []
+            if name not in found:
+                raise SingLoRAError(f"{name!r} is not a module (or expert parameter) of this model")
         for name in modules:
-            if name not in known:
-                raise SingLoRAError(f"module {name!r} is not a module of this model")
             if any(name == s or name.startswith(s + ".") for s in saved):
                 raise SingLoRAError(f"module {name!r} lies inside modules_to_save module(s) {saved}")
-    targets = resolve_targets(model, config) if modules is None else modules
     modules_plan = {
         name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
         for name in targets
     }
+    for name in parameters:
+        modules_plan[name] = expert_plan(name, model, config.rank_for(name), config.scale_for(name))
     tensors: dict[str, TensorSpec] = {}
     for name in saved:
         module = model.get_submodule(name)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, SingLoRAConfig, key_pattern
 from .errors import SingLoRAError
+from .experts import SingLoRAExperts, resolve_target_parameters
 from .layers import SingLoRALayer, TrainableCopy, layer_kind
 from .linear_regex import fullmatch
 
@@ -42,7 +43,8 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 def module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules, minus the insides of our own wrappers (``base_layer``, adapters, copies)."""
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, (SingLoRALayer, TrainableCopy))]
+    wrapper_types = (SingLoRALayer, TrainableCopy, SingLoRAExperts)
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, wrapper_types)]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
 
 
@@ -66,7 +68,10 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
         )
 
     modules = dict(model.named_modules())
-    if targets == "all-linear":
+    parameters = resolve_target_parameters(model, config.target_parameters)  # experts.py
+    if targets == [] and parameters:  # only expert parameters (config.validate allows [] only with them)
+        found = []
+    elif targets == "all-linear":
         output = _output_layer_names(model)
         found = [n for n in names if layer_kind(getattr(modules[n], "base_layer", modules[n])) in ("linear", "conv1d_t")]
         found = [n for n in found if n not in output and not excluded(n)]
@@ -78,7 +83,7 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
                     raise SingLoRAError(
                         f"target_modules entry {entry!r} matches no module; adaptable modules end in {_candidates(model)}"
                     )
-    if not found:
+    if not found and targets != []:  # [] only comes with target_parameters
         raise SingLoRAError(f"target_modules={targets!r}{_no_match_hint(names, targets, config.exclude_modules)}; "
                             f"adaptable modules end in {_candidates(model)}")
     for name in found:
@@ -94,7 +99,7 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
                 raise SingLoRAError(f"exclude_modules entry {entry!r} matches no module")
     for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key in pattern:
-            if not any(fullmatch(key_pattern(key), n) for n in found):
+            if not any(fullmatch(key_pattern(key), n) for n in found + parameters):
                 raise SingLoRAError(f"{field_name} key {key!r} matches no targeted module")
     return found
 

@@ -23,8 +23,8 @@ NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
 # result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``run_folder``).
-RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "name", "plot", "on_nonfinite", "output_dir",
-                     "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
+                     "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -75,6 +75,8 @@ class TrainConfig:
     eval_every: int = _help("evaluate every N optimizer steps (0 = only at the end)", default=0)
     eval_batch_size: int = _help("batch size for evaluation", default=32)
     save_every: int = _help("write checkpoint.pt every N optimizer steps (0 = never)", default=100)
+    save_dtype: str = _help("storage dtype of the saved SingLoRA adapter: float32, bfloat16 or float16 (half the "
+                            "file; loading casts back; values beyond float16's range are refused)", default="float32")
     log_every: int = _help("log training loss every N optimizer steps", default=1)
     seed: int = _help("seed of initialisation, example order and dropout", default=0)
     precision: str = _help(f"mixed precision: {', '.join(PRECISIONS)} (fp16 needs a CUDA GPU; bf16 also runs on "
@@ -102,6 +104,10 @@ class TrainConfig:
             raise SingLoRAError(f"--task={self.task!r} must be one of {tuple(TASKS)}")
         if self.method not in METHOD_NAMES:
             raise SingLoRAError(f"--method={self.method!r} must be one of {METHOD_NAMES}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise SingLoRAError(f"--save-dtype={self.save_dtype!r} must be one of float32, bfloat16, float16")
+        if self.save_dtype != "float32" and self.method != "singlora":
+            raise SingLoRAError(f"--save-dtype={self.save_dtype} applies to --method singlora (got {self.method})")
         for flag, allowed in (("scheduler", SCHEDULERS), ("on_nonfinite", NONFINITE_ACTIONS),
                               ("precision", PRECISIONS)):
             if getattr(self, flag) not in allowed:

@@ -319,7 +319,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if run.main:
         with atomic_directory(run.folder.adapter) as tmp:
-            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model), run.tokenizer)
+            weights = run.method.save(tmp, run.accelerator.unwrap_model(run.model), run.tokenizer, config.save_dtype)
             write_run_info(tmp, {
                 "task": config.task, "method": config.method, "base_model": str(Path(config.model).resolve()),
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),

@@ -127,9 +127,9 @@ class Method:
         """Inside: the base model alone (the step-0 "base" score; full fine-tuning has nothing to disable)."""
         return contextlib.nullcontext()
 
-    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any, dtype: str = "float32") -> Path:
         """Write the trained weights of ``model`` (the unwrapped ``self.model``) into ``directory``; returns the
-        weights file."""
+        weights file. ``dtype`` (``--save-dtype``): SingLoRA only (TrainConfig.validate)."""
         model.save_pretrained(directory)
         return directory / self.weights_file
 
@@ -174,8 +174,8 @@ class SingLoRA(Method):
     def disabled(self) -> ContextManager[None]:
         return self.model.disable_adapters()
 
-    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
-        model.save_adapter(directory)
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any, dtype: str = "float32") -> Path:
+        model.save_adapter(directory, dtype=dtype)
         return directory / self.weights_file
 
     @staticmethod
@@ -223,10 +223,10 @@ class Peft(Method):
 class Full(Method):
     weights_file = "model.safetensors"
 
-    def save(self, directory: Path, model: nn.Module, tokenizer: Any) -> Path:
+    def save(self, directory: Path, model: nn.Module, tokenizer: Any, dtype: str = "float32") -> Path:
         """A whole transformers model folder: the weights and the tokenizer."""
         tokenizer.save_pretrained(directory)
-        return super().save(directory, model, tokenizer)
+        return super().save(directory, model, tokenizer, dtype)
 
     @staticmethod
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
