@@ -197,7 +197,7 @@ def test_a_key_naming_no_adaptable_module_is_refused(tmp_path: Path) -> None:
     adapted, directory = trained(tmp_path)
     tensors = load_file(directory / "adapter_model.safetensors")
     metadata = {"format": "singlora", "format_version": "1"}
-    for key, match in [("nope.singlora_A", "'nope' is not a module (or expert parameter) of this model"),
+    for key, match in [("nope.singlora_A", r"'nope' is not a module \(or expert parameter\) of this model"),
                        ("up.base_layer.singlora_A", "'up.base_layer' is not a module"),
                        (".singlora_A", "'' is not a module"),
                        ("head.singlora_A", "'head' lies inside modules_to_save")]:
