@@ -201,3 +201,29 @@ def test_refusals_name_the_problem_and_leave_the_model_usable() -> None:
     with torch.no_grad():  # still works, and no selection was left behind
         assert_close(model(ids, adapter_names=["a", "a"]), run_alone(model, "a", ids), dtype=torch.float32)
     assert all(layer.selection is None for _, layer in model.singlora_layers())
+
+
+def test_inference_adds_updates_in_place_with_the_same_values(monkeypatch) -> None:
+    """Unmerged inference accumulates Linear / Conv1D updates into the base output (``IN_PLACE_INFERENCE``): the
+    same values as the out-of-place sum, single adapter and mixed batch; with gradients it stays out of place."""
+    from torch_singlora import layers
+
+    calls = []
+    real = layers.add_factored_update_
+    monkeypatch.setattr(layers, "add_factored_update_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = add_three_adapters(tiny_llama(), LLAMA_TARGETS)
+    ids, mask = left_padded([[5, 6, 7, 8], [9, 10], [11, 12, 13]])
+    model.set_adapter("b")
+    outputs = {}
+    for in_place in (True, False):
+        monkeypatch.setattr(layers, "IN_PLACE_INFERENCE", in_place)
+        with torch.no_grad():
+            outputs[in_place] = (model(input_ids=ids, attention_mask=mask).logits,
+                                 model(input_ids=ids, attention_mask=mask, adapter_names=NAMES[:3]).logits)
+    assert len(calls) == 6  # b adapts q, v and down_proj (and the embedding) in 2 layers: 6 in-place adds
+    assert_close(outputs[True][0], outputs[False][0], dtype=torch.float32)
+    assert_close(outputs[True][1], outputs[False][1], dtype=torch.float32)
+    monkeypatch.setattr(layers, "IN_PLACE_INFERENCE", True)
+    with_grad = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 6 and with_grad.requires_grad
+    assert_close(with_grad.detach(), outputs[False][0], dtype=torch.float32)

@@ -210,6 +210,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(world) -> N
     for response, status in raw:
         assert response.status_code == status and "message" in response.json()["error"], response.text
     assert client.completions.create(model="alice", prompt="still", max_tokens=2).usage.completion_tokens == 2
+    engine = world["service"].engine
+    real = engine._forward
+
+    def broken_once(*args, **kwargs):  # an internal failure (a bug, out of memory) in one forward
+        engine._forward = real
+        raise RuntimeError("boom")
+
+    engine._forward = broken_once
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.completions.create(model="bob", prompt="x", max_tokens=3)
+    assert "internal error: RuntimeError: boom" in caught.value.body["message"]
+    assert client.completions.create(model="bob", prompt="again", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_cancelled_stream_frees_its_slot(world) -> None:

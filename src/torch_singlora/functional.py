@@ -120,6 +120,18 @@ def factored_update(x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Te
     return F.linear(h, At[:, :d_out].T)  # (..., r) -> (..., d_out)
 
 
+def add_factored_update_(
+    out: Tensor, x: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0
+) -> Tensor:
+    """``out += factored_update(x, A, d_out, d_in, c)`` in place, for inference: the second product accumulates
+    into ``out`` (``addmm_``), saving a pass over the output and its allocation; same products, so exact up to
+    float rounding. ``out``: contiguous ``(..., d_out)``, same dtype as ``A``; nothing may need its gradient."""
+    At = A.T.contiguous()  # (r, n)
+    h = F.linear(x.reshape(-1, d_in), At[:, :d_in]) * coefficient  # (tokens, r)
+    out.view(-1, d_out).addmm_(h, At[:, :d_out])
+    return out
+
+
 def embedding_update(
     ids: Tensor, A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0, *,
     scale_grad_by_freq: bool = False, sparse: bool = False,
@@ -157,18 +169,23 @@ def conv_update(x: Tensor, A: Tensor, geometry: nn.Module, coefficient: Tensor |
 
 
 def mixed_factored_update(
-    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int
+    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int, out: Tensor | None = None
 ) -> Tensor:
     """``factored_update`` with example ``b`` of ``x`` using adapter ``index[b]`` of ``bank``.
 
     ``x``: ``(B, ..., d_in)``; ``bank``: ``(K, R, n)`` (transposed, zero-padded ``A``s); ``coefficients``:
     ``(K,)``; ``index``: ``(B,)`` int64 in ``[0, K)``. Returns ``(B, ..., d_out)``. Two ``bmm``s over the
-    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R).
+    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R). With ``out`` (contiguous, same
+    shape, dtype as ``bank``, no gradient needed), the update is added into it in place (``baddbmm_``) and
+    ``out`` is returned.
     """
     batch = x.shape[0]
     At = bank.index_select(0, index)  # (B, R, n)
     h = torch.bmm(x.reshape(batch, -1, d_in), At[:, :, :d_in].transpose(1, 2))  # (B, T, R)
     h = h * coefficients.index_select(0, index)[:, None, None]
+    if out is not None:
+        out.view(batch, -1, d_out).baddbmm_(h, At[:, :, :d_out])
+        return out
     return torch.bmm(h, At[:, :, :d_out]).reshape(*x.shape[:-1], d_out)  # (B, T, R) -> (B, ..., d_out)
 
 

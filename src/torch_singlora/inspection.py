@@ -2,7 +2,7 @@
 
 The config goes through ``read_adapter_config`` and the weights' header through ``read_adapter_header`` (the
 loaders' own checks), then everything a loader checks that needs no base model: every ``<module>.singlora_A`` is a
-floating ``(n, r)`` matrix with ``r = config.rank_for(module) <= n``; every other key belongs to a
+floating ``(n, r)`` matrix (``(experts, n, r)`` for expert parameters) with ``r = config.rank_for(module) <= n``; every other key belongs to a
 ``modules_to_save`` entry, and each entry has tensors; no value is NaN/Inf. Tensors are read block by block (at
 most ``BLOCK_ELEMENTS`` values at a time, at the offsets of the checked header), so memory stays small whatever
 the file's size. What needs the base model
@@ -69,9 +69,11 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
         module, _, tensor = key.rpartition(".")
         if tensor == A_SUFFIX:
             r = config.rank_for(module)
-            if not module or len(shape) != 2 or shape[1] != r or shape[0] < r or not dtype.startswith(("F", "BF")):
+            if not module or len(shape) not in (2, 3) or shape[-1] != r or shape[-2] < r or \
+                    not dtype.startswith(("F", "BF")):
                 raise AdapterFileError(f"{path}: {printable(key)} has shape {list(shape)} of {dtype}; a loader needs a "
-                                       f"floating (n, r) matrix with r = {r} (the config's rank for it) <= n")
+                                       f"floating (n, r) matrix (or (experts, n, r) stack) with r = {r} (the "
+                                       "config's rank for it) <= n")
             ranks[module] = r
         else:
             owner = _saved_owner(module, saved_entries)
@@ -89,10 +91,13 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
     data_start = size - max((end for _, _, _, end in entries.values()), default=0)
     with handle:
         for key, entry in sorted(entries.items()):
+            shape = entry[1]
             is_A = key.endswith("." + A_SUFFIX)
-            r = entry[1][1] if is_A else 0
-            gram = torch.zeros(r, r, dtype=torch.float64) if is_A and r <= MAX_NORM_RANK else None
-            square_sum = 0.0
+            n, r = shape[-2:] if is_A else (0, 0)
+            stacked = is_A and len(shape) == 3  # expert adapters: one (n, r) matrix per expert
+            norms = is_A and r <= MAX_NORM_RANK and (not stacked or n * r <= BLOCK_ELEMENTS)
+            gram = torch.zeros(r, r, dtype=torch.float64) if norms and not stacked else None
+            square_sum, gram_squares = 0.0, 0.0
             for block in _blocks(handle, path, data_start, entry):
                 if block.is_floating_point() and not torch.isfinite(block).all():
                     raise AdapterFileError(f"{path}: {printable(key)} contains NaN or Inf")
@@ -102,11 +107,15 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
                     if gram is not None:
                         rows = block.view(-1, r)
                         gram += rows.T @ rows
+                    elif norms:  # whole experts per block: sum of ||A_e^T A_e||^2
+                        experts = block.view(-1, n, r)
+                        gram_squares += float((experts.mT @ experts).square().sum())
             if is_A:
                 name = key[: -len(A_SUFFIX) - 1]
+                gram_norm = float(gram.norm()) if gram is not None else math.sqrt(gram_squares)
                 modules[name] = {
-                    "shape": list(entry[1]), "norm_A": math.sqrt(square_sum),
-                    "norm_update": None if gram is None else config.scale_for(name) * u * float(gram.norm()),
+                    "shape": list(shape), "norm_A": math.sqrt(square_sum),
+                    "norm_update": config.scale_for(name) * u * gram_norm if norms else None,
                 }
     numel = {key: math.prod(shape) for key, (_, shape, _, _) in entries.items()}
     return {

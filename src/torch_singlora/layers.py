@@ -17,9 +17,15 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError, warn_deprecated
 from .functional import (
-    LayerKind, adapter_rows, conv_update, delta_weight, embedding_update, factored_update, init_A, matrix_dims,
-    mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
+    init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
+
+
+# Unmerged inference adds each Linear / Conv1D update into the base output in place (``functional.
+# add_factored_update_``): exact, one pass over the output fewer. False restores the out-of-place sum everywhere
+# (for A/B measurements: ``benchmarks/unmerged_overhead.py``; tests compare the two).
+IN_PLACE_INFERENCE = True
 
 
 def _transformers_conv1d() -> type | None:
@@ -221,6 +227,14 @@ class SingLoRALayer(nn.Module):
             return mixed_conv_update(x, bank, coefficients, index, self.base_layer)
         return mixed_factored_update(x, bank, coefficients, index, self.d_out, self.d_in)
 
+    def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
+        """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
+        dtype, contiguous, with no gradient to keep and no active dropout (inference); never while compiling
+        (inductor fuses the add itself)."""
+        return (IN_PLACE_INFERENCE and self.kind in ("linear", "conv1d_t") and not torch.is_grad_enabled()
+                and result.dtype == dtype and result.is_contiguous() and not torch.compiler.is_compiling()
+                and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -232,10 +246,18 @@ class SingLoRALayer(nn.Module):
             found = selection.for_layer(self)
             if found is None:  # no example of this batch uses an adapter of this layer
                 return result
+            bank = found[0]
+            if self._accumulates(result, bank.dtype) and x.shape[0] == found[2].shape[0]:
+                return mixed_factored_update(x.to(bank.dtype), *found, self.d_out, self.d_in, out=result)
             return result + self._mixed_output(x, *found).to(result.dtype)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._adapter_output(x, self.singlora[name]).to(result.dtype)
+                adapter = self.singlora[name]
+                if self._accumulates(result, adapter.A.dtype, adapter.dropout):
+                    add_factored_update_(result, x.to(adapter.A.dtype), adapter.A, self.d_out, self.d_in,
+                                         adapter.coefficient().to(adapter.A.dtype))
+                else:
+                    result = result + self._adapter_output(x, adapter).to(result.dtype)
         return result
 
     # ---- merging ----------------------------------------------------------------------------------------------

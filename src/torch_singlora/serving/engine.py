@@ -103,10 +103,19 @@ class _Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker; requests still running or waiting get an error event (nobody waits forever)."""
         self._stop.set()
         self.pending.put(None)
         if self._thread is not None:
             self._thread.join()
+        self._fail("the server is stopping")
+        while True:
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.emit("error", "the server is stopping")
 
     def submit(self, request: Any) -> None:
         """Queue a request; ``Overloaded`` if ``max_queue`` requests already wait."""
@@ -199,6 +208,7 @@ class GenerationEngine(_Worker):
         self._new_cache = lambda: DynamicCache(config=self.model.config)
         self._cache_kw = _cache_argument(self.model)
         self.rows: list[GenerationRequest] = []
+        self.joining: list[GenerationRequest] = []  # requests being prefilled (failed too if the forward fails)
         self.cache: Any = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.last = torch.zeros(0, dtype=torch.long)
@@ -316,8 +326,10 @@ class GenerationEngine(_Worker):
     def _step(self) -> None:
         new = self._take(self.max_batch_size - len(self.rows), wait=not self.rows)
         if new:  # the new rows' prompts; the running rows wait for this one forward
+            self.joining = new
             start = len(self.rows)
             logits = self._prefill(new)
+            self.joining = []
             self._advance(list(range(start, start + len(new))), self._sample(logits, new))
         elif self.rows:
             logits = self._decode()
@@ -325,9 +337,10 @@ class GenerationEngine(_Worker):
         self._drop_finished()
 
     def _fail(self, message: str) -> None:
-        for request in self.rows:
+        rows = self.rows + [r for r in self.joining if all(r is not row for row in self.rows)]
+        for request in rows:
             request.emit("error", message)
-        self.rows, self.cache = [], None
+        self.rows, self.joining, self.cache = [], [], None
         self.mask, self.last = self.mask[:0, :0], self.last[:0]
 
 

@@ -1,0 +1,455 @@
+"""Multi-tenant serving: N concurrent clients over M adapters, SingLoRA's mixed batches against serving one request
+at a time and against PEFT's mixed-batch forward (``adapter_names=``) with the same adapters exported to LoRA;
+and the memory of 1, 100 and 1,000 resident adapters, SingLoRA vs LoRA. All in one process, one torch thread.
+
+Every generation backend runs through the same continuous-batching engine (``torch_singlora.serving.engine``), so
+the rows differ only in how a batch's adapters are applied:
+
+- ``singlora_mixed``: ``AdapterBank`` (gather each row's ``A`` from a stacked bank, two ``bmm`` per layer);
+- ``one_at_a_time``: the same engine with ``max_batch_size=1`` (serving requests one after the other);
+- ``peft_mixed``: PEFT's ``_mixed_batch_forward`` (a Python loop over the batch's adapters, per layer) with the
+  exact LoRA export of the same adapters (``export_lora``), engine and requests identical;
+- ``singlora_mixed_http``: ``singlora_mixed`` behind the HTTP server, clients using the ``openai`` package.
+
+Workloads: ``llm`` = SmolLM2-135M-Instruct, adapters on all 7 projections (r = 8), chat prompts of 20-40 tokens,
+32 new tokens each (greedy, no early stop, so every request does the same work); ``classify`` = all-MiniLM-L6-v2
+with a 5-class head per adapter (``modules_to_save``), every Linear adapted (r = 8), one BBC News article (<= 128
+tokens) per request. Client ``c`` uses adapter ``c mod M`` and sends its requests one after the other. Throughput =
+tokens (generated, or classified) / wall time; latency = submit to last token, per request.
+
+    python -m benchmarks.serving                      # everything (~30 min on a loaded 2-core CPU)
+    python -m benchmarks.serving --parts memory       # one part: llm, classify, memory
+    python -m benchmarks.serving --quick              # tiny models, seconds (tests/test_serving_benchmarks.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from torch_singlora import SingLoRAConfig, get_singlora_model
+from torch_singlora.adapter_file import atomic_write_text
+from torch_singlora.bank import AdapterBank
+from torch_singlora.export import export_lora
+from torch_singlora.serving.engine import (ClassificationEngine, ClassificationRequest, GenerationEngine,
+                                           GenerationRequest, SamplingParams)
+
+from .measure import machine_description
+
+ALL_LINEAR_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+             "Give me three tips for learning a language.", "What is 17 times 23?", "Name a famous painter.",
+             "How do airplanes stay in the air?", "Suggest a name for a cat."]
+
+
+# ---- models and adapters ------------------------------------------------------------------------------------------
+
+def llm_model(quick: bool) -> tuple[nn.Module, list[list[int]]]:
+    """SmolLM2 (or a tiny Llama) in float32 eval, and the prompts' token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+        return model.eval(), [list(range(3, 3 + 5 + i % 4)) for i in range(len(QUESTIONS))]
+    from torch_singlora.assets import smollm2_path
+    from torch_singlora.llm.generate import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval(), prompts
+
+
+def classify_model(quick: bool) -> tuple[nn.Module, list[list[int]]]:
+    """all-MiniLM-L6-v2 with a 5-class head (or a tiny BERT), and BBC News articles' token ids (<= 128)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    if quick:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=2, intermediate_size=64, num_labels=5))
+        return model.eval(), [list(range(2, 12 + i)) for i in range(8)]
+    from torch_singlora.assets import bbc_news_path, minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    articles = sorted(Path(bbc_news_path()).glob("*/*.txt"))[::50][:32]
+    texts = [a.read_text(encoding="latin-1") for a in articles]
+    sequences = [tokenizer(t, truncation=True, max_length=128)["input_ids"] for t in texts]
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5).eval(), sequences
+
+
+def write_adapters(base: nn.Module, count: int, config: SingLoRAConfig, folder: Path, lora: bool) -> list[str]:
+    """``count`` adapters of random ``A`` (and random heads) saved under ``folder/singlora/<name>``, with their
+    exact LoRA export under ``folder/lora/<name>`` when ``lora``. Returns the names."""
+    names = [f"a{i:03d}" for i in range(count)]
+    model = get_singlora_model(copy.deepcopy(base), config, names[0])
+    for i, name in enumerate(names):
+        torch.manual_seed(1000 + i)
+        for _, layer in model.singlora_layers():
+            layer.singlora[names[0]].reset_parameters()
+        for _, wrapper in model.trainable_copies():
+            for p in wrapper.copies[names[0]].parameters():
+                nn.init.normal_(p, std=0.2)
+        model.save_adapter(folder / "singlora" / name, names[0])
+        if lora:
+            export_lora(model, folder / "lora" / name, format="peft")
+    return names
+
+
+def singlora_backend(base: nn.Module, folder: Path, names: list[str], max_rank: int) -> AdapterBank:
+    bank = AdapterBank(base, max_rank=max_rank, capacity=len(names))
+    for name in names:
+        bank.load(name, folder / "singlora" / name)
+    return bank
+
+
+def peft_backend(base: nn.Module, folder: Path, names: list[str]) -> tuple[nn.Module, Callable]:
+    """A ``PeftModel`` holding every exported LoRA, and its mixed-batch hooks as a ``use_adapters`` context."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, folder / "lora" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folder / "lora" / name, adapter_name=name)
+    model.eval()
+    return model, lambda rows: model._enable_peft_forward_hooks(adapter_names=rows)
+
+
+# ---- clients ------------------------------------------------------------------------------------------------------
+
+def drive(submit: Callable[[str, list[int], Callable[[str, Any], None]], None], jobs: list[list[tuple[str, list[int]]]],
+          tokens_of: Callable[[list[int], Any], int]) -> dict[str, Any]:
+    """Run one thread per client (``jobs[c]``: its requests in order); each waits for a request's end before the next.
+    Returns throughput (tokens / wall second), latencies and counts."""
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client(requests: list[tuple[str, list[int]]]) -> None:
+        for adapter, prompt in requests:
+            done = threading.Event()
+            result: dict[str, Any] = {}
+
+            def emit(kind: str, value: Any) -> None:
+                if kind != "token":
+                    result["kind"], result["value"] = kind, value
+                    done.set()
+
+            start = time.perf_counter()
+            submit(adapter, prompt, emit)
+            done.wait()
+            if result["kind"] == "error":
+                raise RuntimeError(result["value"])
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens[0] += tokens_of(prompt, result["value"])
+
+    threads = [threading.Thread(target=client, args=(requests,)) for requests in jobs]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies)
+    return {"clients": len(jobs), "requests": len(latencies), "tokens": tokens[0], "wall_s": wall,
+            "tokens_per_s": tokens[0] / wall, "p50_s": statistics.median(ordered),
+            "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
+
+
+def jobs_for(clients: int, adapters: list[str], prompts: list[list[int]], per_client: int) -> list[list[tuple]]:
+    return [[(adapters[c % len(adapters)], prompts[(c + k) % len(prompts)]) for k in range(per_client)]
+            for c in range(clients)]
+
+
+@contextmanager
+def running(engine: Any):
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def generation_run(model: nn.Module, use: Callable, jobs: list, max_tokens: int, batch: int) -> dict[str, Any]:
+    engine = GenerationEngine(model, use, max_batch_size=batch, batch_window_s=0.02)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)  # no stop tokens: exactly max_tokens each
+
+    def submit(adapter: str, prompt: list[int], emit: Callable) -> None:
+        engine.submit(GenerationRequest(adapter, prompt, params, emit))
+
+    with running(engine):
+        stats = drive(submit, jobs, lambda prompt, reason: max_tokens)
+    return {**stats, "forwards": engine.steps, "most_rows": engine.most_rows}
+
+
+def classification_run(model: nn.Module, use: Callable, jobs: list, batch: int, pad: int) -> dict[str, Any]:
+    engine = ClassificationEngine(model, use, pad_token_id=pad, max_batch_size=batch, batch_window_s=0.02)
+
+    def submit(adapter: str, prompt: list[int], emit: Callable) -> None:
+        engine.submit(ClassificationRequest(adapter, [prompt], emit))
+
+    with running(engine):
+        stats = drive(submit, jobs, lambda prompt, probs: len(prompt))
+    return {**stats, "forwards": engine.steps, "most_rows": engine.most_rows}
+
+
+def http_run(base: nn.Module, folder: Path, names: list[str], jobs: list, max_tokens: int, batch: int) -> dict:
+    """``singlora_mixed`` behind the HTTP server (``Service`` + ``create_app`` on 127.0.0.1), clients through the
+    ``openai`` package sending token-id prompts; stop tokens off, as in the engine runs."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from torch_singlora.assets import smollm2_path
+    from torch_singlora.serving.app import create_app, serve_in_thread
+    from torch_singlora.serving.service import Limits, Service
+
+    service = Service(base, AutoTokenizer.from_pretrained(smollm2_path()), name="base", max_rank=8,
+                      capacity=len(names), limits=Limits(max_batch_size=batch, batch_window_ms=20,
+                                                         max_choices=1, max_queue=4096))
+    for name in names:
+        service.add_adapter(name, folder / "singlora" / name)
+    service.stop_token_ids = frozenset()  # every request generates max_tokens, as in the engine runs
+    server, thread, port = serve_in_thread(create_app(service))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+
+    def submit(adapter: str, prompt: list[int], emit: Callable) -> None:
+        def call() -> None:
+            try:
+                out = client.completions.create(model=adapter, prompt=prompt, max_tokens=max_tokens, temperature=0)
+                emit("done", out.usage.completion_tokens)
+            except Exception as exc:  # noqa: BLE001 - reported by drive()
+                emit("error", repr(exc))
+        threading.Thread(target=call).start()
+
+    try:
+        stats = drive(submit, jobs, lambda prompt, generated: generated)
+    finally:
+        server.should_exit = True
+        thread.join()
+    return {**stats, "forwards": service.engine.steps, "most_rows": service.engine.most_rows}
+
+
+# ---- parts --------------------------------------------------------------------------------------------------------
+
+def part_llm(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    base, prompts = llm_model(settings["quick"])
+    config = SingLoRAConfig(r=8, alpha=8, target_modules=ALL_LINEAR_LLAMA, ramp_up_steps=0, init="gaussian",
+                            init_std=0.02)
+    most = max(m for _, m in settings["configs"])
+    names = write_adapters(base, most, config, folder / "llm", lora=True)
+    bank = singlora_backend(copy.deepcopy(base), folder / "llm", names, max_rank=8)
+    peft_model, peft_use = peft_backend(copy.deepcopy(base), folder / "llm", names)
+    rows = []
+    for clients, count in settings["configs"]:
+        jobs = jobs_for(clients, names[:count], prompts, settings["per_client"])
+        sequential = jobs_for(min(clients, settings["sequential_clients"]), names[:count], prompts,
+                              settings["per_client"])
+        runs = {"singlora_mixed": lambda: generation_run(bank.model, bank.use, jobs, settings["max_tokens"], clients),
+                "one_at_a_time": lambda: generation_run(bank.model, bank.use, sequential, settings["max_tokens"], 1),
+                "peft_mixed": lambda: generation_run(peft_model.base_model.model, peft_use, jobs,
+                                                     settings["max_tokens"], clients)}
+        if clients == min(c for c, _ in settings["configs"]):
+            runs["singlora_mixed_http"] = lambda: http_run(copy.deepcopy(base), folder / "llm", names[:count], jobs,
+                                                           settings["max_tokens"], clients)
+        for backend, run in runs.items():
+            print(f"llm {clients}x{count} {backend} ...", file=sys.stderr, flush=True)
+            rows.append({"workload": "llm", "config": f"{clients}x{count}", "backend": backend, **run()})
+    return rows
+
+
+def part_classify(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    base, sequences = classify_model(settings["quick"])
+    config = SingLoRAConfig(r=8, alpha=8, target_modules="all-linear", modules_to_save=["classifier"],
+                            ramp_up_steps=0, init="gaussian", init_std=0.02)
+    most = max(m for _, m in settings["configs"])
+    names = write_adapters(base, most, config, folder / "classify", lora=True)
+    bank = singlora_backend(copy.deepcopy(base), folder / "classify", names, max_rank=8)
+    peft_model, peft_use = peft_backend(copy.deepcopy(base), folder / "classify", names)
+    pad = base.config.pad_token_id or 0
+    rows = []
+    for clients, count in settings["configs"]:
+        jobs = jobs_for(clients, names[:count], sequences, settings["classify_per_client"])
+        runs = {"singlora_mixed": lambda: classification_run(bank.model, bank.use, jobs, clients, pad),
+                "one_at_a_time": lambda: classification_run(bank.model, bank.use, jobs, 1, pad),
+                "peft_mixed": lambda: classification_run(peft_model.base_model.model, peft_use, jobs, clients, pad)}
+        for backend, run in runs.items():
+            print(f"classify {clients}x{count} {backend} ...", file=sys.stderr, flush=True)
+            rows.append({"workload": "classify", "config": f"{clients}x{count}", "backend": backend, **run()})
+    return rows
+
+
+def lora_bytes(model: nn.Module) -> int:
+    """Bytes of every LoRA tensor PEFT holds (``lora_A`` / ``lora_B`` weights of all adapters)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def part_memory(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """Resident adapters: an ``AdapterBank`` holding exactly ``count`` adapters (its allocated bytes) vs one
+    ``PeftModel`` holding as many LoRA exports (its ``lora_`` tensors). Counts a target set cannot hold in this
+    machine's memory are computed as per-adapter bytes x count (marked so)."""
+    from peft import PeftModel
+
+    base, _ = llm_model(settings["quick"])
+    rows = []
+    for label, targets, most_measured in (("q_proj,v_proj", ["q_proj", "v_proj"], max(settings["memory_counts"])),
+                                          ("all 7 projections", ALL_LINEAR_LLAMA, settings["peft_max_resident"])):
+        source = folder / "memory" / label.replace(",", "_").replace(" ", "_")
+        name = write_adapters(base, 1, SingLoRAConfig(r=8, alpha=8, target_modules=targets, ramp_up_steps=0), source,
+                              lora=True)[0]
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), source / "lora" / name, adapter_name="u0")
+        for count in settings["memory_counts"]:
+            row: dict[str, Any] = {"targets": label, "adapters": count, "bank_load_s": None, "peft_load_s": None}
+            if count <= most_measured:
+                bank = AdapterBank(base, max_rank=8, capacity=count)  # wraps base in place; undone below
+                start = time.perf_counter()
+                for i in range(count):
+                    bank.load(f"u{i}", source / "singlora" / name)
+                row["bank_load_s"] = (time.perf_counter() - start) / count
+                memory = bank.memory()
+                row.update(singlora_bytes=memory["allocated"], singlora_measured=True,
+                           singlora_per_adapter=memory["per_adapter"]["u0"]["singlora"], square_ratio=square_ratio(bank))
+                base = unwrap(base)
+            else:
+                row.update(singlora_bytes=rows[-1]["singlora_per_adapter"] * count, singlora_measured=False,
+                           singlora_per_adapter=rows[-1]["singlora_per_adapter"], square_ratio=rows[-1]["square_ratio"])
+            present = len(peft_model.peft_config)
+            if count <= settings["peft_max_resident"]:
+                start = time.perf_counter()
+                for i in range(present, count):
+                    peft_model.load_adapter(source / "lora" / name, adapter_name=f"u{i}")
+                row["peft_load_s"] = (time.perf_counter() - start) / (count - present) if count > present else None
+                row.update(lora_bytes=lora_bytes(peft_model), lora_measured=True)
+                row["lora_per_adapter"] = row["lora_bytes"] // count
+            else:
+                per = rows[-1]["lora_per_adapter"]
+                row.update(lora_bytes=per * count, lora_measured=False, lora_per_adapter=per)
+            row["ratio"] = row["singlora_bytes"] / row["lora_bytes"]
+            rows.append(row)
+            print(f"memory {label} {count}: {row['ratio']:.3f}", file=sys.stderr, flush=True)
+        del peft_model
+        gc.collect()
+    return rows
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """``model`` with every SingLoRA wrapper an ``AdapterBank`` put in replaced by the original module."""
+    from torch_singlora.layers import SingLoRALayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SingLoRALayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    return model
+
+
+def square_ratio(bank: AdapterBank) -> float | None:
+    """SingLoRA / LoRA bytes on the square layers of the first adapter (exactly 1/2 by construction)."""
+    resident = next(iter(bank.adapters.values()))
+    square = [(o, i, r) for o, i, r in resident.modules.values() if o == i]
+    if not square:
+        return None
+    return sum(o * r for o, _, r in square) / sum((o + i) * r for o, i, r in square)
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["llm", "classify", "memory"],
+                        choices=["llm", "classify", "memory"])
+    parser.add_argument("--configs", nargs="+", default=["16x16", "64x64"], help="CLIENTSxADAPTERS")
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--per-client", type=int, default=1, help="generation requests per client")
+    parser.add_argument("--classify-per-client", type=int, default=4, help="classification requests per client")
+    parser.add_argument("--sequential-clients", type=int, default=16,
+                        help="clients of the one-at-a-time run (it is slow; its throughput does not depend on it)")
+    parser.add_argument("--memory-counts", nargs="+", type=int, default=[1, 100, 1000])
+    parser.add_argument("--peft-max-resident", type=int, default=100,
+                        help="PEFT LoRA is loaded up to this many adapters; above, its bytes are per-adapter x count")
+    parser.add_argument("--quick", action="store_true", help="tiny models, small counts: a smoke test")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    settings = {"quick": args.quick, "configs": [tuple(int(v) for v in c.split("x")) for c in args.configs],
+                "max_tokens": args.max_tokens, "per_client": args.per_client,
+                "classify_per_client": args.classify_per_client, "sequential_clients": args.sequential_clients,
+                "memory_counts": args.memory_counts, "peft_max_resident": args.peft_max_resident}
+    if args.quick:
+        settings.update(configs=[(3, 3)], max_tokens=4, classify_per_client=2, sequential_clients=3,
+                        memory_counts=[1, 3], peft_max_resident=2)
+    command = "python -m benchmarks.serving " + " ".join(shlex.quote(a) for a in (argv or []))
+    results: dict[str, Any] = {"command": command.strip(), "machine": machine_description(), "settings": {
+        k: v for k, v in settings.items()}, "rows": {}}
+    parts = {"llm": part_llm, "classify": part_classify, "memory": part_memory}
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in args.parts:
+            results["rows"][part] = parts[part](settings, Path(tmp))
+            gc.collect()
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    text = markdown(results)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "serving_quick" if args.quick else "serving"
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", text + "\n")
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Command: `{results['command']}`", "", f"Machine: {results['machine']}", ""]
+    for workload in ("llm", "classify"):
+        rows = results["rows"].get(workload)
+        if not rows:
+            continue
+        unit = "generated tokens/s" if workload == "llm" else "classified tokens/s"
+        lines += [f"### {workload}", "", f"| clients x adapters | backend | clients | requests | {unit} | vs one at a "
+                  "time | vs peft_mixed | p50 s | p99 s | forwards | most rows |", "|" + "---|" * 11]
+        for row in rows:
+            same = {r["backend"]: r for r in rows if r["config"] == row["config"]}
+            speed = row["tokens_per_s"]
+            lines.append(f"| {row['config']} | {row['backend']} | {row['clients']} | {row['requests']} | {speed:.1f} | "
+                         f"{speed / same['one_at_a_time']['tokens_per_s']:.2f} | "
+                         f"{speed / same['peft_mixed']['tokens_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
+                         f"{row['forwards']} | {row['most_rows']} |")
+        lines.append("")
+    if results["rows"].get("memory"):
+        lines += ["### memory of resident adapters (r = 8, float32)", "",
+                  "| targets | adapters | SingLoRA bytes | LoRA (PEFT) bytes | SingLoRA / LoRA | per adapter: SingLoRA "
+                  "/ LoRA bytes | square layers | bank load s/adapter | PEFT load s/adapter |", "|" + "---|" * 9]
+        for row in results["rows"]["memory"]:
+            def cell(value: int, measured: bool) -> str:
+                return f"{value:,}" + ("" if measured else " (computed)")
+            square = "-" if row["square_ratio"] is None else f"{row['square_ratio']:.3f}"
+            bank_s = "-" if row["bank_load_s"] is None else f"{row['bank_load_s']:.4f}"
+            peft_s = "-" if row["peft_load_s"] is None else f"{row['peft_load_s']:.4f}"
+            lines.append(f"| {row['targets']} | {row['adapters']:,} | {cell(row['singlora_bytes'], row['singlora_measured'])}"
+                         f" | {cell(row['lora_bytes'], row['lora_measured'])} | {row['ratio']:.3f} | "
+                         f"{row['singlora_per_adapter']:,} / {row['lora_per_adapter']:,} | {square} | {bank_s} | "
+                         f"{peft_s} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
