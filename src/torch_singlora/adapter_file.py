@@ -171,8 +171,9 @@ def read_adapter_header(path: str | os.PathLike) -> Entries:
 
 def expected_tensors(model: nn.Module, plan: AdapterPlan) -> Expected:
     """``{file key: (shape, dtype the model will hold)}`` of the adapter file that ``plan`` describes for ``model``
-    (a base model, or one holding adapters): ``(n, r)`` (``(experts, n, r)``) for each ``A``, in the dtype ``SingLoRALayer`` gives it
-    (float32, or float64 on a float64 weight), and the full state of each ``modules_to_save`` module."""
+    (a base model, or one holding adapters): ``(n, r)`` (``(experts, n, r)``) for each ``A``, in the dtype
+    ``SingLoRALayer`` gives it (float32, or float64 on a float64 weight), and the full state of each
+    ``modules_to_save`` module."""
     expected: Expected = {}
     for name, module in plan.modules.items():
         if module.kind == "experts":  # a 3-D expert parameter ``<module>.<parameter>``

@@ -2,11 +2,11 @@
 
 The config goes through ``read_adapter_config`` and the weights' header through ``read_adapter_header`` (the
 loaders' own checks), then everything a loader checks that needs no base model: every ``<module>.singlora_A`` is a
-floating ``(n, r)`` matrix (``(experts, n, r)`` for expert parameters) with ``r = config.rank_for(module) <= n``; every other key belongs to a
-``modules_to_save`` entry, and each entry has tensors; no value is NaN/Inf. Tensors are read block by block (at
+floating ``(n, r)`` matrix (``(experts, n, r)`` for expert parameters) with ``r = config.rank_for(module) <= n``;
+every other key belongs to a ``modules_to_save`` entry; no value is NaN/Inf. Tensors are read block by block (at
 most ``BLOCK_ELEMENTS`` values at a time, at the offsets of the checked header), so memory stays small whatever
-the file's size. What needs the base model
-(each module exists, its ``n``, the saved tensors' dtypes) is checked when the adapter is loaded or exported.
+the file's size. What needs the base model (each module exists, its ``n``, the saved tensors' dtypes) is checked
+when the adapter is loaded or exported.
 
 Every string that comes from the files is shown escaped: no terminal control sequence reaches the terminal.
 """
