@@ -273,7 +273,7 @@ def inspect_adapter(adapter: str) -> dict[str, Any]:
         A = tensor.double()
         modules[name] = {
             "shape": list(A.shape), "norm_A": float(A.norm()),
-            "norm_update": float(config.scale_for(name) * u * torch.linalg.matrix_norm(A.T @ A)),
+            "norm_update": float(config.scale_for(name) * u * torch.linalg.vector_norm(A.mT @ A)),
         }
     return {
         "adapter": str(adapter), "ramp_step": step, "ramp_steps": T, "u": u,
