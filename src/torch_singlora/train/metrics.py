@@ -43,7 +43,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_records: int | None = None) -> None:
         """A new log at ``path`` (``keep_records=None``), or the first ``keep_records`` lines of the old one."""
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         self.path = path
         kept: list[str] = []
