@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo wheel-check clean
+.PHONY: install test demo demo-classification wheel-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m torch_singlora.demo
+
+demo-classification: $(STAMP)
+	$(PY) -m torch_singlora.demo_classification
 
 # Build the sdist + wheel and use the wheel in a fresh venv (singlora --help, a 2-step training): checks/wheel.py
 wheel-check: $(STAMP)

@@ -104,7 +104,7 @@ def make_split(work: Path, split: Split) -> dict[str, Path]:
             start += sizes[part]
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in parts.items():
-        from torch_singlora.adapter_file import atomic_write_text
+        from torch_singlora.atomic import atomic_write_text
 
         text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write_text(paths[part], text)
@@ -131,6 +131,10 @@ class RunSpec:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
         return f"{self.method}_lr{self.lr:g}_s{self.seed}_" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
+    def train_settings(self) -> dict[str, Any]:
+        """More ``TrainConfig`` fields for this run (none here; a subclass adds its fields, e.g. the LLM study's)."""
+        return {}
+
 
 @dataclass
 class Bench:
@@ -147,24 +151,31 @@ class Bench:
         """How reports name the task."""
         return "BBC News headlines" if self.task == "titles" else "BBC News"
 
+    def run_dir(self, spec: RunSpec) -> Path:
+        """The output folder of ``spec``'s run (adapter, metrics.jsonl, result.json)."""
+        return self.work / "runs" / self.label / spec.key()
+
     def run(self, spec: RunSpec) -> dict[str, Any]:
         """Train ``spec`` (or return its cached result): validation + test metrics, parameters, time per step."""
-        out = self.work / "runs" / self.label / spec.key()
+        out = self.run_dir(spec)
         result_file = out / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
         from torch_singlora.train.loop import TrainConfig, train
+        from torch_singlora.train.run_folder import RunFolder
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if spec.init != "normal" and "init" not in fields:
             raise RuntimeError("TrainConfig has no `init` field: the init ablation needs `singlora train --init`")
         extra = {"init": spec.init} if "init" in fields else {}
+        extra = {"save_every": 0, **extra, **spec.train_settings()}
+        resume = RunFolder(out).checkpoint.is_file()  # a run killed after a checkpoint (``save_every`` > 0) continues
         config = TrainConfig(
             model=self.model, train_data=str(self.data["train"]), eval_data=str(self.data["val"]),
             output_dir=str(out), method=spec.method, lr=spec.lr, seed=spec.seed, r=spec.r, alpha=spec.alpha,
             ramp_up_steps=spec.ramp_up, epochs=spec.epochs, max_steps=spec.max_steps, batch_size=spec.batch_size,
-            max_length=spec.max_length, save_every=0, quiet=True, plot=False, overwrite=True, **extra,
+            max_length=spec.max_length, quiet=True, plot=False, resume=resume, overwrite=not resume, **extra,
         )
         start = time.perf_counter()
         summary = train(config)

@@ -93,7 +93,8 @@ def test_every_source_reads_the_same_rows(tmp_path) -> None:
                    {"role": "assistant", "content": "x"}]}, r"line 2: message 2 is a system message"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
      r"line 2: message 2 is an empty assistant answer"),
-    ({"prompt": "q"}, r"line 2: no column 'messages' \(format 'messages' needs \['messages'\]\); columns are \['prompt'\]"),
+    ({"prompt": "q"},
+     r"line 2: no column 'messages' \(format 'messages' needs \['messages'\]\); columns are \['prompt'\]"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},
      r"message 2: 'content' must be a string, got a number \(42\)"),
     (["not", "an", "object"], r"line 2: expected an object \(one example\), got a list"),
@@ -170,3 +171,39 @@ def test_prompts_files(tmp_path) -> None:
     with pytest.raises(SingLoRAError, match=r"line 1, column 'prompt': expected a non-empty list of messages, got a "
                                             r"number"):
         read_prompts(_jsonl(tmp_path / "bad.jsonl", [{"prompt": 5}]))
+
+
+def test_bbc_instructions_are_built_from_the_real_articles(tmp_path) -> None:
+    from pathlib import Path
+
+    from torch_singlora.assets import bbc_news_path
+    from torch_singlora.llm.examples import bbc_instructions, main
+
+    train, test = bbc_instructions("headline", words=10_000)  # whole bodies
+    assert (len(train), len(test)) == (1647, 413)  # 2,060 distinct stories of the 2,225 files
+    files = sorted(Path(bbc_news_path()).glob("*/*.txt"))
+    first_lines = {}
+    for file in files:
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        first_lines.setdefault(text.strip().splitlines()[0].strip(), []).append(file)
+    questions = [row["messages"][0]["content"] for row in train + test]
+    assert len(set(questions)) == 2060  # each story once: no held-out example repeats a training one
+    for row in test[:20]:  # the answer is the article's first line; the question shows its body, not the title
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert answer in first_lines and answer not in user
+        assert user.startswith("Write the headline of this BBC News article.\n\n")
+    sections, _ = bbc_instructions("section", words=12)
+    assert all(row["messages"][0]["content"].endswith(" ...") for row in sections)  # 12 words shown
+    assert sorted({row["messages"][1]["content"] for row in sections}) == ["business", "entertainment", "politics",
+                                                                            "sports", "tech"]
+    assert bbc_instructions("headline", words=10_000) == (train, test)  # a fixed split
+    assert main(["section", str(tmp_path), "--max-test", "7"]) == 0
+    assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 7
+    with pytest.raises(SystemExit, match="exist; --overwrite replaces them"):
+        main(["section", str(tmp_path)])
+    conversations, fmt = read_conversations(tmp_path / "train.jsonl")
+    assert fmt == "messages" and len(conversations) == 1647

@@ -110,6 +110,8 @@ def test_adapter_merged_and_peft_export_generate_the_same(folders, base_chat) ->
     assert texts["adapter"] != generate(base_chat.model, base_chat.tokenizer, PROMPTS, options)  # it adapts
     with pytest.raises(SingLoRAError, match=r"--adapter .*: no adapter_config.json"):
         load_chat_model(str(folders / "base"), str(folders / "merged"))
+    with pytest.raises(SingLoRAError, match=r"adapter folder without run_info.json .* give its base model folder"):
+        load_chat_model(str(folders / "adapter"))
 
 
 def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys) -> None:
@@ -131,6 +133,9 @@ def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys
     assert record["reference"] == "Rome."
     assert main(["generate", str(folders / "base")]) == 2
     assert "give prompts as arguments or --prompts-file" in capsys.readouterr().err
+    before = out.read_text()
+    assert main(["generate", str(folders / "base"), "Hi", "--output", str(out)]) == 2  # nothing is overwritten
+    assert "exists; --overwrite replaces it" in capsys.readouterr().err and out.read_text() == before
 
 
 def test_chat_loop_keeps_history_resets_and_streams(base_chat) -> None:

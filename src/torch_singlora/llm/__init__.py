@@ -10,7 +10,7 @@ a chat REPL and the SFT metrics. Needs the ``llm`` extra (transformers, datasets
   padding, greedy or sampling) and token streaming.
 - ``metrics``: exact match and ROUGE-L against reference answers; sample generations.
 - ``chat``: the interactive ``singlora chat`` REPL. ``cli``: ``singlora generate`` and ``singlora chat``.
-- ``task``: ``singlora train --task sft``.
+- ``task``: ``singlora train --task sft``. ``examples``: instruction data built from BBC News (the demo's).
 
 Nothing heavy is imported here.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -65,6 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if bool(args.prompts) == bool(args.prompts_file):
         raise SingLoRAError("give prompts as arguments or --prompts-file FILE (one of the two)")
+    if args.output and os.path.lexists(args.output) and not args.overwrite:
+        raise SingLoRAError(f"--output {args.output!r} exists; --overwrite replaces it")
     options = _options(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [
         ([{"role": "user", "content": text}], None) for text in args.prompts]
@@ -79,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
         records.append(record)
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if args.output:
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(args.output, text)
         print(f"{len(records)} answers written to {args.output}", file=sys.stderr)
@@ -106,6 +109,7 @@ def add_parser(subparsers: Any) -> None:
     generate.add_argument("--prompts-file", default=None, help=".txt (a prompt per line), or .jsonl / .json / .csv / "
                           ".parquet / dataset folder with 'prompt' or 'messages' (or whole training examples)")
     generate.add_argument("--output", default=None, help="write the JSON lines here (default: standard output)")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     generate.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     _add_generation_arguments(generate, max_new_tokens=256)
     generate.set_defaults(func=cmd_generate)

@@ -73,9 +73,9 @@ class ChatModel:
 def _load_causal_lm(path: str, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if not (Path(path) / "config.json").is_file():
-        raise SingLoRAError(f"{path!r}: not a transformers model folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from ..train.pretrained import from_pretrained
+
+    return from_pretrained(AutoModelForCausalLM, path, "model", dtype=dtype)
 
 
 def _adapter_kind(folder: Path) -> str:
@@ -113,29 +113,32 @@ def _with_adapter(base: nn.Module, adapter: str) -> nn.Module:
 
 def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str | None = None,
                     dtype: torch.dtype | None = None) -> ChatModel:
-    """A model and tokenizer from ``path``: an adapter folder written by ``singlora train`` (its base model and
-    tokenizer are those recorded in ``run_info.json``), or a transformers model folder (a base model, or a
-    ``singlora merge`` output), optionally with ``adapter`` (a SingLoRA adapter or a PEFT LoRA folder such as a
-    ``singlora export`` output). ``chat_template``: a Jinja file overriding the tokenizer's template."""
-    from ..train.loop import load_tokenizer
+    """A model and tokenizer from ``path``: an adapter folder written by ``singlora train`` (its base model,
+    tokenizer and chat template are those recorded in ``run_info.json``), or a transformers model folder (a base
+    model, or a ``singlora merge`` output), optionally with ``adapter`` (a SingLoRA adapter or a PEFT LoRA folder
+    such as a ``singlora export`` output). ``chat_template``: a Jinja file overriding the template."""
+    from ..train.pretrained import load_tokenizer
+    from ..train.run_folder import RUN_INFO
 
     folder = Path(path)
     if not folder.is_dir():
         raise SingLoRAError(f"model {path!r}: no such folder")
-    if (folder / "run_info.json").is_file():
+    if (folder / RUN_INFO).is_file():
         if adapter is not None:
             raise SingLoRAError(f"{path} is a trained adapter (it names its base model); --adapter applies to a base "
                                 "model folder")
-        from ..train.methods import load_trained
+        from ..train.run_folder import load_trained
+        from ..train.registry import get_task
 
         model, info = load_trained(path)
-        tokenizer = load_tokenizer(info["tokenizer"])
-        if info.get("chat_template") and chat_template is None:
-            tokenizer.chat_template = info["chat_template"]
+        tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
         source = f"{path} (base {info['base_model']})"
     else:
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise SingLoRAError(f"{path} is an adapter folder without run_info.json (not a `singlora train` output): "
+                                f"give its base model folder, and --adapter {path}")
         model = _load_causal_lm(path, dtype)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, "model")
         source = path
         if adapter is not None:
             model = _with_adapter(model, adapter)

@@ -145,12 +145,6 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
-    def subset(self, indices: Sequence[int]) -> "SFTDataset":
-        """The examples at ``indices`` (the truncation counts are kept: they describe the data read)."""
-        return SFTDataset([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
-                          [self.conversations[i] for i in indices], self.max_length, self.truncated, self.dropped,
-                          sum(sum(1 for t in self.labels[i] if t != IGNORE_INDEX) for i in indices))
-
     def to_hf_dataset(self) -> Any:
         """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns: TRL's ``SFTTrainer`` takes it as is
         (already tokenized, so it applies neither its template nor its masks)."""

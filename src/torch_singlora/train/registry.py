@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 TASKS: dict[str, str] = {
     "classification": "torch_singlora.train.tasks:Classification",
     "causal-lm": "torch_singlora.train.tasks:CausalLM",
+    "sft": "torch_singlora.llm.task:SFT",
 }
 
 

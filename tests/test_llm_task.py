@@ -1,0 +1,142 @@
+"""``singlora train --task sft`` end to end on a tiny tied Llama with SmolLM2's tokenizer and chat template: the loss
+is the mean cross-entropy of the answer tokens only (checked against a loss written out in the test), the base
+model's score is recorded at step 0 and equals ``singlora evaluate`` of the base model without an adapter, and the
+trained adapter, its ``singlora merge`` folder and its ``singlora export`` (loaded with stock PEFT) answer alike."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import save_tiny_chat_llama
+from torch_singlora.cli import main
+from torch_singlora.llm.generate import GenerationOptions, generate, load_chat_model
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "red green blue cyan pink gold grey teal plum lime".split()
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Answer with one word."},
+                          {"role": "user", "content": f"Which colour comes after {WORDS[i % 10]}?"},
+                          {"role": "assistant", "content": WORDS[(i + 1) % 10]},
+                          {"role": "user", "content": "And the one before it?"},
+                          {"role": "assistant", "content": WORDS[(i - 1) % 10]}]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("sft")
+    save_tiny_chat_llama(root / "base", smollm2_tokenizer)
+    for name, rows in (("train", _rows(24)), ("test", _rows(6))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--task", "sft", "--model", str(root / "base"), "--train-data", str(root / "train.jsonl"),
+                 "--eval-data", str(root / "test.jsonl"), "--output-dir", str(root / "run"), "--max-steps", "4",
+                 "--batch-size", "4", "--lr", "3e-2", "--eval-generations", "4",
+                 "--max-new-tokens", "3", "--eval-samples", "2", "--quiet", "--no-plot"]) == 0
+    return root
+
+
+def answer_loss(model, tokenizer, rows: list[dict]) -> float:
+    """Mean cross-entropy over the assistant answers' tokens (and their <|im_end|>), written out: each answer is
+    located by rendering the conversation up to it, so no mask from the code under test is used."""
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            messages = row["messages"]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                start = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, return_dict=True,
+                                                          add_generation_prompt=True)["input_ids"])
+                answer = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                assert ids[start:start + len(answer)] == answer
+                losses += [-float(logp[p - 1, ids[p]]) for p in range(start, start + len(answer))]
+    return sum(losses) / len(losses)
+
+
+def test_sft_run_records_base_and_tuned_scores_on_answer_tokens(run, smollm2_tokenizer) -> None:
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert summary["base"] == {k: v for k, v in evals[0].items() if k not in ("kind", "step")}
+    test_rows = _rows(6)
+    base = transformers.AutoModelForCausalLM.from_pretrained(run / "base")
+    assert summary["base"]["eval_loss"] == pytest.approx(answer_loss(base, smollm2_tokenizer, test_rows), rel=1e-5)
+    tuned = load_chat_model(str(run / "run" / "adapter"))
+    assert summary["eval_loss"] == pytest.approx(answer_loss(tuned.model, smollm2_tokenizer, test_rows), rel=1e-5)
+    assert summary["eval_loss"] < summary["base"]["eval_loss"]
+    answers = generate(tuned.model, tuned.tokenizer, [r["messages"][:-1] for r in test_rows[:4]],
+                       GenerationOptions(max_new_tokens=3))
+    assert summary["samples"] == [{"prompt": "And the one before it?", "reference": r["messages"][-1]["content"],
+                                   "generated": a} for r, a in zip(test_rows[:2], answers[:2])]
+    assert summary["generated"] == 4 and 0 <= summary["rouge_l"] <= 1
+    info = json.loads((run / "run" / "adapter" / "run_info.json").read_text())
+    assert info["task"] == "sft" and info["assistant_only_loss"] is True and info["chat_template"] is None
+    assert info["truncated"] == {"train": 0, "train_dropped": 0, "eval": 0, "eval_dropped": 0}
+
+
+def test_evaluate_base_model_and_adapter(run, tmp_path) -> None:
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    out = tmp_path / "base.json"
+    assert main(["evaluate", "--model", str(run / "base"), "--task", "sft", "--data", str(run / "test.jsonl"),
+                 "--eval-generations", "4", "--max-new-tokens", "3", "--eval-samples", "2", "--output", str(out),
+                 "--quiet"]) == 0
+    base = json.loads(out.read_text())
+    for key in ("eval_loss", "exact_match", "rouge_l", "samples"):
+        assert base[key] == pytest.approx(summary["base"][key]) if key != "samples" else base[key] == summary[
+            "base"][key]
+    assert main(["evaluate", str(run / "run" / "adapter"), "--data", str(run / "test.jsonl"), "--output", str(out),
+                 "--quiet"]) == 0
+    assert json.loads(out.read_text())["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+
+
+def test_adapter_merged_and_exported_answer_alike(run, tmp_path) -> None:
+    adapter = run / "run" / "adapter"
+    assert main(["merge", str(adapter), str(tmp_path / "merged"), "--quiet"]) == 0
+    assert main(["export", str(adapter), str(tmp_path / "peft"), "--quiet"]) == 0
+    prompts = [r["messages"][:2] for r in _rows(5)]
+    answers = []
+    for path, extra in ((adapter, None), (tmp_path / "merged", None), (run / "base", tmp_path / "peft")):
+        chat = load_chat_model(str(path), None if extra is None else str(extra))
+        answers.append(generate(chat.model, chat.tokenizer, prompts, GenerationOptions(max_new_tokens=6)))
+    assert answers[0] == answers[1] == answers[2]
+    base = load_chat_model(str(run / "base"))
+    assert answers[0] != generate(base.model, base.tokenizer, prompts, GenerationOptions(max_new_tokens=6))
+
+
+def test_chat_template_file_and_whole_text_loss(run, tmp_path, smollm2_tokenizer) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{{ '\\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "sft", "--model", str(run / "base"), "--train-data", str(run / "train.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "1", "--batch-size", "4", "--chat-template", str(template),
+                 "--no-assistant-only-loss", "--eval-split", "0.25", "--eval-generations", "0", "--quiet",
+                 "--no-plot"]) == 0
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
+    assert info["chat_template"] == template.read_text() and info["assistant_only_loss"] is False
+    chat = load_chat_model(str(out / "adapter"))
+    assert chat.tokenizer.chat_template == template.read_text()
+    assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--quiet"]) == 0
+    merged = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.chat_template == template.read_text()  # the merged model carries the template it learned
+    summary = json.loads((out / "summary.json").read_text())
+    assert "exact_match" not in summary and summary["base"]["eval_loss"] > 0
+
+
+def test_bad_chat_data_is_refused_naming_row_and_column(run, tmp_path, capsys) -> None:
+    rows = _rows(3)
+    rows[2]["messages"][1]["content"] = ["a", "list"]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--task", "sft", "--model", str(run / "base"), "--train-data", str(tmp_path / "bad.jsonl"),
+                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--quiet"]) == 2
+    assert "bad.jsonl line 3, column 'messages', message 2: 'content' must be a string, got a list" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out" / "adapter").exists()
