@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any, Callable
 import torch
 
 from torch_singlora import SingLoRAConfig, get_singlora_model, layers
-from torch_singlora.adapter_file import atomic_write_text
 
 from .measure import interleaved_times, machine_description
+from .serving import write_outputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,13 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             medians = {name: statistics.median(t) for name, t in times.items()}
             results["shapes"][shape] = {"median_ms": {k: v * 1e3 for k, v in medians.items()},
                                         "over_base": {k: v / medians["base"] for k, v in medians.items()}}
-    text = markdown(results)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "unmerged_overhead_quick" if args.quick else "unmerged_overhead"
-    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", text + "\n")
+    write_outputs(results, markdown(results), Path(args.out),
+                  "unmerged_overhead_quick" if args.quick else "unmerged_overhead")
     return results
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_close, dense_update
 from torch import nn
 
@@ -231,8 +230,6 @@ def test_inference_adds_updates_in_place_with_the_same_values(monkeypatch) -> No
 
 def test_in_place_inference_follows_the_ramp_and_the_config(monkeypatch) -> None:
     """The in-place path reads ``c = s * u`` as a number, refreshed whenever the step, T or s changes."""
-    from torch_singlora import layers
-
     layer = nn.Linear(6, 6)
     model = get_singlora_model(nn.Sequential(layer), SingLoRAConfig(r=2, target_modules=["0"], ramp_up_steps=10,
                                                                    init="gaussian", init_std=0.5)).eval()

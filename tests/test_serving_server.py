@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -266,6 +265,7 @@ def test_run_time_load_replace_unload_behind_the_key(world) -> None:
         client.completions.create(model="alice", prompt="x")
     listing = httpx.get(f"{admin}/lora_adapters", headers=auth).json()
     assert [a["id"] for a in listing["data"]] == ["bob", "carol"] and listing["resident"] == 2
+    assert set(service.bank.adapters) == {"bob", "carol"}  # both alice versions left the bank
 
 
 def test_classification_server_equals_the_library(tmp_path) -> None:

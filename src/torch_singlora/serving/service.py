@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,17 +32,21 @@ Task = Literal["generate", "classify"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names and folder names a request may give
 
 
+def _limit(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class Limits:
     """Per-request and engine limits (each a ``singlora serve`` flag)."""
 
-    max_prompt_tokens: int = 2048  # tokens of one prompt
-    max_tokens: int = 512  # the most a request may generate; also the chat default
-    max_batch_size: int = 16  # rows in one forward
-    batch_window_ms: float = 10.0  # an idle engine waits this long for more requests to batch
-    max_body_bytes: int = 1 << 20  # request body
-    max_queue: int = 256  # requests waiting for a batch slot; more get a 429
-    max_choices: int = 16  # prompts x n of one completion request; inputs of one classify request
+    max_prompt_tokens: int = _limit(2048, "tokens of one prompt")
+    max_tokens: int = _limit(512, "the most tokens one request may generate (also the chat default)")
+    max_batch_size: int = _limit(16, "rows in one forward")
+    batch_window_ms: float = _limit(10.0, "an idle server waits this long for more requests to batch")
+    max_body_bytes: int = _limit(1 << 20, "request body size; larger gets a 413")
+    max_queue: int = _limit(256, "requests waiting for a batch slot; more get a 429")
+    max_choices: int = _limit(16, "prompts x n of one completion request, texts of one classify request")
 
 
 class NotFound(SingLoRAError):
