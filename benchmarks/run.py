@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_singlora.adapter_file import atomic_write_text
+from torch_singlora.atomic import atomic_write_text
 
 from .measure import (directory_bytes, inference_times, interleaved_times, machine_description, median_seconds,
                       optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from torch_singlora import SingLoRAConfig, get_singlora_model
-from torch_singlora.adapter_file import atomic_write_text
+from torch_singlora.atomic import atomic_write_text
 from torch_singlora.assets import smollm2_gguf_path, smollm2_path
 from torch_singlora.export import export_lora
 

@@ -104,7 +104,7 @@ def make_split(work: Path, split: Split) -> dict[str, Path]:
             start += sizes[part]
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in parts.items():
-        from torch_singlora.adapter_file import atomic_write_text
+        from torch_singlora.atomic import atomic_write_text
 
         text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write_text(paths[part], text)

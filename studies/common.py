@@ -1,7 +1,7 @@
 """Helpers shared by the studies: thread limits, summary statistics, and writing results (JSON, Markdown, PNG).
 
 Every study writes into one output folder: ``results.json`` (all numbers), ``REPORT.md`` (tables, the command, the
-wall time) and PNG plots. Files are written atomically (``torch_singlora.adapter_file.atomic_write``).
+wall time) and PNG plots. Files are written atomically (``torch_singlora.atomic.atomic_write``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from torch_singlora.adapter_file import atomic_write, atomic_write_text
+from torch_singlora.atomic import atomic_write, atomic_write_text
 
 
 def limit_threads(n: int = 1) -> None:

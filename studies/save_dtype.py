@@ -6,7 +6,8 @@ Trains the demo's SingLoRA run (all-MiniLM-L6-v2 on BBC News, ``torch_singlora.d
 ``--run`` pointing at such a run), then saves its adapter with ``save_adapter(..., dtype=...)`` for each dtype,
 reloads each file into a fresh float32 base, and measures on the demo's test split (444 articles): accuracy,
 held-out cross-entropy, the largest logit change against the float32 adapter, and the same for the merged model
-(``merge_and_unload``). Writes ``REPORT.md`` and ``results.json`` in ``--out``.
+(``merge_and_unload``). Writes ``REPORT.md`` and ``results.json`` in ``--out``; the run and the adapters go to
+``runs/save_dtype/``. Measured result: ``studies/results/save_dtype/REPORT.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch_singlora import SingLoRAModel
 from torch_singlora.demo import train_args
 
 DTYPES = ("float32", "bfloat16", "float16")
+RUNS = Path("runs/save_dtype")  # the training run and the saved adapters (runs/ is not committed)
 
 
 def eval_split(run: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     run = args.run
     if run is None:
-        run = args.out / "run" / "singlora"
+        run = RUNS / "singlora"
         command = [sys.executable, "-m", "torch_singlora.cli", *train_args("singlora", run.parent, 1200), "--quiet"]
         subprocess.run(command, check=True)
     task, _, batches, info = eval_split(run)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict[str, Any]] = []
     reference: dict[str, torch.Tensor] = {}
     for dtype in DTYPES:
-        folder = args.out / "adapters" / dtype
+        folder = RUNS / "adapters" / dtype
         trained.save_adapter(folder, dtype=dtype)
         model = SingLoRAModel.from_pretrained(task.load_model(info["base_model"], info), folder)
         adapter_logits, labels = logits_and_labels(model, batches)
@@ -92,22 +94,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     results = {"run": str(run), "examples": int(labels.numel()), "rows": rows, "environment": environment(),
                "seconds": round(time.time() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
-    table = md_table(
-        ["stored dtype", "adapter file (bytes)", "accuracy", "held-out loss", "max |logit change|",
-         "merged: accuracy", "merged: loss", "merged: max |logit change|"],
-        [[r["dtype"], f"{r['file_bytes']:,}", f"{r['adapter']['accuracy']:.4f}", f"{r['adapter']['loss']:.5f}",
-          f"{r['adapter']['max_logit_change']:.2e}", f"{r['merged']['accuracy']:.4f}", f"{r['merged']['loss']:.5f}",
-          f"{r['merged']['max_logit_change']:.2e}"] for r in rows])
-    write_text(args.out / "REPORT.md", "\n".join([
-        "# Adapter storage dtype on the demo task", "",
-        f"`python -m studies.save_dtype` ({results['seconds']} s, one thread, shared 2-core machine): the demo's "
-        f"SingLoRA adapter (MiniLM on BBC News, r=8, all-linear + the classifier head) saved with "
-        f"`save_adapter(dtype=...)`, reloaded into a float32 base, evaluated on the {results['examples']} test "
-        "articles; *merged* = the reloaded adapter folded in (`merge_and_unload`). Logit changes are against the "
-        "float32 adapter (unmerged).", "", table, ""]))
+    write_report(results, args.out)
     return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    """``results.json`` and ``REPORT.md`` (the table) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    table = md_table(
+        ["stored dtype", "adapter file (bytes)", "accuracy", "held-out loss", "max abs logit change",
+         "merged: accuracy", "merged: loss", "merged: max abs logit change"],
+        [[r["dtype"], f"{r['file_bytes']:,}", f"{r['adapter']['accuracy']:.4f}", f"{r['adapter']['loss']:.6f}",
+          f"{r['adapter']['max_logit_change']:.2e}", f"{r['merged']['accuracy']:.4f}", f"{r['merged']['loss']:.6f}",
+          f"{r['merged']['max_logit_change']:.2e}"] for r in results["rows"]])
+    write_text(out / "REPORT.md", "\n".join([
+        "# Adapter storage dtype on the demo task", "",
+        f"`python -m studies.save_dtype` ({results['seconds']} s including the training run, one thread, shared "
+        "2-core machine at load 10-13): the demo's SingLoRA adapter (MiniLM on BBC News, r=8, all-linear + the "
+        "classifier head, 75 steps) saved with `save_adapter(dtype=...)`, reloaded into a float32 base, evaluated "
+        f"on the {results['examples']} test articles; *merged* = the reloaded adapter folded in "
+        "(`merge_and_unload`). Logit changes are against the float32 adapter (unmerged).", "", table, ""]))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def fresh_base(seed_model: SingLoRAModel) -> torch.nn.Module:
 def test_round_trip_is_bitwise_and_restores_step(tmp_path: Path) -> None:
     adapted, directory = trained(tmp_path)
     loaded = SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
-    assert loaded.get_step() == adapted.get_step() == 4
+    assert loaded.get_ramp_step() == adapted.get_ramp_step() == 4
     for (name, layer), (name2, layer2) in zip(adapted.singlora_layers(), loaded.singlora_layers()):
         assert name == name2 and torch.equal(layer.singlora["default"].A, layer2.singlora["default"].A)
     assert torch.equal(loaded(IDS), adapted(IDS))
@@ -57,7 +57,7 @@ def test_documented_keys_and_config(tmp_path: Path) -> None:
 
 
 def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) -> None:
-    from torch_singlora.adapter_file import atomic_write, remove_stale_temps
+    from torch_singlora.atomic import atomic_write, remove_stale_temps
 
     atomic_write(tmp_path / "kept.json", lambda tmp: Path(tmp).write_text("{}"))
     torn = [tmp_path / ".checkpoint.pt.k3_9xq0a.tmp", tmp_path / ".adapter_model.safetensors.abcdefgh.tmp"]
@@ -71,7 +71,7 @@ def test_remove_stale_temps_only_removes_atomic_write_leftovers(tmp_path: Path) 
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     from torch_singlora import SingLoRAError
-    from torch_singlora.adapter_file import atomic_directory
+    from torch_singlora.atomic import atomic_directory
 
     out = tmp_path / "merged"
     with atomic_directory(out) as tmp:
@@ -120,10 +120,9 @@ def corrupt(directory: Path, edit) -> None:
         (lambda d: d.update(r="8"), "r='8'"),
         (lambda d: d.update(bogus=1), r"unknown config field\(s\) \['bogus'\]"),
         (lambda d: d.update(ramp_step=-3), "ramp_step=-3"),
-        (lambda d: d.update(r=4), r"embed.singlora_A has shape \(11, 3\), the model needs \(11, 4\)"),
-        (lambda d: d.update(target_modules=["up", "nope"]), "'nope' matches no module"),
-        (lambda d: d.update(target_modules=["up", "down"]), r"matching no module of this model: \['embed.singlora_A'\]"),
-        (lambda d: d.update(target_modules=["up", "down", "embed", "square"]), r"missing tensor\(s\).*square.singlora_A"),
+        (lambda d: d.update(r=4), r"singlora_A has shape \(1\d, 3\), the model needs \(1\d, 4\)"),
+        (lambda d: d.update(rank_pattern={"up": 2}), r"up.singlora_A has shape \(10, 3\), the model needs \(10, 2\)"),
+        (lambda d: d.update(modules_to_save=["nope"]), "modules_to_save entry 'nope' matches no module"),
     ],
 )
 def test_config_errors_name_file_and_field_and_change_nothing(tmp_path: Path, edit, match: str) -> None:
@@ -152,3 +151,110 @@ def test_weights_errors(tmp_path: Path) -> None:
     (directory / "adapter_config.json").unlink()
     with pytest.raises(AdapterFileError, match="adapter_config.json: no such file"):
         SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+
+
+def test_written_files_and_folders_honour_the_umask(tmp_path: Path) -> None:
+    """Atomic writes give the modes an ordinary write gives (0o666 / 0o777 less the umask), not mkstemp's 0600:
+    a server running as another user must be able to read a saved adapter or a merged folder."""
+    import os
+    import stat
+
+    from torch_singlora.atomic import atomic_directory, atomic_write_text
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        adapted, directory = trained(tmp_path)
+        assert {mode(p) for p in directory.iterdir()} == {0o644}
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert mode(tmp_path / "merged") == 0o755 and mode(tmp_path / "merged" / "config.json") == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert mode(tmp_path / "private.txt") == 0o600
+        os.chmod(directory / "adapter_config.json", 0o640)  # replacing a file keeps its mode, as open(path, "w")
+        adapted.save_adapter(directory)
+        assert mode(directory / "adapter_config.json") == 0o640
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("targets", [["up", "nope"], ["up", "down"], ["up", "down", "embed", "square"], "all-linear",
+                                     None, "(.*)*X"])
+def test_the_files_keys_name_the_adapted_modules_its_patterns_are_metadata(tmp_path: Path, targets) -> None:
+    """Loading adapts exactly the modules the tensor keys name, whatever ``target_modules`` says (it may match
+    fewer, more, nothing, or depend on defaults that a later version changes); the config is kept as written."""
+    adapted, directory = trained(tmp_path)
+    corrupt(directory, lambda d: d.update(target_modules=targets))
+    loaded = SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
+    assert sorted(name for name, _ in loaded.singlora_layers()) == ["down", "embed", "up"]
+    assert torch.equal(loaded(IDS), adapted(IDS)) and loaded.configs["default"].target_modules == targets
+
+
+def test_a_key_naming_no_adaptable_module_is_refused(tmp_path: Path) -> None:
+    adapted, directory = trained(tmp_path)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    metadata = {"format": "singlora", "format_version": "1"}
+    for key, match in [("nope.singlora_A", r"'nope' is not a module \(or expert parameter\) of this model"),
+                       ("up.base_layer.singlora_A", "'up.base_layer' is not a module"),
+                       (".singlora_A", "'' is not a module"),
+                       ("head.singlora_A", "'head' lies inside modules_to_save")]:
+        save_file({**tensors, key: torch.zeros(10, 3)}, directory / "adapter_model.safetensors", metadata=metadata)
+        base = fresh_base(adapted)
+        with pytest.raises(AdapterFileError, match=match):
+            SingLoRAModel.from_pretrained(base, directory)
+        assert all(type(m).__name__ != "SingLoRALayer" for m in base.modules())
+
+
+def test_write_errors_however_reported_name_the_file(tmp_path: Path) -> None:
+    """A full disk reaches us as an OSError, as torch.save's RuntimeError caused by one, or as safetensors'
+    "(os error 28)" message: each is one SingLoRAError naming the file; the previous file stays, no temp left."""
+    from safetensors import SafetensorError
+
+    from torch_singlora import SingLoRAError
+    from torch_singlora.atomic import atomic_directory, atomic_write
+
+    target = tmp_path / "weights.safetensors"
+    target.write_text("previous")
+
+    def full_torch(tmp: str) -> None:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1114") from exc
+
+    def full_safetensors(tmp: str) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    for writer in (full_torch, full_safetensors):
+        with pytest.raises(SingLoRAError, match=f"{target}: cannot write: No space left on device"):
+            atomic_write(target, writer)
+        assert target.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    with pytest.raises(SingLoRAError, match="merged: cannot write: No space left on device"):
+        with atomic_directory(tmp_path / "merged"):
+            full_safetensors("")
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(KeyError):  # not an I/O error: a bug, raised as is
+        atomic_write(target, lambda tmp: {}["x"])
+
+
+def test_a_nested_write_failure_names_the_folder_not_its_temp(tmp_path: Path) -> None:
+    """A folder written through atomic_directory whose files are written by atomic_write (a saved adapter): the
+    error names the folder, not the temp folder inside which the file failed."""
+    from torch_singlora import SingLoRAError
+    from torch_singlora.atomic import atomic_directory, atomic_write
+
+    def full(tmp: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SingLoRAError, match=rf"^{tmp_path / 'adapter'}: cannot write: No space left on device"):
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            atomic_write(tmp / "adapter_model.safetensors", full)
+    with pytest.raises(SingLoRAError, match="not an I/O error"):  # a refusal inside the body stays as it is
+        with atomic_directory(tmp_path / "adapter"):
+            try:
+                raise FileNotFoundError(2, "No such file or directory")
+            except FileNotFoundError:
+                raise SingLoRAError("not an I/O error") from None

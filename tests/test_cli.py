@@ -146,7 +146,7 @@ def test_train_evaluate_merge_inspect(assets: dict[str, Path], tmp_path: Path, c
     capsys.readouterr()
     assert main(["inspect", str(adapter), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ramp_step"] == 6 and report["ramp_steps"] == 4 and report["u"] == 1.0
+    assert report["ramp_step"] == 6 and report["ramp_up_steps"] == 4 and report["u"] == 1.0
     assert report["parameters"] == sum(t.numel() for t in tensors.values())
     key = a_keys[0]
     A = tensors[key].double()

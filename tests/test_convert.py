@@ -39,7 +39,7 @@ def _kyegomez_state(base: nn.Module, matrices: dict[str, torch.Tensor], steps: d
 
 def _check_loaded(base: nn.Module, out_dir, matrices, alpha: float, step: int, T: int) -> None:
     model = SingLoRAModel.from_pretrained(base, out_dir)
-    assert model.get_step() == step
+    assert model.get_ramp_step() == step
     for name, layer in model.singlora_layers():
         A = matrices[name]
         c = expected_coefficient(A.shape[1], alpha, step, T)

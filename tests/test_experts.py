@@ -165,6 +165,12 @@ def test_file_keys_delete_and_mixed_batches(tmp_path) -> None:
                       "model.layers.1.mlp.experts.gate_up_proj.singlora_A": (4, 24, 3),
                       "model.layers.1.mlp.experts.down_proj.singlora_A": (4, 16, 2)}
     model.eval()
+    from torch_singlora.inspection import inspect_adapter
+
+    report = inspect_adapter(str(tmp_path))["modules"]["model.layers.0.mlp.experts.gate_up_proj"]
+    A = model.model.model.layers[0].mlp.experts.gate_up_proj.singlora["default"].A.detach().double()
+    assert report["shape"] == [4, 24, 3]
+    assert report["norm_update"] == pytest.approx(5 / 3 * 0.5 * float(torch.cat([a.T @ a for a in A]).norm()))
     with pytest.raises(SingLoRAError, match="mixed-adapter batches .*target_parameters"):
         model(_ids(), adapter_names=["default", "__base__"])
     model.delete_adapter("default")

@@ -54,7 +54,7 @@ def _adapted(**overrides) -> tuple[nn.Module, nn.Module]:
     with torch.no_grad():
         for _, layer in model.singlora_layers():
             layer.singlora["default"].A.normal_(0, 0.5)
-    model.set_step(5)
+    model.set_ramp_step(5)
     return reference, model
 
 
@@ -171,7 +171,7 @@ def test_stock_diffusers_loads_unet_export(tmp_path, format) -> None:
     with torch.no_grad():
         for _, layer in model.singlora_layers():
             layer.singlora["default"].A.normal_(0, 0.4)
-    model.set_step(1)
+    model.set_ramp_step(1)
     assert any(layer.d_in != layer.d_out for _, layer in model.singlora_layers())
     export_lora(model, tmp_path, format=format)
     state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path))

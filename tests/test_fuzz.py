@@ -1,7 +1,8 @@
-"""A brief run of the fuzzing harness (``torch_singlora.fuzz``) in ``make test``, plus regressions for what it found.
+"""A brief run of the fuzzing harness (``fuzzing/``, beside the package) in ``make test``, plus regressions for what
+it found.
 
-The longer campaigns: ``.venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1`` (hypothesis) and
-``.venv/bin/python -m torch_singlora.fuzz --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
+The longer campaigns: ``.venv/bin/python -m fuzzing --examples 20000 --seed 1`` (hypothesis) and
+``.venv/bin/python -m fuzzing --engine atheris --seconds 600 --targets weights config_file`` (atheris, the
 ``fuzz`` extra; its tests here skip without it).
 """
 
@@ -13,24 +14,46 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch_singlora.untrusted as untrusted
 from torch_singlora import SingLoRAConfig, SingLoRAError
-from torch_singlora.fuzz import (Campaign, FuzzModel, check_load, config_seeds, run, run_atheris, seed_files, weight_seeds,
-                           write_case)
+from torch_singlora.adapter_file import WEIGHTS_FILE
 from torch_singlora.targets import resolve_targets
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds fuzzing/
+from adapter_fixtures import FuzzModel, fresh_model, same, snapshot, valid_adapter  # noqa: E402
+from fuzzing.harness import (ATHERIS_TARGETS, MORE_TARGETS, Campaign, check_load, config_seeds, run,  # noqa: E402
+                             run_atheris, seed_files, weight_seeds, write_case)
+
 EXAMPLES = 120
+MORE_EXAMPLES = 30
 
 
 def test_brief_fuzz_campaign_finds_nothing() -> None:
-    campaign = run(examples=EXAMPLES, seed=0)
+    campaign = run(examples=EXAMPLES, seed=0, targets=ATHERIS_TARGETS)
+    campaign.merge(run(examples=MORE_EXAMPLES, seed=0, targets=MORE_TARGETS).to_dict())
     assert campaign.findings == []
-    assert set(campaign.counts) == {"config", "config_file", "weights"}
+    assert set(campaign.counts) == set(ATHERIS_TARGETS + MORE_TARGETS)
     for target, counts in campaign.counts.items():
-        assert counts["inputs"] == EXAMPLES, target
+        assert counts["inputs"] == (EXAMPLES if target in ATHERIS_TARGETS else MORE_EXAMPLES), target
         assert counts["refused"] > 0, target  # the mutations reach the checks
     # Some inputs must get all the way through, or the harness only exercises the first check.
     assert campaign.counts["config"]["loaded"] > 0
     assert campaign.counts["config_file"]["loaded"] > 0
+    assert all(campaign.counts[target]["loaded"] > 0 for target in MORE_TARGETS)
+
+
+def test_more_targets_detect_planted_bugs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new targets report what their oracles exist for: a run_info reader that accepts a document breaking
+    its schema, and a command raising something other than SingLoRAError."""
+    import torch_singlora.export as export
+    import torch_singlora.train.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder, "read_run_info", lambda folder: {"task": "nope", "method": "x", "base_model": 1})
+    monkeypatch.setattr(export, "peft_config", lambda adapter: 1 / 0)
+    campaign = run(examples=20, seed=0, targets=("run_info", "commands"))
+    problems = {f["target"]: f["problem"] for f in campaign.findings}
+    assert "breaks its schema" in problems.get("run_info", ""), problems
+    assert "export raised something other than SingLoRAError" in problems.get("commands", ""), problems
 
 
 def test_campaign_detects_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,7 +74,7 @@ def test_campaign_detects_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None
 def test_found_invalid_regex_pattern_keys_refused(field: str) -> None:
     """Found by the fuzzer: a pattern-dict key that is not a regex passed validation, then ``rank_for`` /
     ``resolve_targets`` raised ``re.error``."""
-    with pytest.raises(SingLoRAError, match=rf"{field} key '\(' is not a valid regex"):
+    with pytest.raises(SingLoRAError, match=rf"{field} key '\(': .* is not a valid regex"):
         SingLoRAConfig(target_modules=["proj"], **{field: {"(": 2}})
     config = SingLoRAConfig(target_modules=["proj"], **{field: {"pro.": 2}})
     assert resolve_targets(FuzzModel(), config) == ["proj"]
@@ -61,7 +84,6 @@ def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001
     """Found by the fuzzer: a 5,000-digit integer in adapter_config.json raised Python's plain ValueError."""
     from torch_singlora import AdapterFileError
     from torch_singlora.adapter_file import CONFIG_FILE, read_adapter_config
-    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(tmp_path)
     path = tmp_path / CONFIG_FILE
@@ -78,15 +100,13 @@ def planted_read_data(path: Path, entries: dict) -> dict:
 def test_hypothesis_finding_saves_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finding's raw input goes to ``artifacts``: a planted KeyError after the header checks (the unmutated
     seed file gets there) is reported with the file that caused it."""
-    import torch_singlora.adapter_file as adapter_file
-
-    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
+    monkeypatch.setattr(untrusted, "read_safetensors_data", planted_read_data)
     campaign = run(examples=40, seed=0, targets=("weights",), artifacts=tmp_path / "artifacts")
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted
     for finding in planted:  # the whole file was saved (not the 300-byte excerpt): its header checks pass
         case = write_case(tmp_path / "case", b"{}", Path(finding["artifact"]).read_bytes())
-        _, entries = adapter_file.read_safetensors_header(case / adapter_file.WEIGHTS_FILE)
+        _, entries = untrusted.read_safetensors_header(case / WEIGHTS_FILE)
         assert "proj.singlora_A" in entries
 
 
@@ -131,11 +151,11 @@ def test_atheris_brief_campaign_finds_nothing(tmp_path: Path) -> None:
 
 
 PLANT = """import sys
-import torch_singlora.adapter_file as adapter_file
+import torch_singlora.untrusted as untrusted
 def broken(path, entries):
     raise KeyError("planted")
-adapter_file._read_data = broken
-from torch_singlora.fuzz import main
+untrusted.read_safetensors_data = broken
+from fuzzing.harness import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -143,13 +163,11 @@ sys.exit(main(sys.argv[1:]))
 def test_atheris_finding_is_reported_with_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The atheris engine reports a bug planted in its child process, and each saved input replays it here."""
     pytest.importorskip("atheris")
-    import torch_singlora.adapter_file as adapter_file
-
     campaign = run_atheris(examples=50, seed=1, targets=("weights",), artifacts=tmp_path / "artifacts",
                            launcher=(sys.executable, "-c", PLANT))
     planted = [f for f in campaign.findings if "KeyError: 'planted'" in f["problem"]]
     assert planted and campaign.counts["weights"]["findings"] >= len(planted)
-    monkeypatch.setattr(adapter_file, "_read_data", planted_read_data)
+    monkeypatch.setattr(untrusted, "read_safetensors_data", planted_read_data)
     config_bytes, _ = seed_files(tmp_path / "seed")
     replay = Campaign()
     for finding in planted:
@@ -175,7 +193,6 @@ def _f64_adapter(directory: Path, key: str, value: float) -> dict:
     from safetensors.torch import load_file, save_file
 
     from torch_singlora.adapter_file import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
-    from torch_singlora.fuzz import valid_adapter
 
     valid_adapter(directory)
     tensors = {k: v.double() for k, v in load_file(directory / WEIGHTS_FILE).items()}
@@ -190,8 +207,6 @@ def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> No
     """Found by the atheris engine (its mutator re-encodes a file's tensors as F64, then sets a data byte): an F64
     value beyond float32's range passed the file's NaN/Inf check and loaded as Inf into the float32 parameter."""
     from torch_singlora import AdapterFileError
-    from torch_singlora.adapter_file import adapter_state_dict, load_adapter_in_place
-    from torch_singlora.fuzz import fresh_model, same, snapshot
 
     _f64_adapter(tmp_path / "bad", key, 1e300)
     model = fresh_model()
@@ -202,9 +217,9 @@ def test_found_f64_values_beyond_float32_refused(tmp_path: Path, key: str) -> No
     # Within range, F64 loads (cast to float32); an in-place load (a resume) of the bad file then changes nothing.
     good = _f64_adapter(tmp_path / "good", key, 0.25)
     model.load_adapter(tmp_path / "good", "new")
-    loaded = adapter_state_dict(model, "new")
+    loaded = {k: v.detach().clone() for k, v in model.adapter_state_dict("new").items()}
     assert all(torch.equal(loaded[k], v.float()) for k, v in good.items())
     before = snapshot(model)
     with pytest.raises(AdapterFileError, match=rf"{key} holds values beyond"):
-        load_adapter_in_place(model, tmp_path / "bad", "new")
+        model.load_adapter_in_place(tmp_path / "bad", "new")
     assert same(before, snapshot(model))

@@ -15,9 +15,10 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 import torch_singlora.adapter_file as adapter_file
+import torch_singlora.untrusted as untrusted
 from torch_singlora import AdapterFileError, SingLoRAError
 from torch_singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
-from torch_singlora.fuzz import fresh_model, same, snapshot, valid_adapter
+from adapter_fixtures import fresh_model, same, snapshot, valid_adapter
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
@@ -30,13 +31,13 @@ def saved(tmp_path: Path) -> Path:
 def data_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts calls into safetensors' parser: header-level attacks must be refused before it runs."""
     calls: list[int] = []
-    real = adapter_file.load_safetensors_bytes
+    real = untrusted.load_safetensors_bytes
 
     def counting(blob: bytes) -> dict[str, torch.Tensor]:
         calls.append(len(blob))
         return real(blob)
 
-    monkeypatch.setattr(adapter_file, "load_safetensors_bytes", counting)
+    monkeypatch.setattr(untrusted, "load_safetensors_bytes", counting)
     return calls
 
 
@@ -197,9 +198,8 @@ CONTENT_ATTACKS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str,
     # name: (change, fragment, whether the data must have been read to detect it)
     "nan": (lambda t: t["proj.singlora_A"].view(-1).__setitem__(0, float("nan")), "proj.singlora_A contains NaN", True),
     "inf": (lambda t: t["head.weight"].view(-1).__setitem__(1, float("inf")), "head.weight contains NaN or Inf", True),
-    "extra key": (lambda t: t.__setitem__("evil.singlora_A", torch.zeros(2, 2)), "evil.singlora_A", False),
+    "extra key": (lambda t: t.__setitem__("evil.singlora_A", torch.zeros(2, 2)), "'evil' is not a module", False),
     "path traversal key": (lambda t: t.__setitem__("../../etc/passwd.singlora_A", torch.zeros(2, 2)), "../../etc", False),
-    "missing key": (lambda t: t.pop("conv.singlora_A"), "conv.singlora_A", False),
     "wrong rank": (lambda t: t.__setitem__("proj.singlora_A", torch.zeros(6, 3)), "proj.singlora_A has shape (6, 3)", False),
     "int head": (lambda t: t.__setitem__("head.weight", torch.zeros(3, 4, dtype=torch.int64)), "head.weight has dtype I64", False),
 }
@@ -250,10 +250,8 @@ CONFIG_ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "ramp_step float": (lambda d: d.__setitem__("ramp_step", 1.5), "ramp_step=1.5"),
     "ramp_step huge": (lambda d: d.__setitem__("ramp_step", 2**70), "ramp_step"),
     "base model int": (lambda d: d.__setitem__("base_model_name_or_path", 3), "base_model_name_or_path=3"),
-    "target traversal": (lambda d: d.__setitem__("target_modules", ["../../etc/passwd"]), "'../../etc/passwd'"),
-    "target not a module": (lambda d: d.__setitem__("target_modules", ["head"]), "head"),
-    "redos target": (lambda d: d.__setitem__("target_modules", "(a+)+$"), "target_modules '(a+)+$' is refused"),
-    "redos alternation": (lambda d: d.__setitem__("target_modules", "(p|p)*x"), "alternation inside a repeat"),
+    "backreference target": (lambda d: d.__setitem__("target_modules", "(p)\\1"), "a backreference"),
+    "lookahead key": (lambda d: d.__setitem__("alpha_pattern", {"(?=p)proj": 2.0}), "a lookaround"),
     "bad regex key": (lambda d: d.__setitem__("rank_pattern", {"(": 2}), "rank_pattern key '('"),
     "rank too big": (lambda d: d.__setitem__("rank_pattern", {"proj": 99}), "99"),
     "modules_to_save str": (lambda d: d.__setitem__("modules_to_save", "head"), "modules_to_save='head'"),
@@ -311,7 +309,7 @@ def test_symlink_to_device_refused_symlink_to_file_loads(saved: Path, tmp_path: 
     (saved / WEIGHTS_FILE).symlink_to(blob)  # how the Hugging Face cache stores files
     model = fresh_model()
     model.load_adapter(saved, "new")
-    assert model.get_step("new") == 4
+    assert model.get_ramp_step("new") == 4
 
 
 def test_missing_directory_and_files(saved: Path, tmp_path: Path) -> None:
@@ -378,7 +376,7 @@ def test_failure_after_injection_rolls_back(saved: Path, monkeypatch: pytest.Mon
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk vanished")
 
-    monkeypatch.setattr(model, "set_step", fail)
+    monkeypatch.setattr(model, "set_ramp_step", fail)
     with pytest.raises(RuntimeError, match="disk vanished"):
         model.load_adapter(saved, "new")
     assert same(before, snapshot(model))
@@ -391,9 +389,9 @@ def test_existing_name_refused_and_good_load_matches(saved: Path) -> None:
         model.load_adapter(saved, "keep")
     assert same(before, snapshot(model))
     model.load_adapter(saved, "new")
-    assert model.get_step("new") == 4 and model.get_step("keep") == 0
+    assert model.get_ramp_step("new") == 4 and model.get_ramp_step("keep") == 0
     stored = load_bytes((saved / WEIGHTS_FILE).read_bytes())
-    for key, value in adapter_file.adapter_state_dict(model, "new").items():
+    for key, value in model.adapter_state_dict("new").items():
         assert torch.equal(value, stored[key]), key
 
 
@@ -414,11 +412,11 @@ def test_file_swapped_after_header_check(saved: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("attack", ["huge shape", "overlapping offsets", "header over cap"])
 def test_model_free_readers_check_the_header_first(saved: Path, data_reads: list[int], attack: str) -> None:
     """``singlora inspect`` and the converters read adapters without a model: same header checks, no data read."""
-    from torch_singlora.cli import inspect_adapter
+    from torch_singlora.inspection import inspect_adapter
 
     HEADER_ATTACKS[attack][0](saved / WEIGHTS_FILE)
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
         inspect_adapter(str(saved))
     with pytest.raises(AdapterFileError, match=str(saved / WEIGHTS_FILE)):
-        adapter_file.read_safetensors_file(saved / WEIGHTS_FILE)
+        untrusted.read_safetensors_file(saved / WEIGHTS_FILE)
     assert data_reads == []

@@ -16,7 +16,8 @@ from torch_singlora.llm.tokenization import (IGNORE_INDEX, SFTCollator, render, 
                                              tokenize_conversation, tokenize_conversations)
 
 CHAT = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris.\n"},
-        {"role": "user", "content": "And of Italy? Answer in two words."}, {"role": "assistant", "content": " It's Rome"}]
+        {"role": "user", "content": "And of Italy? Answer in two words."},
+        {"role": "assistant", "content": " It's Rome"}]
 SYSTEM = [{"role": "system", "content": "You answer in one word."}]
 # SmolLM2's template with the assistant's content and end-of-turn inside {% generation %} blocks (same text).
 GENERATION_TEMPLATE = (
@@ -134,7 +135,8 @@ def test_chat_template_file_missing_template_and_prefix_unsafe_templates(tokeniz
     conversation = to_conversation({"messages": CHAT}, "messages", "data.jsonl line 2")
     path = tmp_path / "plain.jinja"
     path.write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}### assistant: {% endif %}")
+                    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                    "{% if add_generation_prompt %}### assistant: {% endif %}")
     assert set_chat_template(tokenizer, path) == path.read_text()
     ids, labels = tokenize_conversation(tokenizer, conversation)
     assert tokenizer.decode(ids).startswith("### user: Capital of France?\n### assistant: Paris.")

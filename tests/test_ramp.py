@@ -216,11 +216,9 @@ def test_trainer_callback_fills_in_the_total_from_max_steps() -> None:
 
 def test_resuming_in_place_takes_the_saved_run_length(tmp_path) -> None:
     """SingLoRATrainer's resume: a fresh model with the default ramp (total unknown) takes T and t from the file."""
-    from torch_singlora.adapter_file import load_adapter_in_place
-
     model = _model(ramp_up_steps=DEFAULT)
     _short_run(model, 5, total_steps=400)
     model.save_adapter(tmp_path)
     fresh = _model(ramp_up_steps=DEFAULT)
-    load_adapter_in_place(fresh, tmp_path, "default")
+    fresh.load_adapter_in_place(tmp_path, "default")
     assert (fresh.get_ramp_up_steps(), fresh.get_ramp_step(), fresh.get_ramp_value()) == (4, 5, 1.0)

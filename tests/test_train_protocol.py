@@ -190,3 +190,13 @@ def test_a_checkpoint_with_a_wrong_field_type_is_refused_by_name(tmp_path: Path)
         torch.save({**fields, name: bad}, tmp_path / "bad.pt")
         with pytest.raises(SingLoRAError, match=f"field '{name}' has the wrong type"):
             checkpoint.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_report_reads_summaries_strictly(tmp_path: Path, capsys: Any) -> None:
+    for name, text in (("nan", '{"name": "x", "accuracy": NaN}'), ("twice", '{"name": "x", "name": "y"}'),
+                       ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(text)
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / name)]) == 2
+        assert str(tmp_path / name / "summary.json") in capsys.readouterr().err

@@ -67,7 +67,7 @@ def smollm2_path() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter_file import atomic_directory
+    from .atomic import atomic_directory
 
     gguf = smollm2_gguf_path()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -34,13 +34,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
+from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
-from .errors import AdapterFileError, SingLoRAError
+from .errors import SingLoRAError
 from .functional import ramp_value
 from .layers import SingLoRALayer, TrainableCopy
 from .mixed import BASE, Selection, check_adapter_names
-from .plan import plan_adapter
 
 
 class LayerBank(nn.Module):
@@ -186,20 +185,13 @@ class AdapterBank:
         Changes nothing."""
         directory = Path(directory)
         config, meta = read_adapter_config(directory)
-        try:
-            plan = plan_adapter(self.model, config)
-        except SingLoRAError as exc:
-            raise AdapterFileError(f"{directory}: does not fit this model: {exc}") from None
+        plan, tensors = read_adapter_for(self.model, directory, config)  # exactly as loading reads it
         too_big = {name: m.r for name, m in plan.modules.items() if self.max_rank is not None and m.r > self.max_rank}
         if too_big:
             name, r = next(iter(too_big.items()))
             raise SingLoRAError(f"{directory}: r={r} for module {name!r} exceeds this bank's max_rank={self.max_rank}")
         u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
         modules = {name: (m.d_out, m.d_in, m.r, m.scale * u) for name, m in plan.modules.items()}
-        shapes = {f"{name}.{A_SUFFIX}": (m.n, m.r) for name, m in plan.modules.items()}
-        shapes.update({key: shape for key, (shape, _) in plan.saved_tensors.items()})
-        dtypes = {key: dtype for key, (_, dtype) in plan.saved_tensors.items()}
-        tensors = read_adapter_tensors(directory / WEIGHTS_FILE, shapes, dtypes)
         return _Checked(config, meta["ramp_step"], modules, list(plan.saved_modules), tensors)
 
     # ---- changing the bank ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Errors about user input (``SingLoRAError``) print one line to stderr and exit wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -22,7 +23,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import SingLoRAError
 
@@ -150,7 +151,7 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     metrics = the_task.evaluate(trained, loader, dataset=dataset, tokenizer=tokenizer, info=info)
     metrics["examples"] = len(dataset)
     if output:
-        from .adapter_file import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if not quiet:
@@ -176,31 +177,56 @@ def _add_evaluate(subparsers: Any) -> None:
         batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet))
 
 
-def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False) -> Path:
-    """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer)."""
-    from .adapter_file import atomic_directory
-    from .train.methods import method_class
-    from .train.run_folder import load_trained
-    from .train.registry import get_task
+def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False,
+          overwrite: bool = False) -> Path:
+    """Fold a trained adapter into its base model and save a standalone transformers folder (+ tokenizer).
 
-    trained, info = load_trained(adapter, model)
-    plain = method_class(info["method"]).merged(trained)
-    tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
-    out = Path(output)
-    with atomic_directory(out) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    ``output`` goes through the output-folder policy (``atomic.output_folder``): refused if it holds anything but
+    an earlier merge (unless ``overwrite``), and always if it holds the adapter, the base model or the tokenizer.
+    """
+    from .atomic import check_output_folder, output_folder
+    from .train.methods import method_class
+    from .train.registry import get_task
+    from .train.run_folder import load_trained, read_run_info
+
+    info = read_run_info(adapter)
+    inputs = [adapter, model or info["base_model"], info["tokenizer"]]
+    check_output_folder(output, command="merge", inputs=inputs, overwrite=overwrite)  # before the slow part
+    with _progress_bars(not quiet):
+        trained, info = load_trained(adapter, model)
+        plain = method_class(info["method"]).merged(trained)
+        tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
+        out = Path(output)
+        with output_folder(out, command="merge", inputs=inputs, overwrite=overwrite) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     if not quiet:
         print(f"merged model written to {out}")
     return out
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars (loading weights...) on or off inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def _adapter_to_folder_parser(subparsers: Any, name: str, help_text: str, output_help: str) -> Any:
-    """A subcommand reading ``adapter`` (a ``singlora train`` output) and writing ``output``."""
+    """A subcommand reading ``adapter`` (a ``singlora train`` output) and writing the folder ``output``."""
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("adapter", help="adapter folder written by `singlora train` (<output-dir>/adapter)")
     parser.add_argument("output", help=output_help)
     parser.add_argument("--model", default=None, help="base model folder (default: the one recorded at training)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace OUTPUT even if it holds files an earlier `singlora {name}` did not write "
+                        "(everything in it goes; a folder holding the adapter or the base model is never replaced)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -208,13 +234,15 @@ def _adapter_to_folder_parser(subparsers: Any, name: str, help_text: str, output
 def _add_merge(subparsers: Any) -> None:
     parser = _adapter_to_folder_parser(subparsers, "merge", "base + adapter -> a standalone transformers model folder",
                                        "folder for the merged model")
-    parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet))
+    parser.set_defaults(func=lambda a: merge(a.adapter, a.output, model=a.model, quiet=a.quiet, overwrite=a.overwrite))
 
 
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
-           engine: str | None = None, max_lora_rank: int | None = None) -> Path:
-    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``); with ``engine``,
-    first refuse what that serving engine could not load (``torch_singlora.engines``)."""
+           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False) -> Path:
+    """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``; ``output`` under the
+    output-folder policy, as ``merge``); with ``engine``, first refuse what that serving engine could not load
+    (``torch_singlora.engines``)."""
+    from .atomic import check_output_folder
     from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
@@ -223,12 +251,15 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
-    base = get_task(info["task"]).load_model(model or info["base_model"], info)
+    inputs = [adapter, model or info["base_model"]]
+    check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
+    with _progress_bars(not quiet):
+        base = get_task(info["task"]).load_model(model or info["base_model"], info)
     if max_lora_rank is not None and engine is None:
         raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
-    written = export_lora(adapter, output, format=format, base_model=base)
+    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
     return written
@@ -244,60 +275,7 @@ def _add_export(subparsers: Any) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
     parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
-                                              engine=a.engine, max_lora_rank=a.max_lora_rank))
-
-
-def inspect_adapter(adapter: str) -> dict[str, Any]:
-    """A SingLoRA adapter folder's config, ramp step, u, parameter count, and per-module shape and norms.
-
-    Per module: ``shape`` (n, r) of A, ``norm_A`` = ||A||_F and ``norm_update`` = s * u * ||A A^T||_F (the
-    update's norm when the layer is square; an upper bound on the truncated block otherwise).
-    """
-    import torch
-
-    from .adapter_file import A_SUFFIX, WEIGHTS_FILE, read_adapter_config, read_safetensors_file
-    from .functional import ramp_value
-
-    if not Path(adapter).is_dir():
-        raise SingLoRAError(f"adapter folder {adapter!r} does not exist")
-    config, meta = read_adapter_config(adapter)
-    tensors = read_safetensors_file(Path(adapter) / WEIGHTS_FILE)[1]
-    T = config.resolve_ramp_up_steps()
-    step = meta["ramp_step"]
-    u = float(ramp_value(torch.tensor(step), T, torch.float64))
-    modules = {}
-    for key, tensor in sorted(tensors.items()):
-        if not key.endswith("." + A_SUFFIX):
-            continue
-        name = key[: -len(A_SUFFIX) - 1]
-        A = tensor.double()
-        modules[name] = {
-            "shape": list(A.shape), "norm_A": float(A.norm()),
-            "norm_update": float(config.scale_for(name) * u * torch.linalg.matrix_norm(A.T @ A)),
-        }
-    return {
-        "adapter": str(adapter), "ramp_step": step, "ramp_steps": T, "u": u,
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "adapter_parameters": sum(tensors[k].numel() for k in tensors if k.endswith("." + A_SUFFIX)),
-        "saved_modules": sorted({k.rsplit(".", 1)[0] for k in tensors if not k.endswith("." + A_SUFFIX)}),
-        "config": config.to_dict(), "modules": modules, **{k: v for k, v in meta.items() if k != "ramp_step"},
-    }
-
-
-def _print_inspection(report: dict[str, Any]) -> None:
-    print(f"adapter: {report['adapter']}  (format {report['format']} v{report['format_version']})")
-    print(f"base model: {report.get('base_model_name_or_path')}")
-    print(f"ramp step t = {report['ramp_step']}, T = {report['ramp_steps']}, u = {report['u']:.4f}")
-    print(f"parameters: {report['parameters']:,} ({report['adapter_parameters']:,} in A matrices)")
-    config = report["config"]
-    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items() if v not in (None, {}, [])))
-    if report["saved_modules"]:
-        print(f"trained fully and saved: {report['saved_modules']}")
-    width = max((len(n) for n in report["modules"]), default=6)
-    print(f"{'module'.ljust(width)}  {'A shape':>12}  {'||A||':>9}  {'s*u*||AtA||':>12}")
-    for name, row in report["modules"].items():
-        shape = "x".join(map(str, row["shape"]))
-        print(f"{name.ljust(width)}  {shape:>12}  {row['norm_A']:9.4f}  {row['norm_update']:12.4f}")
+                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite))
 
 
 def _add_inspect(subparsers: Any) -> None:
@@ -306,8 +284,10 @@ def _add_inspect(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args: argparse.Namespace) -> None:
+        from .inspection import format_inspection, inspect_adapter
+
         report = inspect_adapter(args.adapter)
-        print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+        print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 
     parser.set_defaults(func=run)
 
@@ -362,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SingLoRAError as exc:
-        print(f"singlora {args.command}: error: {exc}", file=sys.stderr)
+        from .inspection import printable  # file-provided text in a message must not reach the terminal raw
+
+        print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Union
 
 from .errors import SingLoRAError, warn_deprecated
 from .functional import scaling
+from .linear_regex import compile_pattern, fullmatch
 
 INIT_METHODS = ("normal", "kaiming_uniform", "gaussian")
 # T by default: 1% of the run's optimizer steps, the paper's setting (its ablation finds 0.5% to 8% equally good).
@@ -104,16 +105,22 @@ def _check_patterns(name: str, value: Any, allow_none: bool = True) -> None:
     if isinstance(value, str):
         if not value:
             raise SingLoRAError(f"{name}='' is empty: give module names, a regex, or 'all-linear'")
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise SingLoRAError(f"{name}={value!r} is not a valid regex: {exc}") from None
+        if value != "all-linear":
+            try:
+                compile_pattern(value)
+            except SingLoRAError as exc:
+                raise SingLoRAError(f"{name}={value!r}: {exc}") from None
         return
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
         if not value:
             raise SingLoRAError(f"{name}=[] is empty: give at least one module name")
         return
     raise SingLoRAError(f"{name}={value!r} must be a regex string or a list of non-empty module names")
+
+
+def key_pattern(key: str) -> str:
+    """The regex a ``rank_pattern`` / ``alpha_pattern`` key stands for: the key, after any dotted prefix."""
+    return rf"(.*\.)?{key}"
 
 
 @dataclass
@@ -218,9 +225,9 @@ class SingLoRAConfig:
                 if not isinstance(key, str) or not key:
                     raise SingLoRAError(f"{name} key {key!r} must be a non-empty string")
                 try:
-                    re.compile(rf"(.*\.)?{key}")
-                except re.error as exc:
-                    raise SingLoRAError(f"{name} key {key!r} is not a valid regex: {exc}") from None
+                    compile_pattern(key_pattern(key))
+                except SingLoRAError as exc:
+                    raise SingLoRAError(f"{name} key {key!r}: {exc}") from None
                 if not check(value):
                     raise SingLoRAError(f"{name}[{key!r}]={value!r} is not a valid {'r' if name[0] == 'r' else 'alpha'}")
         if not isinstance(self.use_rslora, bool):
@@ -241,7 +248,7 @@ class SingLoRAConfig:
 
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():
-            if re.fullmatch(rf"(.*\.)?{key}", module_name):
+            if fullmatch(key_pattern(key), module_name):
                 return value
         return default
 

@@ -21,7 +21,6 @@ unknown keys and steps that differ between layers are refused.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, read_safetensors_file
+from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from .export import PEFT_PREFIX
+from .untrusted import read_json, read_safetensors_file
 from .config import SingLoRAConfig, rank_and_pattern
 from .errors import AdapterFileError, SingLoRAError
 from .layers import layer_kind, weight_shape
@@ -39,7 +40,6 @@ from .functional import matrix_dims
 from .model import SingLoRAModel
 
 StateDict = dict[str, Tensor]
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -203,12 +203,10 @@ def convert_peft_singlora(
     """
     directory = Path(adapter_dir)
     config_path = directory / CONFIG_FILE
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{config_path}: cannot read a PEFT adapter config: {exc}") from None
+    document = read_json(config_path, what="a PEFT adapter config")
     if not isinstance(document, dict) or document.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{config_path}: peft_type={document.get('peft_type')!r}, expected 'LORA'")
+        found = document.get("peft_type") if isinstance(document, dict) else type(document).__name__
+        raise AdapterFileError(f"{config_path}: peft_type={found!r}, expected 'LORA'")
     report = ConversionReport("peft-singlora", Path(out_dir))
     T = document.get("ramp_up_steps", ramp_up_steps)
     if T is None:

@@ -38,15 +38,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, read_adapter_config
-from .adapter_file import read_adapter_tensors
-from .errors import SingLoRAError
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_for
+from .atomic import output_folder
 from .config import rank_and_pattern
+from .errors import SingLoRAError
 from .experts import peft_module_name
 from .functional import LayerKind, lora_factors, ramp_value
 from .layers import SingLoRAAdapter, weight_shape
 from .model import SingLoRAModel
-from .plan import plan_adapter
 
 ExportFormat = Literal["peft", "diffusers", "kohya", "gguf"]
 EXPORT_FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya", "gguf")
@@ -122,10 +121,7 @@ def _from_model(model: SingLoRAModel, adapter_name: str | None) -> ExportedAdapt
 def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     """Read a singlora adapter directory against ``base_model`` without changing the model."""
     config, meta = read_adapter_config(directory)
-    plan = plan_adapter(base_model, config)
-    expected = {f"{name}.{A_SUFFIX}": m.a_shape for name, m in plan.modules.items()}
-    expected.update({key: shape for key, (shape, _) in plan.saved_tensors.items()})
-    tensors = read_adapter_tensors(directory / WEIGHTS_FILE, expected)
+    plan, tensors = read_adapter_for(base_model, directory, config)  # exactly as loading reads it
     u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
     experts = [name for name, m in plan.modules.items() if m.kind == "experts"]
     factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, (m.d_out, m.d_in), m.scale * u,
@@ -248,28 +244,36 @@ def export_lora(
     adapter_name: str | None = None,
     dtype: torch.dtype | None = None,
     prefix: str = "unet",
+    overwrite: bool = False,
 ) -> Path:
     """Write an adapter as an exact plain LoRA; returns the weights file written.
 
     Args:
         source: A ``SingLoRAModel`` (any wrapped model: transformers, a diffusers ``UNet2DConditionModel``, ...)
             or a singlora adapter directory (then ``base_model`` is required).
-        out_dir: Output directory (created). Files are written atomically.
+        out_dir: Output folder, written whole and atomically (``atomic.output_folder``): a folder that is neither
+            new, empty nor an earlier export's is refused (naming what is there) unless ``overwrite=True``; a
+            folder holding the source adapter never is.
         format: ``"peft"``, ``"diffusers"``, ``"kohya"`` or ``"gguf"`` (see the module docstring).
         base_model: The un-adapted model an adapter directory was trained on (read only).
         adapter_name: Which adapter of a ``SingLoRAModel`` (default: the first active).
         dtype: Storage dtype of the factors (default: float32, float64 for float64 adapters).
         prefix: Component name for ``diffusers``/``kohya`` keys: ``"unet"`` (SD/SDXL), ``"transformer"`` (SD3, Flux).
+        overwrite: Replace a non-empty ``out_dir`` that is not an earlier export (everything in it goes).
     """
     if format not in EXPORT_FORMATS:
         raise SingLoRAError(f"format={format!r} must be one of {EXPORT_FORMATS}")
     adapter = collect_lora_factors(source, base_model, adapter_name)
+    out = Path(out_dir)
+    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
     if format == "gguf":
         from .gguf_export import GGUF_FILE, write_gguf
 
         model = base_model if base_model is not None else source.model
         gguf_dtype = str(dtype or torch.float32).removeprefix("torch.")
-        return write_gguf(adapter, Path(out_dir) / GGUF_FILE, getattr(model, "config", None), dtype=gguf_dtype)
+        with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
+            write_gguf(adapter, tmp / GGUF_FILE, getattr(model, "config", None), dtype=gguf_dtype)
+        return out / GGUF_FILE
     if format == "peft":
         tensors = _peft_tensors(adapter)
         weights_file = WEIGHTS_FILE
@@ -282,11 +286,9 @@ def export_lora(
     if bad:  # e.g. an F64 adapter file beyond float32's range, or factors beyond float16's with dtype=float16
         raise SingLoRAError(f"export to {out_dir}: {bad[:5]} would hold NaN or Inf (values beyond the range of "
                             f"{tensors[bad[0]].dtype}); nothing was written")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "exported_by": "singlora", "export_format": format}
-    atomic_write(out / weights_file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    if format == "peft":
-        text = json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n"
-        atomic_write_text(out / CONFIG_FILE, text)
+    with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / weights_file), metadata=metadata)
+        if format == "peft":
+            (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
     return out / weights_file

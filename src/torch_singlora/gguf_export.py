@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapter_file import atomic_write
+from .atomic import atomic_write
 from .config import rank_and_pattern
 from .errors import SingLoRAError
 

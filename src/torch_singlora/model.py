@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
+import torch
 from torch import nn
 
+from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_for
+from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
-from .layers import SingLoRALayer, TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
 from .mixed import use_adapter_names
 from .plan import plan_adapter
 from .ramp import RampControls
 from .tied import retie_config, untie_before_merge
+from .untrusted import check_finite
 
 AdapterNames = Union[str, list[str]]
 
@@ -131,15 +136,17 @@ class SingLoRAModel(RampControls, nn.Module):
             raise SingLoRAError("this model has no adapter; add_adapter() or load_adapter() first")
         return names[0]
 
-    def add_adapter(self, adapter_name: str, config: SingLoRAConfig) -> None:
-        """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change."""
+    def add_adapter(self, adapter_name: str, config: SingLoRAConfig, *, modules: list[str] | None = None) -> None:
+        """Inject a new adapter (not yet active: see ``set_adapter``). Validates everything before any change.
+
+        ``modules``: adapt exactly these module names (``plan_adapter``; loading a file: its keys name them).
+        """
         if not isinstance(config, SingLoRAConfig):
             raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+        _check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        plan = plan_adapter(self.model, config)
+        plan = plan_adapter(self.model, config, modules)
         # Validated: from here on nothing raises on user input.
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -288,7 +295,17 @@ class SingLoRAModel(RampControls, nn.Module):
         self.active_adapters = []
         return self.model
 
-    # ---- files --------------------------------------------------------------------------------------------------
+    # ---- files (the format: adapter_file.py; the transaction: here) ---------------------------------------------
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under the documented file keys (the live parameters, not copies)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for module_name, module in self.adapter_modules(adapter_name).items():
+            if isinstance(module, SingLoRAAdapter):
+                tensors[f"{module_name}.{A_SUFFIX}"] = module.A
+            else:
+                tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict().items()})
+        return tensors
 
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None,
                      dtype: str | torch.dtype | None = None) -> None:
@@ -297,26 +314,68 @@ class SingLoRAModel(RampControls, nn.Module):
         ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` to store the tensors in (smaller files; loading
         casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
         """
-        from .adapter_file import save_adapter
-
-        save_adapter(self, directory, self.default_adapter() if adapter_name is None else adapter_name, dtype)
+        name = self.default_adapter() if adapter_name is None else adapter_name
+        _check_adapter_name(name)
+        as_directory(directory)
+        self._check_names([name])
+        base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_ramp_step(name), base_name,
+                      dtype)
 
     save_pretrained = save_adapter
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = True) -> None:
         """Add adapter ``adapter_name`` from files written by ``save_adapter`` and make it active.
 
-        Keys, shapes and config are checked against this model before anything changes.
+        Everything is validated first (config, keys, shapes, dtypes, values against this model); on any error the
+        model is left exactly as it was (modules, tensors, ``requires_grad`` flags).
         """
-        from .adapter_file import load_adapter
-
         if not isinstance(is_trainable, bool):
             raise SingLoRAError(f"is_trainable={is_trainable!r} must be a bool")
-        load_adapter(self, directory, adapter_name)
+        _check_adapter_name(adapter_name)
+        directory = as_directory(directory)
+        config, meta = read_adapter_config(directory)
+        if adapter_name in self.configs:
+            raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+        plan, tensors = read_adapter_for(self.model, directory, config)
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            self.add_adapter(adapter_name, config, modules=list(plan.modules))
+            self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
+        except BaseException:  # roll back: the model is as it was
+            if adapter_name in self.configs:
+                self.delete_adapter(adapter_name)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
         if not is_trainable:
             for module in self.adapter_modules(adapter_name).values():
                 module.requires_grad_(False)
+
+    def load_adapter_in_place(self, directory: str | os.PathLike, adapter_name: str) -> None:
+        """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
+        objects, so an optimizer holding them stays valid: resuming). The files must fit that adapter exactly (keys,
+        shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
+        _check_adapter_name(adapter_name)
+        directory = as_directory(directory)
+        self._check_names([adapter_name])
+        saved_config, meta = read_adapter_config(directory)
+        own = {key: (tuple(value.shape), value.dtype) for key, value in self.adapter_state_dict(adapter_name).items()}
+        tensors = read_adapter_tensors(directory / WEIGHTS_FILE, own)
+        if self.get_ramp_up_steps(adapter_name) is None and saved_config.total_steps is not None:
+            self.set_total_steps(saved_config.total_steps, adapter_name)  # the run's length, known when it was saved
+        self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
+
+    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], ramp_step: int, path: Path) -> None:
+        """Copy checked ``tensors`` into the adapter's parameters (same objects), cast to their dtypes, and set its
+        ramp step. Values that do not fit a parameter's dtype are refused before anything is copied."""
+        targets = self.adapter_state_dict(adapter_name)
+        check_finite(path, tensors, {key: target.dtype for key, target in targets.items()})
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(tensors[key].to(target.dtype))
+        self.set_ramp_step(ramp_step, adapter_name)
 
     @classmethod
     def from_pretrained(
@@ -326,6 +385,12 @@ class SingLoRAModel(RampControls, nn.Module):
         wrapped = cls(model, None)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return wrapped
+
+
+def _check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
+
 
 def get_singlora_model(model: nn.Module, config: SingLoRAConfig, adapter_name: str = "default") -> SingLoRAModel:
     """Inject SingLoRA adapters into ``model`` (in place) and return the wrapper, with the adapter active."""

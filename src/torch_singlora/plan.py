@@ -25,7 +25,7 @@ from .errors import SingLoRAError
 from .experts import expert_layout, owner_of, resolve_target_parameters
 from .functional import LayerKind, adapter_rows, matrix_dims
 from .layers import adaptable_kind, weight_shape
-from .targets import resolve_modules_to_save, resolve_targets
+from .targets import module_names, resolve_modules_to_save, resolve_targets
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
@@ -102,21 +102,43 @@ def expert_plan(name: str, model: nn.Module, r: int, scale: float) -> ModulePlan
     return ModulePlan("experts", tuple(getattr(owner, parameter_name).shape), d_out, d_in, r, scale, experts)
 
 
-def plan_adapter(model: nn.Module, config: SingLoRAConfig) -> AdapterPlan:
+def plan_adapter(model: nn.Module, config: SingLoRAConfig, modules: list[str] | None = None) -> AdapterPlan:
     """The plan of ``config`` on ``model`` (a base model, or one already holding SingLoRA adapters); changes
-    nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``."""
+    nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``.
+
+    ``modules``: adapt exactly these names (modules, or ``<module>.<parameter>`` expert parameters), not those
+    ``config.target_modules`` / ``target_parameters`` select (an adapter file's keys name them; its patterns are
+    then metadata, never matched). Each must be a module or expert parameter of ``model`` outside
+    ``modules_to_save``."""
     config.validate()
-    modules = {
-        name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
-        for name in resolve_targets(model, config)
-    }
-    for name in resolve_target_parameters(model, config.target_parameters):
-        modules[name] = expert_plan(name, model, config.rank_for(name), config.scale_for(name))
     saved = resolve_modules_to_save(model, config)
+    if modules is None:
+        targets = resolve_targets(model, config)
+        parameters = resolve_target_parameters(model, config.target_parameters)
+    else:
+        known = set(module_names(model))
+        targets = [name for name in modules if name in known]
+        parameters = [name for name in modules if name not in known]
+        for name in parameters:
+            try:
+                found = resolve_target_parameters(model, [name])
+            except SingLoRAError:
+                found = []
+            if name not in found:
+                raise SingLoRAError(f"{name!r} is not a module (or expert parameter) of this model")
+        for name in modules:
+            if any(name == s or name.startswith(s + ".") for s in saved):
+                raise SingLoRAError(f"module {name!r} lies inside modules_to_save module(s) {saved}")
+    modules_plan = {
+        name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
+        for name in targets
+    }
+    for name in parameters:
+        modules_plan[name] = expert_plan(name, model, config.rank_for(name), config.scale_for(name))
     tensors: dict[str, TensorSpec] = {}
     for name in saved:
         module = model.get_submodule(name)
         original = getattr(module, "original_module", module)
         for key, value in original.state_dict().items():
             tensors[f"{name}.{key}"] = (tuple(value.shape), value.dtype)
-    return AdapterPlan(modules, tuple(saved), tensors, config.resolve_ramp_up_steps())
+    return AdapterPlan(modules_plan, tuple(saved), tensors, config.resolve_ramp_up_steps())

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Union
 
 from torch import nn
 
-from .config import DEFAULT_TARGETS, SingLoRAConfig
+from .config import DEFAULT_TARGETS, SingLoRAConfig, key_pattern
 from .errors import SingLoRAError
 from .experts import SingLoRAExperts, resolve_target_parameters
 from .layers import SingLoRALayer, TrainableCopy, layer_kind
+from .linear_regex import fullmatch
 
 Patterns = Union[list[str], str]
 
@@ -24,7 +24,7 @@ def matches(name: str, patterns: Patterns | None) -> bool:
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return fullmatch(patterns, name)
     return any(_name_matches(name, entry) for entry in patterns)
 
 
@@ -41,7 +41,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if output is not None and module is output}
 
 
-def _module_names(model: nn.Module) -> list[str]:
+def module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules, minus the insides of our own wrappers (``base_layer``, adapters, copies)."""
     wrapper_types = (SingLoRALayer, TrainableCopy, SingLoRAExperts)
     wrappers = [n for n, m in model.named_modules() if isinstance(m, wrapper_types)]
@@ -60,7 +60,7 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
             )
         targets = DEFAULT_TARGETS[model_type]
     saved = config.modules_to_save or []
-    names = _module_names(model)
+    names = module_names(model)
 
     def excluded(name: str) -> bool:  # excluded, or inside a module that trains fully
         return matches(name, config.exclude_modules) or any(
@@ -99,7 +99,7 @@ def resolve_targets(model: nn.Module, config: SingLoRAConfig) -> list[str]:
                 raise SingLoRAError(f"exclude_modules entry {entry!r} matches no module")
     for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key in pattern:
-            if not any(re.fullmatch(rf"(.*\.)?{key}", n) for n in found + parameters):
+            if not any(fullmatch(key_pattern(key), n) for n in found + parameters):
                 raise SingLoRAError(f"{field_name} key {key!r} matches no targeted module")
     return found
 
@@ -108,7 +108,7 @@ def _no_match_hint(names: list[str], targets: Patterns, exclude: Patterns | None
     """Why ``targets`` selected nothing; for a string that names modules by suffix, the string-vs-list rule."""
     if isinstance(targets, str) and targets != "all-linear":
         by_suffix = [n for n in names if _name_matches(n, targets)]
-        if by_suffix and not any(re.fullmatch(targets, n) for n in names):
+        if by_suffix and not any(fullmatch(targets, n) for n in names):
             return (f" matches no module: a string is a regex that must match the whole module name (e.g. "
                     f"{by_suffix[0]!r}); to match names or dotted suffixes pass a list: target_modules={[targets]!r}")
     return f" (exclude_modules={exclude!r}) matches no module"
@@ -122,7 +122,7 @@ def _prefixes(name: str) -> list[str]:
 def resolve_modules_to_save(model: nn.Module, config: SingLoRAConfig) -> list[str]:
     """Names of the ``modules_to_save`` modules; each entry must match at least one module."""
     found: list[str] = []
-    names = _module_names(model)
+    names = module_names(model)
     modules = dict(model.named_modules())
     for entry in config.modules_to_save or []:
         hits = [n for n in names if _name_matches(n, entry)]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_singlora.adapter_file import atomic_write, atomic_write_text
+from torch_singlora.atomic import atomic_write, atomic_write_text
 from torch_singlora.diffusion.dreambooth import DEFAULT_TARGETS, add_singlora, denoising_loss
 from torch_singlora.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
 

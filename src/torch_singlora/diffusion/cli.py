@@ -63,10 +63,9 @@ def _prompts_for(generated: Path, args: argparse.Namespace) -> dict[str, str]:
     if not prompts_file.is_file():
         raise SingLoRAError(f"--prompts-file {str(prompts_file)!r} not found: give --prompt or a JSON "
                             "{image file name: prompt}")
-    try:
-        prompts = json.loads(prompts_file.read_text())
-    except ValueError as exc:
-        raise SingLoRAError(f"--prompts-file {prompts_file}: not valid JSON ({exc})") from None
+    from ..untrusted import read_json
+
+    prompts = read_json(prompts_file, what="--prompts-file: a JSON {image file name: prompt}")
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise SingLoRAError(f"--prompts-file {prompts_file}: expected an object {{image file name: prompt}}")
     return prompts
@@ -102,7 +101,7 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
 

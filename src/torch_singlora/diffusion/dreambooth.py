@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapter_file import atomic_write_text, load_adapter_in_place
+from ..atomic import atomic_write_text
 from ..config import SingLoRAConfig, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel, get_singlora_model
@@ -274,7 +274,7 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
         weights.clear()
 
     def load_hook(models: list, directory: str) -> None:
-        load_adapter_in_place(model, Path(directory) / "singlora", model.active_adapters[0])
+        model.load_adapter_in_place(Path(directory) / "singlora", model.active_adapters[0])
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -11,9 +11,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..adapter_file import atomic_write_text
+from ..atomic import atomic_write_text
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel
+from ..untrusted import read_json
 
 
 def pipeline_class_name(path: str | os.PathLike) -> str:
@@ -21,11 +22,10 @@ def pipeline_class_name(path: str | os.PathLike) -> str:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise SingLoRAError(f"pretrained_model={str(path)!r}: no model_index.json, not a local diffusers folder")
-    try:
-        name = json.loads(index.read_text())["_class_name"]
-    except (ValueError, KeyError) as exc:
-        raise SingLoRAError(f"{index}: not a diffusers model index ({exc})") from None
-    return name
+    document = read_json(index, what="a diffusers model index")
+    if not isinstance(document, dict) or not isinstance(document.get("_class_name"), str):
+        raise SingLoRAError(f"{index}: not a diffusers model index (no '_class_name' string)")
+    return document["_class_name"]
 
 
 def is_sdxl(pipe: Any) -> bool:

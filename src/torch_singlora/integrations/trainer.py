@@ -34,7 +34,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapter_file import CONFIG_FILE, load_adapter_in_place
+from ..adapter_file import CONFIG_FILE
 from ..errors import AdapterFileError, SingLoRAError
 from ..model import SingLoRAModel
 
@@ -148,7 +148,7 @@ class SingLoRATrainerMixin:
         for name, directory in adapter_dirs(self.model, resume_from_checkpoint).items():
             if not (directory / CONFIG_FILE).is_file():
                 raise AdapterFileError(f"{directory}: no SingLoRA adapter checkpoint for adapter {name!r}")
-            load_adapter_in_place(self.model, directory, name)
+            self.model.load_adapter_in_place(directory, name)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
         records.append(record)
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if args.output:
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(args.output, text)
         print(f"{len(records)} answers written to {args.output}", file=sys.stderr)

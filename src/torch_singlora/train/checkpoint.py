@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..adapter_file import atomic_write
+from ..atomic import atomic_write
 from ..errors import SingLoRAError
 
 

@@ -312,7 +312,7 @@ def save_state(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """The final evaluation; the adapter folder (written whole or not at all), summary.json, curves.png."""
-    from ..adapter_file import atomic_directory, atomic_write_text
+    from ..atomic import atomic_directory, atomic_write_text
 
     config = run.config
     final = evaluate(run) if run.eval_loader is not None else {}

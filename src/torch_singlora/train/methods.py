@@ -212,6 +212,7 @@ class Peft(Method):
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
         from peft import PeftModel
 
+        _require_safetensors(directory, "adapter_model.safetensors")  # else PEFT would unpickle adapter_model.bin
         return PeftModel.from_pretrained(load_base(None), str(directory))
 
     @staticmethod
@@ -236,11 +237,20 @@ class Full(Method):
 
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
+        _require_safetensors(directory, "model.safetensors", "model.safetensors.index.json")  # never a pickle
         return load_base(str(directory))
 
     @staticmethod
     def merged(model: nn.Module) -> nn.Module:
         return model
+
+
+def _require_safetensors(directory: str | Path, *names: str) -> None:
+    """Refuse a trained folder whose weights are not safetensors: loaders would fall back to unpickling a
+    ``.bin``, and singlora never opens a pickle."""
+    if not any((Path(directory) / name).is_file() for name in names):
+        raise SingLoRAError(f"{directory}: no {' or '.join(names)}; singlora loads weights only from safetensors "
+                            "files, never pickled .bin files")
 
 
 METHODS: dict[str, type[Method]] = {"singlora": SingLoRA, "lora": Peft, "dora": Peft, "loraplus": Peft, "full": Full}

@@ -43,7 +43,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_records: int | None = None) -> None:
         """A new log at ``path`` (``keep_records=None``), or the first ``keep_records`` lines of the old one."""
-        from ..adapter_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         self.path = path
         kept: list[str] = []
@@ -87,13 +87,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    from ..untrusted import read_json
+
     path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
+    if not path.exists():
         raise SingLoRAError(f"{path}: no such file (is {run_dir} a finished `singlora train` output folder?)")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SingLoRAError(f"{path}: not valid JSON: {exc}") from None
+    summary = read_json(path, what="summary of `singlora train`")
     if not isinstance(summary, dict):
         raise SingLoRAError(f"{path}: expected a JSON object")
     return summary

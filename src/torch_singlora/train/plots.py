@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from ..adapter_file import atomic_write
+from ..atomic import atomic_write
 from ..errors import SingLoRAError
 from .metrics import read_metrics, read_summary
 

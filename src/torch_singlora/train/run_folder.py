@@ -35,6 +35,7 @@ CURVES_FILE = "curves.png"
 RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)
 RUN_INFO = "run_info.json"
 MAX_RUN_INFO_BYTES = 16 * 2**20
+MAX_LABELS = 100_000  # classes of a classification head (a 2-million-label file would build a 3 GB head)
 RUN_INFO_KEYS = {"task": str, "method": str, "base_model": str, "tokenizer": str, "target_modules": list}
 # What ``atomic_directory`` leaves when killed: ``.adapter.XXXXXXXX.tmp`` (and ``.old`` during the swap).
 _STALE_DIR = re.compile(r"\.adapter\.[A-Za-z0-9_]{8}\.tmp(\.old)?")
@@ -93,7 +94,7 @@ class RunFolder:
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete temp files and folders that writes of a killed run left (the files they replaced are intact)."""
-        from ..adapter_file import remove_stale_temps
+        from ..atomic import remove_stale_temps
 
         stale = remove_stale_temps(self.path) + remove_stale_temps(self.adapter)
         for folder in self.path.glob(".adapter.*") if self.path.is_dir() else []:
@@ -144,29 +145,45 @@ def check_resumable(checkpoint: Path, saved: dict[str, Any], current: dict[str, 
 
 
 def write_run_info(directory: Path, info: dict[str, Any]) -> None:
-    from ..adapter_file import atomic_write_text
+    from ..atomic import atomic_write_text
 
     atomic_write_text(directory / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def read_run_info(directory: str | Path) -> dict[str, Any]:
-    """``run_info.json`` of a trained output folder, checked: size-capped, a JSON object with the keys above."""
+    """``run_info.json`` of a trained output folder, checked: the strict size-capped JSON reader, then each field
+    (the keys above; ``task`` and ``method`` known; ``labels``, if any, at most ``MAX_LABELS`` distinct non-empty
+    strings; ``max_length`` a positive int). Errors name the file and the field."""
+    from ..untrusted import read_json
+    from .methods import METHOD_NAMES
+    from .registry import TASKS
+
     path = Path(directory) / RUN_INFO
     if not Path(directory).is_dir():
         raise SingLoRAError(f"adapter folder {str(directory)!r} does not exist")
-    if not path.is_file():
+    if not path.exists():
         raise SingLoRAError(f"{path}: no such file (is {directory} an output of `singlora train`?)")
-    if path.stat().st_size > MAX_RUN_INFO_BYTES:
-        raise SingLoRAError(f"{path}: larger than {MAX_RUN_INFO_BYTES} bytes; not a run_info.json")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SingLoRAError(f"{path}: not valid JSON: {exc}") from None
+    info = read_json(path, what="run info of `singlora train`", limit=MAX_RUN_INFO_BYTES)
     if not isinstance(info, dict):
-        raise SingLoRAError(f"{path}: expected a JSON object")
+        raise SingLoRAError(f"{path}: expected a JSON object, got {type(info).__name__}")
+
+    def field(key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            shown = repr(info.get(key)) if key in info else "missing"
+            raise SingLoRAError(f"{path}: field {key!r} must be {expected}, got {shown[:100]}")
+
     for key, kind in RUN_INFO_KEYS.items():
-        if not isinstance(info.get(key), kind):
-            raise SingLoRAError(f"{path}: field {key!r} must be a {kind.__name__}, got {info.get(key)!r}"[:300])
+        field(key, isinstance(info.get(key), kind), f"a {kind.__name__}")
+    field("task", info["task"] in TASKS, f"one of {list(TASKS)}")
+    field("method", info["method"] in METHOD_NAMES, f"one of {list(METHOD_NAMES)}")
+    field("target_modules", all(isinstance(n, str) for n in info["target_modules"]), "a list of module names")
+    labels = info.get("labels")
+    field("labels", labels is None or (isinstance(labels, list) and len(labels) <= MAX_LABELS and all(
+        isinstance(n, str) and n for n in labels) and len(set(labels)) == len(labels)),
+        f"a list of at most {MAX_LABELS:,} distinct non-empty strings")
+    length = info.get("max_length")
+    field("max_length", length is None or (isinstance(length, int) and not isinstance(length, bool) and length > 0),
+          "an int >= 1")
     return info
 
 

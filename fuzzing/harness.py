@@ -6,7 +6,7 @@ was. Anything else (another exception type, a half-changed model, a loaded adapt
 recorded with its input.
 
 - ``config``: ``SingLoRAConfig.from_dict`` on random dicts of known and unknown fields with values of every JSON
-  type (and NaN/Inf floats), then ``ramp_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
+  type (and NaN/Inf floats), then ``resolve_ramp_up_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
   ``resolve_targets`` on a small model.
 - ``config_file``: a saved adapter whose ``adapter_config.json`` is replaced by mutated JSON (random edits of a
   valid document) or random bytes, loaded into a model.
@@ -17,10 +17,10 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
 
 - ``hypothesis`` (default; the ``dev`` extra): the strategies above, deterministic for a ``--seed``::
 
-      .venv/bin/python -m torch_singlora.fuzz --examples 20000 --seed 1
+      .venv/bin/python -m fuzzing --examples 20000 --seed 1
 
 - ``atheris`` (the ``fuzz`` extra: ``pip install 'torch-singlora[fuzz]'``): libFuzzer mutates raw bytes, guided by the
-  coverage of ``torch_singlora.adapter_file``, ``torch_singlora.config`` and ``torch_singlora.targets`` (instrumented at start), with
+  coverage of the file layer, model, config and targets modules (``INSTRUMENTED``, instrumented at start), with
   a dictionary of the seed files' JSON strings. ``weights``: the bytes are the safetensors file (seed corpus: the
   valid file and structural mutations, ``weight_seeds``; a structure-aware mutator, ``safetensors_mutator``,
   mutates the header JSON or the data alone and re-encodes tensors as other dtypes); ``config_file``: the bytes
@@ -28,7 +28,7 @@ Engines (``make test`` runs a few hundred inputs per target of each via tests/te
   Each target runs in a child process (libFuzzer ends the process it runs in) for ``--seconds``
   (``-max_total_time``) and/or ``--examples`` inputs (``-atheris_runs``)::
 
-      .venv/bin/python -m torch_singlora.fuzz --engine atheris --seconds 600 --targets weights config_file \\
+      .venv/bin/python -m fuzzing --engine atheris --seconds 600 --targets weights config_file \\
           --artifacts fuzz-out --reasons 5
 
 Both print one table row per target (inputs, loaded, refused, findings, seconds) and exit 1 on any finding. Each
@@ -62,65 +62,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
-from .adapter_file import CONFIG_FILE, WEIGHTS_FILE, atomic_write_text
-from .config import INIT_METHODS, SingLoRAConfig
-from .errors import SingLoRAError
-from .model import SingLoRAModel, get_singlora_model
-from .targets import resolve_targets
+from torch_singlora.adapter_file import CONFIG_FILE, META_FIELDS, WEIGHTS_FILE
+from torch_singlora.atomic import atomic_write_text
+from torch_singlora.config import INIT_METHODS, SingLoRAConfig
+from torch_singlora.errors import SingLoRAError
+from torch_singlora.targets import resolve_targets
 
-TARGETS = ("config", "config_file", "weights")
-ARTIFACT_SUFFIX = {"config": ".bin", "config_file": ".json", "weights": ".safetensors"}
+ROOT = Path(__file__).resolve().parents[1]  # the repository: fuzzing/ beside tests/, benchmarks/, studies/
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+from adapter_fixtures import FuzzModel, fresh_model, same, snapshot, valid_adapter  # noqa: E402
+
+from fuzzing.more_targets import MORE_TARGETS, hypothesis_tests  # noqa: E402
+
+ATHERIS_TARGETS = ("config", "config_file", "weights")
+TARGETS = ATHERIS_TARGETS + MORE_TARGETS
+ARTIFACT_SUFFIX = {"config": ".bin", "config_file": ".json", "weights": ".safetensors", "run_info": ".json",
+                   "checkpoint": ".pt", "commands": ".safetensors"}
 FIELDS = [f.name for f in dataclasses.fields(SingLoRAConfig)]
-META_FIELDS = ["format", "format_version", "ramp_step", "base_model_name_or_path"]
 # Words a config plausibly holds: module names of the fuzz model, regex fragments, traversal, field values.
 WORDS = ["proj", "conv", "emb", "head", "other", "0", "all-linear", ".*", "(a+)+", "(", "proj|conv", "../../x",
          "normal", "gaussian", "kaiming_uniform", "singlora", "", "\x00", "default", "proj.singlora_A"]
-
-
-class FuzzModel(nn.Module):
-    """The model every fuzz input is loaded into: Embedding, Linear, Conv1d, and a head for ``modules_to_save``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 6)
-        self.proj = nn.Linear(6, 5)
-        self.conv = nn.Conv1d(5, 4, 3)
-        self.head = nn.Linear(4, 3)
-        self.other = nn.Linear(6, 6)
-
-
-def fresh_model() -> SingLoRAModel:
-    """A deterministic wrapped ``FuzzModel`` that already holds an adapter named ``keep``."""
-    torch.manual_seed(0)
-    return get_singlora_model(FuzzModel(), SingLoRAConfig(r=1, target_modules=["other"], ramp_up_steps=0), "keep")
-
-
-def snapshot(model: nn.Module) -> tuple[Any, ...]:
-    """Everything a failed load must leave unchanged: module tree, tensors, requires_grad flags, adapters."""
-    return (
-        [(name, type(m).__name__) for name, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(name, p.requires_grad) for name, p in model.named_parameters()],
-        sorted(getattr(model, "configs", {})),
-    )
-
-
-def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and a[1].keys() == b[1].keys() and all(
-        torch.equal(a[1][k], b[1][k]) for k in a[1]
-    )
-
-
-def valid_adapter(directory: Path) -> None:
-    """Write the seed adapter (every layer kind, ``modules_to_save``, a ramp step) into ``directory``."""
-    torch.manual_seed(1)
-    config = SingLoRAConfig(r=2, alpha=4.0, target_modules=["proj", "conv", "emb"], modules_to_save=["head"],
-                            ramp_up_steps=10)
-    model = get_singlora_model(FuzzModel(), config)
-    model.step(4)
-    model.save_adapter(directory)
 
 
 # ---- strategies -------------------------------------------------------------------------------------------------
@@ -326,7 +289,7 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
     """A mutated ``adapter_config.json``: field edits of a valid document, or raw text edits."""
     document = dict(document)
     for _ in range(draw(st.integers(1, 3))):
-        field = draw(st.sampled_from(FIELDS + META_FIELDS + ["unknown"]))
+        field = draw(st.sampled_from(FIELDS + list(META_FIELDS) + ["unknown"]))
         if draw(st.booleans()):
             document[field] = draw(values)
         else:
@@ -340,7 +303,8 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
 
 # ---- atheris engine (coverage-guided; optional: the ``fuzz`` extra) -------------------------------------------------
 
-INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.config", "torch_singlora.targets")
+INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.untrusted", "torch_singlora.model", "torch_singlora.config",
+                "torch_singlora.targets")
 
 
 def instrument(atheris: Any, module_names: tuple[str, ...] = INSTRUMENTED) -> int:
@@ -447,7 +411,7 @@ def safetensors_mutator(atheris: Any, valid: bytes) -> Callable[[bytes, int, int
 
 def write_dictionary(path: Path, blobs: list[bytes]) -> Path:
     """A libFuzzer ``-dict`` file: the JSON strings of the seed files, field names, dtypes and odd numbers."""
-    words = FIELDS + META_FIELDS + WORDS + ["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "dtype", "shape",
+    words = FIELDS + list(META_FIELDS) + WORDS + ["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "dtype", "shape",
                                             "data_offsets", "__metadata__", "format", "singlora"]
     tokens = {json.dumps(word).encode() for word in words}
     tokens |= {b"null", b"true", b"false", b"NaN", b"-1", b"1e999", b"2147483648", b"18446744073709551616", b"[]"}
@@ -543,8 +507,9 @@ def atheris_child(target: str, seconds: int | None, examples: int | None, seed: 
 
 
 def run_atheris(seconds: int | None = None, examples: int | None = None, seed: int = 0,
-                targets: tuple[str, ...] = TARGETS, artifacts: Path = Path(tempfile.gettempdir()) / "singlora-fuzz",
-                launcher: tuple[str, ...] = (sys.executable, "-m", "torch_singlora.fuzz")) -> Campaign:
+                targets: tuple[str, ...] = ATHERIS_TARGETS,
+                artifacts: Path = Path(tempfile.gettempdir()) / "singlora-fuzz",
+                launcher: tuple[str, ...] = (sys.executable, "-m", "fuzzing")) -> Campaign:
     """Fuzz each target with atheris for ``seconds`` and/or ``examples`` inputs, each in a child process
     (``launcher`` + arguments; libFuzzer ends the process it runs in). A child that dies (a crash, a hang over
     60 s, over 2 GB of memory) is a finding; libFuzzer's log is ``artifacts/<target>-libfuzzer.log``."""
@@ -558,8 +523,9 @@ def run_atheris(seconds: int | None = None, examples: int | None = None, seed: i
         command += ["--seconds", str(seconds)] if seconds else []
         command += ["--examples", str(examples)] if examples else []
         with log.open("wb") as handle:
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # finds fuzzing/
             code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}).returncode
         if result.exists():
             campaign.merge(json.loads(result.read_text()))
         if code != 0:
@@ -608,7 +574,15 @@ def run(examples: int = 200, seed: int = 0, targets: tuple[str, ...] = TARGETS,
             blob = mutate_weights(data.draw, st, weights_blob)
             check_load(campaign, "weights", write_case(case, config_bytes, blob), blob[:300], blob)
 
-        for name, test in (("config", fuzz_config), ("config_file", fuzz_config_file), ("weights", fuzz_weights)):
+        more = hypothesis_tests(campaign, st, values, workdir, config_bytes, weights_blob, mutate_config,
+                                mutate_weights, write_case)
+
+        def fuzz_more(check: Callable[[Any], None]) -> Callable[[], None]:
+            return hypothesis_seed(seed)(options(given(st.data())(check)))
+
+        tests = {"config": fuzz_config, "config_file": fuzz_config_file, "weights": fuzz_weights,
+                 **{name: fuzz_more(check) for name, check in more.items()}}
+        for name, test in tests.items():
             if name in targets:
                 test()
     finally:
@@ -636,6 +610,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--seconds needs --engine atheris (hypothesis runs --examples inputs)")
     if args.engine == "atheris" and args.seconds is None and args.examples is None:
         args.seconds = 60
+    if args.engine == "atheris" and set(args.targets) - set(ATHERIS_TARGETS):
+        if args.targets == list(TARGETS):
+            args.targets = list(ATHERIS_TARGETS)
+        else:
+            parser.error(f"--engine atheris fuzzes {ATHERIS_TARGETS}; {MORE_TARGETS} run with hypothesis")
     if args.engine == "atheris" and importlib.util.find_spec("atheris") is None:
         parser.error("--engine atheris needs atheris: pip install 'torch-singlora[fuzz]' (or: pip install atheris)")
     return args

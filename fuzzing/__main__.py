@@ -1,0 +1,3 @@
+from fuzzing.harness import main
+
+raise SystemExit(main())
