@@ -188,7 +188,8 @@ def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], fig
 
 Command: `{notes['command']}`   Status: {status}. Wall time of this invocation: {notes['wall_s']:.0f} s (cached runs
 count 0); the runs below took {state['run_s']:.0f} s in total when they ran ({len(notes['runs'])} runs).
-Machine: 2-core CPU shared with ~7 other jobs, one thread per run, `nice -n 10`, {settings.jobs} run(s) at a time.
+Machine: 2-core CPU shared with other jobs (0 to ~7 others over the study: seconds per run are not comparable),
+one thread per run, `nice -n 10`, {settings.jobs} run(s) at a time.
 
 Paper's claims: LLaMA-7B on MNLI, r = 8 on all seven projections: SingLoRA 91.3 % (12M parameters, "60 % of LoRA's
 budget"), LoRA 89.1 % (20M), LoRA+ 90.2 % (20M), DoRA 90.6 % (21M); learning-rate sensitivity: {PAPER_SPREAD}.
