@@ -45,6 +45,20 @@ def _create_file(candidate: Path) -> None:
     os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 less the umask
 
 
+def _ordinary_file_modes(folder: Path) -> None:
+    """Give every plain file under ``folder`` the mode ``open(path, "w")`` would (0o666 less the umask, measured on
+    a probe file): writers such as safetensors' ``save_file`` (used by ``save_pretrained``) create theirs 0600."""
+    probe = _temp_path(folder / "mode", _create_file)
+    mode = stat.S_IMODE(os.stat(probe).st_mode)
+    probe.unlink()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and not info.st_mode & 0o111:  # executables and links keep theirs
+                os.chmod(path, mode)
+
+
 def _keep_mode(source: Path, target: Path) -> None:
     """Give ``target`` the permission bits of ``source`` if it exists (an ordinary overwrite keeps them)."""
     with contextlib.suppress(FileNotFoundError):
@@ -137,6 +151,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise SingLoRAError(f"{path}: cannot write: {exc.strerror}") from exc
     try:
         yield tmp
+        _ordinary_file_modes(tmp)
         old = path.parent / f"{tmp.name}.old" if path.exists() else None
         if old is not None:
             os.replace(path, old)
