@@ -273,6 +273,16 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out
     assert "| first " in table and "| second " in table and "accuracy" in table
     assert (tmp_path / "both.png").stat().st_size > 1000
+    # an output file the user has is replaced only with --overwrite (report --plot, evaluate --output)
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    for command in (["report", str(tmp_path / "a"), "--plot", str(notes)],
+                    ["evaluate", str(tmp_path / "a" / "adapter"), "--data", str(assets["eval"]), "--output", str(notes)]):
+        assert main(command) == 2
+        assert f"{str(notes)!r} exists; --overwrite replaces it" in capsys.readouterr().err
+        assert notes.read_text() == "mine"
+    assert main(["report", str(tmp_path / "a"), "--plot", str(notes), "--overwrite"]) == 0
+    assert notes.read_bytes().startswith(b"\x89PNG")
     pytest.importorskip("torch_singlora.export")
     assert main(["export", str(tmp_path / "a" / "adapter"), str(tmp_path / "lora"), "--quiet"]) == 0
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

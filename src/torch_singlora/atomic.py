@@ -3,6 +3,7 @@
 - ``atomic_write`` / ``atomic_write_text``: a temp file beside the target, fsynced, renamed over it. A crash leaves
   the old file or the new one, never a torn one.
 - ``atomic_directory``: a temp folder beside the target, filled, then swapped in by two renames.
+- ``check_output_file``: an existing file named by an output flag is replaced only with ``--overwrite``.
 - ``output_folder``: ``atomic_directory`` behind the one output-folder policy every command that writes a folder
   uses (``check_output_folder``): a non-empty target that is not this command's own previous output is refused,
   naming what is there, unless ``overwrite=True``; a folder holding the command's own input is never replaced.
@@ -259,6 +260,15 @@ def check_output_folder(
     raise SingLoRAError(f"output folder {path} is not empty and is not the output of an earlier `singlora {command}` "
                         f"(it holds {listed}); choose a new folder, or pass --overwrite (overwrite=True) to replace "
                         "it and everything in it")
+
+
+def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = False) -> None:
+    """The output-file policy (``evaluate --output``, ``report --plot``, ``generate --output``...): an existing
+    ``path`` is the user's and is replaced only with ``overwrite`` (``--overwrite``); a folder never is."""
+    if os.path.isdir(path):
+        raise SingLoRAError(f"{flag} {str(path)!r} is a folder: give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise SingLoRAError(f"{flag} {str(path)!r} exists; --overwrite replaces it")
 
 
 @contextlib.contextmanager

@@ -124,14 +124,18 @@ def _add_train(subparsers: Any) -> None:
 
 def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: str | None = None,
              options: dict[str, Any] | None = None, batch_size: int = 32, encoding: str | None = None,
-             output: str | None = None, quiet: bool = False) -> dict[str, Any]:
+             output: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Metrics of a trained output folder (``<output-dir>/adapter``) on ``data`` (same formats as training), or of
-    a base model (``model`` + ``task``, no adapter) where the task can evaluate one (``Task.base_info``)."""
+    a base model (``model`` + ``task``, no adapter) where the task can evaluate one (``Task.base_info``).
+    ``output``: also write them there (an existing file only with ``overwrite``)."""
     from torch.utils.data import DataLoader
 
+    from .atomic import atomic_write_text, check_output_file
     from .train.run_folder import load_trained
     from .train.registry import get_task
 
+    if output:
+        check_output_file(output, flag="--output", overwrite=overwrite)
     if adapter is not None:
         if task is not None or options:
             raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
@@ -151,8 +155,6 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     metrics = the_task.evaluate(trained, loader, dataset=dataset, tokenizer=tokenizer, info=info)
     metrics["examples"] = len(dataset)
     if output:
-        from .atomic import atomic_write_text
-
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if not quiet:
         print(json.dumps(metrics, indent=2))
@@ -170,11 +172,12 @@ def _add_evaluate(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, else latin-1)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     parser.add_argument("--quiet", action="store_true")
     add_task_options(parser)
     parser.set_defaults(func=lambda a: evaluate(
         a.adapter, a.data, model=a.model, task=a.task, options=task_options(a, a.task or ""),
-        batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet))
+        batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet, overwrite=a.overwrite))
 
 
 def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False,
@@ -292,10 +295,16 @@ def _add_inspect(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | None = None) -> str:
-    """Summary table of finished runs (their output folders), and optionally their curves side by side."""
+def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | None = None,
+           overwrite: bool = False) -> str:
+    """Summary table of finished runs (their output folders), and optionally their curves side by side in the PNG
+    ``plot`` (an existing file only with ``overwrite``)."""
     from .train.metrics import read_summary, summary_table
 
+    if plot:
+        from .atomic import check_output_file
+
+        check_output_file(plot, flag="--plot", overwrite=overwrite)
     summaries = [read_summary(run) for run in runs]
     if names:
         for summary, name in zip(summaries, names):
@@ -313,7 +322,8 @@ def _add_report(subparsers: Any) -> None:
     parser = subparsers.add_parser("report", help="compare finished runs: a table and side-by-side curves")
     parser.add_argument("runs", nargs="+", help="output folders of `singlora train`")
     parser.add_argument("--plot", default=None, help="write the curves of all runs to this PNG")
-    parser.set_defaults(func=lambda a: report(a.runs, a.plot))
+    parser.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
+    parser.set_defaults(func=lambda a: report(a.runs, a.plot, overwrite=a.overwrite))
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------
