@@ -276,8 +276,8 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     # an output file the user has is replaced only with --overwrite (report --plot, evaluate --output)
     notes = tmp_path / "notes.md"
     notes.write_text("mine")
-    for command in (["report", str(tmp_path / "a"), "--plot", str(notes)],
-                    ["evaluate", str(tmp_path / "a" / "adapter"), "--data", str(assets["eval"]), "--output", str(notes)]):
+    evaluate = ["evaluate", str(tmp_path / "a" / "adapter"), "--data", str(assets["eval"]), "--output", str(notes)]
+    for command in (["report", str(tmp_path / "a"), "--plot", str(notes)], evaluate):
         assert main(command) == 2
         assert f"{str(notes)!r} exists; --overwrite replaces it" in capsys.readouterr().err
         assert notes.read_text() == "mine"
@@ -368,6 +368,13 @@ def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_
     assert "'weather'" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    # the run's output folder where its adapter folder belongs: every command says where the adapter is
+    run, hint = tmp_path / "run", f"its adapter folder is {tmp_path / 'run' / 'adapter'}"
+    for command in (["evaluate", str(run), "--data", str(bad)], ["merge", str(run), str(tmp_path / "m")],
+                    ["export", str(run), str(tmp_path / "e")], ["inspect", str(run)],
+                    ["train", "--model", str(run), "--train-data", str(bad), "--output-dir", str(tmp_path / "t")]):
+        assert main(command) == 2
+        assert hint in capsys.readouterr().err, command
 
 
 def test_real_minilm_few_steps_on_bbc_news(tmp_path: Path) -> None:

@@ -52,8 +52,8 @@ def test_dreambooth_then_eval_from_the_command_line(tmp_path, capsys):
 
     # a rerun never replaces what the user has without --overwrite: the scores file, a folder of other files
     rerun = ["dreambooth-eval", "--pretrained-model", str(tmp_path / "model"), "--prompt", "a photo of sks dog",
-             "--num-images", "1", "--inference-steps", "1", "--resolution", "16", "--reference", str(tmp_path / "subject"),
-             "--dino-model", dino, "--clip-model", clip]
+             "--num-images", "1", "--inference-steps", "1", "--resolution", "16",
+             "--reference", str(tmp_path / "subject"), "--dino-model", dino, "--clip-model", clip]
     before = (tmp_path / "scores.json").read_text()
     assert main([*rerun, "--generated", str(tmp_path / "gen"), "--output", str(tmp_path / "scores.json")]) == 2
     assert "--overwrite replaces it" in capsys.readouterr().err and (tmp_path / "scores.json").read_text() == before

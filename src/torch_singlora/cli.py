@@ -287,8 +287,13 @@ def _add_inspect(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args: argparse.Namespace) -> None:
+        from .adapter_file import CONFIG_FILE
         from .inspection import format_inspection, inspect_adapter
+        from .train.run_folder import run_folder_hint
 
+        hint = run_folder_hint(args.adapter)
+        if hint and not (Path(args.adapter) / CONFIG_FILE).exists():
+            raise SingLoRAError(f"{args.adapter}: not an adapter folder{hint}")
         report = inspect_adapter(args.adapter)
         print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 

@@ -21,7 +21,9 @@ def check_model_folder(path: str, flag: str = "--model") -> Path:
     if not folder.is_dir():
         raise SingLoRAError(f"{flag} {path!r}: not a folder (a local transformers model folder is expected)")
     if not (folder / "config.json").is_file():
-        raise SingLoRAError(f"{flag} {path!r}: not a transformers model folder (no config.json)")
+        from .run_folder import run_folder_hint
+
+        raise SingLoRAError(f"{flag} {path!r}: not a transformers model folder (no config.json){run_folder_hint(path)}")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise SingLoRAError(f"{flag} {path!r}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
     return folder
