@@ -359,6 +359,35 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """Ctrl-C in `singlora train`: no traceback, exit 130, one line saying how to continue; --resume finishes."""
+    import torch_singlora.train.loop as loop
+
+    after_step = loop.after_step
+
+    def interrupted_at_step_2(run, loss):
+        after_step(run, loss)
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "after_step", interrupted_at_step_2)
+    args = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--output-dir",
+            str(tmp_path / "run"), "--quiet", "--max-steps", "3", "--save-every", "1", "--target-modules", "query"]
+    capsys.readouterr()
+    assert main(args) == 130
+    error = capsys.readouterr().err
+    assert error.strip() == (f"singlora train: interrupted; {tmp_path / 'run' / 'checkpoint.pt'} holds the last "
+                             "checkpoint: the same command with --resume continues from it")
+    monkeypatch.setattr(loop, "after_step", after_step)
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    with pytest.raises(SystemExit):  # an unknown flag is reported under the subcommand's usage
+        main(["inspect", str(tmp_path / "run" / "adapter"), "--verbose"])
+    error = capsys.readouterr().err
+    assert "usage: singlora inspect" in error and "singlora inspect: error: unrecognized arguments: --verbose" in error
+
+
 def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     _train(assets, tmp_path / "run", "--max-steps", "1")

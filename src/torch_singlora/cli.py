@@ -345,15 +345,32 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in EXTERNAL_SUBCOMMANDS:
         if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) and importlib.util.find_spec(module_name):
             importlib.import_module(module_name).add_parser(subparsers)
+    parser.set_defaults(subcommand_parsers=subparsers.choices)  # for errors under the subcommand's usage
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line printed when Ctrl-C stops a command; for ``train``, how to continue."""
+    if args.command != "train":
+        return f"singlora {args.command}: interrupted"
+    from .train.run_folder import CHECKPOINT_FILE
+
+    checkpoint = Path(args.output_dir) / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        return (f"singlora train: interrupted; {checkpoint} holds the last checkpoint: the same command with "
+                "--resume continues from it")
+    return "singlora train: interrupted before its first checkpoint (--save-every): nothing to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 on a user-input error)."""
+    """Run the command line; returns the exit status (0, 2 on a user-input error, 130 on Ctrl-C)."""
     from .integrations.quantized import quiet_bitsandbytes
 
     quiet_bitsandbytes()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them under the top-level usage, not the subcommand's
+        args.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except SingLoRAError as exc:
@@ -361,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
 
 
