@@ -388,6 +388,40 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp
     assert "usage: singlora inspect" in error and "singlora inspect: error: unrecognized arguments: --verbose" in error
 
 
+def test_the_head_the_adapter_replaces_is_not_reported_newly_initialized(assets: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """transformers reports the classification head as "newly initialized" whenever a base model is loaded for
+    classification; `singlora evaluate` then loads the trained head from the adapter: that report alone is held
+    back, and any other missing weight is still reported."""
+    import logging
+
+    from torch_singlora.train.pretrained import from_pretrained
+    from torch_singlora.train.tasks import HEAD_NAMES
+
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # `singlora train --quiet` (in _train) leaves transformers at ERROR
+    try:
+        _train(assets, tmp_path / "run", "--max-steps", "1")
+        reports.clear()
+        assert main(["evaluate", str(tmp_path / "run" / "adapter"), "--data", str(assets["eval"]), "--quiet"]) == 0
+        assert reports == []
+        kind = transformers.AutoModelForSequenceClassification
+        from_pretrained(kind, str(assets["bert"]), num_labels=3)  # the control: transformers reports the head
+        assert len(reports) == 1 and "classifier.weight" in reports[0] and "MISSING" in reports[0]
+        from_pretrained(kind, str(assets["bert"]), num_labels=3, new_modules=HEAD_NAMES)
+        assert len(reports) == 1
+        from_pretrained(kind, str(assets["llama"]), num_labels=3, new_modules=("classifier",))  # a "score" head
+        assert len(reports) == 2 and "score.weight" in reports[1]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     _train(assets, tmp_path / "run", "--max-steps", "1")

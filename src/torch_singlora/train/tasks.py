@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
     from .config import TrainConfig
 
+HEAD_NAMES = ("classifier", "score")  # the classification head of transformers' *ForSequenceClassification models
+
+
 @dataclass
 class TaskData:
     """What ``Task.load_data`` returns. ``info``: JSON values recorded in ``run_info.json`` (labels, max length,
@@ -179,11 +182,11 @@ class Classification(Task):
         labels = info["labels"]
         return from_pretrained(AutoModelForSequenceClassification, path, num_labels=len(labels),
                                id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-                               dtype=dtype)
+                               dtype=dtype, new_modules=HEAD_NAMES)  # the run trains the head, the adapter has it
 
     def heads(self, model: "nn.Module") -> list[str]:
         children = dict(model.named_children())
-        return [name for name in ("classifier", "score") if name in children]
+        return [name for name in HEAD_NAMES if name in children]
 
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "Dataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
