@@ -78,7 +78,8 @@ def llm_model(quick: bool) -> tuple[nn.Module, list[list[int]]]:
 
 def classify_model(quick: bool) -> tuple[nn.Module, list[list[int]]]:
     """all-MiniLM-L6-v2 with a 5-class head (or a tiny BERT), and BBC News articles' token ids (<= 128)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                              BertForSequenceClassification)
 
     if quick:
         torch.manual_seed(0)
@@ -323,8 +324,8 @@ def part_memory(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
                     bank.load(f"u{i}", source / "singlora" / name)
                 row["bank_load_s"] = (time.perf_counter() - start) / count
                 memory = bank.memory()
-                row.update(singlora_bytes=memory["allocated"], singlora_measured=True,
-                           singlora_per_adapter=memory["per_adapter"]["u0"]["singlora"], square_ratio=square_ratio(bank))
+                row.update(singlora_bytes=memory["allocated"], singlora_measured=True, square_ratio=square_ratio(bank),
+                           singlora_per_adapter=memory["per_adapter"]["u0"]["singlora"])
                 base = unwrap(base)
             else:
                 row.update(singlora_bytes=rows[-1]["singlora_per_adapter"] * count, singlora_measured=False,
@@ -406,15 +407,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in args.parts:
             results["rows"][part] = parts[part](settings, Path(tmp))
             gc.collect()
+    write_outputs(results, markdown(results), Path(args.out), "serving_quick" if args.quick else "serving")
+    return results
+
+
+def write_outputs(results: dict[str, Any], text: str, out: Path, stem: str) -> None:
+    """Print ``text``; write ``<out>/<stem>.json`` and ``.md`` atomically, with the load average at the end."""
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    text = markdown(results)
     print(text)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "serving_quick" if args.quick else "serving"
     atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / f"{stem}.md", text + "\n")
-    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -431,7 +434,8 @@ def markdown(results: dict[str, Any]) -> str:
             speed = row["tokens_per_s"]
             lines.append(f"| {row['config']} | {row['backend']} | {row['clients']} | {row['requests']} | {speed:.1f} | "
                          f"{speed / same['one_at_a_time']['tokens_per_s']:.2f} | "
-                         f"{speed / same['peft_mixed']['tokens_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
+                         f"{speed / same['peft_mixed']['tokens_per_s']:.2f} | {row['p50_s']:.2f} | "
+                         f"{row['p99_s']:.2f} | "
                          f"{row['forwards']} | {row['most_rows']} |")
         lines.append("")
     if results["rows"].get("memory"):
@@ -444,7 +448,8 @@ def markdown(results: dict[str, Any]) -> str:
             square = "-" if row["square_ratio"] is None else f"{row['square_ratio']:.3f}"
             bank_s = "-" if row["bank_load_s"] is None else f"{row['bank_load_s']:.4f}"
             peft_s = "-" if row["peft_load_s"] is None else f"{row['peft_load_s']:.4f}"
-            lines.append(f"| {row['targets']} | {row['adapters']:,} | {cell(row['singlora_bytes'], row['singlora_measured'])}"
+            lines.append(f"| {row['targets']} | {row['adapters']:,} | "
+                         f"{cell(row['singlora_bytes'], row['singlora_measured'])}"
                          f" | {cell(row['lora_bytes'], row['lora_measured'])} | {row['ratio']:.3f} | "
                          f"{row['singlora_per_adapter']:,} / {row['lora_per_adapter']:,} | {square} | {bank_s} | "
                          f"{peft_s} |")

@@ -1,7 +1,7 @@
 """Unmerged inference overhead: SmolLM2-135M-Instruct with one SingLoRA adapter on all 7 projections (r = 8), eval,
 no gradients, against the base model, in one process, rounds interleaved:
 
-- ``base``: the adapters disabled; ``merged``: ``merge_and_unload()`` of a copy (the floor);
+- ``base``: a copy of the plain model (no wrappers); ``merged``: ``merge_and_unload()`` of a copy (the floor);
 - ``unmerged``: the forward as shipped: each Linear update added into the base output in place
   (``functional.add_factored_update_``, ``layers.IN_PLACE_INFERENCE``);
 - ``unmerged_out_of_place``: the previous forward, ``base(x) + update`` (``IN_PLACE_INFERENCE = False``).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any, Callable
 import torch
 
 from torch_singlora import SingLoRAConfig, get_singlora_model, layers
-from torch_singlora.adapter_file import atomic_write_text
 
 from .measure import interleaved_times, machine_description
+from .serving import write_outputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,7 +46,7 @@ def load_model(quick: bool) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
 
 
-def calls(model: Any, merged: Any, shape: str, quick: bool) -> dict[str, Callable[[], None]]:
+def calls(plain: Any, model: Any, merged: Any, shape: str, quick: bool) -> dict[str, Callable[[], None]]:
     """One timed call per method for ``shape`` (``prefill`` or ``decode``)."""
     from transformers import DynamicCache
 
@@ -71,10 +70,6 @@ def calls(model: Any, merged: Any, shape: str, quick: bool) -> dict[str, Callabl
                 prefix.crop(-1)  # drop the new token: every call sees the same 64-token cache
             return call
 
-    def base() -> None:
-        with model.disable_adapters():
-            run(model)()
-
     def out_of_place() -> None:
         layers.IN_PLACE_INFERENCE = False
         try:
@@ -82,7 +77,7 @@ def calls(model: Any, merged: Any, shape: str, quick: bool) -> dict[str, Callabl
         finally:
             layers.IN_PLACE_INFERENCE = True
 
-    return {"base": base, "merged": run(merged), "unmerged": run(model), "unmerged_out_of_place": out_of_place}
+    return {"base": run(plain), "merged": run(merged), "unmerged": run(model), "unmerged_out_of_place": out_of_place}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -96,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     rounds = 3 if args.quick else args.rounds
     base = load_model(args.quick).eval()
+    plain = copy.deepcopy(base)
     model = get_singlora_model(base, SingLoRAConfig(r=8, alpha=8, target_modules=TARGETS, ramp_up_steps=0,
                                                     init="gaussian", init_std=0.02)).eval()
     merged = copy.deepcopy(model).merge_and_unload().eval()
@@ -103,17 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "machine": machine_description(), "rounds": rounds, "shapes": {}}
     with torch.no_grad():
         for shape in ("prefill", "decode"):
-            times = interleaved_times(calls(model, merged, shape, args.quick), args.warmup, rounds)
+            times = interleaved_times(calls(plain, model, merged, shape, args.quick), args.warmup, rounds)
             medians = {name: statistics.median(t) for name, t in times.items()}
             results["shapes"][shape] = {"median_ms": {k: v * 1e3 for k, v in medians.items()},
                                         "over_base": {k: v / medians["base"] for k, v in medians.items()}}
-    text = markdown(results)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "unmerged_overhead_quick" if args.quick else "unmerged_overhead"
-    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", text + "\n")
+    write_outputs(results, markdown(results), Path(args.out),
+                  "unmerged_overhead_quick" if args.quick else "unmerged_overhead")
     return results
 
 

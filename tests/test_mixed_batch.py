@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_close, dense_update
 from torch import nn
 
@@ -227,3 +226,24 @@ def test_inference_adds_updates_in_place_with_the_same_values(monkeypatch) -> No
     with_grad = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 6 and with_grad.requires_grad
     assert_close(with_grad.detach(), outputs[False][0], dtype=torch.float32)
+
+
+def test_in_place_inference_follows_the_ramp_and_the_config(monkeypatch) -> None:
+    """The in-place path reads ``c = s * u`` as a number, refreshed whenever the step, T or s changes."""
+    layer = nn.Linear(6, 6)
+    model = get_singlora_model(nn.Sequential(layer), SingLoRAConfig(r=2, target_modules=["0"], ramp_up_steps=10,
+                                                                   init="gaussian", init_std=0.5)).eval()
+    x = torch.randn(3, 6)
+    adapter = model.model[0].singlora["default"]
+    A, s = adapter.A.detach(), adapter.scale
+    for step in (5, 10, 2):
+        model.set_ramp_step(step)
+        with torch.no_grad():
+            out = model(x)
+        expected = x.double() @ (layer.weight.double() + dense_update(A, 6, 6, s * min(step / 10, 1.0))).T
+        assert_close(out, expected + layer.bias.double(), dtype=torch.float32)
+    adapter.scale = 3.0  # e.g. a config replaced in place
+    with torch.no_grad():
+        out = model(x)
+    assert_close(out, x.double() @ (layer.weight.double() + dense_update(A, 6, 6, 0.6)).T + layer.bias.double(),
+                 dtype=torch.float32)

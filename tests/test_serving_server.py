@@ -7,13 +7,13 @@ tokenizer keeps it fast; one test serves the real SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -265,6 +265,7 @@ def test_run_time_load_replace_unload_behind_the_key(world) -> None:
         client.completions.create(model="alice", prompt="x")
     listing = httpx.get(f"{admin}/lora_adapters", headers=auth).json()
     assert [a["id"] for a in listing["data"]] == ["bob", "carol"] and listing["resident"] == 2
+    assert set(service.bank.adapters) == {"bob", "carol"}  # both alice versions left the bank
 
 
 def test_classification_server_equals_the_library(tmp_path) -> None:
@@ -280,6 +281,9 @@ def test_classification_server_equals_the_library(tmp_path) -> None:
         ramp_up_steps=0))
     torch.nn.init.normal_(model.model.classifier.copies["default"].weight)
     model.save_adapter(tmp_path / "news")
+    info = {"task": "classification", "method": "singlora", "base_model": "bert", "tokenizer": "bert",
+            "target_modules": ["query", "value"], "labels": ["arts", "sport", "tech"]}  # as singlora train writes
+    (tmp_path / "news" / "run_info.json").write_text(json.dumps(info))
     service = Service(base, tokenizer, name="bert", task="classify")
     service.add_adapter("news", tmp_path / "news")
     server, thread, port = serve_in_thread(create_app(service))
@@ -291,9 +295,10 @@ def test_classification_server_equals_the_library(tmp_path) -> None:
             for item, text in zip(got["data"], texts):
                 expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits[0], -1)
                 assert torch.allclose(torch.tensor(item["probs"]), expected, atol=1e-5)
-                assert item["label"] == base.config.id2label[int(expected.argmax())]
+                assert item["label"] == info["labels"][int(expected.argmax())]
         base_probs = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "bert", "input": texts[0]})
         assert base_probs.json()["data"][0]["probs"] != got["data"][0]["probs"]
+        assert base_probs.json()["data"][0]["label"].startswith("LABEL_")  # the base model's own id2label
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "news", "prompt": "x"}) \
             .status_code == 400
         assert httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", json={"lora_name": "x"}) \

@@ -34,7 +34,8 @@ DEFAULT_MAX_LORA_RANK = 16  # vLLM's --max-lora-rank default
 KIND_NAMES = {"embedding": "an Embedding", "conv": "a convolution", "conv1d_t": "a transformers Conv1D"}
 
 
-def engine_problems(plan: AdapterPlan, *, engine: str = "vllm", max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> list[str]:
+def engine_problems(plan: AdapterPlan, *, engine: str = "vllm",
+                    max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> list[str]:
     """Why ``engine`` could not serve the exact LoRA export of the adapter ``plan`` describes (empty: it can)."""
     if engine not in ENGINES:
         raise SingLoRAError(f"engine={engine!r} must be one of {ENGINES}")
@@ -72,5 +73,6 @@ def check_engine_export(
         plan, where = plan_adapter(base_model, config), str(Path(source))
     problems = engine_problems(plan, engine=engine, max_lora_rank=max_lora_rank)
     if problems:
-        raise SingLoRAError(f"{where} cannot be served by {engine} from its LoRA export:\n  - " + "\n  - ".join(problems))
+        listed = "\n  - ".join(problems)
+        raise SingLoRAError(f"{where} cannot be served by {engine} from its LoRA export:\n  - {listed}")
 

@@ -127,8 +127,11 @@ def add_factored_update_(
     into ``out`` (``addmm_``), saving a pass over the output and its allocation; same products, so exact up to
     float rounding. ``out``: contiguous ``(..., d_out)``, same dtype as ``A``; nothing may need its gradient."""
     At = A.T.contiguous()  # (r, n)
-    h = F.linear(x.reshape(-1, d_in), At[:, :d_in]) * coefficient  # (tokens, r)
-    out.view(-1, d_out).addmm_(h, At[:, :d_out])
+    h = F.linear(x.reshape(-1, d_in), At[:, :d_in])  # (tokens, r)
+    if isinstance(coefficient, Tensor):
+        out.view(-1, d_out).addmm_(h * coefficient, At[:, :d_out])
+    else:  # a Python number: folded into addmm's alpha, one op fewer
+        out.view(-1, d_out).addmm_(h, At[:, :d_out], alpha=coefficient)
     return out
 
 

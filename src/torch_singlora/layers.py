@@ -138,6 +138,19 @@ class SingLoRAAdapter(nn.Module):
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
 
 
+def _inference_coefficient(adapter: SingLoRAAdapter) -> float:
+    """``c = s * u(t)`` as a Python number for the in-place inference path, read from the device only when the
+    ramp step, ``T`` or ``s`` changed since the last call (a decoding step runs each layer's adapter for a few
+    tokens: the three small tensor ops of ``coefficient()`` were a visible share of it)."""
+    step = adapter.ramp_step
+    key = (step.data_ptr(), step._version, adapter.ramp_up_steps, adapter.scale)
+    cached = adapter.__dict__.get("_inference_coefficient")
+    if cached is None or cached[0] != key:
+        cached = (key, float(adapter.coefficient()))
+        adapter.__dict__["_inference_coefficient"] = cached
+    return cached[1]
+
+
 class SingLoRALayer(nn.Module):
     """Wraps ``base_layer`` (Linear, transformers Conv1D, Conv1d/2d, Embedding) with named SingLoRA adapters."""
 
@@ -255,7 +268,7 @@ class SingLoRALayer(nn.Module):
                 adapter = self.singlora[name]
                 if self._accumulates(result, adapter.A.dtype, adapter.dropout):
                     add_factored_update_(result, x.to(adapter.A.dtype), adapter.A, self.d_out, self.d_in,
-                                         adapter.coefficient().to(adapter.A.dtype))
+                                         _inference_coefficient(adapter))
                 else:
                     result = result + self._adapter_output(x, adapter).to(result.dtype)
         return result

@@ -378,7 +378,8 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
             service.release(key)
         if kind == "error":
             raise ApiError(500, str(value), kind="internal_error", code=500)
-        data = [{"index": i, "label": service.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p)}
+        labels = service.labels_for(key)
+        data = [{"index": i, "label": labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p)}
                 for i, p in enumerate(value)]
         return {"id": protocol.new_id("classify"), "object": "list", "created": protocol.now(), "model": body.model,
                 "data": data, "usage": protocol.usage(sum(map(len, sequences)), 0)}

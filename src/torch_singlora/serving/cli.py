@@ -24,6 +24,22 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return name, directory
 
 
+def _trained_labels(args: argparse.Namespace) -> int | None:
+    """The number of classes recorded by ``singlora train`` beside the first adapter given (None if unknown)."""
+    from pathlib import Path
+
+    from ..train.run_folder import read_run_info
+
+    folders = [Path(d) for _, d in args.adapter] + [Path(e.path) for d in args.adapter_dir if Path(d).is_dir()
+                                                    for e in os.scandir(d) if e.is_dir()]
+    for folder in folders:
+        if (folder / "run_info.json").is_file():
+            labels = read_run_info(folder).get("labels")
+            if isinstance(labels, list):
+                return len(labels)
+    return None
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load the model and adapters, then serve until interrupted."""
     try:
@@ -32,17 +48,17 @@ def serve(args: argparse.Namespace) -> None:
         raise SingLoRAError('singlora serve needs FastAPI and uvicorn: pip install "torch-singlora[serve]"') from None
     import torch
 
+    from ..cli import dataclass_from_args
     from .app import create_app
     from .service import Limits, Service
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                    max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
-                    max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_choices=args.max_choices)
+    limits = dataclass_from_args(Limits, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    num_labels = args.num_labels or (_trained_labels(args) if args.task == "classify" else None)
     service = Service.from_folder(args.model, task=args.task, name=args.served_model_name, dtype=dtype,
-                                  num_labels=args.num_labels, limits=limits, max_rank=args.max_rank,
+                                  num_labels=num_labels, limits=limits, max_rank=args.max_rank,
                                   capacity=args.capacity)
     for name, directory in args.adapter:
         service.add_adapter(name, directory)
@@ -60,9 +76,9 @@ def serve(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``singlora serve`` (``cli.EXTERNAL_SUBCOMMANDS``)."""
+    from ..cli import add_dataclass_arguments
     from .service import Limits
 
-    defaults = Limits()
     parser = subparsers.add_parser(
         "serve", help="OpenAI-compatible server: one base model, many SingLoRA adapters, mixed batches",
         description="Serve a local transformers model and SingLoRA adapters with the OpenAI API (/v1/models, "
@@ -83,26 +99,13 @@ def add_parser(subparsers: Any) -> None:
                         "SINGLORA_API_KEY); the admin endpoints are on only with a key")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="base model dtype (adapters stay float32) (default: float32)")
-    parser.add_argument("--num-labels", type=int, default=None, help="classify: number of classes of the head")
+    parser.add_argument("--num-labels", type=int, default=None, help="classify: number of classes of the head "
+                        "(default: from the adapters' run_info.json, written by singlora train)")
     parser.add_argument("--max-rank", type=int, default=None, help="preallocate adapter banks at this rank and "
                         "refuse adapters above it (default: grow as needed)")
     parser.add_argument("--capacity", type=int, default=16, help="adapter slots per layer allocated at start "
                         "(grown when full) (default: 16)")
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                        help=f"rows in one forward (default: {defaults.max_batch_size})")
-    parser.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms,
-                        help=f"an idle server waits this long to batch requests (default: {defaults.batch_window_ms})")
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
-                        help=f"tokens of one prompt (default: {defaults.max_prompt_tokens})")
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
-                        help=f"the most tokens one request may generate (default: {defaults.max_tokens})")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help=f"request body size (default: {defaults.max_body_bytes})")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help=f"requests waiting for a slot before 429s (default: {defaults.max_queue})")
-    parser.add_argument("--max-choices", type=int, default=defaults.max_choices,
-                        help=f"prompts x n of one request, texts of one classify request "
-                        f"(default: {defaults.max_choices})")
+    add_dataclass_arguments(parser, Limits)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     parser.set_defaults(func=serve)

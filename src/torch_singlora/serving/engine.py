@@ -248,7 +248,8 @@ class GenerationEngine(_Worker):
             for old, new in zip(self.cache.layers, cache.layers):
                 old.keys = torch.cat([old.keys, new.keys])
                 old.values = torch.cat([old.values, new.values])
-            self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), F.pad(mask, (length - width, 0))])
+            self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
+                                   F.pad(mask, (length - width, 0))])
         self.rows = self.rows + requests
         self.most_rows = max(self.most_rows, len(self.rows))
         self.last = torch.cat([self.last, self.last.new_zeros(len(requests))])

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,17 +32,21 @@ Task = Literal["generate", "classify"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names and folder names a request may give
 
 
+def _limit(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class Limits:
     """Per-request and engine limits (each a ``singlora serve`` flag)."""
 
-    max_prompt_tokens: int = 2048  # tokens of one prompt
-    max_tokens: int = 512  # the most a request may generate; also the chat default
-    max_batch_size: int = 16  # rows in one forward
-    batch_window_ms: float = 10.0  # an idle engine waits this long for more requests to batch
-    max_body_bytes: int = 1 << 20  # request body
-    max_queue: int = 256  # requests waiting for a batch slot; more get a 429
-    max_choices: int = 16  # prompts x n of one completion request; inputs of one classify request
+    max_prompt_tokens: int = _limit(2048, "tokens of one prompt")
+    max_tokens: int = _limit(512, "the most tokens one request may generate (also the chat default)")
+    max_batch_size: int = _limit(16, "rows in one forward")
+    batch_window_ms: float = _limit(10.0, "an idle server waits this long for more requests to batch")
+    max_body_bytes: int = _limit(1 << 20, "request body size; larger gets a 413")
+    max_queue: int = _limit(256, "requests waiting for a batch slot; more get a 429")
+    max_choices: int = _limit(16, "prompts x n of one completion request, texts of one classify request")
 
 
 class NotFound(SingLoRAError):
@@ -80,6 +84,7 @@ class Service:
         config = getattr(model, "config", None)
         self.max_model_len = getattr(config, "max_position_embeddings", None) or 1 << 30
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if task == "classify" else []
+        self.adapter_labels: dict[str, list[str]] = {}  # bank key -> class names from its run_info.json
         self.stop_token_ids = frozenset(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
 
     @classmethod
@@ -124,9 +129,34 @@ class Service:
         self.check_name(name)
         if name in self.keys:
             raise SingLoRAError(f"adapter name {name!r} is given twice")
+        labels = self._labels(directory)
         self.bank.load(name, directory)
+        self._set_labels(name, labels)
         self.keys[name] = name
         self.versions[name] = 1
+
+    def _labels(self, directory: str | os.PathLike) -> list[str] | None:
+        """A classification adapter's class names, from the ``run_info.json`` ``singlora train`` writes beside it
+        (None if there is none); they must match the head's number of classes."""
+        if self.task != "classify" or not (Path(directory) / "run_info.json").is_file():
+            return None
+        from ..train.run_folder import read_run_info
+
+        labels = read_run_info(directory).get("labels")
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            return None
+        if len(labels) != len(self.labels):
+            raise SingLoRAError(f"{directory}: run_info.json names {len(labels)} classes, the served model's head has "
+                                f"{len(self.labels)} (give --num-labels {len(labels)})")
+        return labels
+
+    def _set_labels(self, key: str, labels: list[str] | None) -> None:
+        if labels is not None:
+            self.adapter_labels[key] = labels
+
+    def labels_for(self, key: str) -> list[str]:
+        """The class names of bank key ``key`` (its own, else the base model's ``id2label``)."""
+        return self.adapter_labels.get(key, self.labels)
 
     def find_folder(self, folder_name: str) -> Path:
         """The sub-folder called ``folder_name`` of an adapter dir: names are compared with the listings."""
@@ -157,7 +187,7 @@ class Service:
             del self.inflight[key]
             if key in self.retired:
                 self.retired.discard(key)
-                self.engine.run_in_worker(lambda: self.bank.unload(key))
+                self._unload(key)
 
     async def load_runtime(self, name: str, folder_name: str | None, replace: bool) -> None:
         """Load adapter ``name`` from adapter-dir sub-folder ``folder_name`` (default: ``name``) while serving."""
@@ -169,7 +199,9 @@ class Service:
         folder = self.find_folder(folder_name or name)
         self.versions[name] += 1
         key = name if self.versions[name] == 1 else f"{name}@{self.versions[name]}"
+        labels = self._labels(folder)
         await asyncio.wrap_future(self.engine.run_in_worker(lambda: self.bank.load(key, folder)))
+        self._set_labels(key, labels)
         old = self.keys.get(name)
         self.keys[name] = key
         if old is not None:
@@ -186,7 +218,11 @@ class Service:
             self.retired.add(key)
         else:
             self.inflight.pop(key, None)
-            self.engine.run_in_worker(lambda: self.bank.unload(key))
+            self._unload(key)
+
+    def _unload(self, key: str) -> None:
+        self.adapter_labels.pop(key, None)
+        self.engine.run_in_worker(lambda: self.bank.unload(key))
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
