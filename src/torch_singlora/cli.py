@@ -54,7 +54,8 @@ def add_dataclass_arguments(parser: Any, cls: type, *, suppress: bool = False, s
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=help_text, **extra)
             continue
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        parser.add_argument(*names, type=base, help=f"{help_text} (default: {default})", **extra)
+        shown = "" if default is None and "default:" in help_text else f" (default: {default})"  # said in the help
+        parser.add_argument(*names, type=base, help=f"{help_text}{shown}", **extra)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
