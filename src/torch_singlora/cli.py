@@ -242,16 +242,19 @@ def _add_merge(subparsers: Any) -> None:
 
 
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
-           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False) -> Path:
+           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False,
+           save_dtype: str | None = None) -> Path:
     """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``; ``output`` under the
     output-folder policy, as ``merge``); with ``engine``, first refuse what that serving engine could not load
-    (``torch_singlora.engines``)."""
+    (``torch_singlora.engines``). ``save_dtype``: storage dtype of the factors, every format (None: float32)."""
+    from .adapter_file import storage_dtype
     from .atomic import check_output_folder
     from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
     from .train.registry import get_task
 
+    dtype = storage_dtype(save_dtype)  # checked before anything loads
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
@@ -263,7 +266,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
         raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
-    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite)
+    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite, dtype=dtype)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
     return written
@@ -278,8 +281,13 @@ def _add_export(subparsers: Any) -> None:
                         "ranks above --max-lora-rank) before writing anything")
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
+    parser.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="storage dtype of the exported factors, every --format (as train --save-dtype): "
+                        "float32 (default, exact), bfloat16 or float16 (half the file; values beyond float16's "
+                        "range are refused, nothing written)")
     parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
-                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite))
+                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite,
+                                              save_dtype=a.save_dtype))
 
 
 def _add_inspect(subparsers: Any) -> None:
