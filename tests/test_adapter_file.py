@@ -170,7 +170,9 @@ def test_written_files_and_folders_honour_the_umask(tmp_path: Path) -> None:
         assert {mode(p) for p in directory.iterdir()} == {0o644}
         with atomic_directory(tmp_path / "merged") as tmp:
             (tmp / "config.json").write_text("{}")
-        assert mode(tmp_path / "merged") == 0o755 and mode(tmp_path / "merged" / "config.json") == 0o644
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # as save_pretrained: safetensors makes it 0600
+        assert mode(tmp_path / "merged") == 0o755
+        assert mode(tmp_path / "merged" / "config.json") == mode(tmp_path / "merged" / "model.safetensors") == 0o644
         os.umask(0o077)
         atomic_write_text(tmp_path / "private.txt", "x")
         assert mode(tmp_path / "private.txt") == 0o600

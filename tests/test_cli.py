@@ -273,6 +273,16 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out
     assert "| first " in table and "| second " in table and "accuracy" in table
     assert (tmp_path / "both.png").stat().st_size > 1000
+    # an output file the user has is replaced only with --overwrite (report --plot, evaluate --output)
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    evaluate = ["evaluate", str(tmp_path / "a" / "adapter"), "--data", str(assets["eval"]), "--output", str(notes)]
+    for command in (["report", str(tmp_path / "a"), "--plot", str(notes)], evaluate):
+        assert main(command) == 2
+        assert f"{str(notes)!r} exists; --overwrite replaces it" in capsys.readouterr().err
+        assert notes.read_text() == "mine"
+    assert main(["report", str(tmp_path / "a"), "--plot", str(notes), "--overwrite"]) == 0
+    assert notes.read_bytes().startswith(b"\x89PNG")
     pytest.importorskip("torch_singlora.export")
     assert main(["export", str(tmp_path / "a" / "adapter"), str(tmp_path / "lora"), "--quiet"]) == 0
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
@@ -349,6 +359,69 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """Ctrl-C in `singlora train`: no traceback, exit 130, one line saying how to continue; --resume finishes."""
+    import torch_singlora.train.loop as loop
+
+    after_step = loop.after_step
+
+    def interrupted_at_step_2(run, loss):
+        after_step(run, loss)
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "after_step", interrupted_at_step_2)
+    args = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--output-dir",
+            str(tmp_path / "run"), "--quiet", "--max-steps", "3", "--save-every", "1", "--target-modules", "query"]
+    capsys.readouterr()
+    assert main(args) == 130
+    error = capsys.readouterr().err
+    assert error.strip() == (f"singlora train: interrupted; {tmp_path / 'run' / 'checkpoint.pt'} holds the last "
+                             "checkpoint: the same command with --resume continues from it")
+    monkeypatch.setattr(loop, "after_step", after_step)
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    with pytest.raises(SystemExit):  # an unknown flag is reported under the subcommand's usage
+        main(["inspect", str(tmp_path / "run" / "adapter"), "--verbose"])
+    error = capsys.readouterr().err
+    assert "usage: singlora inspect" in error and "singlora inspect: error: unrecognized arguments: --verbose" in error
+
+
+def test_the_head_the_adapter_replaces_is_not_reported_newly_initialized(assets: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """transformers reports the classification head as "newly initialized" whenever a base model is loaded for
+    classification; `singlora evaluate` then loads the trained head from the adapter: that report alone is held
+    back, and any other missing weight is still reported."""
+    import logging
+
+    from torch_singlora.train.pretrained import from_pretrained
+    from torch_singlora.train.tasks import HEAD_NAMES
+
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # `singlora train --quiet` (in _train) leaves transformers at ERROR
+    try:
+        _train(assets, tmp_path / "run", "--max-steps", "1")
+        reports.clear()
+        assert main(["evaluate", str(tmp_path / "run" / "adapter"), "--data", str(assets["eval"]), "--quiet"]) == 0
+        assert reports == []
+        kind = transformers.AutoModelForSequenceClassification
+        from_pretrained(kind, str(assets["bert"]), num_labels=3)  # the control: transformers reports the head
+        assert len(reports) == 1 and "classifier.weight" in reports[0] and "MISSING" in reports[0]
+        from_pretrained(kind, str(assets["bert"]), num_labels=3, new_modules=HEAD_NAMES)
+        assert len(reports) == 1
+        from_pretrained(kind, str(assets["llama"]), num_labels=3, new_modules=("classifier",))  # a "score" head
+        assert len(reports) == 2 and "score.weight" in reports[1]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     _train(assets, tmp_path / "run", "--max-steps", "1")
@@ -358,6 +431,13 @@ def test_evaluate_refuses_unknown_labels_and_paths(assets: dict[str, Path], tmp_
     assert "'weather'" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    # the run's output folder where its adapter folder belongs: every command says where the adapter is
+    run, hint = tmp_path / "run", f"its adapter folder is {tmp_path / 'run' / 'adapter'}"
+    for command in (["evaluate", str(run), "--data", str(bad)], ["merge", str(run), str(tmp_path / "m")],
+                    ["export", str(run), str(tmp_path / "e")], ["inspect", str(run)],
+                    ["train", "--model", str(run), "--train-data", str(bad), "--output-dir", str(tmp_path / "t")]):
+        assert main(command) == 2
+        assert hint in capsys.readouterr().err, command
 
 
 def test_real_minilm_few_steps_on_bbc_news(tmp_path: Path) -> None:

@@ -50,6 +50,18 @@ def test_dreambooth_then_eval_from_the_command_line(tmp_path, capsys):
     assert json.loads((tmp_path / "gen" / "prompts.json").read_text()) == {
         "prompt000_00.png": "a photo of sks dog", "prompt000_01.png": "a photo of sks dog"}
 
+    # a rerun never replaces what the user has without --overwrite: the scores file, a folder of other files
+    rerun = ["dreambooth-eval", "--pretrained-model", str(tmp_path / "model"), "--prompt", "a photo of sks dog",
+             "--num-images", "1", "--inference-steps", "1", "--resolution", "16",
+             "--reference", str(tmp_path / "subject"), "--dino-model", dino, "--clip-model", clip]
+    before = (tmp_path / "scores.json").read_text()
+    assert main([*rerun, "--generated", str(tmp_path / "gen"), "--output", str(tmp_path / "scores.json")]) == 2
+    assert "--overwrite replaces it" in capsys.readouterr().err and (tmp_path / "scores.json").read_text() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"not ours")
+    assert main([*rerun, "--generated", str(tmp_path / "mine")]) == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "mine" / "photo.png").read_bytes() == b"not ours"
+
     # scoring the existing folder with its prompts.json gives the same numbers
     assert main(["dreambooth-eval", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "subject"),
                  "--dino-model", dino, "--clip-model", clip, "--output", str(tmp_path / "again.json")]) == 0

@@ -163,3 +163,45 @@ def test_gguf_from_adapter_directory_equals_from_model(tmp_path) -> None:
     assert fields_a["adapter.lora.alpha"] == fields_b["adapter.lora.alpha"] and set(tensors_a) == set(tensors_b)
     for name, tensor in tensors_a.items():
         torch.testing.assert_close(_values(tensors_b[name]), _values(tensor), atol=1e-6, rtol=1e-6)
+
+
+def test_singlora_export_save_dtype_float16_gguf(tmp_path, capsys) -> None:
+    """``singlora export --format gguf --save-dtype float16`` (the flag of every format, as train's): the lora
+    tensors read back with gguf's reader are F16 and equal the float32 export rounded to float16; a PEFT export
+    with the flag stores F16 safetensors; an unknown dtype is refused before anything is read."""
+    import json
+
+    from safetensors import safe_open
+
+    from torch_singlora.cli import main
+
+    _tiny_llama().save_pretrained(tmp_path / "base")
+    model = _adapted(target_modules=["q_proj", "v_proj"], rank_pattern={})
+    model.save_adapter(tmp_path / "adapter")
+    (tmp_path / "adapter" / "run_info.json").write_text(json.dumps({
+        "task": "causal-lm", "method": "singlora", "base_model": str(tmp_path / "base"),
+        "tokenizer": str(tmp_path / "base"), "target_modules": ["q_proj", "v_proj"]}))
+    export = ["export", str(tmp_path / "adapter"), "--format", "gguf", "--quiet"]
+    assert main(export[:2] + [str(tmp_path / "f32")] + export[2:]) == 0
+    assert main(export[:2] + [str(tmp_path / "f16")] + export[2:] + ["--save-dtype", "float16"]) == 0
+    (fields32, tensors32), (fields16, tensors16) = (_read(tmp_path / name / "adapter_model.gguf")
+                                                    for name in ("f32", "f16"))
+    assert fields16["adapter.lora.alpha"] == fields32["adapter.lora.alpha"]
+    assert set(tensors16) == set(tensors32) and len(tensors16) == 8  # 2 layers x (q, v) x (lora_a, lora_b)
+    for name, tensor in tensors16.items():
+        assert tensors32[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F16, name
+        assert torch.equal(_values(tensor), _values(tensors32[name]).float().half().double()), name
+
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "peft16"), "--save-dtype", "float16",
+                 "--quiet"]) == 0
+    with safe_open(str(tmp_path / "peft16" / "adapter_model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(export[:2] + [str(tmp_path / "bad")] + export[2:] + ["--save-dtype", "int8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "singlora export: error: argument --save-dtype: invalid choice: 'int8' (choose from " in err
+    assert all(name in err.split("choose from")[1] for name in ("float32", "bfloat16", "float16"))
+    assert not (tmp_path / "bad").exists()

@@ -203,7 +203,36 @@ def test_bbc_instructions_are_built_from_the_real_articles(tmp_path) -> None:
     assert bbc_instructions("headline", words=10_000) == (train, test)  # a fixed split
     assert main(["section", str(tmp_path), "--max-test", "7"]) == 0
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 7
-    with pytest.raises(SystemExit, match="exist; --overwrite replaces them"):
-        main(["section", str(tmp_path)])
+    assert main(["section", str(tmp_path)]) == 2  # nothing replaced silently (test_examples_command_...)
     conversations, fmt = read_conversations(tmp_path / "train.jsonl")
     assert fmt == "messages" and len(conversations) == 1647
+
+
+def test_examples_command_keeps_files_and_reports_unwritable_places_in_one_line(tmp_path, capsys) -> None:
+    """``python -m torch_singlora.llm.examples``: the output-file policy (an existing train/test.jsonl is replaced only
+    with --overwrite, checked before anything is written; other files stay) and a one-line error naming the path,
+    exit 2, where the folder cannot be made (under a regular file: root ignores permission bits)."""
+    from torch_singlora.llm.examples import main
+
+    prog = "python -m torch_singlora.llm.examples: error: "
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    (data / "test.jsonl").write_text("user's\n")
+    assert main(["section", str(data), "--max-train", "3", "--max-test", "2"]) == 2
+    assert capsys.readouterr().err == f"{prog}output {str(data / 'test.jsonl')!r} exists; --overwrite replaces it\n"
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "test.jsonl"]  # train.jsonl not written either
+    assert (data / "test.jsonl").read_text() == "user's\n"
+    assert main(["section", str(data), "--max-train", "3", "--max-test", "2", "--overwrite"]) == 0
+    assert capsys.readouterr().out == f"{data / 'train.jsonl'}: 3 examples\n{data / 'test.jsonl'}: 2 examples\n"
+    assert [len(read_conversations(data / f"{n}.jsonl")[0]) for n in ("train", "test")] == [3, 2]
+    assert (data / "notes.txt").read_text() == "mine"
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["section", str(blocker / "sub")]) == 2
+    assert capsys.readouterr().err == (f"{prog}output folder {str(blocker / 'sub')!r}: cannot create it: Not a "
+                                       "directory\n")
+    assert main(["section", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"{prog}output folder {str(blocker)!r} exists and is not a folder\n"
+    assert blocker.read_text() == "x"

@@ -114,6 +114,34 @@ def test_adapter_merged_and_peft_export_generate_the_same(folders, base_chat) ->
         load_chat_model(str(folders / "adapter"))
 
 
+def test_a_peft_lora_for_another_model_is_a_one_line_error_naming_adapter(folders, smollm2_tokenizer, tmp_path,
+                                                                         capsys) -> None:
+    """PEFT's load failures (target modules the base lacks: NoMatchingPeftModuleError; same names, other shapes: a
+    multi-line RuntimeError) become one SingLoRAError naming --adapter and the folder, exit 2, no traceback."""
+    from peft import LoraConfig, get_peft_model
+
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=32))
+    get_peft_model(bert, LoraConfig(r=2, target_modules=["query", "value"])).save_pretrained(tmp_path / "bert_lora")
+    save_tiny_chat_llama(tmp_path / "wide", smollm2_tokenizer, hidden_size=32, intermediate_size=64)
+    wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "wide")
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "wide_lora")
+    capsys.readouterr()
+    for command in ("generate", "chat"):
+        prompts = ["Hi"] if command == "generate" else []
+        assert main([command, str(folders / "base"), *prompts, "--adapter", str(tmp_path / "bert_lora")]) == 2
+        err = capsys.readouterr().err[:-1].split("\n")[-1]  # after the base model's loading progress bar
+        assert err.startswith(f"singlora {command}: error: --adapter {str(tmp_path / 'bert_lora')!r}: PEFT cannot "
+                              "load this LoRA onto the base model (is it a LoRA for another model?): ")
+        assert "NoMatchingPeftModuleError: Target modules {" in err and "} not found in the base model." in err
+    with pytest.raises(SingLoRAError) as caught:
+        load_chat_model(str(folders / "base"), str(tmp_path / "wide_lora"))
+    message = str(caught.value)
+    assert message.startswith(f"--adapter {str(tmp_path / 'wide_lora')!r}: PEFT cannot load this LoRA onto the base "
+                              "model (is it a LoRA for another model?): RuntimeError: Error(s) in loading state_dict")
+    assert "\n" not in message and "size mismatch for base_model.model.model.layers.0.self_attn.q_proj" in message
+
+
 def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys) -> None:
     out = tmp_path / "answers.jsonl"
     assert main(["generate", str(folders / "base"), "Hi", "Capital of France?", "--max-new-tokens", "5",

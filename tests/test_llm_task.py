@@ -92,6 +92,7 @@ def test_evaluate_base_model_and_adapter(run, tmp_path) -> None:
     for key in ("eval_loss", "exact_match", "rouge_l", "samples"):
         assert base[key] == pytest.approx(summary["base"][key]) if key != "samples" else base[key] == summary[
             "base"][key]
+    out = tmp_path / "adapter.json"  # a new file: evaluate --output replaces an existing one only with --overwrite
     assert main(["evaluate", str(run / "run" / "adapter"), "--data", str(run / "test.jsonl"), "--output", str(out),
                  "--quiet"]) == 0
     assert json.loads(out.read_text())["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)

@@ -52,3 +52,25 @@ def test_singlora_export_for_vllm_refuses_before_writing(tmp_path, capsys) -> No
                  "16", "--quiet"]) == 0
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert written["r"] == 16 and not written.get("modules_to_save")
+
+
+def test_singlora_export_for_vllm_prints_every_problem_on_one_line(tmp_path, capsys) -> None:
+    """cli.main prints an error as one line (escaping control characters): the problems are joined by "; ", not by
+    line breaks that would reach the terminal as a literal backslash-n."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    config = SingLoRAConfig(r=32, target_modules=["embed_tokens", "q_proj"], ramp_up_steps=0)
+    get_singlora_model(tiny_llama(), config).save_adapter(tmp_path / "adapter")
+    info = {"task": "causal-lm", "method": "singlora", "base_model": str(tmp_path / "base"),
+            "tokenizer": str(tmp_path / "base"), "target_modules": config.target_modules}
+    (tmp_path / "adapter" / "run_info.json").write_text(json.dumps(info))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "out"), "--for", "vllm"]) == 2
+    err = capsys.readouterr().err  # the base model's loading progress bar, then the error line
+    assert err.endswith("\n")
+    err = err[:-1].split("\n")[-1]
+    assert "\\n" not in err
+    assert err.startswith(f"singlora export: error: {tmp_path / 'adapter'} cannot be served by vllm from its LoRA "
+                          "export: module 'model.embed_tokens' is an Embedding: vllm serves LoRA on linear layers "
+                          "only (leave it out of target_modules); rank 32 (module ")
+    assert "exceeds --max-lora-rank 16: start vllm with --max-lora-rank 32 or more" in err
+    assert not (tmp_path / "out").exists()

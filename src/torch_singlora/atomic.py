@@ -3,6 +3,7 @@
 - ``atomic_write`` / ``atomic_write_text``: a temp file beside the target, fsynced, renamed over it. A crash leaves
   the old file or the new one, never a torn one.
 - ``atomic_directory``: a temp folder beside the target, filled, then swapped in by two renames.
+- ``check_output_file``: an existing file named by an output flag is replaced only with ``--overwrite``.
 - ``output_folder``: ``atomic_directory`` behind the one output-folder policy every command that writes a folder
   uses (``check_output_folder``): a non-empty target that is not this command's own previous output is refused,
   naming what is there, unless ``overwrite=True``; a folder holding the command's own input is never replaced.
@@ -43,6 +44,20 @@ def _temp_path(path: Path, make: Callable[[Path], None]) -> Path:
 
 def _create_file(candidate: Path) -> None:
     os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 less the umask
+
+
+def _ordinary_file_modes(folder: Path) -> None:
+    """Give every plain file under ``folder`` the mode ``open(path, "w")`` would (0o666 less the umask, measured on
+    a probe file): writers such as safetensors' ``save_file`` (used by ``save_pretrained``) create theirs 0600."""
+    probe = _temp_path(folder / "mode", _create_file)
+    mode = stat.S_IMODE(os.stat(probe).st_mode)
+    probe.unlink()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and not info.st_mode & 0o111:  # executables and links keep theirs
+                os.chmod(path, mode)
 
 
 def _keep_mode(source: Path, target: Path) -> None:
@@ -137,6 +152,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise SingLoRAError(f"{path}: cannot write: {exc.strerror}") from exc
     try:
         yield tmp
+        _ordinary_file_modes(tmp)
         old = path.parent / f"{tmp.name}.old" if path.exists() else None
         if old is not None:
             os.replace(path, old)
@@ -244,6 +260,15 @@ def check_output_folder(
     raise SingLoRAError(f"output folder {path} is not empty and is not the output of an earlier `singlora {command}` "
                         f"(it holds {listed}); choose a new folder, or pass --overwrite (overwrite=True) to replace "
                         "it and everything in it")
+
+
+def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = False) -> None:
+    """The output-file policy (``evaluate --output``, ``report --plot``, ``generate --output``...): an existing
+    ``path`` is the user's and is replaced only with ``overwrite`` (``--overwrite``); a folder never is."""
+    if os.path.isdir(path):
+        raise SingLoRAError(f"{flag} {str(path)!r} is a folder: give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise SingLoRAError(f"{flag} {str(path)!r} exists; --overwrite replaces it")
 
 
 @contextlib.contextmanager

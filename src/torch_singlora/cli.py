@@ -54,7 +54,8 @@ def add_dataclass_arguments(parser: Any, cls: type, *, suppress: bool = False, s
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=help_text, **extra)
             continue
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        parser.add_argument(*names, type=base, help=f"{help_text} (default: {default})", **extra)
+        shown = "" if default is None and "default:" in help_text else f" (default: {default})"  # said in the help
+        parser.add_argument(*names, type=base, help=f"{help_text}{shown}", **extra)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
@@ -124,14 +125,18 @@ def _add_train(subparsers: Any) -> None:
 
 def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: str | None = None,
              options: dict[str, Any] | None = None, batch_size: int = 32, encoding: str | None = None,
-             output: str | None = None, quiet: bool = False) -> dict[str, Any]:
+             output: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Metrics of a trained output folder (``<output-dir>/adapter``) on ``data`` (same formats as training), or of
-    a base model (``model`` + ``task``, no adapter) where the task can evaluate one (``Task.base_info``)."""
+    a base model (``model`` + ``task``, no adapter) where the task can evaluate one (``Task.base_info``).
+    ``output``: also write them there (an existing file only with ``overwrite``)."""
     from torch.utils.data import DataLoader
 
+    from .atomic import atomic_write_text, check_output_file
     from .train.run_folder import load_trained
     from .train.registry import get_task
 
+    if output:
+        check_output_file(output, flag="--output", overwrite=overwrite)
     if adapter is not None:
         if task is not None or options:
             raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
@@ -151,8 +156,6 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     metrics = the_task.evaluate(trained, loader, dataset=dataset, tokenizer=tokenizer, info=info)
     metrics["examples"] = len(dataset)
     if output:
-        from .atomic import atomic_write_text
-
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if not quiet:
         print(json.dumps(metrics, indent=2))
@@ -170,11 +173,12 @@ def _add_evaluate(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, else latin-1)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     parser.add_argument("--quiet", action="store_true")
     add_task_options(parser)
     parser.set_defaults(func=lambda a: evaluate(
         a.adapter, a.data, model=a.model, task=a.task, options=task_options(a, a.task or ""),
-        batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet))
+        batch_size=a.batch_size, encoding=a.encoding, output=a.output, quiet=a.quiet, overwrite=a.overwrite))
 
 
 def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = False,
@@ -238,16 +242,19 @@ def _add_merge(subparsers: Any) -> None:
 
 
 def export(adapter: str, output: str, *, format: str = "peft", model: str | None = None, quiet: bool = False,
-           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False) -> Path:
+           engine: str | None = None, max_lora_rank: int | None = None, overwrite: bool = False,
+           save_dtype: str | None = None) -> Path:
     """Write a SingLoRA adapter as an exact plain LoRA (``torch_singlora.export.export_lora``; ``output`` under the
     output-folder policy, as ``merge``); with ``engine``, first refuse what that serving engine could not load
-    (``torch_singlora.engines``)."""
+    (``torch_singlora.engines``). ``save_dtype``: storage dtype of the factors, every format (None: float32)."""
+    from .adapter_file import storage_dtype
     from .atomic import check_output_folder
     from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
     from .train.run_folder import read_run_info
     from .train.registry import get_task
 
+    dtype = storage_dtype(save_dtype)  # checked before anything loads
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
@@ -259,7 +266,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
         raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
-    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite)
+    written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite, dtype=dtype)
     if not quiet:
         print(f"plain LoRA ({format}) written to {written}")
     return written
@@ -274,8 +281,13 @@ def _add_export(subparsers: Any) -> None:
                         "ranks above --max-lora-rank) before writing anything")
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
+    parser.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="storage dtype of the exported factors, every --format (as train --save-dtype): "
+                        "float32 (default, exact), bfloat16 or float16 (half the file; values beyond float16's "
+                        "range are refused, nothing written)")
     parser.set_defaults(func=lambda a: export(a.adapter, a.output, format=a.format, model=a.model, quiet=a.quiet,
-                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite))
+                                              engine=a.engine, max_lora_rank=a.max_lora_rank, overwrite=a.overwrite,
+                                              save_dtype=a.save_dtype))
 
 
 def _add_inspect(subparsers: Any) -> None:
@@ -284,18 +296,29 @@ def _add_inspect(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args: argparse.Namespace) -> None:
+        from .adapter_file import CONFIG_FILE
         from .inspection import format_inspection, inspect_adapter
+        from .train.run_folder import run_folder_hint
 
+        hint = run_folder_hint(args.adapter)
+        if hint and not (Path(args.adapter) / CONFIG_FILE).exists():
+            raise SingLoRAError(f"{args.adapter}: not an adapter folder{hint}")
         report = inspect_adapter(args.adapter)
         print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 
     parser.set_defaults(func=run)
 
 
-def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | None = None) -> str:
-    """Summary table of finished runs (their output folders), and optionally their curves side by side."""
+def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | None = None,
+           overwrite: bool = False) -> str:
+    """Summary table of finished runs (their output folders), and optionally their curves side by side in the PNG
+    ``plot`` (an existing file only with ``overwrite``)."""
     from .train.metrics import read_summary, summary_table
 
+    if plot:
+        from .atomic import check_output_file
+
+        check_output_file(plot, flag="--plot", overwrite=overwrite)
     summaries = [read_summary(run) for run in runs]
     if names:
         for summary, name in zip(summaries, names):
@@ -313,7 +336,8 @@ def _add_report(subparsers: Any) -> None:
     parser = subparsers.add_parser("report", help="compare finished runs: a table and side-by-side curves")
     parser.add_argument("runs", nargs="+", help="output folders of `singlora train`")
     parser.add_argument("--plot", default=None, help="write the curves of all runs to this PNG")
-    parser.set_defaults(func=lambda a: report(a.runs, a.plot))
+    parser.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
+    parser.set_defaults(func=lambda a: report(a.runs, a.plot, overwrite=a.overwrite))
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------
@@ -330,15 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in EXTERNAL_SUBCOMMANDS:
         if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) and importlib.util.find_spec(module_name):
             importlib.import_module(module_name).add_parser(subparsers)
+    parser.set_defaults(subcommand_parsers=subparsers.choices)  # for errors under the subcommand's usage
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line printed when Ctrl-C stops a command; for ``train``, how to continue."""
+    if args.command != "train":
+        return f"singlora {args.command}: interrupted"
+    from .train.run_folder import CHECKPOINT_FILE
+
+    checkpoint = Path(args.output_dir) / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        return (f"singlora train: interrupted; {checkpoint} holds the last checkpoint: the same command with "
+                "--resume continues from it")
+    return "singlora train: interrupted before its first checkpoint (--save-every): nothing to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 on a user-input error)."""
+    """Run the command line; returns the exit status (0, 2 on a user-input error, 130 on Ctrl-C)."""
     from .integrations.quantized import quiet_bitsandbytes
 
     quiet_bitsandbytes()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them under the top-level usage, not the subcommand's
+        args.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except SingLoRAError as exc:
@@ -346,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -165,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(side_by_side(summaries))
     from .cli import main as cli_main
 
-    print(f"\n$ singlora report {runs['singlora']} {runs['lora']} --plot {output / 'curves.png'}")
-    status = cli_main(["report", str(runs["singlora"]), str(runs["lora"]), "--plot", str(output / "curves.png")])
+    print(f"\n$ singlora report {runs['singlora']} {runs['lora']} --plot {output / 'curves.png'} --overwrite")
+    status = cli_main(["report", str(runs["singlora"]), str(runs["lora"]), "--plot", str(output / "curves.png"),
+                       "--overwrite"])
     print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s (both runs side by side, one thread each)")
     print(f"talk to the tuned model: singlora chat {runs['singlora'] / 'adapter'}")
     return status

@@ -50,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = run_side_by_side(commands, runs, math.ceil((args.max_train_samples or 1781) / 16), started)
     if status:
         return status
-    print(f"\n$ singlora report {runs['singlora']} {runs['lora']} --plot {output / 'curves.png'}")
-    status = cli_main(["report", str(runs["singlora"]), str(runs["lora"]), "--plot", str(output / "curves.png")])
+    print(f"\n$ singlora report {runs['singlora']} {runs['lora']} --plot {output / 'curves.png'} --overwrite")
+    status = cli_main(["report", str(runs["singlora"]), str(runs["lora"]), "--plot", str(output / "curves.png"),
+                       "--overwrite"])
     print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s (both runs side by side, one thread each)")
     return status
 

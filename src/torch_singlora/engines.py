@@ -59,7 +59,8 @@ def check_engine_export(
     source: Union[SingLoRAModel, str, os.PathLike], base_model: nn.Module | None = None, *, engine: str = "vllm",
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK, adapter_name: str | None = None,
 ) -> None:
-    """Raise ``SingLoRAError`` listing every reason ``engine`` could not load the exported adapter: ``source`` is a
+    """Raise ``SingLoRAError`` listing every reason ``engine`` could not load the exported adapter (one line, the
+    reasons joined by "; ": the command line prints an error as one line): ``source`` is a
     ``SingLoRAModel`` (``adapter_name``, default the first active) or an adapter folder read against
     ``base_model``. Reads configs only; writes nothing."""
     if isinstance(source, SingLoRAModel):
@@ -73,6 +74,5 @@ def check_engine_export(
         plan, where = plan_adapter(base_model, config), str(Path(source))
     problems = engine_problems(plan, engine=engine, max_lora_rank=max_lora_rank)
     if problems:
-        listed = "\n  - ".join(problems)
-        raise SingLoRAError(f"{where} cannot be served by {engine} from its LoRA export:\n  - {listed}")
+        raise SingLoRAError(f"{where} cannot be served by {engine} from its LoRA export: {'; '.join(problems)}")
 

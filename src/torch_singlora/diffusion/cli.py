@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text, check_output_file, output_folder
 from ..errors import SingLoRAError
 
 
@@ -79,11 +80,15 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     from .metrics import fidelity_scores
 
     generated = Path(args.generated)
+    if args.output:
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
     if args.pretrained_model is not None:
         if args.prompt is None:
             raise SingLoRAError("--pretrained-model samples images first: give --prompt")
-        generate_images(args.pretrained_model, args.adapter, [args.prompt], generated, num_images=args.num_images,
-                        seed=args.seed, steps=args.inference_steps, resolution=args.resolution)
+        inputs = [p for p in (args.pretrained_model, args.adapter, args.reference) if p is not None]
+        with output_folder(generated, command="dreambooth-eval", inputs=inputs, overwrite=args.overwrite) as tmp:
+            generate_images(args.pretrained_model, args.adapter, [args.prompt], tmp, num_images=args.num_images,
+                            seed=args.seed, steps=args.inference_steps, resolution=args.resolution)
     elif args.adapter is not None:
         raise SingLoRAError("--adapter needs --pretrained-model (the base it was trained on)")
     if not generated.is_dir():
@@ -101,8 +106,6 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
-        from ..atomic import atomic_write_text
-
         atomic_write_text(args.output, text + "\n")
 
 
@@ -122,6 +125,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dino-model", help="local DINO/ViT model folder (DINO score)")
     parser.add_argument("--clip-model", help="local CLIP model folder (CLIP-I, CLIP-T)")
     parser.add_argument("--output", help="write the scores as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file, and a "
+                        "--generated folder holding other files than an earlier dreambooth-eval's samples")
     parser.add_argument("--pretrained-model", help="sample --num-images for --prompt from this diffusers folder first")
     parser.add_argument("--adapter", help="SingLoRA adapter folder to apply when sampling")
     parser.add_argument("--num-images", type=int, default=4)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any
 
+from ..atomic import atomic_write_text, check_output_file
 from ..errors import SingLoRAError
 
 
@@ -66,8 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if bool(args.prompts) == bool(args.prompts_file):
         raise SingLoRAError("give prompts as arguments or --prompts-file FILE (one of the two)")
-    if args.output and os.path.lexists(args.output) and not args.overwrite:
-        raise SingLoRAError(f"--output {args.output!r} exists; --overwrite replaces it")
+    if args.output:
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
     options = _options(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [
         ([{"role": "user", "content": text}], None) for text in args.prompts]
@@ -82,8 +82,6 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
         records.append(record)
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if args.output:
-        from ..atomic import atomic_write_text
-
         atomic_write_text(args.output, text)
         print(f"{len(records)} answers written to {args.output}", file=sys.stderr)
     else:

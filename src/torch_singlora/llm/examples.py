@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,16 +102,39 @@ def bbc_instructions(task: str = "section", *, words: int = 60, test_fraction: f
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    from ..adapter_file import atomic_write_text
+    """Write ``rows`` as JSON lines to ``path`` atomically (an I/O failure: ``SingLoRAError`` naming ``path``)."""
+    from ..atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)
 
 
+def write_examples(output_dir: str | Path, rows: dict[str, Sequence[dict]], *, overwrite: bool = False
+                   ) -> list[Path]:
+    """Write ``<output_dir>/<name>.jsonl`` for each ``name, rows`` under the output-file policy: an existing file is
+    replaced only with ``overwrite``, checked for every file before anything is written; an unwritable place is a
+    ``SingLoRAError`` naming the path. Other files in ``output_dir`` are left alone."""
+    from ..atomic import check_output_file
+
+    output = Path(output_dir)
+    paths = [output / f"{name}.jsonl" for name in rows]
+    for path in paths:
+        check_output_file(path, flag="output", overwrite=overwrite)
+    if output.exists() and not output.is_dir():
+        raise SingLoRAError(f"output folder {str(output)!r} exists and is not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SingLoRAError(f"output folder {str(output)!r}: cannot create it: {exc.strerror or exc}") from exc
+    return [write_jsonl(path, examples) for path, examples in zip(paths, rows.values())]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_singlora.llm.examples", description=__doc__.split("\n\n")[0])
+    """The command line; returns the exit status (0, or 2 with a one-line error on stderr)."""
+    prog = "python -m torch_singlora.llm.examples"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=TASKS)
-    parser.add_argument("output_dir", help="writes train.jsonl and test.jsonl here")
+    parser.add_argument("output_dir", help="writes train.jsonl and test.jsonl here (other files there are kept)")
     parser.add_argument("--words", type=int, default=60, help="words of each article shown (default: 60)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--max-train", type=int, default=0, help="keep at most this many training rows (0 = all)")
@@ -118,15 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace existing train.jsonl / test.jsonl")
     args = parser.parse_args(argv)
-    train, test = bbc_instructions(args.task, words=args.words, test_fraction=args.test_fraction, seed=args.seed)
-    output = Path(args.output_dir)
-    existing = [str(output / f"{n}.jsonl") for n in ("train", "test") if (output / f"{n}.jsonl").exists()]
-    if existing and not args.overwrite:
-        raise SystemExit(f"python -m torch_singlora.llm.examples: {existing} exist; --overwrite replaces them")
-    output.mkdir(parents=True, exist_ok=True)
-    for name, rows, limit in (("train", train, args.max_train), ("test", test, args.max_test)):
-        path = write_jsonl(output / f"{name}.jsonl", rows[: limit or None])
-        print(f"{path}: {len(rows[: limit or None])} examples")
+    try:
+        train, test = bbc_instructions(args.task, words=args.words, test_fraction=args.test_fraction, seed=args.seed)
+        rows = {"train": train[: args.max_train or None], "test": test[: args.max_test or None]}
+        paths = write_examples(args.output_dir, rows, overwrite=args.overwrite)
+    except SingLoRAError as exc:
+        from ..inspection import printable  # one line, whatever the path holds
+
+        print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
+        return 2
+    for path, examples in zip(paths, rows.values()):
+        print(f"{path}: {len(examples)} examples")
     return 0
 
 

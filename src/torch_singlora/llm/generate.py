@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import SingLoRAError
+from ..untrusted import read_json
 from .data import Message
 from .tokenization import render, set_chat_template, stop_token_ids
 
@@ -85,13 +86,6 @@ def _adapter_kind(folder: Path) -> str:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise SingLoRAError(f"--adapter {str(folder)!r}: no {CONFIG_FILE} (a SingLoRA adapter or a PEFT LoRA folder)")
-    try:
-        from ..untrusted import read_json  # the strict, size-capped reader (files)
-    except ImportError:  # pragma: no cover - before the strict reader lands
-        import json
-
-        def read_json(path: Any, *, what: str) -> Any:
-            return json.loads(Path(path).read_text())
     config = read_json(config_path, what="adapter config")
     if isinstance(config, dict) and config.get("format") == "singlora":
         return "singlora"
@@ -108,7 +102,14 @@ def _with_adapter(base: nn.Module, adapter: str) -> nn.Module:
         return SingLoRAModel.from_pretrained(base, adapter)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, adapter)
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except (ValueError, RuntimeError, TypeError, KeyError, OSError) as exc:  # PeftError is a ValueError
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        if len(detail) > 400:
+            detail = detail[:400] + "..."
+        raise SingLoRAError(f"--adapter {adapter!r}: PEFT cannot load this LoRA onto the base model (is it a LoRA "
+                            f"for another model?): {type(exc).__name__}: {detail}") from exc
 
 
 def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str | None = None,

@@ -74,6 +74,7 @@ class SFT(CausalLM):
     metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l")
     evaluate_base = True
     options = SFTOptions
+    default_max_length = 1024  # TRL's SFTConfig.max_length; batches are padded to their longest example only
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:
         """The tokenizer with the run's chat template (``info["chat_template"]`` when one was given)."""

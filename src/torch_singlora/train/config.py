@@ -70,7 +70,8 @@ class TrainConfig:
     max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
     batch_size: int = _help("micro-batch size per process", default=16)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
-    max_length: int = _help("maximum tokens per example (classification) or per block (causal-lm)", default=128)
+    max_length: int | None = _help("maximum tokens per example (classification, sft) or per block (causal-lm); "
+                                   "default: per task, 128 (sft: 1024, as TRL's SFTConfig)", default=None)
     max_grad_norm: float = _help("gradient clipping (0 = off)", default=1.0)
     eval_every: int = _help("evaluate every N optimizer steps (0 = only at the end)", default=0)
     eval_batch_size: int = _help("batch size for evaluation", default=32)
@@ -96,12 +97,16 @@ class TrainConfig:
         "cli": False})
 
     def validate(self) -> None:
-        """Check the fields; errors name the flag."""
+        """Check the fields (errors name the flag) and fill the defaults that depend on the task: ``max_length``
+        None -> ``Task.default_max_length``, so run_info.json, summary.json and the resume check record the value
+        the run used."""
         for flag in ("model", "train_data", "output_dir"):
             if not getattr(self, flag):
                 raise SingLoRAError(f"--{flag.replace('_', '-')} is required")
         if self.task not in TASKS:
             raise SingLoRAError(f"--task={self.task!r} must be one of {tuple(TASKS)}")
+        if self.max_length is None:
+            self.max_length = task_class(self.task).default_max_length
         if self.method not in METHOD_NAMES:
             raise SingLoRAError(f"--method={self.method!r} must be one of {METHOD_NAMES}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):

@@ -3,8 +3,9 @@ never a transformers traceback: a missing folder, a folder without ``config.json
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import SingLoRAError
 
@@ -21,16 +22,54 @@ def check_model_folder(path: str, flag: str = "--model") -> Path:
     if not folder.is_dir():
         raise SingLoRAError(f"{flag} {path!r}: not a folder (a local transformers model folder is expected)")
     if not (folder / "config.json").is_file():
-        raise SingLoRAError(f"{flag} {path!r}: not a transformers model folder (no config.json)")
+        from .run_folder import run_folder_hint
+
+        raise SingLoRAError(f"{flag} {path!r}: not a transformers model folder (no config.json){run_folder_hint(path)}")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise SingLoRAError(f"{flag} {path!r}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
     return folder
 
 
-def from_pretrained(cls: Any, path: str, flag: str = "--model", **kwargs: Any) -> Any:
-    """``cls.from_pretrained(path, **kwargs)`` for a checked local folder; loading failures name the folder."""
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' "LOAD REPORT" warning (missing / unexpected keys) instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+def _load_without_new_head_report(cls: Any, path: str, new_modules: Sequence[str], kwargs: dict[str, Any]) -> Any:
+    """``cls.from_pretrained``; transformers' load report is shown only if it says more than that the weights of
+    ``new_modules`` are missing (their newly initialised weights are what the caller expects)."""
+    logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs the load report
+    report = _HeldLoadReport()
+    logger.addFilter(report)
+    try:
+        model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(report)
+    others = [k for k in loading["missing_keys"] if k.split(".")[0] not in new_modules]
+    if others or loading["unexpected_keys"] or loading["mismatched_keys"]:
+        for record in report.held:
+            logger.handle(record)
+    return model
+
+
+def from_pretrained(cls: Any, path: str, flag: str = "--model", *, new_modules: Sequence[str] = (),
+                    **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, **kwargs)`` for a checked local folder; loading failures name the folder.
+    ``new_modules``: top-level modules the caller builds afresh (a classification head that the run trains or its
+    adapter replaces): transformers' "newly initialized" report about them alone is not shown (anything more is)."""
     check_model_folder(path, flag)
     try:
+        if new_modules:
+            return _load_without_new_head_report(cls, path, new_modules, kwargs)
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

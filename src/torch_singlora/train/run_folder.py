@@ -150,6 +150,15 @@ def write_run_info(directory: Path, info: dict[str, Any]) -> None:
     atomic_write_text(directory / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+def run_folder_hint(path: str | Path) -> str:
+    """For an error about ``path`` given where an adapter or model folder was expected: if it is the output folder
+    of ``singlora train`` (its ``adapter/`` holds ``run_info.json``), a hint naming the adapter folder; else ``""``."""
+    adapter = Path(path) / ADAPTER_DIR
+    if not (adapter / RUN_INFO).is_file():
+        return ""
+    return f" ({path} is the output folder of `singlora train`: its adapter folder is {adapter})"
+
+
 def read_run_info(directory: str | Path) -> dict[str, Any]:
     """``run_info.json`` of a trained output folder, checked: the strict size-capped JSON reader, then each field
     (the keys above; ``task`` and ``method`` known; ``labels``, if any, at most ``MAX_LABELS`` distinct non-empty
@@ -162,7 +171,8 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise SingLoRAError(f"adapter folder {str(directory)!r} does not exist")
     if not path.exists():
-        raise SingLoRAError(f"{path}: no such file (is {directory} an output of `singlora train`?)")
+        hint = run_folder_hint(directory) or f" (is {directory} the adapter folder of a `singlora train` run?)"
+        raise SingLoRAError(f"{path}: no such file{hint}")
     info = read_json(path, what="run info of `singlora train`", limit=MAX_RUN_INFO_BYTES)
     if not isinstance(info, dict):
         raise SingLoRAError(f"{path}: expected a JSON object, got {type(info).__name__}")

@@ -16,6 +16,7 @@ A task owns everything that depends on the data and the objective:
     metrics                                       the metric names ``evaluate`` returns, the headline first
     evaluate_base                                 True: the loop also evaluates at step 0 (the base model's score)
     options                                       a dataclass of the task's own flags (``TrainConfig.task_options``)
+    default_max_length                            ``--max-length`` when not given (128)
 
 Modules named in ``registry.TASKS`` are imported to build ``singlora train --help``: keep their top level light
 (import transformers / datasets inside the methods).
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
     from .config import TrainConfig
 
+HEAD_NAMES = ("classifier", "score")  # the classification head of transformers' *ForSequenceClassification models
+
+
 @dataclass
 class TaskData:
     """What ``Task.load_data`` returns. ``info``: JSON values recorded in ``run_info.json`` (labels, max length,
@@ -55,6 +59,7 @@ class Task:
     metrics: ClassVar[tuple[str, ...]]  # what ``evaluate`` returns (floats), the headline metric first
     evaluate_base: ClassVar[bool] = False  # evaluate at step 0 too (the base model's score, before training)
     options: ClassVar[type | None] = None  # dataclass of the task's own flags, or None
+    default_max_length: ClassVar[int] = 128  # --max-length when not given (``TrainConfig.validate`` fills it)
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:
         """The tokenizer in folder ``path`` (``flag`` names where the path came from). ``info``: the run's
@@ -179,11 +184,11 @@ class Classification(Task):
         labels = info["labels"]
         return from_pretrained(AutoModelForSequenceClassification, path, num_labels=len(labels),
                                id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-                               dtype=dtype)
+                               dtype=dtype, new_modules=HEAD_NAMES)  # the run trains the head, the adapter has it
 
     def heads(self, model: "nn.Module") -> list[str]:
         children = dict(model.named_children())
-        return [name for name in ("classifier", "score") if name in children]
+        return [name for name in HEAD_NAMES if name in children]
 
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "Dataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
@@ -221,8 +226,7 @@ class CausalLM(Task):
     def base_info(self, options: Any) -> dict[str, Any]:
         from .config import TrainConfig
 
-        defaults = TrainConfig()
-        return {"labels": None, "max_length": defaults.max_length, "text_column": defaults.text_column}
+        return {"labels": None, "max_length": self.default_max_length, "text_column": TrainConfig().text_column}
 
     def read_eval_data(self, path: str, tokenizer: Any, info: dict[str, Any], encoding: str | None) -> "Dataset":
         from . import data
