@@ -162,6 +162,7 @@ class Bench:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
+        from torch_singlora.errors import SingLoRAError
         from torch_singlora.train.loop import TrainConfig, train
         from torch_singlora.train.run_folder import RunFolder
 
@@ -178,7 +179,13 @@ class Bench:
             max_length=spec.max_length, quiet=True, plot=False, resume=resume, overwrite=not resume, **extra,
         )
         start = time.perf_counter()
-        summary = train(config)
+        try:
+            summary = train(config)
+        except SingLoRAError as exc:  # e.g. a checkpoint left by an older version of singlora train: start over
+            if not resume:
+                raise
+            print(f"  {spec.key()}: cannot resume ({exc}); training it again from the start", flush=True)
+            summary = train(dataclasses.replace(config, resume=False, overwrite=True))
         test = evaluate(str(out / "adapter"), str(self.data["test"]), quiet=True)
         result = {
             "spec": dataclasses.asdict(spec), "val_accuracy": summary["accuracy"], "val_macro_f1": summary["macro_f1"],

@@ -82,6 +82,21 @@ def test_method_comparison_quick(work: Path, tmp_path: Path) -> None:
     assert (tmp_path / "test_accuracy.png").is_file()
 
 
+def test_a_cached_run_that_cannot_resume_is_trained_again(work: Path) -> None:
+    """A run folder left by an older singlora (a checkpoint this version refuses) restarts instead of failing the
+    study."""
+    from studies.bbc import RunSpec, make_bench, quick_spec
+
+    bench = make_bench(work, quick=True)
+    spec = quick_spec(RunSpec("singlora", 1e-3, seed=7))
+    out = bench.run_dir(spec)
+    out.mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")  # what a killed run of another version leaves
+    result = bench.run(spec)
+    assert result["steps"] == 2 and json.loads((out / "result.json").read_text()) == result
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_lr_sensitivity_quick(work: Path, tmp_path: Path) -> None:
     from studies import lr_sensitivity
 
