@@ -32,7 +32,8 @@ RUNS = Path("runs/save_dtype")  # the training run and the saved adapters (runs/
 
 def eval_split(run: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """``(task, tokenizer, batches, info)``: the test split the demo run evaluated on (same flags, same seed)."""
-    from torch_singlora.cli import _add_train, dataclass_from_args
+    from torch_singlora.cli import _add_train
+    from torch_singlora.cli_options import dataclass_from_args
     from torch_singlora.train.config import TrainConfig
     from torch_singlora.train.run_folder import read_run_info
     from torch_singlora.train.tasks import get_task

@@ -456,3 +456,19 @@ def test_real_minilm_few_steps_on_bbc_news(tmp_path: Path) -> None:
     assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
     info = json.loads((out / "adapter" / "run_info.json").read_text())
     assert info["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_positionals_after_an_option_are_taken_and_mistakes_are_named_under_the_subcommand(
+        capsys: pytest.CaptureFixture) -> None:
+    """`singlora generate BASE --adapter X "a prompt"`: argparse's first pass leaves the prompt over; the
+    subcommand's own parser takes it (intermixed). Every subcommand's parser supports that second pass."""
+    from torch_singlora.cli import build_parser, parse_args
+
+    args = parse_args(["generate", "BASE", "--adapter", "lora/", "first prompt", "second", "--max-new-tokens", "4"])
+    assert (args.command, args.model, args.adapter, args.prompts) == ("generate", "BASE", "lora/",
+                                                                     ["first prompt", "second"])
+    assert args.max_new_tokens == 4 and args.func is parse_args(["generate", "BASE", "p"]).func
+    for name in build_parser().parse_args(["inspect", "x"]).subcommand_parsers:
+        with pytest.raises(SystemExit):  # not a TypeError: the intermixed pass works for each
+            parse_args([name, "--no-such-flag"])
+        assert f"usage: singlora {name}" in capsys.readouterr().err

@@ -80,10 +80,17 @@ def test_merge_and_export_never_destroy_what_is_there(run: Path, tmp_path: Path,
     assert _tree(run) == before
 
 
-def test_merge_quiet_prints_nothing(run: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_merge_and_evaluate_quiet_print_nothing(run: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     assert main(["merge", str(run / "adapter"), str(tmp_path / "merged"), "--quiet"]) == 0
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
+    data = tmp_path / "test.csv"
+    data.write_text("text,label\nthe match ended level,sport\na new phone chip,tech\n")
+    assert main(["evaluate", str(run / "adapter"), "--data", str(data), "--quiet", "--output",
+                 str(tmp_path / "metrics.json")]) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    assert json.loads((tmp_path / "metrics.json").read_text())["examples"] == 2
 
 
 def _bad_copy(run: Path, tmp_path: Path, change) -> Path:

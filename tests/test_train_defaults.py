@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from torch_singlora import SingLoRAError
-from torch_singlora.cli import build_parser, dataclass_from_args, task_options
+from torch_singlora.cli import build_parser
+from torch_singlora.cli_options import dataclass_from_args, task_options
 from torch_singlora.train.config import TrainConfig
 from torch_singlora.train.loop import comparable_settings
 from torch_singlora.train.run_folder import check_resumable

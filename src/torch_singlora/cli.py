@@ -16,91 +16,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import importlib.util
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .cli_options import add_dataclass_arguments, add_task_options, dataclass_from_args, task_options
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
 EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli", "torch_singlora.serving.cli"]
-
-
-# ---- argparse from a dataclass ----------------------------------------------------------------------------------
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_dataclass_arguments(parser: Any, cls: type, *, suppress: bool = False, skip: Sequence[str] = ()) -> None:
-    """One ``--flag`` per field of dataclass ``cls`` but those in ``skip``; the help is the field's
-    ``metadata["help"]``. Fields with ``metadata["cli"] = False`` get no flag; ``metadata["aliases"]`` are other
-    spellings of the flag. ``suppress``: a flag not given leaves no attribute (its default is the dataclass's)."""
-    hints = typing.get_type_hints(cls)
-    for spec in dataclasses.fields(cls):
-        if not spec.metadata.get("cli", True) or spec.name in skip:
-            continue
-        kind = hints[spec.name]
-        help_text = spec.metadata.get("help", "")
-        default = spec.default if spec.default is not dataclasses.MISSING else None
-        names = [_flag(spec.name), *spec.metadata.get("aliases", ())]
-        extra: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {"default": default}
-        if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=help_text, **extra)
-            continue
-        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        shown = "" if default is None and "default:" in help_text else f" (default: {default})"  # said in the help
-        parser.add_argument(*names, type=base, help=f"{help_text}{shown}", **extra)
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
-    fields = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls) if spec.metadata.get("cli", True)}
-    return cls(**fields, **values)
-
-
-# ---- task options: each task's own flags (``Task.options``) -------------------------------------------------------
-
-def _task_option_owners() -> dict[str, list[str]]:
-    """``{option field name: the tasks that have it}`` over the registered tasks whose module is installed."""
-    from .train.registry import TASKS, task_class
-
-    owners: dict[str, list[str]] = {}
-    for name, target in TASKS.items():
-        if importlib.util.find_spec(target.partition(":")[0]) is None:
-            continue
-        options = task_class(name).options
-        for spec in dataclasses.fields(options) if options is not None else ():
-            owners.setdefault(spec.name, []).append(name)
-    return owners
-
-
-def add_task_options(parser: argparse.ArgumentParser) -> None:
-    """One argument group per task with options (``Task.options``); an option two tasks share gets one flag.
-    Absent flags leave no attribute (``task_options`` collects the given ones)."""
-    from .train.registry import task_class
-
-    added: set[str] = set()
-    for name in dict.fromkeys(task for tasks in _task_option_owners().values() for task in tasks):
-        options = task_class(name).options
-        add_dataclass_arguments(parser.add_argument_group(f"options of --task {name}"), options, suppress=True,
-                                skip=sorted(added))
-        added.update(spec.name for spec in dataclasses.fields(options))
-
-
-def task_options(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    """The task options given on the command line; an option of another task is an error naming it."""
-    owners = _task_option_owners()
-    given = {name: getattr(args, name) for name in owners if hasattr(args, name)}
-    for name in given:
-        if task not in owners[name]:
-            raise SingLoRAError(f"{_flag(name)} is an option of --task {' / '.join(owners[name])}, not of "
-                                f"--task {task or '(none given)'}")
-    return given
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
@@ -137,20 +64,21 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
 
     if output:
         check_output_file(output, flag="--output", overwrite=overwrite)
-    if adapter is not None:
-        if task is not None or options:
-            raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
-                                "without an adapter folder")
-        trained, info = load_trained(adapter, model)
-        the_task = get_task(info["task"])
-        tokenizer = the_task.load_tokenizer(info["tokenizer"], info)
-    else:
-        if model is None or task is None:
-            raise SingLoRAError("without an adapter folder, give the base model: --model and --task")
-        the_task = get_task(task)
-        info = the_task.base_info(the_task.parse_options(options or {}))
-        tokenizer = the_task.load_tokenizer(model, info, "--model")
-        trained = the_task.load_model(model, info)
+    with _progress_bars(not quiet):  # transformers' "Loading weights" bar
+        if adapter is not None:
+            if task is not None or options:
+                raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
+                                    "without an adapter folder")
+            trained, info = load_trained(adapter, model)
+            the_task = get_task(info["task"])
+            tokenizer = the_task.load_tokenizer(info["tokenizer"], info)
+        else:
+            if model is None or task is None:
+                raise SingLoRAError("without an adapter folder, give the base model: --model and --task")
+            the_task = get_task(task)
+            info = the_task.base_info(the_task.parse_options(options or {}))
+            tokenizer = the_task.load_tokenizer(model, info, "--model")
+            trained = the_task.load_model(model, info)
     dataset = the_task.read_eval_data(data, tokenizer, info, encoding)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=the_task.collator(tokenizer, info))
     metrics = the_task.evaluate(trained, loader, dataset=dataset, tokenizer=tokenizer, info=info)
@@ -371,15 +299,23 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "singlora train: interrupted before its first checkpoint (--save-every): nothing to resume"
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, parsed. What the first pass leaves over (positionals after an option, as in ``generate BASE
+    --adapter X "a prompt"``, or a mistake, then reported under the subcommand's usage) goes to the subcommand's own
+    parser, intermixed (there are no global options: ``argv[0]`` is the command)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        start = argparse.Namespace(command=args.command, subcommand_parsers=args.subcommand_parsers)
+        args = args.subcommand_parsers[args.command].parse_intermixed_args(list(argv)[1:], start)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 on a user-input error, 130 on Ctrl-C)."""
     from .integrations.quantized import quiet_bitsandbytes
 
     quiet_bitsandbytes()
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # argparse would report them under the top-level usage, not the subcommand's
-        args.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except SingLoRAError as exc:

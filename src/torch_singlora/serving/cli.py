@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace) -> None:
         raise SingLoRAError('singlora serve needs FastAPI and uvicorn: pip install "torch-singlora[serve]"') from None
     import torch
 
-    from ..cli import dataclass_from_args
+    from ..cli_options import dataclass_from_args
     from .app import create_app
     from .service import Limits, Service
 
@@ -76,7 +76,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``singlora serve`` (``cli.EXTERNAL_SUBCOMMANDS``)."""
-    from ..cli import add_dataclass_arguments
+    from ..cli_options import add_dataclass_arguments
     from .service import Limits
 
     parser = subparsers.add_parser(
