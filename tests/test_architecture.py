@@ -15,8 +15,6 @@ LONG_MODULE_REASON = "Long module:"  # a module over MAX_LINES says why in its d
 # Known debts, each being paid by its owner (issue 12; see /work/notes/COORDINATION.md); nothing new may join.
 # Remove an entry once it is fixed.
 KNOWN_LONG: dict[str, str] = {  # over MAX_LINES without a reason today
-    "torch_singlora.diffusion.dreambooth": "train: DreamBooth reuses the training step",
-    "torch_singlora.serving.app": "serve: landed at 424 lines",
 }
 KNOWN_CYCLES: dict[tuple[str, str], str] = {  # (importer, imported) edges that close a cycle today
 }
