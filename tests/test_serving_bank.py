@@ -144,6 +144,8 @@ def test_refusals_change_nothing(saved, tmp_path) -> None:
         bank.swap("b", folder / "c")
     with pytest.raises(SingLoRAError, match="must be a non-empty string"):
         bank.load("__base__", folder / "c")
+    with pytest.raises(SingLoRAError, match="without '.'"):  # saved-module copies are keyed by the name
+        bank.load("a.v2", folder / "c")
     assert list(bank.adapters) == ["a"]
     for key, value in base.up.bank.named_buffers():
         assert torch.equal(value, before[key])

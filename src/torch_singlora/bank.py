@@ -38,8 +38,9 @@ from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .functional import ramp_value
-from .layers import SingLoRALayer, TrainableCopy
+from .layers import SingLoRALayer, TrainableCopy, adapter_dtype
 from .mixed import BASE, Selection, check_adapter_names
+from .model import _check_adapter_name, _set_submodule
 
 
 class LayerBank(nn.Module):
@@ -176,6 +177,8 @@ class AdapterBank:
         self._ids = 1  # adapter ids in use are < self._ids; 0 is the base model
         self._free_ids: list[int] = []
         self._selection = BankSelection()
+        self._wrapped_layers: list[SingLoRALayer] = []  # every module the bank wrapped (never unwrapped): use()
+        self._wrapped_copies: list[TrainableCopy] = []  # runs on every forward, without walking the model
 
     # ---- reading, before any change --------------------------------------------------------------------------
 
@@ -202,11 +205,10 @@ class AdapterBank:
         if isinstance(module, SingLoRALayer):
             return module
         layer = SingLoRALayer(module)
-        weight = module.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         layer.bank = LayerBank(max(layer.d_out, layer.d_in), self.max_rank or 1, self.capacity, self._ids,
-                               dtype, weight.device)
-        _replace(self.model, name, layer)
+                               adapter_dtype(module.weight), module.weight.device)
+        _set_submodule(self.model, name, layer)
+        self._wrapped_layers.append(layer)
         return layer
 
     def _saved(self, name: str) -> TrainableCopy:
@@ -214,14 +216,15 @@ class AdapterBank:
         if isinstance(module, TrainableCopy):
             return module
         wrapper = TrainableCopy(module)
-        _replace(self.model, name, wrapper)
+        _set_submodule(self.model, name, wrapper)
+        self._wrapped_copies.append(wrapper)
         return wrapper
 
     def _new_id(self) -> int:
         if self._free_ids:
             return self._free_ids.pop()
         self._ids += 1
-        for layer in self._layers():
+        for layer in self._wrapped_layers:
             layer.bank.ensure_ids(self._ids)
         return self._ids - 1
 
@@ -229,8 +232,7 @@ class AdapterBank:
         """Put ``checked`` into the layers and copies under ``name`` / ``adapter_id`` (in place where it was)."""
         old = self.adapters.get(name)
         for module_name, (d_out, d_in, r, c) in checked.modules.items():
-            layer = self._layer(module_name)
-            layer.bank.ensure_ids(self._ids)
+            layer = self._layer(module_name)  # every bank holds self._ids slots (_new_id, _layer)
             A = checked.tensors[f"{module_name}.{A_SUFFIX}"].to(layer.bank.A.dtype)
             layer.bank.put(adapter_id, A.to(layer.bank.A.device), c)
         for module_name in (old.modules if old else {}):
@@ -253,7 +255,9 @@ class AdapterBank:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Add adapter ``name`` from a singlora adapter folder; on any error nothing changes."""
-        _check_name(name)
+        _check_adapter_name(name)  # the library's rule: saved-module copies are keyed by it (no '.')
+        if name == BASE:
+            raise SingLoRAError(f"adapter name {name!r} must be a non-empty string other than {BASE!r}")
         if name in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is already loaded; swap() replaces it, unload() removes it")
         checked = self._check(directory)
@@ -280,9 +284,6 @@ class AdapterBank:
 
     # ---- using it ---------------------------------------------------------------------------------------------
 
-    def _layers(self) -> list[SingLoRALayer]:
-        return [m for m in self.model.modules() if isinstance(m, SingLoRALayer)]
-
     @contextlib.contextmanager
     def use(self, adapter_names: Sequence[str]) -> Iterator[None]:
         """Inside the block, example ``b`` of every forward of ``model`` uses adapter ``adapter_names[b]``
@@ -294,10 +295,9 @@ class AdapterBank:
             raise SingLoRAError("an AdapterBank is for inference: call model.eval() first")
         selection = self._selection
         selection.select(names)  # the same object each call: a compiled model keeps its graph
-        device = next((layer.bank.slots.device for layer in self._layers()), torch.device("cpu"))
+        device = next((layer.bank.slots.device for layer in self._wrapped_layers), torch.device("cpu"))
         selection.ids = torch.tensor([0 if n == BASE else self.adapters[n].id for n in names], device=device)
-        copies = [m for m in self.model.modules() if isinstance(m, TrainableCopy)]
-        with selecting(self._layers() + copies, selection):
+        with selecting(self._wrapped_layers + self._wrapped_copies, selection):
             yield
 
     def memory(self) -> dict[str, Any]:
@@ -317,15 +317,6 @@ class AdapterBank:
                 "lora": sum((o + i) * r * banks[m].A.element_size() for m, (o, i, r) in resident.modules.items()),
                 "saved": saved,
             }
-        allocated = sum(t.numel() * t.element_size() for layer in self._layers() for t in layer.bank.buffers())
+        allocated = sum(t.numel() * t.element_size() for layer in self._wrapped_layers for t in layer.bank.buffers())
         return {"adapters": len(self.adapters), "allocated": allocated, "per_adapter": per_adapter}
 
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or name == BASE:
-        raise SingLoRAError(f"adapter name {name!r} must be a non-empty string other than {BASE!r}")
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

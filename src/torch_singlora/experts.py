@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, adapter_dtype
 
 
 class ExpertAdapter(SingLoRAAdapter):
@@ -116,8 +116,8 @@ class SingLoRAExpertParameter(SingLoRALayer):
             raise SingLoRAError(f"dropout={kwargs['dropout']} cannot apply to expert parameters (the update is "
                                 "folded into the weight for the module's own forward); use dropout=0")
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.singlora[name] = ExpertAdapter(self.num_experts, n, r, device=weight.device, dtype=dtype, **kwargs)
+        self.singlora[name] = ExpertAdapter(self.num_experts, n, r, device=weight.device, dtype=adapter_dtype(weight),
+                                            **kwargs)
 
     def _delta(self, A: Tensor, coefficient: Tensor | float) -> Tensor:
         """``(E, d_out, d_in)`` updates (``(E, d_in, d_out)`` for a transposed stack) from ``A`` ``(E, n, r)``."""

@@ -71,6 +71,12 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
 _REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
 
 
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of an adapter on ``weight``: low-precision (fp16/bf16) or quantized bases get float32, as PEFT
+    does; float32 and float64 stay as they are."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class SingLoRAAdapter(nn.Module):
     """One named adapter on one layer: ``A`` (n, r), the ramp step ``t``, and its constants.
 
@@ -183,9 +189,7 @@ class SingLoRALayer(nn.Module):
         """Add adapter ``name`` with rank ``r``; kwargs go to ``SingLoRAAdapter``."""
         n = adapter_rows(self.d_out, self.d_in, r)
         weight = self.base_layer.weight
-        # Low-precision (fp16/bf16) or quantized bases get a float32 adapter, as PEFT does; float64 stays float64.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.singlora[name] = SingLoRAAdapter(n, r, device=weight.device, dtype=dtype, **kwargs)
+        self.singlora[name] = SingLoRAAdapter(n, r, device=weight.device, dtype=adapter_dtype(weight), **kwargs)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
