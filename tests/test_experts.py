@@ -177,3 +177,36 @@ def test_file_keys_delete_and_mixed_batches(tmp_path) -> None:
     assert type(model.model.model.layers[0].mlp.experts) is type(reference.model.layers[0].mlp.experts)
     assert set(model.model.state_dict()) == set(reference.state_dict())
     torch.testing.assert_close(_logits(model), _logits(reference), atol=0, rtol=0)
+
+
+def test_reset_parameters_reinitialises_each_expert(tmp_path) -> None:
+    """FSDP2's meta-device recipe calls reset_parameters(): each expert's (n, r) slice gets N(0, 1/n), t = 0
+    (it used to initialise the 3-D A as one matrix with n = E: std 0.7 instead of 0.031 here)."""
+    from torch_singlora.experts import ExpertAdapter
+
+    adapter = ExpertAdapter(2, 1024, 8, scale=1.0, ramp_up_steps=0, dropout=0.0, init="normal", init_std=None)
+    with torch.no_grad():
+        adapter.A.fill_(float("nan"))
+        adapter.ramp_step.fill_(7)
+    adapter.reset_parameters()
+    for expert in adapter.A.detach():
+        assert float(expert.std()) == pytest.approx(1024 ** -0.5, rel=0.05)
+    assert int(adapter.ramp_step) == 0
+
+
+def test_a_file_naming_expert_parameters_with_dropout_changes_nothing(tmp_path) -> None:
+    """Loading takes the adapted parameters from the file's keys: dropout is refused for them before the model
+    changes (it was refused only after the experts module had been wrapped)."""
+    import json
+
+    _, model = _adapted("qwen3_moe")
+    model.save_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(dropout=0.1, target_parameters=None, target_modules=["q_proj"])  # patterns are metadata here
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    base = _tiny("qwen3_moe")
+    types, state = [type(m) for m in base.modules()], copy.deepcopy(base.state_dict())
+    with pytest.raises(SingLoRAError, match="dropout=0.1 cannot apply to expert parameters"):
+        SingLoRAModel.from_pretrained(base, tmp_path)
+    assert [type(m) for m in base.modules()] == types
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in state.items())

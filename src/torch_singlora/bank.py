@@ -38,9 +38,9 @@ from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .functional import ramp_value
-from .layers import SingLoRALayer, TrainableCopy, adapter_dtype
+from .layers import SingLoRALayer, TrainableCopy, adapter_dtype, set_submodule
 from .mixed import BASE, Selection, check_adapter_names
-from .model import _check_adapter_name, _set_submodule
+from .model import _check_adapter_name
 
 
 class LayerBank(nn.Module):
@@ -207,7 +207,7 @@ class AdapterBank:
         layer = SingLoRALayer(module)
         layer.bank = LayerBank(max(layer.d_out, layer.d_in), self.max_rank or 1, self.capacity, self._ids,
                                adapter_dtype(module.weight), module.weight.device)
-        _set_submodule(self.model, name, layer)
+        set_submodule(self.model, name, layer)
         self._wrapped_layers.append(layer)
         return layer
 
@@ -216,7 +216,7 @@ class AdapterBank:
         if isinstance(module, TrainableCopy):
             return module
         wrapper = TrainableCopy(module)
-        _set_submodule(self.model, name, wrapper)
+        set_submodule(self.model, name, wrapper)
         self._wrapped_copies.append(wrapper)
         return wrapper
 

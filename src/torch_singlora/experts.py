@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, adapter_dtype
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, adapter_dtype, set_submodule
 
 
 class ExpertAdapter(SingLoRAAdapter):
@@ -54,8 +54,15 @@ class ExpertAdapter(SingLoRAAdapter):
                  device: torch.device | None = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(n, r, init=init, init_std=init_std, device=device, dtype=dtype, **kwargs)
         self.A = nn.Parameter(torch.empty(num_experts, n, r, device=device, dtype=dtype))
-        for expert in self.A.data:
-            init_A(expert, init, init_std)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's ``(n, r)`` slice of ``A`` initialised like a layer's ``A``, and t = 0 (FSDP2's
+        meta-device recipe calls this too). ``SingLoRAAdapter.__init__`` calls it on its 2-D ``A`` first."""
+        for expert in self.A.data.view(-1, *self.A.shape[-2:]):
+            init_A(expert, self.init, self.init_std)
+        with torch.no_grad():
+            self.ramp_step.zero_()
 
     def extra_repr(self) -> str:
         return f"experts={self.A.shape[0]}, " + super().extra_repr()
@@ -112,9 +119,6 @@ class SingLoRAExpertParameter(SingLoRALayer):
         n = max(self.d_out, self.d_in)
         if r > n:
             raise SingLoRAError(f"r={r} exceeds n=max(d_out={self.d_out}, d_in={self.d_in})={n}")
-        if kwargs.get("dropout", 0):
-            raise SingLoRAError(f"dropout={kwargs['dropout']} cannot apply to expert parameters (the update is "
-                                "folded into the weight for the module's own forward); use dropout=0")
         weight = self.base_layer.weight
         self.singlora[name] = ExpertAdapter(self.num_experts, n, r, device=weight.device, dtype=adapter_dtype(weight),
                                             **kwargs)
@@ -252,10 +256,8 @@ def adapt_parameter(model: nn.Module, name: str) -> SingLoRAExpertParameter:
     owner_name, _, parameter_name = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     if not isinstance(owner, SingLoRAExperts):
-        wrapper = SingLoRAExperts(owner)
-        parent_name, _, child = owner_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
-        owner = wrapper
+        owner = SingLoRAExperts(owner)
+        set_submodule(model, owner_name, owner)
     return owner.adapt(parameter_name)
 
 
@@ -266,8 +268,7 @@ def release_parameter(model: nn.Module, name: str) -> None:
     wrapper = model.get_submodule(owner_name)
     wrapper.release(parameter_name)
     if not wrapper.parameter_layers():
-        parent_name, _, child = owner_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
+        set_submodule(model, owner_name, wrapper.base_layer)
 
 
 def peft_module_name(model: nn.Module, name: str, adapted: Iterable[str]) -> str:

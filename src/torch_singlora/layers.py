@@ -71,6 +71,12 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
 _REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``name`` under ``root`` (replacing what is there)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
 def adapter_dtype(weight: Tensor) -> torch.dtype:
     """The dtype of an adapter on ``weight``: low-precision (fp16/bf16) or quantized bases get float32, as PEFT
     does; float32 and float64 stay as they are."""

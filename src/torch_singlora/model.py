@@ -23,7 +23,7 @@ from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, set_submodule
 from .mixed import use_adapter_names
 from .plan import plan_adapter
 from .ramp import RampControls
@@ -40,12 +40,6 @@ def _as_names(value: Any, field: str) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise SingLoRAError(f"{field}={value!r} must be an adapter name or a list of adapter names")
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 class SingLoRAModel(RampControls, nn.Module):
@@ -161,13 +155,13 @@ class SingLoRAModel(RampControls, nn.Module):
                 dropout=config.dropout, init=config.init, init_std=config.init_std,
             )
             if layer is not module:
-                _set_submodule(self.model, name, layer)
+                set_submodule(self.model, name, layer)
         for name in plan.saved_modules:
             module = self.model.get_submodule(name)
             wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
-                _set_submodule(self.model, name, wrapper)
+                set_submodule(self.model, name, wrapper)
         self.configs[adapter_name] = config
         self.set_adapter(self.active_adapters)
 
@@ -197,7 +191,7 @@ class SingLoRAModel(RampControls, nn.Module):
             if adapter_name in wrapper.copies:
                 wrapper.delete_adapter(adapter_name)
                 if not len(wrapper.copies):
-                    _set_submodule(self.model, name, wrapper.original_module)
+                    set_submodule(self.model, name, wrapper.original_module)
         del self.configs[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter(self.active_adapters)
@@ -284,13 +278,13 @@ class SingLoRAModel(RampControls, nn.Module):
         if isinstance(layer, SingLoRAExpertParameter):
             release_parameter(self.model, name)
         else:
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
 
     def _restore_originals(self, trained_copies: bool) -> nn.Module:
         for name, layer in list(self.singlora_layers()):
             self._put_back(name, layer)
         for name, wrapper in list(self.trainable_copies()):
-            _set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
+            set_submodule(self.model, name, wrapper.active_module() if trained_copies else wrapper.original_module)
         self.configs.clear()
         self.active_adapters = []
         return self.model

@@ -129,6 +129,9 @@ def plan_adapter(model: nn.Module, config: SingLoRAConfig, modules: list[str] | 
         for name in modules:
             if any(name == s or name.startswith(s + ".") for s in saved):
                 raise SingLoRAError(f"module {name!r} lies inside modules_to_save module(s) {saved}")
+    if parameters and config.dropout:  # also for expert parameters named by a file's keys, not only the config's
+        raise SingLoRAError(f"dropout={config.dropout!r} cannot apply to expert parameters ({parameters[0]!r}: the "
+                            "update is folded into the expert weights for the module's own forward); use dropout=0")
     modules_plan = {
         name: module_plan(name, model.get_submodule(name), config.rank_for(name), config.scale_for(name))
         for name in targets
