@@ -162,7 +162,6 @@ class Bench:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
-        from torch_singlora.errors import SingLoRAError
         from torch_singlora.train.loop import TrainConfig, train
         from torch_singlora.train.run_folder import RunFolder
 
@@ -171,7 +170,8 @@ class Bench:
             raise RuntimeError("TrainConfig has no `init` field: the init ablation needs `singlora train --init`")
         extra = {"init": spec.init} if "init" in fields else {}
         extra = {"save_every": 0, **extra, **spec.train_settings()}
-        resume = RunFolder(out).checkpoint.is_file()  # a run killed after a checkpoint (``save_every`` > 0) continues
+        checkpoint = RunFolder(out).checkpoint  # a run killed after a checkpoint (``save_every`` > 0) continues
+        resume = checkpoint.is_file() and _resumable(checkpoint)
         config = TrainConfig(
             model=self.model, train_data=str(self.data["train"]), eval_data=str(self.data["val"]),
             output_dir=str(out), method=spec.method, lr=spec.lr, seed=spec.seed, r=spec.r, alpha=spec.alpha,
@@ -179,13 +179,7 @@ class Bench:
             max_length=spec.max_length, quiet=True, plot=False, resume=resume, overwrite=not resume, **extra,
         )
         start = time.perf_counter()
-        try:
-            summary = train(config)
-        except SingLoRAError as exc:  # e.g. a checkpoint left by an older version of singlora train: start over
-            if not resume:
-                raise
-            print(f"  {spec.key()}: cannot resume ({exc}); training it again from the start", flush=True)
-            summary = train(dataclasses.replace(config, resume=False, overwrite=True))
+        summary = train(config)
         test = evaluate(str(out / "adapter"), str(self.data["test"]), quiet=True)
         result = {
             "spec": dataclasses.asdict(spec), "val_accuracy": summary["accuracy"], "val_macro_f1": summary["macro_f1"],
@@ -198,6 +192,20 @@ class Bench:
         print(f"  {spec.key()}: val {result['val_accuracy']:.3f} test {result['test_accuracy']:.3f} "
               f"({result['wall_s']:.0f} s)", flush=True)
         return result
+
+
+def _resumable(checkpoint: Path) -> bool:
+    """Whether this version of singlora train can continue from ``checkpoint``; one it cannot read (left by an older
+    version) is reported, and its run is trained again from the start."""
+    from torch_singlora.errors import SingLoRAError
+    from torch_singlora.train.checkpoint import load_checkpoint
+
+    try:
+        load_checkpoint(checkpoint)
+    except SingLoRAError as exc:
+        print(f"  {checkpoint}: {exc}; training this run again from the start", flush=True)
+        return False
+    return True
 
 
 def tiny_bert(work: Path) -> str:

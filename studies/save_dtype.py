@@ -2,7 +2,8 @@
 
     python -m studies.save_dtype [--run RUN_DIR] [--out studies/results/save_dtype]
 
-Trains the demo's SingLoRA run (all-MiniLM-L6-v2 on BBC News, ``torch_singlora.demo.train_args``; skipped with
+Trains the classification demo's SingLoRA run (all-MiniLM-L6-v2 on BBC News,
+``torch_singlora.demo_classification.train_args``; skipped with
 ``--run`` pointing at such a run), then saves its adapter with ``save_adapter(..., dtype=...)`` for each dtype,
 reloads each file into a fresh float32 base, and measures on the demo's test split (444 articles): accuracy,
 held-out cross-entropy, the largest logit change against the float32 adapter, and the same for the merged model
@@ -24,29 +25,36 @@ import torch
 
 from studies.common import environment, limit_threads, md_table, write_text
 from torch_singlora import SingLoRAModel
-from torch_singlora.demo import train_args
+from torch_singlora.demo_classification import train_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 RUNS = Path("runs/save_dtype")  # the training run and the saved adapters (runs/ is not committed)
 
 
-def eval_split(run: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """``(task, tokenizer, batches, info)``: the test split the demo run evaluated on (same flags, same seed)."""
+def demo_config(run: Path) -> Any:
+    """The ``TrainConfig`` of the classification demo's SingLoRA run into ``run`` (its flags, parsed as the CLI
+    parses them)."""
     from torch_singlora.cli import _add_train
     from torch_singlora.cli_options import dataclass_from_args
     from torch_singlora.train.config import TrainConfig
-    from torch_singlora.train.run_folder import read_run_info
-    from torch_singlora.train.tasks import get_task
 
     parser = argparse.ArgumentParser()
     _add_train(parser.add_subparsers())
-    args = parser.parse_args(train_args("singlora", run.parent, 1200))
-    config = dataclass_from_args(TrainConfig, args, task_options={})
+    return dataclass_from_args(TrainConfig, parser.parse_args(train_args("singlora", run.parent, 1200)),
+                               task_options={})
+
+
+def eval_split(run: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """``(task, batches, info)``: the test split the demo run evaluated on (same flags, same seed)."""
+    from torch_singlora.train.registry import get_task
+    from torch_singlora.train.run_folder import read_run_info
+
+    config = demo_config(run)
     task = get_task(config.task)
     tokenizer = task.load_tokenizer(config.model, {})
     data = task.load_data(config, tokenizer)
     batches = torch.utils.data.DataLoader(data.eval, batch_size=64, collate_fn=task.collator(tokenizer, data.info))
-    return task, tokenizer, batches, read_run_info(run / "adapter")
+    return task, batches, read_run_info(run / "adapter")
 
 
 @torch.no_grad()
@@ -77,21 +85,20 @@ def main(argv: list[str] | None = None) -> dict:
         run = RUNS / "singlora"
         command = [sys.executable, "-m", "torch_singlora.cli", *train_args("singlora", run.parent, 1200), "--quiet"]
         subprocess.run(command, check=True)
-    task, _, batches, info = eval_split(run)
+    task, batches, info = eval_split(run)
     trained = SingLoRAModel.from_pretrained(task.load_model(info["base_model"], info), run / "adapter")
     rows: list[dict[str, Any]] = []
-    reference: dict[str, torch.Tensor] = {}
+    reference: torch.Tensor | None = None  # the float32 adapter's logits: every row is compared with them
     for dtype in DTYPES:
         folder = RUNS / "adapters" / dtype
         trained.save_adapter(folder, dtype=dtype)
         model = SingLoRAModel.from_pretrained(task.load_model(info["base_model"], info), folder)
         adapter_logits, labels = logits_and_labels(model, batches)
         merged_logits, _ = logits_and_labels(model.merge_and_unload(), batches)
-        reference.setdefault("adapter", adapter_logits)
-        reference.setdefault("merged", merged_logits)
+        reference = adapter_logits if reference is None else reference
         rows.append({"dtype": dtype, "file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
-                     "adapter": scores(adapter_logits, labels, reference["adapter"]),
-                     "merged": scores(merged_logits, labels, reference["adapter"])})
+                     "adapter": scores(adapter_logits, labels, reference),
+                     "merged": scores(merged_logits, labels, reference)})
         print(json.dumps(rows[-1]), flush=True)
     results = {"run": str(run), "examples": int(labels.numel()), "rows": rows, "environment": environment(),
                "seconds": round(time.time() - started, 1)}

@@ -141,3 +141,14 @@ def test_lr_sensitivity_quick_titles(work: Path, tmp_path: Path) -> None:
     assert saved["complete"] and saved["base_run"]["max_length"] == 16  # quick runs keep their 16 tokens
     assert "headlines" in (tmp_path / "REPORT.md").read_text()
     assert (work / "data" / "bbc_titles_4_2_2" / "train.jsonl").is_file()
+
+
+def test_save_dtype_study_rebuilds_the_classification_demo_run(tmp_path: Path) -> None:
+    """studies/save_dtype evaluates on the classification demo's split: its run's flags, parsed by the CLI."""
+    from studies import save_dtype
+    from torch_singlora.assets import bbc_news_path, minilm_path
+
+    config = save_dtype.demo_config(tmp_path / "singlora")
+    assert (config.model, config.train_data, config.method) == (minilm_path(), bbc_news_path(), "singlora")
+    assert (config.max_train_samples, config.output_dir, config.task) == (1200, str(tmp_path / "singlora"),
+                                                                          "classification")
