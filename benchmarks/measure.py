@@ -183,3 +183,20 @@ def machine_description(device: str = "cpu") -> dict[str, object]:
         "python": platform.python_version(), "load_average": list(os.getloadavg()), "device": "cpu (no GPU)",
         **(cuda_description() if torch.device(device).type == "cuda" else {}),
     }
+
+
+def write_outputs(results: dict[str, Any], render: Callable[[dict[str, Any]], str], out: Path, stem: str,
+                  title: str = "") -> str:
+    """Stamp the load average at the end into ``results["machine"]``, then write ``<out>/<stem>.json`` and
+    ``<out>/<stem>.md`` (``title``, then ``render(results)``) atomically; returns the rendered text."""
+    import json
+
+    from torch_singlora.atomic import atomic_write_text  # as elsewhere in this module: imported where used
+
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    text = render(results)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", (f"{title}\n\n" if title else "") + text + "\n")
+    return text
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -22,11 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from torch_singlora.atomic import atomic_write_text
-
 from .measure import (directory_bytes, inference_times, interleaved_times, machine_description, median_seconds,
                       optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,
-                      trainable)
+                      trainable, write_outputs)
 from .methods import METHODS, Method, build_method, train_step
 from .workloads import WORKLOADS, Workload
 
@@ -286,14 +283,9 @@ def _release(device: str) -> None:
 
 def write_results(results: dict[str, Any], out: Path, stem: str) -> str:
     """Write ``<out>/<stem>.json`` and ``.md`` (after every workload: a run cut short keeps what it finished)."""
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    text = markdown(results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
     gpu = results["machine"].get("gpu")
     title = "# Benchmark results" + (f" on {gpu} (CUDA {results['machine']['cuda']})" if gpu else "")
-    atomic_write_text(out / f"{stem}.md", title + "\n\n" + text + "\n")
-    return text
+    return write_outputs(results, markdown, out, stem, title)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

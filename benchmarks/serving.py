@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
 import shlex
 import statistics
 import sys
@@ -43,15 +41,15 @@ import torch
 from torch import nn
 
 from torch_singlora import SingLoRAConfig, get_singlora_model
-from torch_singlora.adapter_file import atomic_write_text
 from torch_singlora.bank import AdapterBank
 from torch_singlora.export import export_lora
 from torch_singlora.serving.engine import (ClassificationEngine, ClassificationRequest, GenerationEngine,
                                            GenerationRequest, SamplingParams)
 
-from .measure import machine_description
+from .measure import machine_description, write_outputs
+from .workloads import LLAMA_TARGETS
 
-ALL_LINEAR_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR_LLAMA = list(LLAMA_TARGETS)
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
              "Give me three tips for learning a language.", "What is 17 times 23?", "Name a famous painter.",
              "How do airplanes stay in the air?", "Suggest a name for a cat."]
@@ -407,17 +405,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in args.parts:
             results["rows"][part] = parts[part](settings, Path(tmp))
             gc.collect()
-    write_outputs(results, markdown(results), Path(args.out), "serving_quick" if args.quick else "serving")
+    print(write_outputs(results, markdown, Path(args.out), "serving_quick" if args.quick else "serving"))
     return results
-
-
-def write_outputs(results: dict[str, Any], text: str, out: Path, stem: str) -> None:
-    """Print ``text``; write ``<out>/<stem>.json`` and ``.md`` atomically, with the load average at the end."""
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", text + "\n")
 
 
 def markdown(results: dict[str, Any]) -> str:

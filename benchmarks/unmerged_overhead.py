@@ -27,10 +27,8 @@ import torch
 
 from torch_singlora import SingLoRAConfig, get_singlora_model, layers
 
-from .measure import interleaved_times, machine_description
-from .serving import write_outputs
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .measure import interleaved_times, machine_description, write_outputs
+from .workloads import LLAMA_TARGETS
 
 
 def load_model(quick: bool) -> torch.nn.Module:
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = 3 if args.quick else args.rounds
     base = load_model(args.quick).eval()
     plain = copy.deepcopy(base)
-    model = get_singlora_model(base, SingLoRAConfig(r=8, alpha=8, target_modules=TARGETS, ramp_up_steps=0,
+    model = get_singlora_model(base, SingLoRAConfig(r=8, alpha=8, target_modules=list(LLAMA_TARGETS), ramp_up_steps=0,
                                                     init="gaussian", init_std=0.02)).eval()
     merged = copy.deepcopy(model).merge_and_unload().eval()
     results: dict[str, Any] = {"command": "python -m benchmarks.unmerged_overhead" + (" --quick" if args.quick else ""),
@@ -103,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             medians = {name: statistics.median(t) for name, t in times.items()}
             results["shapes"][shape] = {"median_ms": {k: v * 1e3 for k, v in medians.items()},
                                         "over_base": {k: v / medians["base"] for k, v in medians.items()}}
-    write_outputs(results, markdown(results), Path(args.out),
-                  "unmerged_overhead_quick" if args.quick else "unmerged_overhead")
+    print(write_outputs(results, markdown, Path(args.out),
+                        "unmerged_overhead_quick" if args.quick else "unmerged_overhead"))
     return results
 
 
