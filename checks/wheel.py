@@ -64,11 +64,10 @@ def source_modules() -> set[str]:
     return {p.relative_to(src).as_posix() for p in (src / PACKAGE).rglob("*.py") if "__pycache__" not in p.parts}
 
 
-def check_contents(sdist: Path, wheel: Path, allow: tuple[str, ...] = ()) -> dict[str, int]:
-    """The wheel ships exactly the package's modules (no harness but those in ``allow``), the sdist the sources;
-    returns the counts."""
-    refused = set(HARNESS_MODULES) - set(allow)
-    expected = {m for m in source_modules() if Path(m).stem not in refused}
+def check_contents(sdist: Path, wheel: Path) -> dict[str, int]:
+    """The wheel ships exactly the package's modules (never a harness module, even one put back under src/), the
+    sdist the sources; returns the counts."""
+    expected = {m for m in source_modules() if Path(m).stem not in HARNESS_MODULES}
     with zipfile.ZipFile(wheel) as archive:
         names = [n for n in archive.namelist() if ".dist-info/" not in n]
         entry_points = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("entry_points.txt"))
@@ -151,15 +150,14 @@ def _tiny_assets(work: Path) -> None:
         writer.writerows([("goal match team", "sport"), ("chip software code", "tech")] * 6)
 
 
-def check(keep: Path | None = None, allow: tuple[str, ...] = ()) -> dict:
-    """The whole check (see the module docstring); returns what it measured. ``allow``: harness modules tolerated
-    in the wheel (none by default)."""
+def check(keep: Path | None = None) -> dict:
+    """The whole check (see the module docstring); returns what it measured."""
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="singlora-wheel-") as tmp:
         root = Path(keep) if keep else Path(tmp)
         (root / "work").mkdir(parents=True, exist_ok=True)
         sdist, wheel = build(root / "dist")
-        result = {"sdist": sdist.name, "wheel": wheel.name, **check_contents(sdist, wheel, allow)}
+        result = {"sdist": sdist.name, "wheel": wheel.name, **check_contents(sdist, wheel)}
         result.update(use_as_a_user(fresh_venv(root / "venv", wheel), root / "work"))
     result["seconds"] = round(time.time() - start, 1)
     return result

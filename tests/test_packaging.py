@@ -46,10 +46,6 @@ def test_content_check_can_fail(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_wheel_in_a_fresh_venv(tmp_path) -> None:
-    # fuzz.py is being moved out of the package (files helper, COORDINATION.md); until it is, it is tolerated here
-    # (test_content_check_can_fail shows the check refuses it) and `python -m checks.wheel` fails on it.
-    still_in_package = tuple(m for m in wheel.HARNESS_MODULES
-                             if (wheel.ROOT / "src" / wheel.PACKAGE / f"{m}.py").exists())
-    result = wheel.check(tmp_path, allow=still_in_package)
+    result = wheel.check(tmp_path)
     assert result["wheel"] == "torch_singlora-0.1.0-py3-none-any.whl"
     assert Path(result["imported_from"]).is_relative_to(tmp_path / "venv")
