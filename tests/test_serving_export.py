@@ -74,3 +74,16 @@ def test_singlora_export_for_vllm_prints_every_problem_on_one_line(tmp_path, cap
                           "only (leave it out of target_modules); rank 32 (module ")
     assert "exceeds --max-lora-rank 16: start vllm with --max-lora-rank 32 or more" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_folder_is_checked_by_its_keys_as_export_writes_it(tmp_path) -> None:
+    """The adapted modules are those the file's keys name (its target patterns are metadata), for the engine check
+    as for loading and export: patterns that leave the embedding out do not hide it."""
+    base = tiny_llama()
+    model = get_singlora_model(tiny_llama(), SingLoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                            ramp_up_steps=0))
+    model.save_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    with pytest.raises(SingLoRAError, match="'model.embed_tokens' is an Embedding"):
+        check_engine_export(tmp_path, base, engine="vllm")

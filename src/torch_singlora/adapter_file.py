@@ -186,23 +186,28 @@ def expected_tensors(model: nn.Module, plan: AdapterPlan) -> Expected:
     return expected
 
 
-def read_adapter_for(model: nn.Module, directory: Path, config: SingLoRAConfig
-                     ) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
-    """``(plan, tensors)`` of the adapter in ``directory`` (its config already read: ``config``) for ``model``,
-    changing nothing. The adapted modules are exactly those the ``<module>.singlora_A`` keys name (the config's
-    target patterns are metadata, never matched); everything (modules, shapes, dtypes, values) is checked against
-    the model before the data is read."""
+def plan_adapter_file(model: nn.Module, directory: Path, config: SingLoRAConfig) -> tuple[AdapterPlan, Entries]:
+    """``(plan, header entries)`` of the adapter in ``directory`` (its config already read: ``config``) for
+    ``model``, from the safetensors header alone: the adapted modules are exactly those the
+    ``<module>.singlora_A`` keys name (the config's target patterns are metadata, never matched)."""
     path = Path(directory) / WEIGHTS_FILE
     entries = read_adapter_header(path)
     modules = [key[: -len(A_SUFFIX) - 1] for key in entries if key.endswith("." + A_SUFFIX)]
     if not modules:
         raise AdapterFileError(f"{path}: no <module>.{A_SUFFIX} tensor: not a SingLoRA adapter")
     try:
-        plan = plan_adapter(model, config, modules)
+        return plan_adapter(model, config, modules), entries
     except SingLoRAError as exc:
         raise AdapterFileError(f"{Path(directory) / CONFIG_FILE} and {path}: the adapter does not fit this model: "
                                f"{exc}") from None
-    return plan, read_expected(path, entries, expected_tensors(model, plan))
+
+
+def read_adapter_for(model: nn.Module, directory: Path, config: SingLoRAConfig
+                     ) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
+    """``(plan, tensors)`` of the adapter in ``directory`` (``plan_adapter_file``) for ``model``, changing
+    nothing; everything (modules, shapes, dtypes, values) is checked against the model before the data is read."""
+    plan, entries = plan_adapter_file(model, directory, config)
+    return plan, read_expected(Path(directory) / WEIGHTS_FILE, entries, expected_tensors(model, plan))
 
 
 def read_adapter_tensors(path: str | os.PathLike, expected: Expected) -> dict[str, torch.Tensor]:

@@ -24,14 +24,15 @@ from typing import Union
 
 from torch import nn
 
-from .adapter_file import read_adapter_config
+from .adapter_file import plan_adapter_file, read_adapter_config
 from .errors import SingLoRAError
 from .model import SingLoRAModel
 from .plan import AdapterPlan, plan_adapter
 
 ENGINES = ("vllm", "lorax")
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's --max-lora-rank default
-KIND_NAMES = {"embedding": "an Embedding", "conv": "a convolution", "conv1d_t": "a transformers Conv1D"}
+KIND_NAMES = {"embedding": "an Embedding", "conv": "a convolution", "conv1d_t": "a transformers Conv1D",
+              "experts": "a stack of expert weights"}
 
 
 def engine_problems(plan: AdapterPlan, *, engine: str = "vllm",
@@ -71,7 +72,7 @@ def check_engine_export(
         if base_model is None:
             raise SingLoRAError(f"checking the adapter directory {source}: pass base_model=")
         config, _ = read_adapter_config(source)
-        plan, where = plan_adapter(base_model, config), str(Path(source))
+        plan, where = plan_adapter_file(base_model, Path(source), config)[0], str(Path(source))  # as loading
     problems = engine_problems(plan, engine=engine, max_lora_rank=max_lora_rank)
     if problems:
         raise SingLoRAError(f"{where} cannot be served by {engine} from its LoRA export: {'; '.join(problems)}")
