@@ -98,6 +98,11 @@ class _Worker:
         self.steps = 0  # forwards run (for tests and stats)
         self.most_rows = 0  # the most rows one forward has run
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (inputs go there)."""
+        return next(self.model.parameters()).device
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
         self._thread.start()
@@ -213,10 +218,6 @@ class GenerationEngine(_Worker):
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.last = torch.zeros(0, dtype=torch.long)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def _forward(self, names: list[str], ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
         """Logits of the last position, ``(B, vocab)``, float32."""
         with self.use_adapters(names):
@@ -243,24 +244,26 @@ class GenerationEngine(_Worker):
             self.cache, self.mask = cache, mask
         else:  # pad the shorter of the two on the left, then stack the rows
             length = max(self.mask.shape[1], width)
-            self._pad_left(self.cache, self.mask, length - self.mask.shape[1])
-            self._pad_left(cache, mask, length - width)
+            old_mask = self._pad_left(self.cache, self.mask, length - self.mask.shape[1])
+            new_mask = self._pad_left(cache, mask, length - width)
             for old, new in zip(self.cache.layers, cache.layers):
                 old.keys = torch.cat([old.keys, new.keys])
                 old.values = torch.cat([old.values, new.values])
-            self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
-                                   F.pad(mask, (length - width, 0))])
+            self.mask = torch.cat([old_mask, new_mask])
         self.rows = self.rows + requests
         self.most_rows = max(self.most_rows, len(self.rows))
         self.last = torch.cat([self.last, self.last.new_zeros(len(requests))])
         return logits
 
     @staticmethod
-    def _pad_left(cache: Any, mask: Tensor, pad: int) -> None:
+    def _pad_left(cache: Any, mask: Tensor, pad: int) -> Tensor:
+        """Pad ``cache``'s keys and values (in place) and ``mask`` ``(B, L)`` by ``pad`` positions on the left;
+        returns the padded mask ``(B, L + pad)``."""
         if pad:
             for layer in cache.layers:
                 layer.keys = F.pad(layer.keys, (0, 0, pad, 0))
                 layer.values = F.pad(layer.values, (0, 0, pad, 0))
+        return F.pad(mask, (pad, 0))
 
     def _decode(self) -> Tensor:
         """One token for every running row; their logits."""
@@ -368,10 +371,9 @@ class ClassificationEngine(_Worker):
         for i, seq in enumerate(sequences):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-        device = next(self.model.parameters()).device
         self.most_rows = max(self.most_rows, len(sequences))
         with self.use_adapters(names):
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         self.steps += 1
         probabilities = torch.softmax(logits.float(), -1).cpu()
         start = 0
