@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, adapter_dtype, set_submodule
+from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, set_submodule
 
 
 class ExpertAdapter(SingLoRAAdapter):
@@ -114,14 +114,9 @@ class SingLoRAExpertParameter(SingLoRALayer):
     def bias(self) -> None:
         return None
 
-    def add_adapter(self, name: str, r: int, **kwargs: Any) -> None:
-        """Add adapter ``name``: ``A`` of shape ``(E, n, r)``; kwargs go to ``SingLoRAAdapter``."""
-        n = max(self.d_out, self.d_in)
-        if r > n:
-            raise SingLoRAError(f"r={r} exceeds n=max(d_out={self.d_out}, d_in={self.d_in})={n}")
-        weight = self.base_layer.weight
-        self.singlora[name] = ExpertAdapter(self.num_experts, n, r, device=weight.device, dtype=adapter_dtype(weight),
-                                            **kwargs)
+    def _new_adapter(self, n: int, r: int, **kwargs: Any) -> ExpertAdapter:
+        """An adapter whose ``A`` is ``(E, n, r)`` (``SingLoRALayer.add_adapter`` checks ``r`` and picks the dtype)."""
+        return ExpertAdapter(self.num_experts, n, r, **kwargs)
 
     def _delta(self, A: Tensor, coefficient: Tensor | float) -> Tensor:
         """``(E, d_out, d_in)`` updates (``(E, d_in, d_out)`` for a transposed stack) from ``A`` ``(E, n, r)``."""

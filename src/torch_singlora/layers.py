@@ -195,7 +195,11 @@ class SingLoRALayer(nn.Module):
         """Add adapter ``name`` with rank ``r``; kwargs go to ``SingLoRAAdapter``."""
         n = adapter_rows(self.d_out, self.d_in, r)
         weight = self.base_layer.weight
-        self.singlora[name] = SingLoRAAdapter(n, r, device=weight.device, dtype=adapter_dtype(weight), **kwargs)
+        self.singlora[name] = self._new_adapter(n, r, device=weight.device, dtype=adapter_dtype(weight), **kwargs)
+
+    def _new_adapter(self, n: int, r: int, **kwargs: Any) -> SingLoRAAdapter:
+        """The adapter object of this kind of layer (expert stacks override it)."""
+        return SingLoRAAdapter(n, r, **kwargs)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
