@@ -40,7 +40,6 @@ from .errors import SingLoRAError
 from .functional import ramp_value
 from .layers import SingLoRALayer, TrainableCopy, adapter_dtype, set_submodule
 from .mixed import BASE, Selection, check_adapter_names
-from .model import _check_adapter_name
 
 
 class LayerBank(nn.Module):
@@ -182,13 +181,16 @@ class AdapterBank:
 
     # ---- reading, before any change --------------------------------------------------------------------------
 
-    def _check(self, directory: str | Path) -> _Checked:
+    def _check(self, directory: str | Path, name: str) -> _Checked:
         """Read ``directory`` (``adapter_config.json`` + ``adapter_model.safetensors``) and check it against the
-        model (``plan.plan_adapter``: targets, ranks; ``<= max_rank``; keys, shapes, dtypes, finite values).
-        Changes nothing."""
+        model (``plan.plan_adapter``: targets, ranks; ``<= max_rank``; keys, shapes, dtypes, finite values) and
+        the adapter's ``name``. Changes nothing."""
         directory = Path(directory)
         config, meta = read_adapter_config(directory)
         plan, tensors = read_adapter_for(self.model, directory, config)  # exactly as loading reads it
+        if plan.saved_modules and "." in name:  # the copies live in a ModuleDict under this name
+            raise SingLoRAError(f"adapter name {name!r}: an adapter with modules_to_save {list(plan.saved_modules)} "
+                                "needs a name without '.' (its module copies are kept under that name)")
         too_big = {name: m.r for name, m in plan.modules.items() if self.max_rank is not None and m.r > self.max_rank}
         if too_big:
             name, r = next(iter(too_big.items()))
@@ -255,12 +257,11 @@ class AdapterBank:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Add adapter ``name`` from a singlora adapter folder; on any error nothing changes."""
-        _check_adapter_name(name)  # the library's rule: saved-module copies are keyed by it (no '.')
-        if name == BASE:
+        if not isinstance(name, str) or not name or name == BASE:
             raise SingLoRAError(f"adapter name {name!r} must be a non-empty string other than {BASE!r}")
         if name in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is already loaded; swap() replaces it, unload() removes it")
-        checked = self._check(directory)
+        checked = self._check(directory, name)
         self._write(name, self._new_id(), checked, str(directory))
 
     def swap(self, name: str, directory: str | Path) -> None:
@@ -268,7 +269,7 @@ class AdapterBank:
         rebuilt; a compiled model does not recompile while ranks stay within ``max_rank``)."""
         if name not in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapters)}")
-        checked = self._check(directory)
+        checked = self._check(directory, name)
         self._write(name, self.adapters[name].id, checked, str(directory))
 
     def unload(self, name: str) -> None:
