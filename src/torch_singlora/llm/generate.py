@@ -17,7 +17,6 @@ Greedy generation is deterministic; sampling draws from ``torch.manual_seed(opti
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import SingLoRAError
+from ..train.evaluate import eval_mode
 from ..untrusted import read_json
 from .data import Message
 from .tokenization import render, set_chat_template, stop_token_ids
@@ -197,17 +197,6 @@ def _answer(tokenizer: Any, new_ids: Sequence[int], stops: set[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -225,7 +214,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[Messag
     device = _device(model)
     if options.do_sample:
         torch.manual_seed(options.seed)
-    with _eval_mode(model):
+    with eval_mode(model, inference=True):
         for start in range(0, len(order), options.batch_size):
             batch = order[start:start + options.batch_size]
             ids, mask = left_pad([encoded[i] for i in batch], config.pad_token_id)
@@ -257,7 +246,7 @@ def stream(model: nn.Module, tokenizer: Any, messages: Sequence[Message],
         try:
             if options.do_sample:
                 torch.manual_seed(options.seed)
-            with _eval_mode(model):
+            with eval_mode(model, inference=True):
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
         except BaseException as exc:  # re-raised in the caller's thread

@@ -14,12 +14,13 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` and no gradients inside; the previous mode after."""
+def eval_mode(model: nn.Module, *, inference: bool = False) -> Iterator[None]:
+    """``model.eval()`` and no gradients inside (``torch.inference_mode`` with ``inference``: tensors made inside
+    never take part in autograd later, as in generation); the previous mode after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode() if inference else torch.no_grad():
             yield
     finally:
         model.train(was_training)
