@@ -165,3 +165,18 @@ def test_collator_pads_right_with_ignored_labels() -> None:
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_named(tmp_path) -> None:
+    """`--chat-template` is read once, by the one reader that names the flag (a copy without the UTF-8 check
+    read it first and gave a traceback)."""
+    from torch_singlora import SingLoRAError
+    from torch_singlora.llm.task import SFT, SFTOptions
+
+    bad = tmp_path / "template.jinja"
+    bad.write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(SingLoRAError, match="--chat-template .*not UTF-8 text"):
+        SFT()._info(SFTOptions(chat_template=str(bad)), 128)
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert SFT()._info(SFTOptions(chat_template=str(good)), 128)["chat_template"] == good.read_text()

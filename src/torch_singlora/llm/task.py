@@ -56,16 +56,6 @@ class SFTOptions:
             raise SingLoRAError(f"--max-new-tokens={self.max_new_tokens} must be >= 1")
 
 
-def _chat_template_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise SingLoRAError(f"--chat-template {path!r}: no such file (a Jinja chat template)")
-    return Path(path).read_text(encoding="utf-8")
-
-
 class SFT(CausalLM):
     """Instruction fine-tuning of a causal LM on chat data (see the module docstring); the model and the answer
     loss are ``causal-lm``'s."""
@@ -102,9 +92,11 @@ class SFT(CausalLM):
                                       assistant_only_loss=info["assistant_only_loss"])
 
     def _info(self, options: SFTOptions, max_length: int | None) -> dict[str, Any]:
+        from .tokenization import read_chat_template
+
         return {"labels": None, "max_length": max_length, "data_format": options.data_format,
                 "assistant_only_loss": options.assistant_only_loss,
-                "chat_template": _chat_template_text(options.chat_template),
+                "chat_template": None if options.chat_template is None else read_chat_template(options.chat_template),
                 "eval_generations": options.eval_generations, "max_new_tokens": options.max_new_tokens,
                 "eval_samples": options.eval_samples}
 
@@ -115,7 +107,9 @@ class SFT(CausalLM):
 
         options = self.parse_options(config.task_options)
         info = self._info(options, config.max_length)
-        set_chat_template(tokenizer, options.chat_template)
+        if info["chat_template"]:  # read once, by _info
+            tokenizer.chat_template = info["chat_template"]
+        set_chat_template(tokenizer)
         conversations = self._read(config.train_data, info, options.data_split, config.encoding)
         held: list["Conversation"] = []
         if config.eval_data:

@@ -34,19 +34,24 @@ from .data import Conversation, Message
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's cross-entropy ``ignore_index``)
 
 
+def read_chat_template(path: str | Path) -> str:
+    """The text of the Jinja chat template file ``path`` (``--chat-template``); errors name the flag."""
+    path = Path(path)
+    if not path.is_file():
+        raise SingLoRAError(f"--chat-template {str(path)!r}: no such file (a Jinja chat template)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SingLoRAError(f"--chat-template {path}: not UTF-8 text ({exc})") from None
+
+
 def set_chat_template(tokenizer: Any, path: str | Path | None = None) -> str:
     """Use the Jinja template in file ``path`` (if given), else the tokenizer's own; returns the template text.
 
     A tokenizer without a template and no file is an error (rendering "role: content" lines by guesswork would
     train a format the model has never seen)."""
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SingLoRAError(f"--chat-template {str(path)!r}: no such file (a Jinja chat template)")
-        try:
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise SingLoRAError(f"--chat-template {path}: not UTF-8 text ({exc})") from None
+        tokenizer.chat_template = read_chat_template(path)
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
