@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .adapter_file import SAVE_DTYPES
 from .cli_options import add_dataclass_arguments, add_task_options, dataclass_from_args, task_options
 from .errors import SingLoRAError
 
@@ -183,6 +184,8 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     from .train.registry import get_task
 
     dtype = storage_dtype(save_dtype)  # checked before anything loads
+    if max_lora_rank is not None and engine is None:
+        raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
@@ -190,8 +193,6 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
     with _progress_bars(not quiet):
         base = get_task(info["task"]).load_model(model or info["base_model"], info)
-    if max_lora_rank is not None and engine is None:
-        raise SingLoRAError("--max-lora-rank is the serving engine's limit: give --for vllm (or lorax) with it")
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
     written = export_lora(adapter, output, format=format, base_model=base, overwrite=overwrite, dtype=dtype)
@@ -209,7 +210,7 @@ def _add_export(subparsers: Any) -> None:
                         "ranks above --max-lora-rank) before writing anything")
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="with --for: the engine's --max-lora-rank (default: 16, vLLM's)")
-    parser.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default=None,
                         help="storage dtype of the exported factors, every --format (as train --save-dtype): "
                         "float32 (default, exact), bfloat16 or float16 (half the file; values beyond float16's "
                         "range are refused, nothing written)")

@@ -19,7 +19,6 @@ all-MiniLM-L6-v2 fine-tuned on BBC News classification, SingLoRA vs LoRA.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -62,10 +61,11 @@ def write_data(folder: Path, task: str, words: int, eval_examples: int) -> Path:
 
 def progress(runs: dict[str, Path], total: int) -> str:
     """One line: the latest logged step and loss of each run (read from its metrics.jsonl)."""
+    from .train.metrics import read_metrics  # skips a torn last line: the runs are writing these logs
+
     parts = []
     for method, run in runs.items():
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = read_metrics(run)
         train = [r for r in records if r.get("kind") == "train"]
         if train:
             parts.append(f"{method} step {train[-1]['step']}/{total} loss {train[-1]['loss']:.3f}")

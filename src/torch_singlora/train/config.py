@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapter_file import SAVE_DTYPES
 from ..config import parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
@@ -109,7 +110,7 @@ class TrainConfig:
             self.max_length = task_class(self.task).default_max_length
         if self.method not in METHOD_NAMES:
             raise SingLoRAError(f"--method={self.method!r} must be one of {METHOD_NAMES}")
-        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+        if self.save_dtype not in SAVE_DTYPES:
             raise SingLoRAError(f"--save-dtype={self.save_dtype!r} must be one of float32, bfloat16, float16")
         if self.save_dtype != "float32" and self.method != "singlora":
             raise SingLoRAError(f"--save-dtype={self.save_dtype} applies to --method singlora (got {self.method})")
