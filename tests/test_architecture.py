@@ -17,7 +17,6 @@ LONG_MODULE_REASON = "Long module:"  # a module over MAX_LINES says why in its d
 KNOWN_LONG: dict[str, str] = {  # over MAX_LINES without a reason today
 }
 KNOWN_CYCLES: dict[tuple[str, str], str] = {  # (importer, imported) edges that close a cycle today
-    ("torch_singlora.mixed", "torch_singlora.model"): "issue 20 part 3 (bank helper): use_adapter_names moves to model",
 }
 
 
