@@ -361,8 +361,12 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "data": data, "allocated_bytes": memory["allocated"],
                 "resident": memory["adapters"]}
 
-    static = Path(__file__).with_name("static")  # the playground: public files, no API key needed to load them
-    app.get("/", include_in_schema=False)(lambda: FileResponse(static / "index.html"))
+    static = Path(__file__).with_name("static")  # the browser playground: public files (no API key to load them)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(static / "index.html")
+
     app.mount("/static", StaticFiles(directory=static), name="static")
     return app
 
