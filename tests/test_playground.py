@@ -151,6 +151,7 @@ def last_answer(pane: Any) -> str:
 # ---- the site: a tiny Llama, four adapters, the library's reference, a live server; and a browser ------------------
 
 def tiny_llama(tokenizer: Any) -> torch.nn.Module:
+    """SmolLM2's vocabulary, an untied ``lm_head`` (the ``html`` adapter saves its own copy of it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
