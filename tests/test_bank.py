@@ -160,7 +160,7 @@ def test_a_batch_on_one_adapter_reads_its_rows_without_a_gather(saved, monkeypat
     with torch.no_grad(), bank.use(["a", "b", "a"]):
         base(ids)
     assert gathers  # a mixed batch does gather (the count above could fail)
-    held = base.up.bank.rows_of(bank.adapters["a"].id)[0]
+    held = base.up.bank.shared(bank.adapters["a"].id, base.up.d_out, base.up.d_in).At
     assert held.data_ptr() != base.up.bank.pool.data_ptr() and held._base is base.up.bank.pool  # a view
 
 

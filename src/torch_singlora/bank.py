@@ -104,8 +104,7 @@ class BankSelection(Selection):
         bank = layer.bank
         if not torch.compiler.is_compiling():  # eager: exact sizes (a compiled graph keeps one shape)
             if self.shared is not None:
-                held = bank.rows_of(self.shared) if self.shared else None
-                return None if held is None else Shared(held[0].T, held[1])
+                return bank.shared(self.shared, layer.d_out, layer.d_in) if self.shared else None
             rows = bank.table[:, : self.width].index_select(0, self.ids)
         else:
             rows = bank.table.index_select(0, self.ids)

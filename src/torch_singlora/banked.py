@@ -10,7 +10,7 @@ unloaded adapter leaves are reused by the next adapter of any rank::
 
 A mixed batch (example ``b`` uses adapter id ``ids[b]``) reads ``pool[table[ids]]``: one gather of ``(B, W, n)``
 and two batched products (``functional.pooled_factored_update``), whatever the number of adapters and ranks.
-When every example uses one adapter, its rows are read as they lie (``rows_of``: a view when they are contiguous,
+When every example uses one adapter, its rows are read as they lie (``shared``: a view when they are contiguous,
 which the allocator prefers), so the step costs one adapter's two small products, as an unbanked layer does.
 
 Memory per adapter and layer: ``n * r`` numbers, ``W`` table entries and one coefficient. Growing copies: the pool
@@ -25,6 +25,8 @@ import bisect
 
 import torch
 from torch import Tensor, nn
+
+from .mixed import Shared, shared
 
 GROWTH = 16  # the pool grows by at least 1/GROWTH of its rows
 
@@ -44,6 +46,7 @@ class LayerBank(nn.Module):
         self.register_buffer("coefficients", torch.zeros(ids, dtype=dtype, device=device), persistent=False)
         self.free = list(range(1, rows + 1))
         self.held: dict[int, tuple[list[int], float]] = {}
+        self._shared: dict[int, Shared] = {}  # adapter id -> its rows as read by a batch on that one adapter
 
     @property
     def width(self) -> int:
@@ -82,6 +85,7 @@ class LayerBank(nn.Module):
         """Hold ``A`` (``(n, r)``, already this bank's dtype and device) for ``adapter_id`` with ``c = coefficient``,
         replacing what the id held here (its rows are reused when the rank is the same). Grows the table's width
         when ``r > W`` (a caller that fixed the width refuses such an ``A`` first)."""
+        self._shared.clear()
         r = A.shape[1]
         if r > self.width:
             self.table = torch.cat([self.table, self.table.new_zeros(self.table.shape[0], r - self.width)], dim=1)
@@ -104,21 +108,26 @@ class LayerBank(nn.Module):
         held = self.held.pop(adapter_id, None)
         if held is None:
             return
+        self._shared.clear()
         with torch.no_grad():
             self.pool.index_fill_(0, torch.tensor(held[0], device=self.pool.device), 0)
             self.table[adapter_id].zero_()
             self.coefficients[adapter_id] = 0
         self._release(held[0])
 
-    def rows_of(self, adapter_id: int) -> tuple[Tensor, float] | None:
-        """``(A.T (r, n), c)`` of ``adapter_id`` (a view of the pool when its rows are contiguous), or None."""
-        held = self.held.get(adapter_id)
-        if held is None:
-            return None
-        rows, coefficient = held
-        if rows[-1] - rows[0] == len(rows) - 1:
-            return self.pool[rows[0] : rows[-1] + 1], coefficient
-        return self.pool.index_select(0, self.table[adapter_id, : len(rows)]), coefficient
+    def shared(self, adapter_id: int, d_out: int, d_in: int) -> Shared | None:
+        """``adapter_id``'s rows as a ``mixed.Shared`` for a ``(d_out, d_in)`` layer (``A.T``: a view of the pool
+        when its rows are contiguous, else gathered), or None if it holds none here. Kept until the bank
+        changes: a decoding step on one adapter reads it as it lies."""
+        found = self._shared.get(adapter_id)
+        if found is None and adapter_id in self.held:
+            rows, coefficient = self.held[adapter_id]
+            if rows[-1] - rows[0] == len(rows) - 1:
+                At = self.pool[rows[0] : rows[-1] + 1]
+            else:
+                At = self.pool.index_select(0, self.table[adapter_id, : len(rows)])
+            found = self._shared[adapter_id] = shared(At, d_out, d_in, coefficient)
+        return found
 
     def held_bytes(self, adapter_id: int) -> int:
         """Bytes ``adapter_id`` occupies here: its rows, its table row and its coefficient."""

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .banked import LayerBank
 from .errors import SingLoRAError, warn_deprecated
 from .functional import (
-    LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
-    init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, add_factored_update_, add_update_, conv_update, delta_weight, embedding_update,
+    factored_update, init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
 from .mixed import Pooled, Selection, Shared
 
@@ -251,6 +251,14 @@ class SingLoRALayer(nn.Module):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
+    def _add_shared(self, result: Tensor, x: Tensor, found: Shared) -> Tensor:
+        """``result`` plus the update of the adapter every example uses (``mixed.Shared``)."""
+        dtype = found.At.dtype
+        if self._accumulates(result, dtype):
+            return add_update_(result, x if x.dtype == dtype else x.to(dtype), found.A_in, found.A_out,
+                               found.coefficient)
+        return self._add_update(result, x, found.At.T, found.coefficient)
+
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
         (``functional.mixed_factored_update``). An input whose first dimension is ``k`` times the number of
@@ -292,7 +300,7 @@ class SingLoRALayer(nn.Module):
             if found is None:  # no example of this batch uses an adapter of this layer
                 return result
             if isinstance(found, Shared):
-                return self._add_update(result, x, found.A, found.coefficient)
+                return self._add_shared(result, x, found)
             return self._add_pooled(result, x, found)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
