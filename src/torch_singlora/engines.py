@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from collections import defaultdict
 from typing import Union
 
 from torch import nn
@@ -37,6 +36,7 @@ from .adapter_file import plan_adapter_file, read_adapter_config
 from .errors import SingLoRAError
 from .model import SingLoRAModel
 from .plan import AdapterPlan, plan_adapter
+from .tied import shared_weights
 
 ENGINES = ("vllm", "lorax")
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's --max-lora-rank default
@@ -47,11 +47,9 @@ KIND_NAMES = {"embedding": "an Embedding", "conv": "a convolution", "conv1d_t": 
 def model_layout(model: nn.Module) -> tuple[str | None, dict[str, list[str]]]:
     """``(the input embeddings' module name or None, {module name: the modules sharing its weight})`` of
     ``model`` (weights found by tensor identity; names as adapted modules have them)."""
-    owners: dict[int, list[str]] = defaultdict(list)
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if name.endswith(".weight"):
-            owners[id(parameter)].append(name.removesuffix(".weight").removesuffix(".base_layer"))
-    shared = {name: [other for other in names if other != name] for names in owners.values() if len(names) > 1
+    owners = [[name.removesuffix(".weight").removesuffix(".base_layer") for name in names if name.endswith(".weight")]
+              for names in shared_weights(model).values()]
+    shared = {name: [other for other in names if other != name] for names in owners if len(names) > 1
               for name in names}
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if embeddings is None:
