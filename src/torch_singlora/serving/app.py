@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import re
 import socket
 import threading
 from typing import Any, AsyncIterator
@@ -64,10 +65,20 @@ def answer(error: ApiError) -> JSONResponse:
     return JSONResponse(error_body(error.message, error.kind, error.param, error.code), error.status)
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[^\w]")  # pydantic's union branches in a location
+
+
 def _invalid(exc: RequestValidationError) -> ApiError:
     """A 400 naming the first invalid field (its path in the body), quoting none of its value."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    where = shorten(".".join(str(p) for p in first.get("loc", ()) if p != "body"))
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "body: not valid JSON")
+    path = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
+        if isinstance(part, str) and _TYPE_TAG.search(part):
+            break
+        path.append(str(part))
+    where = shorten(".".join(path))
     message = str(first.get("msg", "invalid"))
     if first.get("type") == "extra_forbidden":
         message = "unrecognized request argument"

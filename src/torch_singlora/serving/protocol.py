@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .sampling import BOUNDS, SamplingParams
+from .sampling import BOUNDS, INT64, SamplingParams
 
 MAX_NAME = 256
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
@@ -41,7 +41,6 @@ MAX_STOP_TOKENS = 64
 MAX_LOGIT_BIAS = 300
 
 TokenId = Annotated[int, Field(ge=0)]
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 # OpenAI options not implemented here, with the values that mean "off" (accepted); any other value gets a 400.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -76,8 +75,8 @@ class _Generate(Strict):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOPS)], None] = None
-    seed: int | None = bounded("seed", None)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])  # choice j seeds seed + j: within the generator's range
     user: str | None = Field(None, max_length=MAX_NAME)
     presence_penalty: float = bounded("presence_penalty", 0.0)
     frequency_penalty: float = bounded("frequency_penalty", 0.0)
@@ -108,6 +107,14 @@ class _Generate(Strict):
     def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in UNSUPPORTED[info.field_name]:
             raise ValueError("not supported by this server")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or not all(1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"give at most {MAX_STOPS} stop strings of 1 to {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("logit_bias")

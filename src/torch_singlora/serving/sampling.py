@@ -66,7 +66,7 @@ BOUNDS: dict[str, Bound] = {
     "repetition_penalty": Bound(gt=0, le=2),
     "presence_penalty": Bound(ge=-2, le=2),
     "frequency_penalty": Bound(ge=-2, le=2),
-    "seed": Bound(ge=INT64[0], le=INT64[1]),
+    "seed": Bound(ge=INT64[0], le=2**64 - 1),  # torch.Generator's range; a request's seed is an int64 (protocol)
     "logprobs": Bound(ge=0, le=20),
     "logit_bias": Bound(ge=-100, le=100),  # each value
 }
