@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -71,6 +72,13 @@ def no_adapters(names):
     return contextlib.nullcontext()
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_chunked_prefill_keeps_running_rows_decoding(model) -> None:
     forwards: list[tuple[str, int, int]] = []
     engine = GenerationEngine(model, no_adapters, max_batch_size=4, max_step_tokens=16, batch_window_s=0.0,
@@ -81,8 +89,7 @@ def test_chunked_prefill_keeps_running_rows_decoding(model) -> None:
     with running(engine):
         for job, _ in short:
             engine.submit(job)
-        while len(short[0][1].tokens) < 3 or len(short[1][1].tokens) < 3:
-            threading.Event().wait(0.001)
+        wait_until(lambda: len(short[0][1].tokens) >= 3 and len(short[1][1].tokens) >= 3)
         start = len(forwards)
         engine.submit(long[0])
         for _, collector in [*short, long]:
@@ -137,8 +144,7 @@ def test_a_row_that_fails_ends_alone(model) -> None:
     with running(engine):
         for job, _ in [*healthy, broken_text, retired]:
             engine.submit(job)
-        while len(retired[1].tokens) < 5:
-            threading.Event().wait(0.001)
+        wait_until(lambda: len(retired[1].tokens) >= 5)
         served.discard("gone")
         bomb = request([14, 15], 5, adapter="bomb")
         engine.submit(bomb[0])
@@ -154,18 +160,17 @@ def test_a_row_that_fails_ends_alone(model) -> None:
 
 def test_a_cancelled_row_leaves_within_one_step(model) -> None:
     engine = GenerationEngine(model, no_adapters, max_batch_size=4, batch_window_s=0.0)
-    keep, cancel = request([3, 4], 100), request([5, 6], 100)
+    keep, cancel = request([3, 4], 60), request([5, 6], 60)
     with running(engine):
         engine.submit(keep[0])
         engine.submit(cancel[0])
-        while len(cancel[1].tokens) < 3:
-            threading.Event().wait(0.001)
+        wait_until(lambda: len(cancel[1].tokens) >= 3)
         steps, generated = engine.steps, len(cancel[0].generated)
         cancel[0].cancelled = True
         assert cancel[1].ended.wait(30)
         assert engine.steps - steps <= 2 and len(cancel[0].generated) - generated <= 1
         assert cancel[1].end == ("done", "cancelled")
         assert keep[1].ended.wait(60)
-    assert keep[1].tokens == reference(model, [3, 4], 100)
+    assert keep[1].tokens == reference(model, [3, 4], 60)
     with pytest.raises(SingLoRAError, match="max_step_tokens"):
         GenerationEngine(model, no_adapters, max_batch_size=8, max_step_tokens=4)
