@@ -60,6 +60,14 @@ def running_server(model: Any, tokenizer: Any, **limits: Any) -> tuple[Any, int,
     return service, port, stop
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def client(port: int) -> Any:
     import openai
 
@@ -84,8 +92,8 @@ def part_abandon(model: Any, tokenizer: Any) -> dict[str, Any]:
         for sock in sockets:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        while len(service.engine.rows) < 16 or min(len(r.generated) for r in service.engine.rows) < 2:
-            time.sleep(0.01)
+        wait_until(lambda: len(service.engine.rows) == 16 and min(len(r.generated) for r in service.engine.rows) >= 2,
+                   "the 16 long requests to run")
         rows = list(service.engine.rows)
         at_drop = [len(r.generated) for r in rows]
         for sock in sockets:
@@ -116,15 +124,15 @@ def part_prefill(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
     rows = []
     for budget in (256, 4096):
         service, port, stop_server = running_server(model, tokenizer, max_batch_size=16, max_step_tokens=budget,
-                                                    max_prompt_tokens=4096)
+                                                    max_prompt_tokens=4096, max_tokens=4096)
         try:
             stamps: list[list[float]] = [[] for _ in range(8)]
             stop = threading.Event()
             threads = [threading.Thread(target=stream_gaps, args=(port, s, stop)) for s in stamps]
             for thread in threads:
                 thread.start()
-            while min(map(len, stamps)) < 5:
-                time.sleep(0.01)
+            wait_until(lambda: min(map(len, stamps)) >= 5 or not all(t.is_alive() for t in threads),
+                       "the 8 streams to run")
             arrival = time.perf_counter()
             stream = client(port).completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0,
                                                      stream=True)

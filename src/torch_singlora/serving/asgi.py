@@ -6,7 +6,8 @@
   sends its body a byte at a time holds nothing for long).
 - ``header_timeout_protocol``: uvicorn's HTTP protocol with a deadline for a request's headers: a connection that
   has not sent complete headers ``header_timeout_s`` after it opened (or after its previous response) is closed,
-  with a 408 if it had begun a request. uvicorn has no such timeout of its own (its keep-alive timer stops at the first byte).
+  with a 408 if it had begun a request. uvicorn has no such timeout of its own (its keep-alive timer stops at the
+  first byte).
 """
 
 from __future__ import annotations

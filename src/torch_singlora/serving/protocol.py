@@ -13,7 +13,8 @@ Bounds (``sampling.BOUNDS``; OpenAI's where OpenAI documents them, vLLM's otherw
 ``repetition_penalty``      (0, 2]; ``presence_penalty`` / ``frequency_penalty`` [-2, 2]
 ``seed``                    a 64-bit signed integer; choice ``j`` of ``n`` uses ``seed + j``
 ``n``                       >= 1 (prompts x n within the server's ``--max-choices``)
-``min_tokens``              [0, max_tokens] (checked by ``serving.py``); ``ignore_eos``: do not stop at the model's end-of-sequence tokens
+``min_tokens``              [0, max_tokens] (checked by ``serving.py``); ``ignore_eos``: do not stop at the model's
+                            end-of-sequence tokens
 ``stop``                    a string or up to 16 strings of 1 to 256 characters
 ``stop_token_ids``          up to 64 token ids (in the vocabulary)
 ``logit_bias``              up to 300 ``{token id: bias}``, bias in [-100, 100]
