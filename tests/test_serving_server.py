@@ -27,6 +27,8 @@ from torch_singlora.serving.app import create_app, serve_in_thread
 from torch_singlora.serving.service import Limits, Service
 from torch_singlora.serving.text import TextStream, chat_prompt_ids
 
+from serving_models import tiny_llama
+
 KEY = "test-key"
 ADAPTERS = {  # name -> config: every projection kind, the embedding, a saved lm_head
     "alice": SingLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init="gaussian", init_std=0.5,
@@ -38,24 +40,11 @@ ADAPTERS = {  # name -> config: every projection kind, the embedding, a saved lm
 }
 
 
-def tiny_llama(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=1,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, smollm2_tokenizer):
     """A tiny Llama folder, three adapters in an adapter dir, the library reference and a running server."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    tokenizer = smollm2_tokenizer
     base = tiny_llama(tokenizer)
     base.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")

@@ -28,7 +28,7 @@ from torch_singlora.serving.app import create_app, serve_in_thread
 from torch_singlora.serving.service import Limits, Service
 from torch_singlora.serving.text import TextStream
 
-from test_serving_server import tiny_llama
+from serving_models import tiny_llama
 
 VICTIM_SEED = 4242  # the test makes sampling fail for rows with this seed (a fault inside one row)
 
