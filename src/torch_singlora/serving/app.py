@@ -7,7 +7,8 @@ Routes: ``GET /v1/models`` (the base model, then every adapter, each with ``pare
 ``/detokenize`` (vLLM's shapes); open to all: ``GET /health`` (503 once the engine has stopped), ``GET /version``,
 ``GET /metrics`` (Prometheus text, ``metrics.py``); behind the API key only (and only when one is set):
 ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``GET /v1/lora_adapters`` (memory per adapter).
-The request's ``model`` picks the adapter.
+The request's ``model`` picks the adapter. ``GET /`` is the browser playground (``static/``: chat and side-by-side
+comparison over this API).
 
 Every bad request gets a 4xx with OpenAI's error body and the server goes on serving: 400 (invalid JSON, fields out
 of bounds, options not implemented, limits), 401 (API key), 403 (admin without a key), 404 (unknown model), 408
@@ -22,11 +23,13 @@ import hmac
 import re
 import socket
 import threading
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -58,6 +61,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     app.include_router(openai_router(serving, keys))
     app.include_router(info_router(service))
     app.include_router(admin_router(service, keys))
+    mount_playground(app)
     return app
 
 
@@ -205,6 +209,17 @@ def admin_router(service: Service, keys: ApiKey) -> APIRouter:
                 "resident": memory["adapters"]}
 
     return router
+
+
+def mount_playground(app: FastAPI) -> None:
+    """``GET /``: the browser playground (``static/``); public files (no API key to load them)."""
+    static = Path(__file__).with_name("static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(static / "index.html")
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
 
 
 def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, *,
