@@ -16,23 +16,19 @@ server). ``model`` is a served name (the base model's or an adapter's), never a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-
-from ..mixed import BASE
-
-if TYPE_CHECKING:
-    from .service import Service
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    """The counters the server updates, and the gauges read from ``service`` at each scrape."""
+    """The counters the server updates, and the gauges read at each scrape: from ``engine`` (its queue and rows),
+    ``adapters()`` (resident adapters) and ``in_flight()`` (``{model: requests running or waiting}``)."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, engine: Any, adapters: Callable[[], int], in_flight: Callable[[], dict[str, int]]) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("singlora_requests", "Requests by model and outcome", ["model", "outcome"],
                                 registry=registry)
@@ -43,14 +39,12 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.forward_tokens = Counter("singlora_forward_tokens", "Tokens run by the forwards", ["kind"],
                                       registry=registry)
-        engine = service.engine
         Gauge("singlora_queue_length", "Requests waiting for a batch slot", registry=registry).set_function(
             lambda: engine.pending.qsize() + len(getattr(engine, "waiting", ())))
         Gauge("singlora_running_rows", "Rows in the running batch", registry=registry).set_function(
             lambda: len(getattr(engine, "rows", ())))
-        Gauge("singlora_adapters", "Adapters resident in the bank", registry=registry).set_function(
-            lambda: len(service.bank.adapters))
-        registry.register(_InFlight(service))
+        Gauge("singlora_adapters", "Adapters resident in the bank", registry=registry).set_function(adapters)
+        registry.register(_InFlight(in_flight))
 
     def forward(self, kind: str, rows: int, tokens: int) -> None:
         """The engine ran one forward (called on its thread)."""
@@ -67,15 +61,14 @@ class Metrics:
 
 
 class _InFlight:
-    """``singlora_requests_in_flight{model}`` from the service's counts by bank key."""
+    """``singlora_requests_in_flight{model}``, read at each scrape."""
 
-    def __init__(self, service: "Service") -> None:
-        self.service = service
+    def __init__(self, in_flight: Callable[[], dict[str, int]]) -> None:
+        self.in_flight = in_flight
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("singlora_requests_in_flight", "Requests running or waiting, by model",
                                    labels=["model"])
-        names = {key: name for name, key in self.service.keys.items()}
-        for key, count in list(self.service.inflight.items()):
-            family.add_metric([self.service.name if key == BASE else names.get(key, key)], count)
+        for model, count in self.in_flight().items():
+            family.add_metric([model], count)
         yield family

@@ -96,7 +96,7 @@ class Service:
         else:
             self.engine = GenerationEngine(self.bank.model, self.bank.use, **options,
                                            max_step_tokens=self.limits.max_step_tokens, adapter_ok=self.served_key)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.engine, lambda: len(self.bank.adapters), self.in_flight_by_name)
         self.engine.observer = self.metrics.forward
         self.keys: dict[str, str] = {}
         self.inflight: Counter[str] = Counter()
@@ -214,6 +214,11 @@ class Service:
     def served_key(self, key: str) -> bool:
         """Whether bank key ``key`` is resident (the engine asks before each step)."""
         return key == BASE or key in self.bank.adapters
+
+    def in_flight_by_name(self) -> dict[str, int]:
+        """``{public name: requests running or waiting}`` (a retired version under its bank key)."""
+        names = {key: name for name, key in self.keys.items()}
+        return {self.name if key == BASE else names.get(key, key): count for key, count in list(self.inflight.items())}
 
     def acquire(self, key: str) -> None:
         self.inflight[key] += 1

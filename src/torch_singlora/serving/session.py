@@ -9,14 +9,23 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from .engine import Delta, GenerationRequest, SamplingParams
 from .responses import TokenLogprob
 from .text import TextStream
 
-if TYPE_CHECKING:
-    from .service import Service
+
+class Host(Protocol):
+    """What a session needs of the ``Service`` that opens it."""
+
+    tokenizer: Any
+    engine: Any
+    metrics: Any
+
+    def acquire(self, key: str) -> None: ...
+
+    def release(self, key: str) -> None: ...
 
 
 @dataclass
@@ -48,7 +57,7 @@ class GenerationSession:
     """The rows of one API request (module docstring). ``model`` is the public name (for metrics), ``key`` the bank
     key serving it; ``params`` apply to every row (choice ``j`` of a prompt seeded ``seed + j``)."""
 
-    def __init__(self, service: "Service", model: str, key: str, prompts: list[list[int]], n: int,
+    def __init__(self, service: Host, model: str, key: str, prompts: list[list[int]], n: int,
                  params: SamplingParams, stops: list[str], *, skip_special_tokens: bool = True) -> None:
         self.service, self.model, self.key = service, model, key
         self.loop = asyncio.get_running_loop()
