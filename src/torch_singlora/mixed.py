@@ -29,11 +29,10 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .layers import SingLoRALayer, TrainableCopy
+from .names import BASE
 
 if TYPE_CHECKING:
     from .model import SingLoRAModel
-
-BASE = "__base__"  # the adapter name that means "no adapter" (PEFT's)
 
 
 def check_adapter_names(adapter_names: Any, known: Any) -> list[str]:

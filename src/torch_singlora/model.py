@@ -25,6 +25,7 @@ from .errors import SingLoRAError
 from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
 from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, set_submodule
 from .mixed import use_adapter_names
+from .names import check_adapter_name
 from .plan import plan_adapter
 from .ramp import RampControls
 from .tied import retie_config, untie_before_merge
@@ -137,7 +138,7 @@ class SingLoRAModel(RampControls, nn.Module):
         """
         if not isinstance(config, SingLoRAConfig):
             raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         plan = plan_adapter(self.model, config, modules)
@@ -309,7 +310,7 @@ class SingLoRAModel(RampControls, nn.Module):
         casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
         """
         name = self.default_adapter() if adapter_name is None else adapter_name
-        _check_adapter_name(name)
+        check_adapter_name(name)
         as_directory(directory)
         self._check_names([name])
         base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
@@ -326,7 +327,7 @@ class SingLoRAModel(RampControls, nn.Module):
         """
         if not isinstance(is_trainable, bool):
             raise SingLoRAError(f"is_trainable={is_trainable!r} must be a bool")
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         directory = as_directory(directory)
         config, meta = read_adapter_config(directory)
         if adapter_name in self.configs:
@@ -351,7 +352,7 @@ class SingLoRAModel(RampControls, nn.Module):
         """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
         objects, so an optimizer holding them stays valid: resuming). The files must fit that adapter exactly (keys,
         shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         directory = as_directory(directory)
         self._check_names([adapter_name])
         saved_config, meta = read_adapter_config(directory)
@@ -379,11 +380,6 @@ class SingLoRAModel(RampControls, nn.Module):
         wrapped = cls(model, None)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return wrapped
-
-
-def _check_adapter_name(adapter_name: Any) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
 
 
 def get_singlora_model(model: nn.Module, config: SingLoRAConfig, adapter_name: str = "default") -> SingLoRAModel:
