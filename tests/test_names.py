@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 from conftest import assert_close
+from helpers import toy
 from torch import nn
 
-from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
+from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model
 from torch_singlora.names import BASE, check_adapter_name, resolve, walk_adaptable
 
 
@@ -70,3 +71,59 @@ def test_an_adapted_model_is_walked_as_its_user_sees_it() -> None:
     with pytest.raises(SingLoRAError, match=r"'nope' matches no module; adaptable modules end in \['0', '2'\]$"):
         model.add_adapter("b", SingLoRAConfig(r=1, target_modules=["nope"]))
     assert resolve(model.model, SingLoRAConfig(r=1, target_modules=["0"])).modules == ["0"]  # a second adapter
+
+
+def test_exclude_and_regex_targets() -> None:
+    adapted = get_singlora_model(toy(), SingLoRAConfig(r=2, target_modules=r"(up|down)", exclude_modules=["down"]))
+    assert [n for n, _ in adapted.singlora_layers()] == ["up"]
+    adapted = get_singlora_model(toy(), SingLoRAConfig(r=2, target_modules="all-linear", modules_to_save=["head"]))
+    assert sorted(n for n, _ in adapted.singlora_layers()) == ["down", "square", "up"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"target_modules": ["nope"]}, "'nope' matches no module"),
+        ({"target_modules": ["up", "nope"]}, "'nope' matches no module"),
+        ({"target_modules": "zz.*"}, "matches no module"),
+        ({"target_modules": ["up"], "exclude_modules": ["up"]}, "matches no module"),
+        ({"target_modules": ["up"], "r": 11}, "module 'up': r=11 exceeds n"),
+        ({"target_modules": ["up"], "modules_to_save": ["missing"]}, "'missing' matches no module"),
+        ({"target_modules": ["up"], "rank_pattern": {"down": 2}}, "rank_pattern key 'down'"),
+    ],
+)
+def test_bad_targets_are_clear_errors_and_change_nothing(kwargs: dict, match: str) -> None:
+    model = toy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SingLoRAError, match=match):
+        get_singlora_model(model, SingLoRAConfig(**kwargs))
+    assert all(type(m) is not SingLoRALayer for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_error_lists_candidates() -> None:
+    with pytest.raises(SingLoRAError, match=r"adaptable modules end in \['down', 'embed', 'head', 'square', 'up'\]"):
+        get_singlora_model(toy(), SingLoRAConfig(target_modules=["q_proj"]))
+
+
+def test_a_string_target_is_a_full_match_regex_and_the_error_says_so() -> None:
+    tree = nn.Module()
+    tree.block = nn.Module()
+    tree.block.q_proj = nn.Linear(4, 4)
+    with pytest.raises(SingLoRAError, match=(
+            r"target_modules='q_proj' matches no module: a string is a regex that must match the whole module name "
+            r"\(e.g. 'block.q_proj'\); to match names or dotted suffixes pass a list: target_modules=\['q_proj'\]")):
+        get_singlora_model(tree, SingLoRAConfig(r=1, target_modules="q_proj"))
+    adapted = get_singlora_model(tree, SingLoRAConfig(r=1, target_modules=["q_proj"]))  # the list form works
+    assert [n for n, _ in adapted.singlora_layers()] == ["block.q_proj"]
+
+
+def test_unsupported_target_type() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(3, 3))
+
+    with pytest.raises(SingLoRAError, match="'block' is a Sequential"):
+        get_singlora_model(Outer(), SingLoRAConfig(r=1, target_modules=["block"]))

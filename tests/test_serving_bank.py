@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import assert_close
-from test_mixed_batch import NAMES, EveryKind, add_three_adapters, run_alone
+from helpers import NAMES, EveryKind, add_three_adapters, run_alone
 from torch import nn
 
 from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model

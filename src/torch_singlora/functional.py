@@ -89,14 +89,6 @@ def ramp_value(ramp_step: Tensor, ramp_up_steps: int | None, dtype: torch.dtype 
     return (ramp_step.to(dtype) / ramp_up_steps).clamp(max=1.0)
 
 
-def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Deprecated name of ``ramp_value``."""
-    from .errors import warn_deprecated
-
-    warn_deprecated("torch_singlora.functional.ramp", "ramp_value")
-    return ramp_value(step, ramp_steps, dtype)
-
-
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
     """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both;
     a stack ``(..., n, r)`` (one ``A`` per expert) gives ``(..., d_out, d_in)``."""

@@ -161,8 +161,8 @@ def _target_modules(model: nn.Module, modules: dict[str, nn.Module], config: Sin
                 raise SingLoRAError(f"target_modules entry {entry!r} matches no module; adaptable modules end in "
                                     f"{_candidates(modules)}")
     if not found:
-        raise SingLoRAError(f"target_modules={targets!r}{_no_match_hint(list(modules), targets, config.exclude_modules)}"
-                            f"; adaptable modules end in {_candidates(modules)}")
+        hint = _no_match_hint(list(modules), targets, config.exclude_modules)
+        raise SingLoRAError(f"target_modules={targets!r}{hint}; adaptable modules end in {_candidates(modules)}")
     for name in found:
         if layer_kind(modules[name]) is None:
             raise SingLoRAError(f"target module {name!r} is a {type(modules[name]).__name__}, which SingLoRA cannot "
