@@ -22,7 +22,6 @@ KNOWN_LONG_FUNCTIONS: dict[str, str] = {  # "<module>.<function>" over MAX_FUNCT
     "torch_singlora.serving.app.create_app": "issue 21 (serving helper) splits it",
 }
 KNOWN_CYCLES: dict[tuple[str, str], str] = {  # (importer, imported) edges that close a cycle today
-    ("torch_singlora.mixed", "torch_singlora.model"): "issue 20 part 3 (bank helper): use_adapter_names moves to model",
 }
 
 

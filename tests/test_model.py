@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, dense_update
-from helpers import IDS, Toy, toy
+from toy_models import IDS, Toy, toy
 from torch import nn
 
 from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_close
-from helpers import toy
+from toy_models import toy
 from torch import nn
 
 from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model

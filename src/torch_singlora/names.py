@@ -10,8 +10,8 @@ name, what a config selects, and which adapter names are allowed.
 - ``resolve(model, config)``: the modules, expert parameters and ``modules_to_save`` a config selects, once (the
   plan reads them from here). Every entry must match something and every pattern must select something: a no-op
   pattern is an error, never silence.
-- ``check_adapter_name(name)``: the adapter-name rule of the model, the bank and the server; ``BASE`` (PEFT's
-  ``"__base__"``) is reserved: in a mixed batch it means "no adapter".
+- ``check_adapter_name(name)``: the adapter-name rule of the model and the bank; ``mixed.BASE`` (PEFT's
+  ``"__base__"``) is reserved: in a mixed batch it means "no adapter". ``as_names``: one name or a list of them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any, Iterator, Union
 from torch import nn
 
 from .config import DEFAULT_TARGETS, SingLoRAConfig, key_pattern
+from .copies import TrainableCopy
 from .errors import SingLoRAError
 from .experts import SingLoRAExperts, expert_layout
-from .layers import SingLoRALayer, TrainableCopy, layer_kind
+from .layers import SingLoRALayer, layer_kind
 from .linear_regex import fullmatch
+from .mixed import BASE
 
 Patterns = Union[list[str], str]
-BASE = "__base__"  # the adapter name that means "no adapter" in ``adapter_names=`` (PEFT's)
 
 
 # ---- adapter names ----------------------------------------------------------------------------------------------
@@ -45,6 +46,15 @@ def check_adapter_name(name: Any, *, dots: bool = False) -> str:
         raise SingLoRAError(f"adapter {name!r} needs a name without '.' (its modules are kept under its name in "
                             "nn.ModuleDict, whose keys cannot hold a '.')")
     return name
+
+
+def as_names(value: Any, field: str) -> list[str]:
+    """``str | list[str]`` -> list of adapter names; ``SingLoRAError`` naming ``field`` and the value otherwise."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise SingLoRAError(f"{field}={value!r} must be an adapter name or a list of adapter names")
 
 
 # ---- walking and matching ---------------------------------------------------------------------------------------

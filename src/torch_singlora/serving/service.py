@@ -25,7 +25,7 @@ from torch import nn
 from ..bank import AdapterBank
 from ..errors import SingLoRAError
 from ..llm.tokenization import stop_token_ids
-from ..names import BASE
+from ..mixed import BASE
 from .engine import ClassificationEngine, GenerationEngine
 
 Task = Literal["generate", "classify"]

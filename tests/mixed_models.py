@@ -1,46 +1,12 @@
-"""Models and helpers shared by several test modules (test modules never import each other). Test-only."""
+"""Small models with three adapters for the mixed-batch and bank tests (``test_mixed``, ``test_bank``): every
+layer kind, a tiny Llama, and each example run alone through the ordinary path (the reference)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from torch_singlora import SingLoRAConfig, get_singlora_model
-
-# ---- a toy model of every orientation (test_model, test_adapter_file, test_names) ------------------------------
-
-
-class Toy(nn.Module):
-    """Linear layers of every orientation, a conv, an embedding and a head."""
-
-    def __init__(self, checkpointing: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.up = nn.Linear(6, 10)
-        self.down = nn.Linear(10, 6)
-        self.square = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-        self.checkpointing = checkpointing
-
-    def body(self, h: torch.Tensor) -> torch.Tensor:
-        return self.square(self.down(torch.tanh(self.up(h))))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        h = checkpoint(self.body, h, use_reentrant=False) if self.checkpointing else self.body(h)
-        return self.head(h.mean(1))
-
-
-def toy(**kwargs) -> Toy:
-    return Toy(**kwargs).double()
-
-
-IDS = torch.randint(0, 11, (4, 5))
-
-
-# ---- mixed-adapter batches (test_mixed, test_serving_bank, test_engines) ----------------------------------------
-
 
 NAMES = ["a", "b", "__base__", "c", "a", "b"]  # repeated names, the base model, and every adapter
 
@@ -101,3 +67,12 @@ def tiny_llama(vocab: int = 96):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "embed_tokens"]
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    return ids, (ids != 0).long()
