@@ -92,7 +92,7 @@ def test_summary_pairs_seeds_against_singlora() -> None:
 def test_quick_study_scores_the_tuned_backbones(fortune_folder: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from torch_singlora.train.run_folder import load_trained
+    from torch_singlora.runs import load_trained
 
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["--quick", "--work", str(work), "--out", str(out), "--fortunes", str(fortune_folder), "--texts", "4",

@@ -12,7 +12,8 @@ from toy_models import toy
 from torch import nn
 
 from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model
-from torch_singlora.names import BASE, check_adapter_name, resolve, walk_adaptable
+from torch_singlora.mixed import BASE
+from torch_singlora.names import check_adapter_name, resolve, walk_adaptable
 
 
 def _net() -> nn.Module:
