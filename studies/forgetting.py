@@ -88,8 +88,8 @@ def tuned_causal_lm(adapter: Path, base_model: str) -> Any:
     embeddings, is the base model's)."""
     from transformers import AutoModelForCausalLM
 
-    from torch_singlora.runs import load_trained
     from torch_singlora.train.methods import method_class
+    from torch_singlora.runs import load_trained
 
     trained, info = load_trained(str(adapter), base_model)
     merged = method_class(info["method"]).merged(trained)

@@ -158,7 +158,7 @@ def extend_grids(analysis: dict[str, Any], grids: dict[str, list[int]], added: d
 # Plots
 
 
-def plots(table: Table, analysis: dict[str, Any], settings: Any, out: Path) -> list[str]:
+def plots(table: Table, analysis: dict[str, Any], out: Path) -> list[str]:
     """``loss_vs_lr.png`` (the muP-style plot), ``loss_vs_scaled_lr.png``, ``optimum_vs_width.png``."""
     if not table:
         return []
@@ -232,7 +232,47 @@ def _pm(s: dict[str, float] | None, digits: int = 2) -> str:
     return "-" if not s else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def report(table: Table, analysis: dict[str, Any], settings: Any, data: dict[str, Any], figures: list[str]) -> str:
+def optimum_table(analysis: dict[str, Any], widths: list[int]) -> str:
+    rows = []
+    for method, a in analysis.items():
+        for n in widths:
+            w = a["widths"].get(str(n))
+            if w and "optimum" in w:
+                rows.append([NAMES[method], n, w["seeds"], _pm(w["optimum"]), f"2^{w['median_optimum']['grid']}",
+                             fmt(w["best_loss"]["median"]), _pm(w["max_stable"], 1), w["edges"]])
+    return md_table(["method", "n", "seeds", "log2 best lr", "grid best (median curve)", "best loss",
+                     "log2 largest stable lr", "edge minima"], rows)
+
+
+def slope_table(analysis: dict[str, Any]) -> str:
+    rows = [[NAMES[m], _pm(a["slope"]["optimum"]), _pm(a["slope"]["max_stable"]), len(a["seeds_at_every_width"]),
+             " ".join(f"{v:+.2f}" for v in a["slope_per_seed"]["optimum"])] for m, a in analysis.items()]
+    return md_table(["method", "slope of best lr", "slope of largest stable lr", "seeds", "per seed"], rows)
+
+
+def transfer_table(analysis: dict[str, Any], widths: list[int]) -> str:
+    rows = []
+    for method, a in analysis.items():
+        for rule in RULES:
+            entries = [a["transfer"][rule].get(str(n), {}) for n in widths]
+            rows.append([NAMES[method], rule, *(f"{e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})"
+                                                if "median" in e else "-" for e in entries)])
+    return md_table(["method", "rule", *(f"n = {n}" for n in widths)], rows)
+
+
+def grid_tables(analysis: dict[str, Any], widths: list[int]) -> str:
+    """Per method: the median loss at every (width, rate)."""
+    tables = []
+    for method, a in analysis.items():
+        exponents = sorted({int(e) for w in a["widths"].values() for e in w["median_curve"]})
+        rows = [[n, *(fmt(a["widths"][str(n)]["median_curve"].get(str(e), math.nan)) for e in exponents)]
+                for n in widths if str(n) in a["widths"]]
+        tables.append(f"**{NAMES[method]}** (median over seeds of test loss / base network's)\n\n"
+                      + md_table(["n \\ lr", *(f"2^{e}" for e in exponents)], rows))
+    return "\n\n".join(tables)
+
+
+def report(table: Table, analysis: dict[str, Any], data: dict[str, Any], figures: list[str]) -> str:
     from studies.width_transfer import __doc__ as design
 
     methods = list(analysis)
@@ -240,33 +280,6 @@ def report(table: Table, analysis: dict[str, Any], settings: Any, data: dict[str
     runs = sum(len(runs) for by_n in table.values() for by_e in by_n.values() for runs in by_e.values())
     seconds = sum(r["seconds"] for by_n in table.values() for by_e in by_n.values() for runs in by_e.values()
                   for r in runs)
-    optimum_rows = []
-    for method in methods:
-        for n in widths:
-            w = analysis[method]["widths"].get(str(n))
-            if not w or "optimum" not in w:
-                continue
-            optimum_rows.append([NAMES[method], n, w["seeds"], _pm(w["optimum"]), f"2^{w['median_optimum']['grid']}",
-                                 fmt(w["best_loss"]["median"]), _pm(w["max_stable"], 1), w["edges"]])
-    slope_rows = [[NAMES[m], _pm(analysis[m]["slope"]["optimum"]), _pm(analysis[m]["slope"]["max_stable"]),
-                   len(analysis[m]["seeds_at_every_width"]),
-                   " ".join(f"{v:+.2f}" for v in analysis[m]["slope_per_seed"]["optimum"])] for m in methods]
-    transfer_rows = []
-    for method in methods:
-        for rule in RULES:
-            cells = []
-            for n in widths:
-                entry = analysis[method]["transfer"][rule].get(str(n), {})
-                cells.append(f"{entry['median']:.2f} ({entry['min']:.2f}-{entry['max']:.2f})" if "median" in entry
-                             else "-")
-            transfer_rows.append([NAMES[method], rule, *cells])
-    grid_tables = []
-    for method in methods:
-        exponents = sorted({int(e) for w in analysis[method]["widths"].values() for e in w["median_curve"]})
-        rows = [[n, *(fmt(analysis[method]["widths"][str(n)]["median_curve"].get(str(e), math.nan))
-                      for e in exponents)] for n in widths if str(n) in analysis[method]["widths"]]
-        grid_tables.append(f"**{NAMES[method]}** (median over seeds of test loss / base network's)\n\n"
-                           + md_table(["n \\ lr", *(f"2^{e}" for e in exponents)], rows))
     settings_text = "\n".join(f"- `{k}` = {v}" for k, v in data["settings"].items())
     figures_text = "\n\n".join(f"![{f}]({f})" for f in figures)
     return f"""# Study 7: learning-rate transfer across width (issue 26, part 1)
@@ -293,21 +306,21 @@ log2 of the best rate per seed (refined by a parabola through the grid minimum a
 seeds), the grid minimum of the median curve, the median best loss, the largest rate whose run still learnt
 (loss < 1; log2, mean ± std) and how many seeds had their minimum on the grid's edge.
 
-{md_table(["method", "n", "seeds", "log2 best lr", "grid best (median curve)", "best loss", "log2 largest stable lr", "edge minima"], optimum_rows)}
+{optimum_table(analysis, widths)}
 
 ## How the best rate moves with width
 
 Slope of log2(best lr) against log2(n), fitted per seed over all widths (mean ± std over seeds): 0 = the same rate
 transfers, -0.5 = lr ~ n^-1/2 (the paper's rule for SingLoRA), -1 = lr ~ n^-1.
 
-{md_table(["method", "slope of best lr", "slope of largest stable lr", "seeds", "per seed"], slope_rows)}
+{slope_table(analysis)}
 
 ## What transferring a rate tuned at n = {widths[0]} costs
 
 The rate tuned on the grid at the smallest width, moved to width n by each rule (interpolated between grid
 points): test loss there / best test loss at width n, median (min-max) over seeds. 1.00 = as good as tuning at n.
 
-{md_table(["method", "rule", *(f"n = {n}" for n in widths)], transfer_rows)}
+{transfer_table(analysis, widths)}
 
 ## Plots
 
@@ -315,5 +328,5 @@ points): test loss there / best test loss at width n, median (min-max) over seed
 
 ## All learning rates
 
-{(chr(10) * 2).join(grid_tables)}
+{grid_tables(analysis, widths)}
 """

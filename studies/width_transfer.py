@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def publish(complete: bool) -> dict[str, Any]:
         table = collect(cache, grids)
         analysis = analyse(table)
-        figures = plots(table, analysis, settings, args.out)
+        figures = plots(table, analysis, args.out)
         data = {"study": "width_transfer", "command": command, "complete": complete, "settings":
                 dataclasses.asdict(settings), "grids": grids, "environment": environment(),
                 "wall_s": time.perf_counter() - start, "train_s_this_invocation": spent["train_s"],
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       for e, runs in by_e.items()} for n, by_e in by_n.items()}
                          for m, by_n in table.items()}}
         write_json(args.out / "results.json", data)
-        write_text(args.out / "REPORT.md", report(table, analysis, settings, data, figures))
+        write_text(args.out / "REPORT.md", report(table, analysis, data, figures))
         return data
 
     def progress() -> None:
