@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..adapter_file import SAVE_DTYPES
@@ -63,6 +64,10 @@ class TrainConfig:
     init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
                       default="normal")
     loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
+    init_adapter: str | None = _help("start from this trained adapter folder (RUN/adapter of an earlier run of the "
+                                     "same --method; its own r, alpha, target modules and ramp are used) instead of "
+                                     "a new adapter; it is also loaded a second time, frozen, as adapter 'ref': the "
+                                     "step-0 score and DPO's reference", default=None)
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
@@ -128,6 +133,7 @@ class TrainConfig:
             raise SingLoRAError("--epochs=0 and --max-steps=0: nothing to train")
         if self.eval_data and self.eval_split:
             raise SingLoRAError("can't give both --eval-data and --eval-split")
+        self._check_init_adapter()
         if self.resume and self.overwrite:
             raise SingLoRAError("can't give both --resume (continue the run) and --overwrite (replace it)")
         for flag in ("lr", "alpha", "loraplus_lr_ratio"):
@@ -142,3 +148,28 @@ class TrainConfig:
         parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
         parse_steps_or_fraction(self.warmup, "--warmup")
         task_class(self.task)().parse_options(self.task_options)
+
+    def _check_init_adapter(self) -> None:
+        """``--init-adapter``: an adapter folder of this method (its own r, alpha, targets... are checked against
+        the flags once the model has loaded: ``methods.check_init_adapter``); ``--method full`` has no adapter to
+        start from, nor, for a task that compares with its starting model (DPO), a copy of that model."""
+        if self.method == "full" and task_class(self.task).needs_reference:
+            raise SingLoRAError(f"--task {self.task} compares the model with the one the run starts from, kept as the "
+                                "adapters disabled (or a frozen copy of --init-adapter): use an adapter method "
+                                "(--method singlora, lora, ...), not --method full")
+        if not self.init_adapter:
+            return
+        from .run_folder import RUN_INFO, read_run_info, run_folder_hint
+
+        path = Path(self.init_adapter)
+        if self.method == "full":
+            raise SingLoRAError("--init-adapter starts from a trained adapter; --method full trains the whole model "
+                                "(give the earlier run's merged model as --model instead)")
+        if not path.is_dir():
+            raise SingLoRAError(f"--init-adapter {str(path)!r}: no such folder{run_folder_hint(path)}")
+        if (path / RUN_INFO).is_file():
+            trained = read_run_info(path)["method"]
+            if trained != self.method and {trained, self.method} != {"lora", "loraplus"}:
+                raise SingLoRAError(f"--init-adapter {path} was trained with --method {trained}; give --method "
+                                    f"{trained} (got {self.method})")
+

@@ -35,11 +35,12 @@ from ..config import parse_steps_or_fraction, resolve_steps
 from ..errors import SingLoRAError
 from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save_checkpoint
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
-from .methods import Method, MethodSettings, method_class, parse_targets
+from .methods import Method, MethodSettings, check_init_adapter, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
 from .pretrained import check_model_folder
 from .registry import get_task
-from .run_folder import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
+from .run_folder import (RunFolder, check_resumable, data_fingerprint, folder_fingerprint, model_fingerprint,
+                         write_run_info)
 from .step import OptimizerStep
 from .tasks import Task, TaskData
 
@@ -71,6 +72,7 @@ class Run:
     batch: int = 0  # micro-batches of that epoch already done
     base_metrics: dict[str, Any] | None = None
     step_seconds: list[float] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # ``Task.loss`` statistics of the current step
 
     @property
     def main(self) -> bool:
@@ -81,7 +83,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     run = prepare(config)
     if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
-        with run.method.disabled():  # the base model's score, before training
+        with run.method.reference():  # the score of the model the run starts from (the base model, or --init-adapter)
             run.base_metrics = evaluate(run)
     run.model.train()
     while run.step < run.total_steps:
@@ -146,6 +148,8 @@ def prepare(config: TrainConfig) -> Run:
         on_nonfinite=config.on_nonfinite, skip_limit=NONFINITE_SKIP_LIMIT, check_gradients=config.precision != "fp16",
         advice=lambda: f"{folder.resume_advice()} (--on-nonfinite skip drops such steps; or lower --lr={config.lr})")
     identity = {"data": data_fingerprint([data.train, data.eval]), "model": model_fingerprint(config.model)}
+    if config.init_adapter:
+        identity["init_adapter"] = folder_fingerprint(config.init_adapter)
     run = Run(config, task, folder, accelerator, tokenizer, data, collate, method, model, optimizer, scheduler, stepper,
               eval_loader, batches_per_epoch, total_steps, identity)
     if state is not None:
@@ -169,8 +173,12 @@ def make_method(config: TrainConfig, task: Task, data: TaskData, tokenizer: Any,
         targets=parse_targets(config.target_modules),
         ramp_up_steps=parse_steps_or_fraction(config.ramp_up_steps, "--ramp-up-steps"),
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
+        init_adapter=config.init_adapter,
     )
-    return method_class(config.method).wrap(base, settings, task.heads(base))
+    method = method_class(config.method)
+    if config.init_adapter:
+        check_init_adapter(method, settings, base, task.heads(base))
+    return method.wrap(base, settings, task.heads(base))
 
 
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
@@ -248,27 +256,42 @@ def train_epoch(run: Run) -> None:
         size = min(config.grad_accum, run.batches_per_epoch - first)
         last = index == first + size - 1
         with run.stepper.accumulating(last):
-            run.stepper.backward(run.model(**batch).loss, size)
+            loss, stats = run.task.loss(run.model, batch, run.data.info)
+            run.stepper.backward(loss, size)
+        for name, value in stats.items():
+            run.stats[name] = run.stats.get(name, 0) + value.detach().float() / size
         if not last:
             continue
         run.batch = index + 1
         loss = run.stepper.step(f"optimizer step {run.step + 1} (epoch {run.epoch}, micro-batches {first}-{index})")
+        stats = step_stats(run)
         if loss is not None:  # None: skipped (--on-nonfinite skip)
             run.step += 1
             run.step_seconds.append(time.perf_counter() - started)
-            after_step(run, loss)
+            after_step(run, loss, stats)
             if run.step >= run.total_steps:
                 return
         started = time.perf_counter()
     run.epoch, run.batch = run.epoch + 1, 0
 
 
-def after_step(run: Run, loss: float) -> None:
+def step_stats(run: Run) -> dict[str, float]:
+    """The ``Task.loss`` statistics of the step just ended: means over its micro-batches and the processes."""
+    stats, run.stats = run.stats, {}
+    if not stats:
+        return {}
+    names = sorted(stats)
+    means = run.accelerator.reduce(torch.stack([stats[n] for n in names]).to(run.accelerator.device), "mean")
+    return dict(zip(names, means.tolist()))
+
+
+def after_step(run: Run, loss: float, stats: dict[str, float]) -> None:
     """Log the step, show progress, evaluate and write a checkpoint when they are due."""
     config = run.config
     lr, u = run.scheduler.get_last_lr()[0], run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
-        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u, "epoch": run.epoch})
+        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u, "epoch": run.epoch,
+                       **stats})
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"u": f"{u:.2f}"} if u is not None else {}))
     if config.eval_every and run.eval_loader is not None and run.step % config.eval_every == 0 \
@@ -323,7 +346,9 @@ def finish(run: Run) -> dict[str, Any]:
             write_run_info(tmp, {
                 "task": config.task, "method": config.method, "base_model": str(Path(config.model).resolve()),
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),
-                "target_modules": run.method.target_names, **run.data.info,
+                "target_modules": run.method.target_names,
+                "init_adapter": str(Path(config.init_adapter).resolve()) if config.init_adapter else None,
+                **run.data.info,
             })
             weights_bytes = weights.stat().st_size
         summary = {

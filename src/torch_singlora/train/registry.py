@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "classification": "torch_singlora.train.tasks:Classification",
     "causal-lm": "torch_singlora.train.tasks:CausalLM",
     "sft": "torch_singlora.llm.task:SFT",
+    "dpo": "torch_singlora.llm.dpo:DPO",
 }
 
 

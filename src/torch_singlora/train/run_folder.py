@@ -131,6 +131,15 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 of the names and contents of the files directly in folder ``path`` (an adapter folder)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        digest.update(f"{file.name}\n".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def check_resumable(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse ``--resume`` when ``current`` differs from ``saved`` (settings or identity), naming the keys."""
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
