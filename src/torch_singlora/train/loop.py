@@ -227,6 +227,9 @@ def start_output(run: Run, state: TrainingState | None) -> None:
     files a killed run left, open the metrics log (resuming: its first ``log_records`` lines), the progress bar."""
     from tqdm.auto import tqdm
 
+    from ..atomic import atomic_write_text
+    from .run_config import resolved, to_yaml
+
     config, folder = run.config, run.folder
     if run.main:
         folder.create()
@@ -235,6 +238,7 @@ def start_output(run: Run, state: TrainingState | None) -> None:
                 print(f"singlora train: --overwrite: removed {folder.path / name}", file=sys.stderr)
         for stale in folder.remove_stale_temps():
             print(f"singlora train: removed {stale}, left by an interrupted write", file=sys.stderr)
+        atomic_write_text(folder.config, to_yaml(resolved(config)))  # `singlora train --config` repeats the run
         run.log = MetricsLog(folder.metrics, keep_records=state.log_records if state is not None else None)
     run.accelerator.wait_for_everyone()
     run.progress = tqdm(total=run.total_steps, initial=run.step, disable=config.quiet or not run.main,
@@ -336,6 +340,7 @@ def save_state(run: Run) -> None:
 def finish(run: Run) -> dict[str, Any]:
     """The final evaluation; the adapter folder (written whole or not at all), summary.json, curves.png."""
     from ..atomic import atomic_directory, atomic_write_text
+    from .run_config import resolved
 
     config = run.config
     final = evaluate(run) if run.eval_loader is not None else {}
@@ -348,7 +353,7 @@ def finish(run: Run) -> dict[str, Any]:
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),
                 "target_modules": run.method.target_names,
                 "init_adapter": str(Path(config.init_adapter).resolve()) if config.init_adapter else None,
-                **run.data.info,
+                "config": resolved(config), **run.data.info,
             })
             weights_bytes = weights.stat().st_size
         summary = {
