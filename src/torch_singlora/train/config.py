@@ -18,6 +18,7 @@ from ..config import parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
+from .tracking import parse_report_to
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -25,7 +26,7 @@ NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
 # result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``run_folder``).
-RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite", "report_to",
                      "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
 
 
@@ -94,7 +95,10 @@ class TrainConfig:
                             "and plot; other files stay)", default=False)
     quiet: bool = _help("no progress bar, no table (errors still go to stderr)", default=False)
     plot: bool = _help("write <output-dir>/curves.png at the end", default=True)
-    name: str | None = _help("run name in tables and plots (default: the method)", default=None)
+    name: str | None = _help("run name in tables, plots and trackers (default: the method)", default=None)
+    report_to: str = _help("where the metrics also go (as metrics.jsonl): none, all (the installed ones), or some of "
+                           "tensorboard, wandb, mlflow, trackio, comma-separated (transformers' report_to; each an "
+                           "optional extra)", default="none")
     on_nonfinite: str = _help("on a NaN/Inf loss or gradient: stop (error naming the step, no adapter written, the "
                               f"last checkpoint kept) or skip that optimizer step (at most {NONFINITE_SKIP_LIMIT} "
                               "in a row)", default="stop")
@@ -145,6 +149,7 @@ class TrainConfig:
         for flag in ("eval_split", "adapter_dropout"):
             if not 0 <= getattr(self, flag) < 1:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
+        parse_report_to(self.report_to)
         parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
         parse_steps_or_fraction(self.warmup, "--warmup")
         task_class(self.task)().parse_options(self.task_options)

@@ -42,6 +42,7 @@ from .registry import get_task
 from .run_folder import (RunFolder, check_resumable, data_fingerprint, folder_fingerprint, model_fingerprint,
                          write_run_info)
 from .step import OptimizerStep
+from .tracking import Trackers, parse_report_to
 from .tasks import Task, TaskData
 
 
@@ -66,6 +67,7 @@ class Run:
     total_steps: int
     identity: dict[str, str]
     log: MetricsLog | None = None  # on the main process only
+    trackers: Trackers | None = None  # --report-to, on the main process only
     progress: Any = None
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next micro-batch
@@ -82,14 +84,18 @@ class Run:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     run = prepare(config)
-    if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
-        with run.method.reference():  # the score of the model the run starts from (the base model, or --init-adapter)
-            run.base_metrics = evaluate(run)
-    run.model.train()
-    while run.step < run.total_steps:
-        train_epoch(run)
-    run.progress.close()
-    return finish(run)
+    try:
+        if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
+            with run.method.reference():  # the score of the model the run starts from (base, or --init-adapter)
+                run.base_metrics = evaluate(run)
+        run.model.train()
+        while run.step < run.total_steps:
+            train_epoch(run)
+        run.progress.close()
+        return finish(run)
+    finally:
+        if run.trackers is not None:
+            run.trackers.close()
 
 
 # ---- 1. prepare -------------------------------------------------------------------------------------------------
@@ -238,8 +244,12 @@ def start_output(run: Run, state: TrainingState | None) -> None:
                 print(f"singlora train: --overwrite: removed {folder.path / name}", file=sys.stderr)
         for stale in folder.remove_stale_temps():
             print(f"singlora train: removed {stale}, left by an interrupted write", file=sys.stderr)
-        atomic_write_text(folder.config, to_yaml(resolved(config)))  # `singlora train --config` repeats the run
-        run.log = MetricsLog(folder.metrics, keep_records=state.log_records if state is not None else None)
+        document = resolved(config)
+        run.trackers = Trackers(parse_report_to(config.report_to), folder.path, config.name or folder.path.name,
+                                document)  # first: one that cannot start leaves no run files
+        atomic_write_text(folder.config, to_yaml(document))  # `singlora train --config` repeats the run
+        run.log = MetricsLog(folder.metrics, keep_records=state.log_records if state is not None else None,
+                             sink=run.trackers.log)
     run.accelerator.wait_for_everyone()
     run.progress = tqdm(total=run.total_steps, initial=run.step, disable=config.quiet or not run.main,
                         desc=config.name or config.method)
@@ -294,8 +304,8 @@ def after_step(run: Run, loss: float, stats: dict[str, float]) -> None:
     config = run.config
     lr, u = run.scheduler.get_last_lr()[0], run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
-        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u, "epoch": run.epoch,
-                       **stats})
+        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u,
+                       "grad_norm": run.stepper.grad_norm, "epoch": run.epoch, **stats})
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"u": f"{u:.2f}"} if u is not None else {}))
     if config.eval_every and run.eval_loader is not None and run.step % config.eval_every == 0 \
