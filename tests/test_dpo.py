@@ -218,3 +218,44 @@ def test_pair_shapes_and_refusals(files, sft_run, tmp_path, capsys) -> None:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_trl_dpo_trainer_recipe_one_model_reference_is_adapters_disabled(files, smollm2_tokenizer, tmp_path) -> None:
+    """docs/interop.md's recipe: TRL's ``DPOTrainer`` trains a SingLoRA model with ``precompute_ref_log_probs=True``
+    and no ``ref_model``: the reference log-probabilities are the base model's (not the policy's, here u = 1 from
+    step 0), one model in memory; checkpoints hold the adapter only."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from safetensors.torch import load_file
+
+    from torch_singlora.integrations.trainer import singlora_trainer_class
+    from torch_singlora.llm.dpo import sequence_logps
+
+    torch.manual_seed(0)
+    model = get_singlora_model(transformers.AutoModelForCausalLM.from_pretrained(files["model"]), SingLoRAConfig(
+        r=4, target_modules="all-linear", ramp_up_steps=0, init="gaussian", init_std=0.3))
+    before = {k: v.clone() for k, v in model.adapter_state_dict("default").items()}
+    rows = [row for row in _rows(18) if isinstance(row.get("prompt"), list)]  # conversational, explicit prompt
+    SingLoRADPOTrainer = singlora_trainer_class(trl.DPOTrainer)
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                         precompute_ref_log_probs=True, save_steps=1, gradient_checkpointing=False, use_cpu=True,
+                         bf16=False, report_to=[], logging_steps=1)
+    trainer = SingLoRADPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=smollm2_tokenizer)
+    base = transformers.AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    for index, example in enumerate(trainer.train_dataset):
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([example["prompt_ids"] + example[f"{side}_ids"]])
+            labels = torch.tensor([[-100] * len(example["prompt_ids"]) + example[f"{side}_ids"]])
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+            with torch.no_grad():
+                expected, policy = sequence_logps(base, batch)[0], sequence_logps(model, batch)[0]
+            assert example[f"ref_{side}_logps"] == pytest.approx(float(expected), rel=1e-5), (index, side)
+            assert abs(float(policy) - float(expected)) > 1e-3  # the policy is not its reference here
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir() if "safetensors" in p.name) == [
+        "adapter_model.safetensors"]
+    assert set(load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")) == set(before)
+    after = model.adapter_state_dict("default")
+    assert all(not torch.equal(after[k], before[k]) for k in before)
+    assert trainer.state.log_history[0]["rewards/margins"] != 0.0

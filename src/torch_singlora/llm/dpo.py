@@ -15,6 +15,8 @@ loaded a second time, frozen, as adapter ``"ref"`` (TRL's ``ref_adapter_name``).
                                                                                       answer tokens)
     rewards         chosen_reward = beta * c, rejected_reward = beta * r; reward_accuracy = mean(chosen > rejected),
                     reward_margin = mean(chosen - rejected) (TRL's rewards/chosen, rewards/accuracies, ...)
+    preference_accuracy = mean(logp(chosen) > logp(rejected)): the model's own preference, reference-free (so
+                    a base model, ``singlora evaluate --model BASE --task dpo``, and an SFT model score it too)
 
 At step 0 the policy is its reference (SingLoRA's u(0) = 0, LoRA's B = 0, or the same adapter weights), so the
 sigmoid loss is ln 2 and every reward 0. Each training step logs the batch's loss, rewards, reward accuracy and
@@ -26,6 +28,7 @@ way, the first ``--eval-train-pairs`` training pairs (``train_pairs_*``), and th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -107,6 +110,7 @@ class PairScores:
         chosen, rejected = self.chosen_rewards, self.rejected_rewards
         values = {loss_name: self.losses, "reward_accuracy": (chosen > rejected).float(),
                   "reward_margin": chosen - rejected, "chosen_reward": chosen, "rejected_reward": rejected,
+                  "preference_accuracy": (self.chosen_logps > self.rejected_logps).float(),
                   "chosen_logps": self.chosen_logps, "rejected_logps": self.rejected_logps}
         return {prefix + name: value.detach().float().mean() for name, value in values.items()}
 
@@ -134,9 +138,9 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch
 
 def score_pairs(model: "nn.Module", batch: dict[str, torch.Tensor], *, beta: float, loss_type: str) -> PairScores:
     """The pairs' scores: the reference's log-probabilities first (no gradient), then the policy's."""
-    from ..train.methods import reference
+    from ..train.methods import has_adapters, reference
 
-    with torch.no_grad(), reference(model):
+    with torch.no_grad(), reference(model) if has_adapters(model) else contextlib.nullcontext():
         reference_logps, _ = sequence_logps(model, batch)
     policy_logps, tokens = sequence_logps(model, batch)
     return preference_loss(policy_logps, reference_logps, tokens, beta=beta, loss_type=loss_type)
@@ -164,7 +168,7 @@ class DPO(SFT):
     and model are ``--task sft``'s."""
 
     name = "dpo"
-    metrics = ("reward_accuracy", "reward_margin", "eval_loss", "train_pairs_reward_accuracy", "exact_match")
+    metrics = ("reward_accuracy", "reward_margin", "preference_accuracy", "exact_match")
     options = DPOOptions
     needs_reference = True
 
@@ -226,8 +230,8 @@ class DPO(SFT):
         return dataset
 
     def base_info(self, options: Any) -> dict[str, Any]:
-        raise SingLoRAError("--task dpo: evaluating needs a trained adapter folder (its rewards compare the model "
-                            "with its reference; a base model is its own reference)")
+        """A base model is its own reference (loss ln 2, rewards 0); its preference accuracy and answers count."""
+        return self._info(options, None)
 
     def collator(self, tokenizer: Any, info: dict[str, Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         from .preference import PreferenceCollator

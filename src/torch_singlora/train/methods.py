@@ -348,13 +348,19 @@ def reference(model: nn.Module) -> Iterator[None]:
             inner._in_reference = False
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly under DDP) is a ``SingLoRAModel`` or a PEFT model (``reference`` applies)."""
+    inner = getattr(model, "module", model)
+    return isinstance(inner, SingLoRAModel) or (hasattr(inner, "peft_config") and hasattr(inner, "disable_adapter"))
+
+
 def _reference_context(model: nn.Module) -> ContextManager[None]:
     if isinstance(model, SingLoRAModel):
         if REFERENCE_ADAPTER not in model.configs:
             return model.disable_adapters()
         active = list(model.active_adapters)
         return _switched(lambda: model.set_adapter(REFERENCE_ADAPTER), lambda: model.set_adapter(active))
-    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+    if has_adapters(model):  # PEFT
         if REFERENCE_ADAPTER not in model.peft_config:
             return model.disable_adapter()
         active = model.active_adapter
