@@ -12,7 +12,7 @@ from torch_singlora import SingLoRAError
 from torch_singlora.cli import build_parser, train_config
 from torch_singlora.train.config import TrainConfig
 from torch_singlora.train.loop import comparable_settings
-from torch_singlora.train.run_folder import check_resumable
+from torch_singlora.runs import check_resumable
 
 
 def parsed(*flags: str) -> TrainConfig:
