@@ -229,10 +229,6 @@ class DPO(SFT):
             print(f"singlora evaluate: {dataset.describe(str(path))}", file=sys.stderr)
         return dataset
 
-    def base_info(self, options: Any) -> dict[str, Any]:
-        """A base model is its own reference (loss ln 2, rewards 0); its preference accuracy and answers count."""
-        return self._info(options, None)
-
     def collator(self, tokenizer: Any, info: dict[str, Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         from .preference import PreferenceCollator
 

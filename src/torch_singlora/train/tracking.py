@@ -93,6 +93,14 @@ def is_table(value: Any) -> bool:
             and all(row.keys() == value[0].keys() for row in value))
 
 
+def split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[list[str]]]]]:
+    """``(numbers and text, tables)`` of a record's tags; a table as ``(columns, rows of text)``."""
+    plain = {tag: value for tag, value in values.items() if is_number(value) or isinstance(value, str)}
+    tables = {tag: (list(value[0]), [[str(v) for v in row.values()] for row in value])
+              for tag, value in values.items() if is_table(value)}
+    return plain, tables
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """``rows`` (``is_table``) as a Markdown table (``|`` and newlines escaped)."""
     def cell(value: Any) -> str:
@@ -159,12 +167,9 @@ class Wandb(Tracker):
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        logged = {tag: value for tag, value in values.items() if is_number(value) or isinstance(value, str)}
-        for tag, value in values.items():
-            if is_table(value):
-                logged[tag] = self.wandb.Table(columns=list(value[0]),
-                                               data=[[str(v) for v in row.values()] for row in value])
-        self.run.log({**logged, "train/global_step": step})
+        plain, tables = split(values)
+        plain.update({tag: self.wandb.Table(columns=columns, data=rows) for tag, (columns, rows) in tables.items()})
+        self.run.log({**plain, "train/global_step": step})
 
     def close(self) -> None:
         self.run.finish()
@@ -210,12 +215,9 @@ class Trackio(Tracker):
                          space_id=os.environ.get("TRACKIO_SPACE_ID"), auto_log_cpu=False, auto_log_gpu=False)
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        logged = {tag: value for tag, value in values.items() if is_number(value) or isinstance(value, str)}
-        for tag, value in values.items():
-            if is_table(value):
-                logged[tag] = self.trackio.Table(data=[[str(v) for v in row.values()] for row in value],
-                                                 columns=list(value[0]))
-        self.trackio.log(logged, step=step)
+        plain, tables = split(values)
+        plain.update({tag: self.trackio.Table(columns=columns, data=rows) for tag, (columns, rows) in tables.items()})
+        self.trackio.log(plain, step=step)
 
     def close(self) -> None:
         with contextlib.redirect_stdout(sys.stderr):
