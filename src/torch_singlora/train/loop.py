@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import parse_steps_or_fraction, resolve_steps
+from ..config import resolve_steps
 from ..errors import SingLoRAError
 from ..hf import check_model_folder
 from ..runs import (RunFolder, check_resumable, data_fingerprint, folder_fingerprint, model_fingerprint,
@@ -144,8 +144,7 @@ def prepare(config: TrainConfig) -> Run:
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
     scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"),
-                                                             total_steps))
+                              num_warmup_steps=resolve_steps(config.warmup, total_steps))
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -177,7 +176,7 @@ def make_method(config: TrainConfig, task: Task, data: TaskData, tokenizer: Any,
     settings = MethodSettings(
         method=config.method, r=config.r, alpha=config.alpha, dropout=config.adapter_dropout,
         targets=parse_targets(config.target_modules),
-        ramp_up_steps=parse_steps_or_fraction(config.ramp_up_steps, "--ramp-up-steps"),
+        ramp_up_steps=config.ramp_up_steps,
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
         init_adapter=config.init_adapter,
     )
