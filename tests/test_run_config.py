@@ -41,7 +41,7 @@ def test_file_values_flags_override_and_print_config(files, tmp_path, capsys, mo
                             "0")
     assert printed["lr"] == 1e-3 and isinstance(printed["lr"], float)  # YAML reads 1e-3 as text
     assert printed["max_steps"] == 9 and printed["eval_generations"] == 0  # the command line wins
-    assert printed["target_modules"] == "q_proj,v_proj" and printed["warmup"] == "2"
+    assert printed["target_modules"] == "q_proj,v_proj" and printed["warmup"] == 2  # read as TrainConfig reads it
     assert printed["assistant_only_loss"] is False and printed["task"] == "sft"
     assert printed["model"] == str(files / "model") and printed["output_dir"] == str(files / "out")  # absolute
     assert printed["max_length"] == 1024 and printed["r"] == 8  # defaults filled in
