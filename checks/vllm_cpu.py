@@ -123,7 +123,7 @@ def probe_config(name: str) -> SingLoRAConfig:
     """The adapter probing one ``--for vllm`` rule."""
     options: dict[str, Any] = {"r": 8, "init": "gaussian", "init_std": 0.3, "ramp_up_steps": 0}
     options.update({"embedding": {"target_modules": ["embed_tokens"]},
-                    "saved_module": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+                    "saved_module": {"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
                     "rank_32": {"target_modules": ["q_proj", "v_proj"], "r": 32, "init_std": 0.06},
                     "tied_lm_head": {"target_modules": ["lm_head"]}}[name])
     return SingLoRAConfig(**options)
@@ -141,7 +141,7 @@ def write_probes(base: Any, folder: Path) -> list[dict[str, Any]]:
         model = get_singlora_model(copy.deepcopy(base), config, name)
         if config.modules_to_save:
             with torch.no_grad():
-                model.model.lm_head.copies[name].weight.mul_(1.5)
+                model.model.model.norm.copies[name].weight.mul_(1.5)
         model.save_adapter(folder / "singlora" / name, name)
         try:
             check_engine_export(folder / "singlora" / name, base, engine="vllm", max_lora_rank=16)

@@ -52,6 +52,7 @@ class LayerBank(nn.Module):
         self.free = list(range(1, rows + 1))
         self.held: dict[int, tuple[list[int], float]] = {}
         self._shared: dict[int, Shared] = {}  # adapter id -> its rows as read by a batch on that one adapter
+        self._shared_pool: Tensor | None = None  # the pool those rows view
         self.fused: Tensor | None = None  # (d_out + W, d_in): a Linear's weight and spare rows (``fuse``)
         self.fused_bias: Tensor | None = None
         self.fused_for: Shared | None = None  # the adapter rows whose A_in^T is in the spare rows
@@ -128,7 +129,10 @@ class LayerBank(nn.Module):
     def shared(self, adapter_id: int, d_out: int, d_in: int) -> Shared | None:
         """``adapter_id``'s rows as a ``mixed.Shared`` for a ``(d_out, d_in)`` layer (``A.T``: a view of the pool
         when its rows are contiguous, else gathered), or None if it holds none here. Kept until the bank
-        changes: a decoding step on one adapter reads it as it lies."""
+        changes (or ``.to()`` replaces the pool): a decoding step on one adapter reads it as it lies."""
+        if self._shared_pool is not self.pool:
+            self._shared.clear()
+            self._shared_pool = self.pool
         found = self._shared.get(adapter_id)
         if found is None and adapter_id in self.held:
             rows, coefficient = self.held[adapter_id]
@@ -141,8 +145,9 @@ class LayerBank(nn.Module):
 
     def fuse(self, linear: nn.Linear) -> None:
         """Move ``linear``'s weight (and bias) into buffers with ``W`` spare rows (entries) below; ``linear`` keeps
-        views of its own rows (module docstring)."""
+        views of its own rows (module docstring). Again after the table widened: the buffers grow."""
         weight, bias = linear.weight, linear.bias
+        self.spare = self.width
         self.fused = weight.new_zeros(weight.shape[0] + self.width, weight.shape[1])
         self.fused[: weight.shape[0]] = weight.detach()
         linear.weight = nn.Parameter(self.fused[: weight.shape[0]], requires_grad=weight.requires_grad)
@@ -159,6 +164,9 @@ class LayerBank(nn.Module):
         if linear.weight.data_ptr() != self.fused.data_ptr() or linear.weight.dtype != self.fused.dtype:
             self.fused = self.fused_bias = self.fused_for = None
             return None
+        if self.fused.shape[0] < d_out + r:  # the table widened since (no max_rank): more spare rows
+            self.fuse(linear)
+            self.fused_for = None
         if self.fused_for is not found:
             self.fused[d_out:].zero_()
             self.fused[d_out : d_out + r] = found.A_in.T
@@ -178,7 +186,8 @@ class LayerBank(nn.Module):
     def allocated_bytes(self) -> int:
         """Bytes of every buffer (free rows, the zero row and unused ids included) and of the spare rows of a fused
         weight (not the weight's own rows: those are the base model's)."""
-        spare = sum(self.width * t[0].numel() * t.element_size() for t in (self.fused, self.fused_bias) if t is not None)
+        spare = 0 if self.fused is None else \
+            self.spare * (self.fused.shape[1] + (self.fused_bias is not None)) * self.fused.element_size()
         return sum(t.numel() * t.element_size() for t in self.buffers()) + spare
 
     def extra_repr(self) -> str:
