@@ -18,8 +18,8 @@ its ``A_in^T`` there, and one GEMM gives the base output and ``x @ A_in`` togeth
 decoding rows two separate small products cost about 5% of SmolLM2's step, this about half of that.
 
 Memory per adapter and layer: ``n * r`` numbers, ``W`` table entries and one coefficient. Growing copies: the pool
-by ``max(needed, P / 16)`` rows (so at most ~1/16 of it is free after a growth, and loading K adapters copies each
-row ~16 times in all), the table by doubling its ids. ``torch.compile``: sizes given up front (``rows``, ``width``,
+by ``max(needed, P / 16, its first size)`` rows (so, once large, at most ~1/16 of it is free after a growth, and
+loading K adapters copies each row ~16 times in all), the table by doubling its ids. ``torch.compile``: sizes given up front (``rows``, ``width``,
 ``ids``) are never changed by adding, replacing or removing adapters that fit them.
 """
 
@@ -50,6 +50,7 @@ class LayerBank(nn.Module):
         self.register_buffer("table", torch.zeros(ids, width, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("coefficients", torch.zeros(ids, dtype=dtype, device=device), persistent=False)
         self.free = list(range(1, rows + 1))
+        self.min_growth = max(rows, 1)  # a growth adds at least the first allocation's rows
         self.held: dict[int, tuple[list[int], float]] = {}
         self._shared: dict[int, Shared] = {}  # adapter id -> its rows as read by a batch on that one adapter
         self._shared_pool: Tensor | None = None  # the pool those rows view
@@ -70,9 +71,10 @@ class LayerBank(nn.Module):
             self.coefficients = torch.cat([self.coefficients, self.coefficients.new_zeros(added)])
 
     def _grow_pool(self, needed: int) -> None:
-        """Make at least ``needed`` rows free: ``max(needed - free, P / 16)`` new rows at the end."""
+        """Make at least ``needed`` rows free: ``max(needed - free, P / 16, first allocation)`` new rows at the
+        end."""
         old = self.pool.shape[0]
-        added = max(needed - len(self.free), (old - 1) // GROWTH, 1)
+        added = max(needed - len(self.free), (old - 1) // GROWTH, self.min_growth)
         self.pool = torch.cat([self.pool, self.pool.new_zeros(added, self.pool.shape[1])])
         self.free.extend(range(old, old + added))
 
