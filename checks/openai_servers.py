@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import threading
 import time
@@ -79,39 +78,21 @@ def greedy_texts(url: str, models: list[str], prompts: list[list[int]], max_toke
 
 def throughput(url: str, adapters: list[str], prompts: list[list[int]], clients: int, per_client: int,
                max_tokens: int) -> dict[str, Any]:
-    """``clients`` threads (client ``c`` on adapter ``c mod len(adapters)``), each sending ``per_client`` requests
-    in turn; generated tokens per wall second and request latencies."""
-    latencies: list[float] = []
-    tokens = [0]
-    errors: list[str] = []
-    lock = threading.Lock()
+    """``clients`` clients (client ``c`` on adapter ``c mod len(adapters)``), each sending ``per_client`` requests
+    in turn (``benchmarks.serving.drive``, as the serving benchmark's clients); generated tokens per wall second and
+    request latencies."""
+    from benchmarks.serving import drive, jobs_for
 
-    def client(c: int) -> None:
-        with httpx.Client() as http:
-            for k in range(per_client):
-                start = time.perf_counter()
+    with httpx.Client(limits=httpx.Limits(max_connections=clients)) as http:
+        def submit(adapter: str, prompt: list[int], emit: Any) -> None:
+            def call() -> None:
                 try:
-                    done = complete(http, url, adapters[c % len(adapters)], prompts[(c + k) % len(prompts)],
-                                    max_tokens)
+                    emit("done", complete(http, url, adapter, prompt, max_tokens)["tokens"])
                 except httpx.HTTPError as exc:
-                    with lock:
-                        errors.append(repr(exc))
-                    return
-                with lock:
-                    latencies.append(time.perf_counter() - start)
-                    tokens[0] += done["tokens"]
+                    emit("error", repr(exc))
+            threading.Thread(target=call).start()
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
-    return {"requests": len(latencies), "tokens": tokens[0], "wall_s": wall, "tokens_per_s": tokens[0] / wall,
-            "p50_s": statistics.median(latencies), "max_s": max(latencies)}
+        return drive(submit, jobs_for(clients, adapters, prompts, per_client), lambda prompt, tokens: tokens)
 
 
 def machine(vllm: Path) -> dict[str, Any]:
