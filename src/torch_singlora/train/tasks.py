@@ -8,7 +8,8 @@ A task owns everything that depends on the data and the objective:
     load_data(config, tokenizer) -> TaskData      read + check + split + tokenize; ``info`` goes to run_info.json
     read_eval_data(path, tokenizer, info, ...)    the same for ``singlora evaluate`` (settings from run_info.json)
     base_info(options)                            ``info`` for ``singlora evaluate`` of a base model (no adapter)
-    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels`` (model(**batch).loss)
+    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels``
+    loss(model, batch) -> Tensor                  the training objective of a batch (default: model(**batch).loss)
     load_model(path, info, dtype)                 the transformers model class (and head) to load
     heads(model)                                  modules trained fully and saved with the adapter (e.g. classifier)
     evaluate(model, batches, dataset=, tokenizer=, info=, accelerator=) -> metrics: floats, plus any JSON value
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from ..errors import SingLoRAError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from torch.utils.data import Dataset
 
@@ -85,6 +87,10 @@ class Task:
 
     def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
         raise NotImplementedError
+
+    def loss(self, model: "nn.Module", batch: dict[str, Any]) -> "torch.Tensor":
+        """The loss of one collated ``batch`` (a 0-d tensor to backpropagate): the model's own by default."""
+        return model(**batch).loss
 
     def heads(self, model: "nn.Module") -> list[str]:
         """Modules trained fully and saved with the adapter (full module names)."""
@@ -201,7 +207,8 @@ class Classification(Task):
 
 class CausalLM(Task):
     """Language modelling on raw text: documents joined with EOS and cut into blocks of ``max_length`` tokens,
-    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity."""
+    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity.
+    The loss (training and evaluation) projects only the positions whose next token counts (``lm_loss``)."""
 
     name = "causal-lm"
     metrics = ("eval_loss", "perplexity")
@@ -244,6 +251,12 @@ class CausalLM(Task):
         from .pretrained import from_pretrained
 
         return from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+
+    def loss(self, model: "nn.Module", batch: dict[str, Any]) -> "torch.Tensor":
+        """The mean cross-entropy of the trained tokens, projecting only their positions (``lm_loss``)."""
+        from .lm_loss import lm_loss
+
+        return lm_loss(model, batch)
 
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "Dataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
