@@ -179,6 +179,11 @@ def test_packing_changes_speed_not_the_result(run, tmp_path) -> None:
     losses = [[json.loads(line)["loss"] for line in (tmp_path / f"train-{kind}" / "metrics.jsonl").read_text()
                .splitlines() if json.loads(line)["kind"] == "train"] for kind in ("padded", "packed")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    out = tmp_path / "evaluated.json"  # singlora evaluate of the packed run packs as it trained (run_info.json)
+    assert main(["evaluate", str(tmp_path / "train-packed" / "adapter"), "--data", str(run / "test.jsonl"),
+                 "--output", str(out), "--quiet"]) == 0
+    trained = json.loads((tmp_path / "train-packed" / "summary.json").read_text())
+    assert json.loads(out.read_text())["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
 
 
 def test_cut_and_dropped_examples_are_reported_under_quiet(run, tmp_path, capsys) -> None:

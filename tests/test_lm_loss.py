@@ -183,3 +183,22 @@ def test_gradient_checkpointing_on_the_sft_path(tmp_path, smollm2_tokenizer) -> 
     for name, grad in plain_grads.items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_peft_lora_model_gets_the_same_loss_and_gradients() -> None:
+    """Under PEFT's wrapper (``--method lora``) the selection reaches the transformers model inside."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config).double(),
+                                peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batch = padded_batch()
+    actual, expected = lm_loss(model, batch), reference_loss(model, batch)
+    hook.remove()
+    assert rows[0] == 9  # the trained positions only, then the reference's full 3 x 9
+    assert_close(actual, expected)
+    for ours, reference in zip(adapter_grads(model, actual).values(), adapter_grads(model, expected).values()):
+        assert_close(ours, reference)
