@@ -4,7 +4,8 @@ Routes: ``GET /v1/models`` (the base model, then every adapter, each with ``pare
 ``POST /v1/chat/completions`` (chat template; ``stream=true`` gives server-sent events ending in ``data: [DONE]``),
 ``POST /classify`` and ``/v1/classify`` (classification models, vLLM's shape), ``GET /health``; behind the API
 key only (and only when one is set): ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
-``GET /v1/lora_adapters`` (memory per adapter). The request's ``model`` picks the adapter.
+``GET /v1/lora_adapters`` (memory per adapter). The request's ``model`` picks the adapter. ``GET /`` is the browser
+playground (``static/``: chat and side-by-side comparison over this API).
 
 Every bad request gets a 4xx with OpenAI's error body and the server goes on serving: 400 (invalid JSON, fields,
 options not implemented, limits), 401 (API key), 403 (admin without a key), 404 (unknown model), 413 (body too
@@ -19,11 +20,13 @@ import hmac
 import json
 import socket
 import threading
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
@@ -358,6 +361,13 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "data": data, "allocated_bytes": memory["allocated"],
                 "resident": memory["adapters"]}
 
+    static = Path(__file__).with_name("static")  # the browser playground: public files (no API key to load them)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(static / "index.html")
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
     return app
 
 

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SingLoRAError
+from ..hf import eval_mode
 from .lm_loss import IGNORE_INDEX
 
 MEGA_BATCHES = 50  # batches per length-sorted group (transformers' LengthGroupedSampler)
@@ -94,14 +95,9 @@ def check_confined(model: Any, *, vocab: int, where: str = "--packing") -> None:
     tokens = torch.randint(0, min(vocab, 1000), (3, 8), generator=generator)
     rows = torch.stack([torch.cat([tokens[0], tokens[2]]), torch.cat([tokens[1], tokens[2]])])  # (2, 16)
     positions = torch.arange(8).repeat(2).expand(2, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            logits = model(input_ids=rows.to(device), position_ids=positions.to(device), use_cache=False).logits
-    finally:
-        model.train(was_training)
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        logits = model(input_ids=rows.to(device), position_ids=positions.to(device), use_cache=False).logits
     second = logits[:, 8:].float()
     if not torch.allclose(second[0], second[1], rtol=1e-4, atol=1e-4 * float(second.abs().max())):
         raise SingLoRAError(f"{where}: this model ({type(model).__name__}) attends across packed examples (it "
