@@ -161,10 +161,10 @@ def child(spec: dict) -> None:
 # ---- the parent ---------------------------------------------------------------------------------------------------
 
 
-def launch(spec: dict) -> dict:
-    """``spec`` in a fresh child process (one thread, lowest priority); its result."""
+def launch(spec: dict, nice: int) -> dict:
+    """``spec`` in a fresh child process (one thread, at niceness ``nice``); its result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(["nice", "-n", "19", sys.executable, "-m", "benchmarks.sft", "--child", json.dumps(spec)],
+    done = subprocess.run(["nice", "-n", str(nice), sys.executable, "-m", "benchmarks.sft", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--stem", default="sft")
+    parser.add_argument("--nice", type=int, default=19, help="niceness of the runs (CPU time is measured, so a "
+                        "loaded machine slows the benchmark, not its figures)")
     args = parser.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                 spec = {"name": name, "engine": engine, "options": options, "model": model, "data": str(data),
                         "work": str(work), "steps": steps, "batch": args.batch_size, "max_length": args.max_length,
                         "r": args.r, "lr": args.lr, "warmup": max(1, round(0.06 * steps))}
-                result = launch(spec)
+                result = launch(spec, args.nice)
                 result["tokens_per_cpu_s"] = block["tokens"] / result["cpu_s"]
                 result["tokens_per_s"] = block["tokens"] / result["wall_s"]
                 block["runs"][name] = result

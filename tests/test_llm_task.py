@@ -160,18 +160,20 @@ def test_packing_changes_speed_not_the_result(run, tmp_path) -> None:
     """--packing with --grad-accum and the assistant-only loss, on messages and on prompt/completion rows: the same
     adapter and losses as the padded run (and the base model's step-0 loss, evaluated on packed rows)."""
     rows = _rows(24)
-    completions = tmp_path / "completions.jsonl"
+    for i, row in enumerate(rows):  # one long conversation (~90 tokens) in 4, else one exchange (28): packed 2 a row
+        row["messages"] = row["messages"] + row["messages"][1:] if i % 4 == 0 else row["messages"][:3]
+    messages, completions = tmp_path / "train.jsonl", tmp_path / "completions.jsonl"
+    messages.write_text("".join(json.dumps(r) + "\n" for r in rows))
     completions.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n"
                                    for r in rows))
-    common = ("--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--max-length", "96")  # 2 examples a row
-    for data in (run / "train.jsonl", completions):
+    common = ("--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--max-length", "128")
+    for data in (messages, completions):
         padded = _train(run, tmp_path / f"{data.stem}-padded", "--train-data", str(data), *common)
         packed = _train(run, tmp_path / f"{data.stem}-packed", "--train-data", str(data), *common, "--packing")
         assert packed["config"]["task_options"]["packing"] is True
         for summary in (packed, packed["base"]):
             reference = padded if summary is packed else padded["base"]
             assert summary["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
-        assert packed["eval_loss"] < packed["base"]["eval_loss"]
         ours, reference = _adapter(tmp_path / f"{data.stem}-packed"), _adapter(tmp_path / f"{data.stem}-padded")
         assert ours.keys() == reference.keys()
         for key in reference:

@@ -74,9 +74,9 @@ def per_example(model: torch.nn.Module, batch: dict, count: int) -> torch.Tensor
 def test_packed_batch_equals_unpacked(answer_only: bool) -> None:
     model = tiny_singlora_llama(torch.float32, vocab=VOCAB)
     items = examples([7, 12, 3, 9, 5, 11], answer_only)
-    packed = PackingCollator(0, 16)(items)
+    packed = PackingCollator(0)(items)
     padded = SFTCollator(0)(items)
-    assert packed["input_ids"].shape == (3, 16)  # 47 tokens in 3 rows of 16 (the padded batch: 6 x 12)
+    assert packed["input_ids"].shape == (4, 12)  # rows of the longest example: 12 | 11 | 9 3 | 7 5 (padded: 6 x 12)
     assert int((packed["example_index"] >= 0).sum()) == sum(len(i["input_ids"]) for i in items)
     alone = torch.stack([per_example(model, SFTCollator(0)([item]), 1)[0] for item in items])
     assert_close(per_example(model, packed, len(items)), alone)
@@ -88,16 +88,16 @@ def test_packed_batch_equals_unpacked(answer_only: bool) -> None:
 
 def test_changing_one_example_leaves_its_neighbours_unchanged() -> None:
     model = tiny_singlora_llama(torch.float32, vocab=VOCAB)
-    items = examples([6, 6, 6], answer_only=False)
-    collate = PackingCollator(0, 18)
-    before = per_example(model, collate(items), 3)
+    items = examples([6, 6, 6, 18], answer_only=False)
+    collate = PackingCollator(0)
+    before = per_example(model, collate(items), 4)
     for changed in range(3):
         other = [dict(item) for item in items]
         other[changed] = examples([6], answer_only=False, seed=changed + 1)[0]
-        after = per_example(model, collate(other), 3)
-        assert collate(other)["input_ids"].shape == (1, 18)  # the three share one row
+        after = per_example(model, collate(other), 4)
+        assert collate(other)["input_ids"].shape == (2, 18)  # the three short ones share a row
         assert after[changed] != before[changed]
-        unchanged = [i for i in range(3) if i != changed]
+        unchanged = [i for i in range(4) if i != changed]
         assert torch.equal(after[unchanged], before[unchanged])
 
 

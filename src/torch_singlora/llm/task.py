@@ -43,9 +43,10 @@ class SFTOptions:
     assistant_only_loss: bool = _help("loss on the assistant answers only (TRL's assistant_only_loss; the completion "
                                       "of prompt/completion rows); --no-assistant-only-loss trains on every token",
                                       True)
-    packing: bool = _help("pack each batch's examples into rows of --max-length without padding (TRL's packing: "
-                          "best-fit decreasing; position_ids restart per example, attention stays within each); the "
-                          "same examples and loss per batch, less time and memory", False)
+    packing: bool = _help("pack each batch's examples into rows without padding (TRL's packing: best-fit "
+                          "decreasing into rows as long as the batch's longest example; position_ids restart per "
+                          "example, attention stays within each); the same examples and loss per batch, less time "
+                          "and memory", False)
     data_format: str = _help("messages, prompt-completion, alpaca, conversations, or auto (from the columns)", "auto")
     data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
     eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
@@ -160,7 +161,7 @@ class SFT(CausalLM):
         if info.get("packing"):
             from ..train.packing import PackingCollator
 
-            return PackingCollator(tokenizer.pad_token_id, info["max_length"])
+            return PackingCollator(tokenizer.pad_token_id)
         from .tokenization import SFTCollator
 
         return SFTCollator(tokenizer.pad_token_id)
