@@ -154,7 +154,7 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(1)
     result = (run_singlora if spec["engine"] == "singlora" else run_trl)(spec)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
     print("RESULT " + json.dumps(result))
 
 
@@ -175,11 +175,13 @@ def launch(spec: dict, nice: int) -> dict:
 def render(results: dict) -> str:
     lines = []
     for dataset, block in results["datasets"].items():
-        base = block["runs"]["trl+peft lora padding_free"]["tokens_per_cpu_s"]
+        reference = "trl+peft lora padding_free" if "trl+peft lora padding_free" in block["runs"] else next(
+            iter(block["runs"]))
+        base = block["runs"][reference]["tokens_per_cpu_s"]
         lines += [f"### {dataset}: {block['examples']} examples, {block['tokens']:,} tokens ({block['answer_tokens']:,} "
                   f"trained), lengths {block['length_min']}-{block['length_max']} (median {block['length_median']}); "
                   f"{results['steps']} steps of {results['batch']}", "",
-                  "| run | tokens/CPU-s | vs TRL padding_free | tokens/s (wall) | peak RSS GB | mean loss, last half |",
+                  f"| run | tokens/CPU-s | vs {reference} | tokens/s (wall) | peak RSS GiB | mean loss, last half |",
                   "|---|---|---|---|---|---|"]
         for name, run in block["runs"].items():
             half = run["losses"][len(run["losses"]) // 2:]
