@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model import IDS, toy
+from toy_models import IDS, toy
 
 from torch_singlora import AdapterFileError, SingLoRAConfig, SingLoRAModel, get_singlora_model
 

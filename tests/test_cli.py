@@ -349,7 +349,7 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
                  str(out), "--quiet", "--max-steps", "1"]) == 2
     error = capsys.readouterr().err
     assert (f"--output-dir {out} already holds a run (a finished run): adapter/, checkpoint.pt, metrics.jsonl, "
-            "summary.json; continue it with --resume, or replace it with --overwrite") in error
+            "summary.json, config.yaml; continue it with --resume, or replace it with --overwrite") in error
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (out / "notes.txt").write_text("mine")
     summary = _train(assets, out, "--max-steps", "1", "--overwrite", "--no-plot")
@@ -365,8 +365,8 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp
 
     after_step = loop.after_step
 
-    def interrupted_at_step_2(run, loss):
-        after_step(run, loss)
+    def interrupted_at_step_2(run, loss, stats):
+        after_step(run, loss, stats)
         if run.step == 2:
             raise KeyboardInterrupt
 

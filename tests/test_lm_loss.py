@@ -174,7 +174,7 @@ def test_gradient_checkpointing_on_the_sft_path(tmp_path, smollm2_tokenizer) -> 
         torch.manual_seed(0)
         method = make_method(config, task, TaskData(None, None, {}), smollm2_tokenizer, total_steps=10)
         method.model.train()
-        kept, loss = saved_bytes(method.model, lambda: task.loss(method.model, batch))
+        kept, (loss, _) = saved_bytes(method.model, lambda: task.loss(method.model, batch, {}))
         results[checkpointing] = kept, loss, adapter_grads(method.model, loss)
     (plain_kept, plain_loss, plain_grads), (kept, loss, checkpointed_grads) = results[False], results[True]
     assert kept < plain_kept / 2, (kept, plain_kept)

@@ -12,8 +12,8 @@ Format ``singlora``, version 1:
     - ``<module>.<tensor>``: the full state of every ``modules_to_save`` module (e.g. ``classifier.weight``).
 
 This module writes and reads the two files given the tensors, or the keys, shapes and dtypes a caller expects; it
-knows nothing of models (``model.py`` decides what a model expects, and owns the load transaction). Reading goes
-through ``untrusted`` (size caps, strict JSON, the safetensors header checked before any data is read).
+knows nothing of models (``plan.py`` decides what a model expects, ``adapter_io.py`` owns the load transaction).
+Reading goes through ``untrusted`` (size caps, strict JSON, the safetensors header checked before any data is read).
 """
 
 from __future__ import annotations

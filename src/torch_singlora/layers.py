@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .banked import LayerBank
-from .errors import SingLoRAError, warn_deprecated
+from .errors import SingLoRAError
 from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
@@ -73,9 +73,6 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-_REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
-
-
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at dotted ``name`` under ``root`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
@@ -99,16 +96,10 @@ class SingLoRAAdapter(nn.Module):
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None | object = _REQUIRED, dropout: float,
-        init: str, init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
-        ramp_steps: int | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None, dropout: float, init: str,
+        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if ramp_steps is not None:
-            warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
-            ramp_up_steps = ramp_steps if ramp_up_steps is _REQUIRED else ramp_up_steps
-        if ramp_up_steps is _REQUIRED:
-            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T: an int >= 0, or None while unknown)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
@@ -132,24 +123,6 @@ class SingLoRAAdapter(nn.Module):
     def coefficient(self) -> Tensor:
         """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
         return self.ramp_value() * self.scale
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """State dicts written before the buffer was renamed hold ``<prefix>step``: read it as ``ramp_step``."""
-        if prefix + "step" in state_dict and prefix + "ramp_step" not in state_dict:
-            state_dict[prefix + "ramp_step"] = state_dict.pop(prefix + "step")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def step(self) -> Tensor:
-        """Deprecated name of the ``ramp_step`` buffer."""
-        warn_deprecated("SingLoRAAdapter.step", "ramp_step")
-        return self.ramp_step
-
-    @property
-    def ramp_steps(self) -> int:
-        """Deprecated name of ``ramp_up_steps``."""
-        warn_deprecated("SingLoRAAdapter.ramp_steps", "ramp_up_steps")
-        return self.ramp_up_steps
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
