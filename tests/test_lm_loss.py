@@ -169,7 +169,7 @@ def test_gradient_checkpointing_on_the_sft_path(tmp_path, smollm2_tokenizer) -> 
     batch = task.collator(smollm2_tokenizer, {})([dataset[0], dataset[1]])
     results = {}
     for checkpointing in (False, True):
-        config = TrainConfig(model=str(tmp_path), task="sft", target_modules="all-linear", ramp_up_steps="0",
+        config = TrainConfig(model=str(tmp_path), task="sft", target_modules="all-linear", ramp_up_steps=0,
                              gradient_checkpointing=checkpointing)
         torch.manual_seed(0)
         method = make_method(config, task, TaskData(None, None, {}), smollm2_tokenizer, total_steps=10)
