@@ -166,6 +166,38 @@ def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys
     assert "exists; --overwrite replaces it" in capsys.readouterr().err and out.read_text() == before
 
 
+def test_generate_never_writes_over_its_inputs(folders, tmp_path, capsys) -> None:
+    """Issue 24: `generate RUN/adapter "Say hi." --output RUN/adapter/adapter_config.json --overwrite` exited 0 and
+    the adapter no longer loaded; `--prompts-file P.jsonl --output P.jsonl --overwrite` replaced the prompts."""
+    from torch_singlora.train.run_folder import write_run_info
+
+    trained = tmp_path / "run" / "adapter"
+    trained.mkdir(parents=True)
+    for file in (folders / "adapter").iterdir():
+        (trained / file.name).write_bytes(file.read_bytes())
+    write_run_info(trained, {"task": "sft", "method": "singlora", "base_model": str(folders / "base"),
+                             "tokenizer": str(folders / "base"), "target_modules": [], "max_length": 64})
+    prompts, template = tmp_path / "P.jsonl", tmp_path / "chat.jinja"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    base, peft = str(folders / "base"), str(folders / "peft")
+    cases = {
+        (str(trained), "Say hi.", "--output", str(trained / "adapter_config.json")): "lies inside this command's model",
+        (base, "--prompts-file", str(prompts), "--output", str(prompts)): "is this command's --prompts-file",
+        (base, "Hi", "--chat-template", str(template), "--output", str(template)): "is this command's --chat-template",
+        (base, "Hi", "--adapter", peft, "--output", f"{peft}/adapter_model.safetensors"): "lies inside this "
+                                                                                         "command's --adapter",
+        (str(trained), "Hi", "--output", str(folders / "base" / "config.json")): "lies inside this command's base model",
+    }
+    before = {folder: sorted((p.name, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+              for folder in (tmp_path, folders)}
+    for argv, message in cases.items():
+        assert main(["generate", *argv, "--overwrite"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert before == {folder: sorted((p.name, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+                      for folder in (tmp_path, folders)}
+
+
 def test_chat_loop_keeps_history_resets_and_streams(base_chat) -> None:
     options = GenerationOptions(max_new_tokens=5)
     lines = iter(["Hi", "  ", "/help", "Capital of France?", "/reset", "Capital of France?", "/exit", "never read"])

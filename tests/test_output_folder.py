@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,35 @@ def test_a_folder_holding_the_input_is_never_replaced(tmp_path: Path) -> None:
     spellings = [run / "adapter", str(run / "adapter") + "/", run / "adapter" / ".." / "adapter", run,
                  tmp_path / "link", tmp_path / "link" / "adapter"]
     for out in spellings:
-        with pytest.raises(SingLoRAError, match="holds this command's input"):
+        with pytest.raises(SingLoRAError, match="(is|holds) this command's input"):
             check_output_folder(out, command="export", inputs=[run / "adapter"], overwrite=True)
     assert (run / "adapter" / "adapter_config.json").read_text() == "{}"
-    assert check_output_folder(run / "adapter" / "lora", command="export", inputs=[run / "adapter"]) == "new"
+    assert check_output_folder(run / "lora", command="export", inputs=[run / "adapter"]) == "new"
+
+
+def test_the_output_rule_compares_every_output_with_every_input_by_identity(tmp_path: Path) -> None:
+    """Issue 24: an output file that is an input (any spelling, a hard link), lies inside an input folder, or an
+    output folder lying inside one, is refused even with ``overwrite``; a file beside the inputs is not."""
+    from torch_singlora.atomic import check_not_input, check_output_file
+
+    adapter, prompts = tmp_path / "run" / "adapter", tmp_path / "prompts.jsonl"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    prompts.write_text("{}\n")
+    os.link(prompts, tmp_path / "hard.jsonl")
+    os.symlink(adapter, tmp_path / "alias")
+    inputs = {"model": adapter, "--prompts-file": prompts, "--chat-template": None}
+    cases = {adapter / "adapter_config.json": "lies inside this command's model", prompts: "is this command's "
+             "--prompts-file", tmp_path / "x" / ".." / "prompts.jsonl": "is this command's --prompts-file",
+             tmp_path / "hard.jsonl": "is this command's --prompts-file", tmp_path / "alias" / "new.json":
+             "lies inside this command's model"}
+    for output, message in cases.items():
+        with pytest.raises(SingLoRAError, match=f"--output {re.escape(str(output))} {message} .*another file name"):
+            check_output_file(output, flag="--output", inputs=inputs, overwrite=True)
+    check_output_file(tmp_path / "answers.jsonl", flag="--output", inputs=inputs)
+    with pytest.raises(SingLoRAError, match="output folder .* lies inside this command's model"):
+        check_output_folder(adapter / "lora", command="export", inputs=inputs)
+    with pytest.raises(SingLoRAError, match="holds this command's model"):
+        check_not_input(tmp_path, inputs, what="output folder", advice="")
+    check_not_input(tmp_path, inputs, what="output folder", advice="", may_hold=True)  # only "is" / "inside"
+    assert (adapter / "adapter_config.json").read_text() == "{}" and prompts.read_text() == "{}\n"

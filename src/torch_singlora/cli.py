@@ -60,11 +60,14 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     from torch.utils.data import DataLoader
 
     from .atomic import atomic_write_text, check_output_file
-    from .train.run_folder import load_trained
+    from .train.run_folder import load_trained, read_run_info
     from .train.registry import get_task
 
     if output:
-        check_output_file(output, flag="--output", overwrite=overwrite)
+        recorded = read_run_info(adapter) if adapter is not None else {}
+        check_output_file(output, flag="--output", overwrite=overwrite, inputs={
+            "adapter folder": adapter, "--data": data, "--model": model or recorded.get("base_model"),
+            "tokenizer": recorded.get("tokenizer"), **(get_task(task).inputs(options or {}) if task else {})})
     with _progress_bars(not quiet):  # transformers' "Loading weights" bar
         if adapter is not None:
             if task is not None or options:
@@ -123,7 +126,7 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     from .train.run_folder import load_trained, read_run_info
 
     info = read_run_info(adapter)
-    inputs = [adapter, model or info["base_model"], info["tokenizer"]]
+    inputs = {"adapter": adapter, "base model": model or info["base_model"], "tokenizer": info["tokenizer"]}
     check_output_folder(output, command="merge", inputs=inputs, overwrite=overwrite)  # before the slow part
     with _progress_bars(not quiet):
         trained, info = load_trained(adapter, model)
@@ -189,7 +192,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
-    inputs = [adapter, model or info["base_model"]]
+    inputs = {"adapter": adapter, "base model": model or info["base_model"]}
     check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
     with _progress_bars(not quiet):
         base = get_task(info["task"]).load_model(model or info["base_model"], info)
@@ -246,8 +249,10 @@ def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | 
 
     if plot:
         from .atomic import check_output_file
+        from .train.metrics import METRICS_FILE, SUMMARY_FILE
 
-        check_output_file(plot, flag="--plot", overwrite=overwrite)
+        check_output_file(plot, flag="--plot", overwrite=overwrite,
+                          inputs=[Path(run) / name for run in runs for name in (SUMMARY_FILE, METRICS_FILE)])
     summaries = [read_summary(run) for run in runs]
     if names:
         for summary, name in zip(summaries, names):

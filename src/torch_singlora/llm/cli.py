@@ -62,12 +62,13 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
 def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Answer the prompts; writes JSON lines ``{"prompt": messages, "completion": text[, "reference": text]}``."""
     from .data import read_prompts
-    from .generate import generate, load_chat_model
+    from .generate import chat_model_inputs, generate, load_chat_model
 
     if bool(args.prompts) == bool(args.prompts_file):
         raise SingLoRAError("give prompts as arguments or --prompts-file FILE (one of the two)")
     if args.output:
-        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
+        inputs = {**chat_model_inputs(args.model, args.adapter, args.chat_template), "--prompts-file": args.prompts_file}
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite, inputs=inputs)
     options = _options(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [
         ([{"role": "user", "content": text}], None) for text in args.prompts]

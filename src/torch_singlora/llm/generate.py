@@ -112,6 +112,19 @@ def _with_adapter(base: nn.Module, adapter: str) -> nn.Module:
                             f"for another model?): {type(exc).__name__}: {detail}") from exc
 
 
+def chat_model_inputs(path: str, adapter: str | None = None, chat_template: str | None = None
+                      ) -> dict[str, str | None]:
+    """``{what: path}`` of everything ``load_chat_model(path, adapter, chat_template=...)`` reads (a trained
+    adapter's recorded base model and tokenizer included): what no output of the command may overwrite."""
+    from ..train.run_folder import RUN_INFO, read_run_info
+
+    inputs = {"model": path, "--adapter": adapter, "--chat-template": chat_template}
+    if (Path(path) / RUN_INFO).is_file():
+        info = read_run_info(path)
+        inputs.update({"base model": info["base_model"], "tokenizer": info["tokenizer"]})
+    return inputs
+
+
 def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str | None = None,
                     dtype: torch.dtype | None = None) -> ChatModel:
     """A model and tokenizer from ``path``: an adapter folder written by ``singlora train`` (its base model,

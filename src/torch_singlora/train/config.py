@@ -97,6 +97,12 @@ class TrainConfig:
         "help": "options of the chosen task (its Task.options dataclass; on the command line, its own flags)",
         "cli": False})
 
+    def inputs(self) -> dict[str, str | None]:
+        """``{flag: path}`` of everything the run reads: no file it writes or removes may be one of them
+        (``atomic.check_not_input``)."""
+        return {"--model": self.model, "--tokenizer": self.tokenizer, "--train-data": self.train_data,
+                "--eval-data": self.eval_data, **task_class(self.task)().inputs(self.task_options)}
+
     def validate(self) -> None:
         """Check the fields (errors name the flag) and fill the defaults that depend on the task: ``max_length``
         None -> ``Task.default_max_length``, so run_info.json, summary.json and the resume check record the value

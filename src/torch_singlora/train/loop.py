@@ -108,6 +108,7 @@ def prepare(config: TrainConfig) -> Run:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     folder = RunFolder(config.output_dir)
+    folder.check_inputs(config.inputs())  # also under --overwrite and --resume
     state = load_checkpoint(folder.checkpoint) if config.resume else None
     if state is None:
         folder.check_new_run(config.overwrite)

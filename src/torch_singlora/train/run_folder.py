@@ -57,6 +57,17 @@ class RunFolder:
         found = [name for name in RUN_FILES if (self.path / name).exists() or (self.path / name).is_symlink()]
         return [f"{name}/" if name == ADAPTER_DIR else name for name in found]
 
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        """The output rule (``atomic.check_not_input``) for the run: the folder is not an input nor inside one, and
+        no run file it writes or ``--overwrite`` removes is, holds or lies inside one (the folder may hold inputs
+        elsewhere, e.g. its own ``data/``)."""
+        from ..atomic import check_not_input
+
+        advice = "choose another --output-dir"
+        check_not_input(self.path, inputs, what="--output-dir", advice=advice, may_hold=True)
+        for name in RUN_FILES:
+            check_not_input(self.path / name, inputs, what="run file", advice=advice)
+
     def check_new_run(self, overwrite: bool) -> None:
         """Refuse to start a new run over a previous one unless ``overwrite`` (the files go in ``clear``)."""
         if self.path.exists() and not self.path.is_dir():
