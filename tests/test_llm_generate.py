@@ -142,6 +142,53 @@ def test_a_peft_lora_for_another_model_is_a_one_line_error_naming_adapter(folder
     assert "\n" not in message and "size mismatch for base_model.model.model.layers.0.self_attn.q_proj" in message
 
 
+def _peft_copy(folders, tmp_path, name: str):
+    copy = tmp_path / name
+    copy.mkdir()
+    for file in (folders / "peft").iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    return copy
+
+
+def test_peft_folders_go_through_the_hostile_input_readers(folders, tmp_path, capsys, monkeypatch) -> None:
+    """Issue 24: a pickle-only PEFT folder was handed to PEFT (torch.load: a traceback), a safetensors header of
+    length 2**63 gave a traceback, and an update overflowing float32 gave empty answers with exit 0. Each is now a
+    one-line error naming the folder (and the pickle, or the module), before any generation."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    pickled = _peft_copy(folders, tmp_path, "pickled")
+    tensors = load_file(pickled / "adapter_model.safetensors")
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save(tensors, pickled / "adapter_model.bin")
+    huge = _peft_copy(folders, tmp_path, "huge_header")
+    with open(huge / "adapter_model.safetensors", "r+b") as handle:
+        handle.write(struct.pack("<Q", 2**63))
+    nan = _peft_copy(folders, tmp_path, "nan")
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, nan / "adapter_model.safetensors")
+    overflow = _peft_copy(folders, tmp_path, "overflow")
+    config = json.loads((overflow / "adapter_config.json").read_text())
+    (overflow / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308, "alpha_pattern": {}}))
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    cases = {pickled: "found pickled weights ['adapter_model.bin'], which singlora never loads",
+             huge: "header declares 9223372036854775808 bytes, over the", nan: f"{key} contains NaN or Inf",
+             overflow: "module 'base_model.model.model.layers.0.self_attn.q_proj': its scale 2.5e+307 is beyond"}
+    for folder, message in cases.items():
+        assert main(["generate", str(folders / "base"), "Hi", "--adapter", str(folder)]) == 2, folder
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        line = err if folder != overflow else err.splitlines()[-1]  # the others before the base model loads
+        assert line.startswith(f"singlora generate: error: --adapter {str(folder)!r}: "), err
+    assert main(["generate", str(folders / "base"), "Hi", "--adapter", str(folders / "peft"),
+                 "--max-new-tokens", "2"]) == 0  # the sound export still loads
+
+
 def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys) -> None:
     out = tmp_path / "answers.jsonl"
     assert main(["generate", str(folders / "base"), "Hi", "Capital of France?", "--max-new-tokens", "5",
@@ -187,7 +234,8 @@ def test_generate_never_writes_over_its_inputs(folders, tmp_path, capsys) -> Non
         (base, "Hi", "--chat-template", str(template), "--output", str(template)): "is this command's --chat-template",
         (base, "Hi", "--adapter", peft, "--output", f"{peft}/adapter_model.safetensors"): "lies inside this "
                                                                                          "command's --adapter",
-        (str(trained), "Hi", "--output", str(folders / "base" / "config.json")): "lies inside this command's base model",
+        (str(trained), "Hi", "--output", str(folders / "base" / "config.json")):
+            "lies inside this command's base model",
     }
     before = {folder: sorted((p.name, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
               for folder in (tmp_path, folders)}

@@ -210,10 +210,9 @@ class Peft(Method):
 
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
-        from peft import PeftModel
+        from ..peft_folder import load_peft_adapter
 
-        _require_safetensors(directory, "adapter_model.safetensors")  # else PEFT would unpickle adapter_model.bin
-        return PeftModel.from_pretrained(load_base(None), str(directory))
+        return load_peft_adapter(lambda: load_base(None), directory)  # checked, then loaded
 
     @staticmethod
     def merged(model: nn.Module) -> nn.Module:
