@@ -157,13 +157,19 @@ def test_sigkill_then_resume_gives_the_same_adapter(setup: dict[str, Any], point
 
 
 def test_killed_during_first_checkpoint_refuses_resume_clearly(setup: dict[str, Any], capsys: Any) -> None:
+    """Issue 24: the advice went round in a circle (--resume: no checkpoint; the plain rerun: use --resume). Both
+    now say there is nothing to resume and that --overwrite starts the run again."""
     out = setup["root"] / "first"
     process, marker = launch(setup, out, "checkpoint:1")
     kill_when(process, marker.exists)
     assert not (out / "checkpoint.pt").exists()
     capsys.readouterr()
     assert main([*setup["args"], "--output-dir", str(out), "--resume"]) == 2
-    assert f"no checkpoint at {out / 'checkpoint.pt'}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "start it again with --overwrite" in error, error
+    assert main([*setup["args"], "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "--resume" not in error, error
 
 
 def test_disk_full_keeps_the_previous_checkpoint(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch,

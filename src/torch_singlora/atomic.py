@@ -149,15 +149,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     user's folder go through ``output_folder``.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SingLoRAError(f"{path}: exists and is not a folder")
+    check_replaceable_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_path(path, lambda candidate: os.mkdir(candidate, 0o777))  # 0o777 less the umask
-        _keep_mode(path, tmp)
     except OSError as exc:
         raise SingLoRAError(f"{path}: cannot write: {exc.strerror}") from exc
     try:
+        _keep_mode(path, tmp)
         yield tmp
         _ordinary_file_modes(tmp)
         old = path.parent / f"{tmp.name}.old" if path.exists() else None
@@ -174,6 +173,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(path, error) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable_folder(path: Path) -> None:
+    """Refuse (``SingLoRAError``, saying why) a folder ``atomic_directory`` could not put in place: a file; a
+    symbolic link leading nowhere (a loop, or a missing target); a folder on a read-only file system; a mount
+    point (the new folder is renamed into place, and a mount point cannot be renamed)."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise SingLoRAError(f"{path}: a symbolic link that leads to no folder (a loop, or a missing target); remove "
+                            "it or choose another folder")
+    if path.exists() and not path.is_dir():
+        raise SingLoRAError(f"{path}: exists and is not a folder")
+    if not path.exists():
+        return
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise SingLoRAError(f"{path}: on a read-only file system (mounted read-only): nothing can be written there; "
+                            "choose a folder on a writable one")
+    if os.path.ismount(path):
+        raise SingLoRAError(f"{path}: a mount point; singlora writes the new folder beside it and renames it into "
+                            f"place, which a mount point cannot be: give a folder inside it, e.g. {path / 'out'}")
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
@@ -270,10 +288,12 @@ def check_output_folder(
     """
     path = Path(path)
     check_not_input(path, inputs, what="output folder", advice="choose another output folder")
+    try:
+        check_replaceable_folder(path)
+    except SingLoRAError as exc:
+        raise SingLoRAError(f"output folder {exc}") from None
     if not path.exists():
         return "new"
-    if not path.is_dir():
-        raise SingLoRAError(f"output {path} exists and is not a folder")
     entries = _relative_files(path)
     if not entries:
         return "new"

@@ -302,7 +302,8 @@ def _interrupted(args: argparse.Namespace) -> str:
     if checkpoint.is_file():
         return (f"singlora train: interrupted; {checkpoint} holds the last checkpoint: the same command with "
                 "--resume continues from it")
-    return "singlora train: interrupted before its first checkpoint (--save-every): nothing to resume"
+    return ("singlora train: interrupted before its first checkpoint (--save-every): nothing to resume; the same "
+            "command with --overwrite starts it again")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -325,9 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SingLoRAError as exc:
-        from .inspection import printable  # file-provided text in a message must not reach the terminal raw
+        from .inspection import shown  # file-provided text must not reach the terminal raw, nor a 1 MiB name whole
 
-        print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
+        print(f"singlora {args.command}: error: {shown(exc, limit=4000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
         print(f"\n{_interrupted(args)}", file=sys.stderr)

@@ -89,6 +89,8 @@ class SingLoRAAdapter(nn.Module):
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
+        in_run: True while an optimizer advances ``t`` (``RampControls.set_training_run``, e.g. through
+            ``bind_optimizer``): a training-mode forward then computes step ``t + 1`` and uses its ``u``.
         scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
             a fraction of a run whose total is unknown: u = 0).
     """
@@ -112,6 +114,7 @@ class SingLoRAAdapter(nn.Module):
         self.init, self.init_std = init, init_std
         self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+        self.in_run = False  # see the class docstring; not saved (a run sets it when it starts)
 
     def reset_parameters(self) -> None:
         """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
@@ -120,13 +123,23 @@ class SingLoRAAdapter(nn.Module):
         with torch.no_grad():
             self.ramp_step.zero_()
 
-    def ramp_value(self) -> Tensor:
-        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return ramp_value(self.ramp_step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+    def ramp_value(self, in_step: bool = False) -> Tensor:
+        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync.
 
-    def coefficient(self) -> Tensor:
-        """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return self.ramp_value() * self.scale
+        ``in_step``: the value for a forward computing an optimizer step (``in_step_forward``), which is step
+        ``t + 1``: step 1 runs at ``u = 1 / T``, not 0 (at 0, ``A`` gets no gradient and the step is lost). At rest
+        (inference, merge, export) ``u`` is that of the last step taken, ``t``."""
+        step = self.ramp_step + 1 if in_step else self.ramp_step
+        return ramp_value(step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+
+    def in_step_forward(self) -> bool:
+        """Whether a forward now computes an optimizer step: training mode, during a run (``in_run``)."""
+        return self.training and self.in_run
+
+    def coefficient(self, in_step: bool = False) -> Tensor:
+        """``c = s * u``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync; ``in_step`` as in
+        ``ramp_value``."""
+        return self.ramp_value(in_step) * self.scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """State dicts written before the buffer was renamed hold ``<prefix>step``: read it as ``ramp_step``."""
@@ -226,7 +239,7 @@ class SingLoRALayer(nn.Module):
     def _adapter_output(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
         """Factored update output for input ``x``; same shape as ``base_layer(x)``."""
         A = adapter.A
-        coefficient = adapter.coefficient().to(A.dtype)
+        coefficient = adapter.coefficient(adapter.in_step_forward()).to(A.dtype)
         if self.kind == "embedding":  # (..., ) ids -> (..., dim)
             base = self.base_layer
             return embedding_update(x, A, self.d_out, self.d_in, coefficient,
@@ -256,9 +269,10 @@ class SingLoRALayer(nn.Module):
 
     def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
         """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
-        dtype, contiguous, with no gradient to keep and no active dropout (inference); never while compiling
-        (inductor fuses the add itself)."""
+        dtype, contiguous, with no gradient to keep and no active dropout, in eval mode (inference: ``u`` at rest,
+        the same as a run's reentrant checkpointing recomputes); never while compiling (inductor fuses the add)."""
         return (IN_PLACE_INFERENCE and self.kind in ("linear", "conv1d_t") and not torch.is_grad_enabled()
+                and not self.training
                 and result.dtype == dtype and result.is_contiguous() and not torch.compiler.is_compiling()
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 

@@ -5,6 +5,13 @@ and T = ``ramp_up_steps`` (the ramp length), per named adapter.
     model.get_ramp_step(), model.get_ramp_up_steps(), model.get_ramp_value()   # t, T, u
     model.set_ramp_step(t)                              # resuming
 
+Which step ``u`` belongs to: optimizer step k (1, 2, ...) runs at ``u = min(k / T, 1)``. During a run (``bind_optimizer``,
+the Trainer integration, or ``set_training_run(True)`` for a hand-written loop calling ``advance_ramp()``), a
+training-mode forward computes step ``t + 1`` and uses its ``u``: the first step runs at ``1 / T``. With ``u = 0``
+there, ``A``'s gradient ``s * u * (...)`` is exactly zero and the step would be lost (the paper's ``u(0) = 0`` is
+the untrained model's, which at rest is the base model). At rest (eval mode, merging, export, saved files) ``u`` is
+that of the last step taken, ``min(t / T, 1)``: a trained adapter keeps the ``u`` its last step trained with.
+
 ``RampControls`` is a base class of ``SingLoRAModel`` (this module keeps ``model.py`` to the surgery); it uses the
 model's ``configs``, ``active_adapters``, ``singlora_layers()``, ``default_adapter()`` and ``_check_names()``.
 """
@@ -120,8 +127,18 @@ class RampControls:
         warn_deprecated("SingLoRAModel.set_step()", "set_ramp_step()")
         self.set_ramp_step(step, adapter_name)
 
+    def set_training_run(self, active: bool = True, adapter_name: str | None = None) -> None:
+        """Start (``active``) or end a training run of an adapter (default: every active one): during a run, a
+        training-mode forward computes the step being taken, ``t + 1``, and uses its ``u`` (module docstring).
+        ``bind_optimizer`` starts one; a loop that calls ``advance_ramp()`` itself calls this once first."""
+        names = self.active_adapters if adapter_name is None else [adapter_name]
+        self._check_names(names)
+        for adapter in self._adapters(names):
+            adapter.in_run = bool(active)
+
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> Any:
-        """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
+        """Advance the ramp after every ``optimizer.step()`` and start a training run (``set_training_run``);
+        returns a handle whose ``.remove()`` undoes both.
 
         ``total_steps``: the run's length in optimizer steps (``set_total_steps``), needed when an active adapter's
         ``ramp_up_steps`` is a fraction (the default) and its config has no ``total_steps``; checked here, before
@@ -135,4 +152,18 @@ class RampControls:
         self._require_known_ramp(self.active_adapters)
         # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
         inner = getattr(optimizer, "optimizer", optimizer)
-        return inner.register_step_post_hook(lambda *_: self.advance_ramp())
+        names = list(self.active_adapters)
+        self.set_training_run(True)
+        return _Binding(inner.register_step_post_hook(lambda *_: self.advance_ramp()),
+                        lambda: [self.set_training_run(False, n) for n in names if n in self.configs])
+
+
+class _Binding:
+    """What ``bind_optimizer`` returns: ``remove()`` unhooks the optimizer and ends the training run."""
+
+    def __init__(self, hook: Any, end_run: Any) -> None:
+        self.hook, self.end_run = hook, end_run
+
+    def remove(self) -> None:
+        self.hook.remove()
+        self.end_run()

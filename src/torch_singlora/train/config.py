@@ -17,8 +17,9 @@ from ..config import parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
+from .schedule import SCHEDULES
 
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = SCHEDULES
 PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
@@ -65,8 +66,9 @@ class TrainConfig:
     loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
-    scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
-    warmup: str = _help("warm-up: int optimizer steps or a fraction of the total steps", default="0.06")
+    scheduler: str = _help(f"learning-rate schedule after the warm-up: {', '.join(SCHEDULERS)}", default="linear")
+    warmup: str = _help("warm-up: int optimizer steps or a fraction of the total steps (step k of W runs at "
+                        "lr * k / W)", default="0.06")
     epochs: int = _help("epochs (ignored when --max-steps is set)", default=1)
     max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
     batch_size: int = _help("micro-batch size per process", default=16)

@@ -40,6 +40,7 @@ from .metrics import MetricsLog, summary_table
 from .pretrained import check_model_folder
 from .registry import get_task
 from .run_folder import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
+from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
 from .tasks import Task, TaskData
 
@@ -96,7 +97,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Run:
     """Everything the steps need; on ``--resume`` restored from the checkpoint. Nothing is written into the output
     folder before the data and the model have loaded."""
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     from ..integrations.quantized import quiet_bitsandbytes
@@ -109,6 +109,8 @@ def prepare(config: TrainConfig) -> Run:
         hf_logging.disable_progress_bar()
     folder = RunFolder(config.output_dir)
     folder.check_inputs(config.inputs())  # also under --overwrite and --resume
+    if config.resume:
+        folder.check_resumable_folder()
     state = load_checkpoint(folder.checkpoint) if config.resume else None
     if state is None:
         folder.check_new_run(config.overwrite)
@@ -136,9 +138,11 @@ def prepare(config: TrainConfig) -> Run:
     method = make_method(config, task, data, tokenizer, total_steps)
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"),
-                                                             total_steps))
+    warmup = resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"), total_steps)
+    scheduler = make_scheduler(config.scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps)
+    if accelerator.is_main_process and not config.quiet:
+        for warning in short_run_warnings(total_steps, warmup, method.ramp_up_steps()):
+            print(f"singlora train: warning: {warning}", file=sys.stderr)
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -253,21 +257,23 @@ def train_epoch(run: Run) -> None:
         if not last:
             continue
         run.batch = index + 1
+        lr = run.scheduler.get_last_lr()[0]  # what this step runs at (the scheduler moves on after it)
         loss = run.stepper.step(f"optimizer step {run.step + 1} (epoch {run.epoch}, micro-batches {first}-{index})")
         if loss is not None:  # None: skipped (--on-nonfinite skip)
             run.step += 1
             run.step_seconds.append(time.perf_counter() - started)
-            after_step(run, loss)
+            after_step(run, loss, lr)
             if run.step >= run.total_steps:
                 return
         started = time.perf_counter()
     run.epoch, run.batch = run.epoch + 1, 0
 
 
-def after_step(run: Run, loss: float) -> None:
-    """Log the step, show progress, evaluate and write a checkpoint when they are due."""
+def after_step(run: Run, loss: float, lr: float) -> None:
+    """Log the step (its loss, and the ``lr`` and ``u`` it ran at: ``u`` at rest after step k is the one step k
+    used), show progress, evaluate and write a checkpoint when they are due."""
     config = run.config
-    lr, u = run.scheduler.get_last_lr()[0], run.method.u()
+    u = run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
         run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u, "epoch": run.epoch})
     run.progress.update(1)

@@ -74,9 +74,25 @@ class RunFolder:
             raise SingLoRAError(f"--output-dir {self.path}: exists and is not a folder")
         found = self.existing_run_files()
         if found and not overwrite:
+            if CHECKPOINT_FILE not in found and SUMMARY_FILE not in found:
+                raise SingLoRAError(f"--output-dir {self.path} holds a run that stopped before its first checkpoint "
+                                    f"(--save-every): {', '.join(found)}; nothing to resume: start it again with "
+                                    "--overwrite (or choose another --output-dir)")
             finished = " (a finished run)" if SUMMARY_FILE in found else ""
             raise SingLoRAError(f"--output-dir {self.path} already holds a run{finished}: {', '.join(found)}; "
                                 "continue it with --resume, or replace it with --overwrite")
+
+    def check_resumable_folder(self) -> None:
+        """``--resume`` needs a checkpoint: without one, say what is there and how to start (never "--resume")."""
+        if self.checkpoint.is_file():
+            return
+        found = self.existing_run_files()
+        if found:
+            raise SingLoRAError(f"--resume: {self.path} holds a run that stopped before its first checkpoint "
+                                f"(--save-every), no {CHECKPOINT_FILE}: nothing to resume; start it again with "
+                                "--overwrite instead of --resume")
+        raise SingLoRAError(f"--resume: no run to resume in {self.path} (no {CHECKPOINT_FILE}); start one without "
+                            "--resume")
 
     def clear(self) -> list[str]:
         """Remove a previous run's files (``--overwrite``); other files stay. Returns what was removed."""
@@ -95,7 +111,7 @@ class RunFolder:
     def resume_advice(self) -> str:
         """How a stopped run goes on, for error messages."""
         return (f"the last checkpoint ({self.checkpoint}) is intact: resume with --resume" if self.checkpoint.exists()
-                else "no checkpoint was written yet")
+                else "no checkpoint was written yet: start again with --overwrite")
 
     def create(self) -> None:
         try:
