@@ -1,6 +1,7 @@
 """Multi-tenant serving: N concurrent clients over M adapters, SingLoRA's mixed batches against serving one request
-at a time and against PEFT's mixed-batch forward (``adapter_names=``) with the same adapters exported to LoRA;
-and the memory of 1, 100 and 1,000 resident adapters, SingLoRA vs LoRA. All in one process, one torch thread.
+at a time and against PEFT's mixed-batch forward (``adapter_names=``) with the same adapters exported to LoRA; the
+memory of 1,000 resident adapters of mixed ranks, and the cost of one step on one adapter vs the base and merged
+models (``serving_bank.py``). All in one process, one torch thread.
 
 Every generation backend runs through the same continuous-batching engine (``torch_singlora.serving.engine``), so
 the rows differ only in how a batch's adapters are applied:
@@ -17,8 +18,8 @@ with a 5-class head per adapter (``modules_to_save``), every Linear adapted (r =
 tokens) per request. Client ``c`` uses adapter ``c mod M`` and sends its requests one after the other. Throughput =
 tokens (generated, or classified) / wall time; latency = submit to last token, per request.
 
-    python -m benchmarks.serving                      # everything (~30 min on a loaded 2-core CPU)
-    python -m benchmarks.serving --parts memory       # one part: llm, classify, memory
+    python -m benchmarks.serving                      # everything (~40 min on a loaded 2-core CPU)
+    python -m benchmarks.serving --parts memory steps # some parts: llm, classify, memory, steps
     python -m benchmarks.serving --quick              # tiny models, seconds (tests/test_serving_benchmarks.py)
 """
 
@@ -46,6 +47,7 @@ from torch_singlora.export import export_lora
 from torch_singlora.serving.engine import (ClassificationEngine, ClassificationRequest, GenerationEngine,
                                            GenerationRequest, SamplingParams)
 
+from . import serving_bank
 from .measure import machine_description, write_outputs
 from .workloads import LLAMA_TARGETS
 
@@ -294,94 +296,22 @@ def part_classify(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]
     return rows
 
 
-def lora_bytes(model: nn.Module) -> int:
-    """Bytes of every LoRA tensor PEFT holds (``lora_A`` / ``lora_B`` weights of all adapters)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" in n)
-
-
-def part_memory(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
-    """Resident adapters: an ``AdapterBank`` holding exactly ``count`` adapters (its allocated bytes) vs one
-    ``PeftModel`` holding as many LoRA exports (its ``lora_`` tensors). Counts a target set cannot hold in this
-    machine's memory are computed as per-adapter bytes x count (marked so)."""
-    from peft import PeftModel
-
-    base, _ = llm_model(settings["quick"])
-    rows = []
-    for label, targets, most_measured in (("q_proj,v_proj", ["q_proj", "v_proj"], max(settings["memory_counts"])),
-                                          ("all 7 projections", ALL_LINEAR_LLAMA, settings["peft_max_resident"])):
-        source = folder / "memory" / label.replace(",", "_").replace(" ", "_")
-        name = write_adapters(base, 1, SingLoRAConfig(r=8, alpha=8, target_modules=targets, ramp_up_steps=0), source,
-                              lora=True)[0]
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), source / "lora" / name, adapter_name="u0")
-        for count in settings["memory_counts"]:
-            row: dict[str, Any] = {"targets": label, "adapters": count, "bank_load_s": None, "peft_load_s": None}
-            if count <= most_measured:
-                bank = AdapterBank(base, max_rank=8, capacity=count)  # wraps base in place; undone below
-                start = time.perf_counter()
-                for i in range(count):
-                    bank.load(f"u{i}", source / "singlora" / name)
-                row["bank_load_s"] = (time.perf_counter() - start) / count
-                memory = bank.memory()
-                row.update(singlora_bytes=memory["allocated"], singlora_measured=True, square_ratio=square_ratio(bank),
-                           singlora_per_adapter=memory["per_adapter"]["u0"]["singlora"])
-                base = unwrap(base)
-            else:
-                row.update(singlora_bytes=rows[-1]["singlora_per_adapter"] * count, singlora_measured=False,
-                           singlora_per_adapter=rows[-1]["singlora_per_adapter"], square_ratio=rows[-1]["square_ratio"])
-            present = len(peft_model.peft_config)
-            if count <= settings["peft_max_resident"]:
-                start = time.perf_counter()
-                for i in range(present, count):
-                    peft_model.load_adapter(source / "lora" / name, adapter_name=f"u{i}")
-                row["peft_load_s"] = (time.perf_counter() - start) / (count - present) if count > present else None
-                row.update(lora_bytes=lora_bytes(peft_model), lora_measured=True)
-                row["lora_per_adapter"] = row["lora_bytes"] // count
-            else:
-                per = rows[-1]["lora_per_adapter"]
-                row.update(lora_bytes=per * count, lora_measured=False, lora_per_adapter=per)
-            row["ratio"] = row["singlora_bytes"] / row["lora_bytes"]
-            rows.append(row)
-            print(f"memory {label} {count}: {row['ratio']:.3f}", file=sys.stderr, flush=True)
-        del peft_model
-        gc.collect()
-    return rows
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """``model`` with every SingLoRA wrapper an ``AdapterBank`` put in replaced by the original module."""
-    from torch_singlora.layers import SingLoRALayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SingLoRALayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
-    return model
-
-
-def square_ratio(bank: AdapterBank) -> float | None:
-    """SingLoRA / LoRA bytes on the square layers of the first adapter (exactly 1/2 by construction)."""
-    resident = next(iter(bank.adapters.values()))
-    square = [(o, i, r) for o, i, r in resident.modules.values() if o == i]
-    if not square:
-        return None
-    return sum(o * r for o, _, r in square) / sum((o + i) * r for o, i, r in square)
-
-
 # ---- the command --------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["llm", "classify", "memory"],
-                        choices=["llm", "classify", "memory"])
+    parser.add_argument("--parts", nargs="+", default=["llm", "classify", "memory", "steps"],
+                        choices=["llm", "classify", "memory", "steps"])
     parser.add_argument("--configs", nargs="+", default=["16x16", "64x64"], help="CLIENTSxADAPTERS")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--per-client", type=int, default=1, help="generation requests per client")
     parser.add_argument("--classify-per-client", type=int, default=4, help="classification requests per client")
     parser.add_argument("--sequential-clients", type=int, default=16,
                         help="clients of the one-at-a-time run (it is slow; its throughput does not depend on it)")
-    parser.add_argument("--memory-counts", nargs="+", type=int, default=[1, 100, 1000])
-    parser.add_argument("--peft-max-resident", type=int, default=100,
-                        help="PEFT LoRA is loaded up to this many adapters; above, its bytes are per-adapter x count")
+    parser.add_argument("--memory-adapters", type=int, default=1000, help="adapters on q_proj, v_proj (memory)")
+    parser.add_argument("--memory-adapters-all", type=int, default=102, help="adapters on all 7 projections")
+    parser.add_argument("--peft-per-rank", type=int, default=10, help="LoRA exports of each rank PEFT loads")
+    parser.add_argument("--step-rounds", type=int, default=15, help="timed rounds of the steps part")
     parser.add_argument("--quick", action="store_true", help="tiny models, small counts: a smoke test")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser.parse_args(argv)
@@ -393,14 +323,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"quick": args.quick, "configs": [tuple(int(v) for v in c.split("x")) for c in args.configs],
                 "max_tokens": args.max_tokens, "per_client": args.per_client,
                 "classify_per_client": args.classify_per_client, "sequential_clients": args.sequential_clients,
-                "memory_counts": args.memory_counts, "peft_max_resident": args.peft_max_resident}
+                "memory_adapters": args.memory_adapters, "memory_adapters_all": args.memory_adapters_all,
+                "peft_per_rank": args.peft_per_rank, "step_rounds": args.step_rounds, "step_warmup": 2}
     if args.quick:
         settings.update(configs=[(3, 3)], max_tokens=4, classify_per_client=2, sequential_clients=3,
-                        memory_counts=[1, 3], peft_max_resident=2)
+                        memory_adapters=12, memory_adapters_all=6, peft_per_rank=2, step_rounds=2, step_warmup=1)
     command = "python -m benchmarks.serving " + " ".join(shlex.quote(a) for a in (argv or []))
     results: dict[str, Any] = {"command": command.strip(), "machine": machine_description(), "settings": {
         k: v for k, v in settings.items()}, "rows": {}}
-    parts = {"llm": part_llm, "classify": part_classify, "memory": part_memory}
+    parts = {"llm": part_llm, "classify": part_classify,
+             "memory": lambda s, f: serving_bank.part_memory(s, f, llm_model),
+             "steps": lambda s, f: serving_bank.part_steps(s, f, llm_model)}
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             results["rows"][part] = parts[part](settings, Path(tmp))
@@ -427,21 +360,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{row['p99_s']:.2f} | "
                          f"{row['forwards']} | {row['most_rows']} |")
         lines.append("")
-    if results["rows"].get("memory"):
-        lines += ["### memory of resident adapters (r = 8, float32)", "",
-                  "| targets | adapters | SingLoRA bytes | LoRA (PEFT) bytes | SingLoRA / LoRA | per adapter: SingLoRA "
-                  "/ LoRA bytes | square layers | bank load s/adapter | PEFT load s/adapter |", "|" + "---|" * 9]
-        for row in results["rows"]["memory"]:
-            def cell(value: int, measured: bool) -> str:
-                return f"{value:,}" + ("" if measured else " (computed)")
-            square = "-" if row["square_ratio"] is None else f"{row['square_ratio']:.3f}"
-            bank_s = "-" if row["bank_load_s"] is None else f"{row['bank_load_s']:.4f}"
-            peft_s = "-" if row["peft_load_s"] is None else f"{row['peft_load_s']:.4f}"
-            lines.append(f"| {row['targets']} | {row['adapters']:,} | "
-                         f"{cell(row['singlora_bytes'], row['singlora_measured'])}"
-                         f" | {cell(row['lora_bytes'], row['lora_measured'])} | {row['ratio']:.3f} | "
-                         f"{row['singlora_per_adapter']:,} / {row['lora_per_adapter']:,} | {square} | {bank_s} | "
-                         f"{peft_s} |")
+    lines += serving_bank.markdown(results)
     return "\n".join(lines)
 
 

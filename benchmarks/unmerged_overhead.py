@@ -44,29 +44,39 @@ def load_model(quick: bool) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
 
 
+class StepRunner:
+    """``runner(m)``: one timed call of model ``m`` for ``shape``: ``prefill`` (a forward of ``batch`` prompts of
+    ``length`` random tokens) or ``decode`` (one new token for ``batch`` sequences over a ``length``-token cache,
+    cropped back after each call so that every call sees the same cache). ``model`` gives the vocabulary and the
+    cache; every model run must share its architecture."""
+
+    def __init__(self, model: Any, shape: str, quick: bool) -> None:
+        from transformers import DynamicCache
+
+        self.shape = shape
+        self.batch, length = (4, 128) if shape == "prefill" else (16, 64)
+        if quick:
+            self.batch, length = self.batch // 2, length // 4
+        self.ids = torch.randint(0, model.config.vocab_size, (self.batch, length))
+        if shape == "decode":
+            with torch.no_grad():
+                self.cache = DynamicCache(config=model.config)
+                model(input_ids=self.ids, use_cache=True, cache=self.cache)
+            self.step = torch.randint(0, model.config.vocab_size, (self.batch, 1))
+
+    def __call__(self, m: Any) -> Callable[[], None]:
+        if self.shape == "prefill":
+            return lambda: m(input_ids=self.ids)
+
+        def call() -> None:
+            m(input_ids=self.step, use_cache=True, cache=self.cache)
+            self.cache.crop(-1)  # drop the new token: every call sees the same cache
+        return call
+
+
 def calls(plain: Any, model: Any, merged: Any, shape: str, quick: bool) -> dict[str, Callable[[], None]]:
     """One timed call per method for ``shape`` (``prefill`` or ``decode``)."""
-    from transformers import DynamicCache
-
-    vocab = model.config.vocab_size
-    batch, length = (4, 128) if shape == "prefill" else (16, 64)
-    if quick:
-        batch, length = batch // 2, length // 4
-    ids = torch.randint(0, vocab, (batch, length))
-    if shape == "prefill":
-        def run(m: Any) -> Callable[[], None]:
-            return lambda: m(input_ids=ids)
-    else:
-        with torch.no_grad():
-            prefix = DynamicCache(config=model.config)
-            model(input_ids=ids, use_cache=True, cache=prefix)
-        step = torch.randint(0, vocab, (batch, 1))
-
-        def run(m: Any) -> Callable[[], None]:
-            def call() -> None:
-                m(input_ids=step, use_cache=True, cache=prefix)
-                prefix.crop(-1)  # drop the new token: every call sees the same 64-token cache
-            return call
+    run = StepRunner(model, shape, quick)
 
     def out_of_place() -> None:
         layers.IN_PLACE_INFERENCE = False

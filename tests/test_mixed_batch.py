@@ -9,59 +9,10 @@ import torch
 from conftest import assert_close, dense_update
 from torch import nn
 
+from mixed_models import LLAMA_TARGETS, NAMES, EveryKind, add_three_adapters, left_padded, run_alone, tiny_llama
 from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 from torch_singlora.functional import mixed_conv_update, mixed_embedding_update, mixed_factored_update
-from torch_singlora.mixed import stack_bank
-
-NAMES = ["a", "b", "__base__", "c", "a", "b"]  # repeated names, the base model, and every adapter
-
-
-def run_alone(model, name: str, *args, generate: bool = False, **kwargs):
-    """One example through the ordinary (non-mixed) path: its adapter active, or adapters disabled."""
-    call = model.generate if generate else model
-    if name == "__base__":
-        with model.disable_adapters():
-            return call(*args, **kwargs)
-    model.set_adapter(name)
-    return call(*args, **kwargs)
-
-
-def add_three_adapters(model: nn.Module, targets: list[str], saved: list[str] | None = None):
-    """Adapters ``a`` (r=2), ``b`` (r=5, alpha 3, half-way up its ramp, another target set), ``c`` (r=3, no copy
-    of the saved modules), with large random A so that each changes the output visibly."""
-    def config(r: int, alpha: float, target: list[str], save: list[str] | None, ramp: int = 0) -> SingLoRAConfig:
-        return SingLoRAConfig(r=r, alpha=alpha, target_modules=target, modules_to_save=save, init="gaussian",
-                              init_std=0.4, ramp_up_steps=ramp)
-
-    wrapped = get_singlora_model(model, config(2, 2.0, targets, saved), "a")
-    wrapped.add_adapter("b", config(5, 3.0, targets[::2], saved, ramp=10))
-    wrapped.set_ramp_step(5, "b")
-    wrapped.add_adapter("c", config(3, 1.0, targets[1:], None))
-    for _, wrapper in wrapped.trainable_copies():
-        for replica in wrapper.copies.values():
-            with torch.no_grad():
-                for p in replica.parameters():
-                    p.add_(torch.randn_like(p))
-    return wrapped.eval()
-
-
-class EveryKind(nn.Module):
-    """Embedding -> Conv1d (reflect padding) -> Conv2d (stride, dilation) -> Linear (tall, wide) -> head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(30, 8)
-        self.conv1 = nn.Conv1d(8, 6, 3, padding=1, padding_mode="reflect")
-        self.conv2 = nn.Conv2d(1, 4, (2, 3), stride=(1, 2), dilation=(2, 1), padding=1)
-        self.up = nn.Linear(4, 12)
-        self.down = nn.Linear(12, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.emb(ids).transpose(1, 2))  # (B, 6, T)
-        h = self.conv2(h.unsqueeze(1))  # (B, 4, H', W')
-        h = self.down(torch.relu(self.up(h.flatten(2).transpose(1, 2))))  # (B, P, 5)
-        return self.head(h)
+from torch_singlora.mixed import rows_for, stack_pool
 
 
 def test_every_layer_kind_and_saved_module_match_each_example_alone() -> None:
@@ -91,26 +42,45 @@ def test_transformers_conv1d_and_gradients_flow_through_the_mixed_path() -> None
             assert_close(mixed[i], run_alone(model, name, x[i : i + 1])[0], dtype=torch.float32)
 
 
+def scattered_pool(As: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool holding each ``A_k.T`` in rows placed out of order among unused rows (as a bank's pool is after
+    loads and unloads), and each adapter's ``(W,)`` rows padded with the zero row 0 to ``W = 3``."""
+    pool = torch.zeros(1 + 2 * sum(A.shape[1] for A in As), n, dtype=torch.float64)
+    free = torch.randperm(pool.shape[0] - 1)[: sum(A.shape[1] for A in As)] + 1
+    rows, start = [torch.zeros(3, dtype=torch.long)], 0
+    for A in As:
+        mine = free[start : start + A.shape[1]]
+        pool[mine] = A.T
+        rows.append(torch.cat([mine, torch.zeros(3 - len(mine), dtype=torch.long)]))
+        start += len(mine)
+    pool[0] = 0
+    return pool, torch.stack(rows)
+
+
 @pytest.mark.parametrize("d_out,d_in", [(6, 6), (9, 4), (4, 9)])
 def test_mixed_kernels_match_dense_float64(d_out: int, d_in: int) -> None:
-    """Each example: x @ (W0 + c_k * A_k[:d_out] A_k[:d_in]^T).T from the definition, ranks 1..3 in one bank."""
+    """Each example: x @ (W0 + c_k * A_k[:d_out] A_k[:d_in]^T).T from the definition, ranks 1..3 in one pool whose
+    rows lie scattered (a bank's pool after loads and unloads)."""
     n = max(d_out, d_in)
     As = [torch.randn(n, r, dtype=torch.float64) for r in (1, 3, 2)]
-    cs = [torch.tensor(c, dtype=torch.float64) for c in (0.5, 2.0, 1.5)]
-    bank, coefficients = stack_bank(As, cs)
-    assert bank.shape == (4, 3, n) and bank[0].abs().sum() == 0
-    index = torch.tensor([1, 0, 3, 2, 1])
+    cs = torch.tensor([0.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    pool, adapter_rows = scattered_pool(As, n)
+    index = torch.tensor([1, 0, 3, 2, 1])  # 0: no adapter (the zero row, c = 0)
+    rows, coefficients = adapter_rows[index], cs[index]
     x = torch.randn(5, 2, d_in, dtype=torch.float64)
-    out = mixed_factored_update(x, bank, coefficients, index, d_out, d_in)
+    out = mixed_factored_update(x, pool, rows, coefficients, d_out, d_in)
     for b, k in enumerate(index.tolist()):
         expected = torch.zeros(2, d_out, dtype=torch.float64) if k == 0 else \
-            x[b] @ dense_update(As[k - 1], d_out, d_in, float(cs[k - 1])).T
+            x[b] @ dense_update(As[k - 1], d_out, d_in, float(cs[k])).T
         assert_close(out[b], expected)
+    in_place = torch.ones(5, 2, d_out, dtype=torch.float64)
+    assert mixed_factored_update(x, pool, rows, coefficients, d_out, d_in, out=in_place) is in_place
+    assert_close(in_place, out + 1)
     ids = torch.randint(0, d_out, (5, 3))  # an embedding of d_out rows of dimension d_in
-    emb = mixed_embedding_update(ids, bank, coefficients, index, d_out, d_in)
+    emb = mixed_embedding_update(ids, pool, rows, coefficients, d_out, d_in)
     for b, k in enumerate(index.tolist()):
         table = torch.zeros(d_out, d_in, dtype=torch.float64) if k == 0 else \
-            dense_update(As[k - 1], d_out, d_in, float(cs[k - 1]))
+            dense_update(As[k - 1], d_out, d_in, float(cs[k]))
         assert_close(emb[b], table[ids[b]])
 
 
@@ -118,33 +88,23 @@ def test_mixed_conv_kernel_matches_dense_float64() -> None:
     conv = nn.Conv2d(2, 3, 2, padding=1, padding_mode="circular").double()
     n = max(3, 2 * 2 * 2)
     As = [torch.randn(n, r, dtype=torch.float64) for r in (2, 1)]
-    bank, coefficients = stack_bank(As, [torch.tensor(0.7, dtype=torch.float64)] * 2)
+    pool, adapter_rows = scattered_pool(As, n)
     index = torch.tensor([2, 0, 1])
-    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
-    out = mixed_conv_update(x, bank, coefficients, index, conv)
+    out = mixed_conv_update(x := torch.randn(3, 2, 4, 5, dtype=torch.float64), pool, adapter_rows[index],
+                            torch.tensor([0.7, 0.0, 0.7], dtype=torch.float64), conv)
     for b, k in enumerate(index.tolist()):
         delta = torch.zeros(3, 8, dtype=torch.float64) if k == 0 else dense_update(As[k - 1], 3, 8, 0.7)
         expected = conv._conv_forward(x[b : b + 1], delta.reshape(3, 2, 2, 2), None)[0]
         assert_close(out[b], expected)
 
 
-def tiny_llama(vocab: int = 96):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
-
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "embed_tokens"]
-
-
-def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    return ids, (ids != 0).long()
+def test_stacked_pool_lists_each_adapter_padded_to_the_highest_rank() -> None:
+    As = [torch.randn(5, r, dtype=torch.float64) for r in (2, 3)]
+    pool, coefficients = stack_pool(As, [torch.tensor(0.5), torch.tensor(2.0)])
+    rows = rows_for(torch.tensor([2, 0, 1]), 3)
+    assert pool.shape == (7, 5) and pool[0].abs().sum() == 0 and coefficients.tolist() == [0.0, 0.5, 2.0]
+    assert torch.equal(pool[rows[0]], As[1].T) and pool[rows[1]].abs().sum() == 0
+    assert torch.equal(pool[rows[2]], torch.cat([As[0].T, torch.zeros(1, 5, dtype=torch.float64)]))
 
 
 def test_padded_llama_batch_logits_match_each_prompt_alone() -> None:
@@ -197,9 +157,10 @@ def test_refusals_name_the_problem_and_leave_the_model_usable() -> None:
     with pytest.raises(SingLoRAError, match="merged"):
         model(ids, adapter_names=["a", "b"])
     model.unmerge()
-    with torch.no_grad():  # still works, and no selection was left behind
-        assert_close(model(ids, adapter_names=["a", "a"]), run_alone(model, "a", ids), dtype=torch.float32)
-    assert all(layer.selection is None for _, layer in model.singlora_layers())
+    with torch.no_grad():  # still works, and no selection was left active
+        assert_close(model(ids, adapter_names=["a", "b"])[:1], run_alone(model, "a", ids[:1]), dtype=torch.float32)
+    selection = model.model.up.selection
+    assert not selection.active and all(m.selection is selection for m in model.modules() if hasattr(m, "selection"))
 
 
 def test_inference_adds_updates_in_place_with_the_same_values(monkeypatch) -> None:

@@ -25,13 +25,17 @@ def test_serving_benchmark_quick(tmp_path) -> None:
             assert row["p50_s"] <= row["p99_s"] and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
             if tokens:
                 assert row["tokens"] == tokens(row)  # no early stop: every request generates max_tokens
-    memory = {(row["targets"], row["adapters"]): row for row in rows["memory"]}
-    # the tiny Llama: hidden 32, 2 KV heads of 8 (v_proj 32 -> 16), 2 layers, r = 8, float32
-    qv = memory[("q_proj,v_proj", 3)]
-    assert qv["singlora_per_adapter"] == 2 * (32 * 8 + 32 * 8) * 4
-    assert qv["lora_per_adapter"] == 2 * ((32 + 32) * 8 + (32 + 16) * 8) * 4
-    assert qv["square_ratio"] == 0.5 and not qv["lora_measured"] and qv["singlora_measured"]
-    assert qv["lora_bytes"] == 3 * qv["lora_per_adapter"]
+    qv = {row["targets"]: row for row in rows["memory"]}["q_proj,v_proj"]
+    # the tiny Llama: hidden 32, 2 KV heads of 8 (v_proj 32 -> 16), 2 layers; ranks 4, 8, 16; float32
+    for r in (4, 8, 16):
+        per = qv["per_rank"][r]
+        assert per["singlora"] == 2 * (32 * r + 32 * r) * 4  # each adapter at its own rank, not padded to 16
+        assert per["stored"] == per["singlora"] + 2 * 2 * (16 * 8 + 4)  # + per layer a table row and a coefficient
+        assert per["peft"] == per["lora"] == 2 * ((32 + 32) * r + (32 + 16) * r) * 4  # PEFT's tensors measured
+    assert qv["reuse"]["allocated_after"] == qv["reuse"]["allocated_before"]  # unloaded rows reused
+    steps = {(row["shape"], row["method"]) for row in rows["steps"]}
+    assert steps == {(shape, method) for shape in ("prefill", "decode") for method in (
+        "base", "merged", "singlora_model_unmerged", "bank_one_adapter", "bank_all_base", "bank_mixed")}
     assert (tmp_path / "serving_quick.md").read_text().count("| singlora_mixed |") == 2
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_mixed_batch import tiny_llama
+from mixed_models import tiny_llama
 
 from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 from torch_singlora.cli import main

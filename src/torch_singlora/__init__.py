@@ -11,7 +11,8 @@ from .adapter_file import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
 from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .functional import delta_matrix, delta_weight, lora_factors, matrix_dims
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy
+from .copies import TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer
 from .model import SingLoRAModel, get_singlora_model
 
 __version__ = "0.1.0"

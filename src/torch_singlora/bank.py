@@ -9,16 +9,21 @@
     bank.unload("bob")
     bank.memory()                                     # bytes per adapter, SingLoRA vs LoRA at equal rank
 
-Each adapted layer holds one ``LayerBank``: the ``A`` of every resident adapter that adapts it, stacked transposed
-and zero-padded to the bank's rank ``R``, in a ``(K, R, n)`` buffer (slot 0 stays zero: the base model), with one
-coefficient ``c = s * u(t)`` per slot. An adapter costs exactly its ``A`` matrices (``n * R`` numbers per layer,
-half of a LoRA's ``2 * n * r`` on square layers) plus its ``modules_to_save`` copies; nothing else is copied,
-and no module is created per adapter. A forward reads ``bank[index]`` (``functional.mixed_*``): the batch's
-adapters cost one gather and two batched products per layer, whatever their number.
+Each adapted layer holds its banked storage (``SingLoRALayer.create_bank``, ``banked.LayerBank``): the ``A`` of every
+resident adapter that adapts it, as rows of one pool, each adapter at its own rank (S-LoRA's unified paging), with
+one coefficient ``c = s * u(t)`` each. An adapter costs its ``A`` matrices (``n * r`` numbers per layer, half of a
+LoRA's ``2 * n * r`` on square layers) plus a table row per layer and its ``modules_to_save`` copies; rows an
+unloaded adapter leaves are reused by the next one, of any rank; no module is created per adapter. A forward of a
+mixed batch gathers each example's rows (``functional.mixed_*``): one gather and two batched products per layer,
+whatever the number of adapters and ranks; a batch whose examples all use one adapter (or none) runs that adapter's
+two small products (or nothing), as a model holding only that adapter would.
 
-``torch.compile``: give ``max_rank`` (and ``capacity`` for the most adapters you will hold) up front, then
-loading, swapping and unloading adapters only write into preallocated buffers and never change a shape, so a
-compiled model does not recompile. Without them the buffers grow as needed (a shape change: one recompile).
+The bank attaches one ``BankSelection`` to the layers it wraps, once; ``use(names)`` only selects the names on it.
+
+``torch.compile``: give ``max_rank`` (and ``capacity``: pool rows for that many adapters of rank ``max_rank``, more
+of lower ranks) up front, then loading, swapping and unloading adapters only write into preallocated buffers and
+never change a shape, so a compiled model does not recompile (it always runs the gather path, at ``max_rank``).
+Without them the buffers grow as needed (a shape change: one recompile).
 
 Adapters are frozen (``u`` is the one saved with the adapter). Not thread-safe: change the bank between forward
 calls, from the thread that runs them (``torch_singlora.serving`` does so).
@@ -26,10 +31,9 @@ calls, from the thread that runs them (``torch_singlora.serving`` does so).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,77 +41,10 @@ from torch import Tensor, nn
 from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
-from .functional import ramp_value
-from .layers import SingLoRALayer, TrainableCopy, adapter_dtype, set_submodule
-from .mixed import BASE, Selection, check_adapter_names
-
-
-class LayerBank(nn.Module):
-    """The resident adapters of one layer (non-persistent buffers: never in a state dict, moved by ``.to()``).
-
-    Buffers:
-        A: ``(K, R, n)``: slot ``k`` holds an adapter's ``A.T`` zero-padded to ``R`` rows; slot 0 is all zeros.
-        coefficients: ``(K,)``: ``c = s * u`` of each slot (0 for free slots).
-        slots: ``(G,)`` int64: the slot of each adapter id of the ``AdapterBank`` (0: it does not adapt this layer).
-    """
-
-    def __init__(self, n: int, rank: int, capacity: int, ids: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        self.register_buffer("A", torch.zeros(capacity + 1, rank, n, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("coefficients", torch.zeros(capacity + 1, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("slots", torch.zeros(max(ids, capacity + 1), dtype=torch.long, device=device),
-                             persistent=False)
-        self.free = list(range(capacity, 0, -1))  # free slots, popped from the end (lowest first)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[1]
-
-    def _grow(self, rank: int, capacity: int) -> None:
-        """Reallocate to ``rank`` rows and ``capacity`` slots (plus slot 0), keeping every resident adapter."""
-        old = self.A
-        self.A = old.new_zeros(capacity + 1, rank, old.shape[2])
-        self.A[: old.shape[0], : old.shape[1]] = old
-        coefficients = self.coefficients
-        self.coefficients = coefficients.new_zeros(capacity + 1)
-        self.coefficients[: coefficients.shape[0]] = coefficients
-        self.free = list(range(capacity, old.shape[0] - 1, -1)) + self.free
-
-    def ensure_ids(self, ids: int) -> None:
-        """Room in ``slots`` for adapter ids ``< ids`` (grown geometrically: loading K adapters copies O(K))."""
-        if ids > self.slots.shape[0]:
-            slots = self.slots.new_zeros(max(ids, 2 * self.slots.shape[0]))
-            slots[: self.slots.shape[0]] = self.slots
-            self.slots = slots
-
-    def put(self, adapter_id: int, A: Tensor, coefficient: float) -> None:
-        """Store ``A`` (``(n, r)``) for adapter ``adapter_id``: into its own slot if it has one (in place), else a
-        free slot; grows the buffers when the rank or the slots run out."""
-        if A.shape[1] > self.rank:
-            self._grow(A.shape[1], self.A.shape[0] - 1)
-        slot = int(self.slots[adapter_id])
-        if slot == 0:
-            if not self.free:
-                self._grow(self.rank, 2 * (self.A.shape[0] - 1))
-            slot = self.free.pop()
-        with torch.no_grad():
-            self.A[slot].zero_()
-            self.A[slot, : A.shape[1]].copy_(A.T)
-            self.coefficients[slot] = coefficient
-        self.slots[adapter_id] = slot
-
-    def remove(self, adapter_id: int) -> None:
-        """Free adapter ``adapter_id``'s slot (zeroed); no-op if it has none."""
-        slot = int(self.slots[adapter_id])
-        if slot:
-            self.A[slot].zero_()
-            self.coefficients[slot] = 0
-            self.slots[adapter_id] = 0
-            self.free.append(slot)
-            self.free.sort(reverse=True)
-
-    def extra_repr(self) -> str:
-        return f"slots={self.A.shape[0] - 1}, rank={self.rank}, n={self.A.shape[2]}, free={len(self.free)}"
+from .copies import TrainableCopy
+from .functional import saved_coefficient
+from .layers import SingLoRALayer, set_submodule
+from .mixed import BASE, Pooled, Selection, Shared, check_adapter_names, check_mixed_call
 
 
 @dataclass
@@ -127,6 +64,11 @@ class Resident:
     saved: list[str]
     source: str
 
+    @property
+    def rank(self) -> int:
+        """Its highest rank over the layers it adapts."""
+        return max(r for _, _, r in self.modules.values())
+
 
 @dataclass
 class _Checked:
@@ -140,28 +82,49 @@ class _Checked:
 
 
 class BankSelection(Selection):
-    """The selection an ``AdapterBank`` gives its layers: per layer, its resident bank and each example's slot.
-    One object per bank, reused by every call (``torch.compile`` sees the same object, with a new index)."""
+    """The selection an ``AdapterBank`` attaches to its layers: each example's adapter id, read from each layer's
+    banked storage. One object per bank, reselected each call (``torch.compile`` sees the same object)."""
 
-    ids = torch.zeros(0, dtype=torch.long)  # (B,): each example's adapter id (0: the base model)
+    def __init__(self, adapters: dict[str, "Resident"]) -> None:
+        super().__init__()
+        self.adapters = adapters
+        self.ids = torch.zeros(0, dtype=torch.long)  # (B,): each example's adapter id (0: the base model)
+        self.shared: int | None = None  # the id every example uses (0: none), or None when they differ
+        self.width = 0  # the highest rank among the batch's adapters
+        self.device = torch.device("cpu")  # the banks' (set by the AdapterBank when it wraps a layer)
 
-    def for_layer(self, layer: SingLoRALayer) -> tuple[Tensor, Tensor, Tensor] | None:
+    def select(self, names: Sequence[str]) -> None:
+        super().select(names)
+        ids = [0 if name == BASE else self.adapters[name].id for name in self.names]
+        self.ids = torch.tensor(ids, device=self.device)
+        self.shared = ids[0] if len(set(ids)) == 1 else None
+        self.width = max((self.adapters[name].rank for name in self.unique if name != BASE), default=0)
+
+    def for_layer(self, layer: SingLoRALayer) -> Shared | Pooled | None:
         bank = layer.bank
-        return bank.A, bank.coefficients, bank.slots.index_select(0, self.ids)
+        if not torch.compiler.is_compiling():  # eager: exact sizes (a compiled graph keeps one shape)
+            if self.shared is not None:
+                held = bank.rows_of(self.shared) if self.shared else None
+                return None if held is None else Shared(held[0].T, held[1])
+            rows = bank.table[:, : self.width].index_select(0, self.ids)
+        else:
+            rows = bank.table.index_select(0, self.ids)
+        return Pooled(bank.pool, rows, bank.coefficients.index_select(0, self.ids))
 
 
 class AdapterBank:
     """Many SingLoRA adapters on one base model, selected per example (see the module docstring).
 
     Attributes:
-        model: The base model, changed in place (adapted modules wrapped in ``SingLoRALayer``s holding a
-            ``LayerBank``, ``modules_to_save`` in ``TrainableCopy``s).
+        model: The base model, changed in place (adapted modules wrapped in ``SingLoRALayer``s with banked
+            storage, ``modules_to_save`` in ``TrainableCopy``s).
         adapters: ``{name: Resident}``.
     """
 
     def __init__(self, model: nn.Module, *, max_rank: int | None = None, capacity: int = 4) -> None:
-        """``max_rank``: allocate every layer bank at this rank and refuse adapters above it (None: grow as
-        needed). ``capacity``: slots allocated per layer at first (doubled when full)."""
+        """``max_rank``: the highest rank an adapter may have (None: any; the layers' tables widen as needed).
+        ``capacity``: adapters of rank ``max_rank`` (of the first adapter's rank without it) each layer's pool has
+        rows for at first; it grows when full."""
         if not isinstance(model, nn.Module):
             raise SingLoRAError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if any(isinstance(m, (SingLoRALayer, TrainableCopy)) for m in model.modules()):
@@ -175,9 +138,9 @@ class AdapterBank:
         self.adapters: dict[str, Resident] = {}
         self._ids = 1  # adapter ids in use are < self._ids; 0 is the base model
         self._free_ids: list[int] = []
-        self._selection = BankSelection()
-        self._wrapped_layers: list[SingLoRALayer] = []  # every module the bank wrapped (never unwrapped): use()
-        self._wrapped_copies: list[TrainableCopy] = []  # runs on every forward, without walking the model
+        self._selection = BankSelection(self.adapters)  # attached to every module the bank wraps
+        self._wrapped_layers: list[SingLoRALayer] = []  # every layer the bank wrapped (never unwrapped)
+        self._wrapped_copies: list[TrainableCopy] = []
 
     # ---- reading, before any change --------------------------------------------------------------------------
 
@@ -195,20 +158,23 @@ class AdapterBank:
         if too_big:
             name, r = next(iter(too_big.items()))
             raise SingLoRAError(f"{directory}: r={r} for module {name!r} exceeds this bank's max_rank={self.max_rank}")
-        u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
-        modules = {name: (m.d_out, m.d_in, m.r, m.scale * u) for name, m in plan.modules.items()}
+        modules = {name: (m.d_out, m.d_in, m.r, saved_coefficient(m.scale, meta["ramp_step"], plan.ramp_up_steps))
+                   for name, m in plan.modules.items()}
         return _Checked(config, meta["ramp_step"], modules, list(plan.saved_modules), tensors)
 
     # ---- changing the bank ------------------------------------------------------------------------------------
 
-    def _layer(self, name: str) -> SingLoRALayer:
-        """The wrapped layer ``name``, wrapping it (with an empty ``LayerBank``) on first use."""
+    def _layer(self, name: str, rank: int) -> SingLoRALayer:
+        """The wrapped layer ``name``, wrapping it (with empty banked storage sized for an adapter of ``rank``)
+        on first use."""
         module = self.model.get_submodule(name)
         if isinstance(module, SingLoRALayer):
             return module
         layer = SingLoRALayer(module)
-        layer.bank = LayerBank(max(layer.d_out, layer.d_in), self.max_rank or 1, self.capacity, self._ids,
-                               adapter_dtype(module.weight), module.weight.device)
+        width = self.max_rank or rank
+        layer.create_bank(rows=self.capacity * width, width=width, ids=max(self._ids, self.capacity + 1))
+        layer.selection = self._selection
+        self._selection.device = module.weight.device
         set_submodule(self.model, name, layer)
         self._wrapped_layers.append(layer)
         return layer
@@ -218,6 +184,7 @@ class AdapterBank:
         if isinstance(module, TrainableCopy):
             return module
         wrapper = TrainableCopy(module)
+        wrapper.selection = self._selection
         set_submodule(self.model, name, wrapper)
         self._wrapped_copies.append(wrapper)
         return wrapper
@@ -234,12 +201,11 @@ class AdapterBank:
         """Put ``checked`` into the layers and copies under ``name`` / ``adapter_id`` (in place where it was)."""
         old = self.adapters.get(name)
         for module_name, (d_out, d_in, r, c) in checked.modules.items():
-            layer = self._layer(module_name)  # every bank holds self._ids slots (_new_id, _layer)
-            A = checked.tensors[f"{module_name}.{A_SUFFIX}"].to(layer.bank.A.dtype)
-            layer.bank.put(adapter_id, A.to(layer.bank.A.device), c)
+            layer = self._layer(module_name, r)  # every layer's table has room for self._ids ids
+            layer.set_banked(adapter_id, checked.tensors[f"{module_name}.{A_SUFFIX}"], c)
         for module_name in (old.modules if old else {}):
             if module_name not in checked.modules:
-                self.model.get_submodule(module_name).bank.remove(adapter_id)
+                self.model.get_submodule(module_name).reset_banked(adapter_id)
         for module_name in (old.saved if old else []):
             if module_name not in checked.saved:
                 self.model.get_submodule(module_name).delete_adapter(name)
@@ -265,59 +231,50 @@ class AdapterBank:
         self._write(name, self._new_id(), checked, str(directory))
 
     def swap(self, name: str, directory: str | Path) -> None:
-        """Replace adapter ``name``'s weights with those of another folder, in place (same slots: no module is
-        rebuilt; a compiled model does not recompile while ranks stay within ``max_rank``)."""
+        """Replace adapter ``name``'s weights with those of another folder, in place (same id, same rows where the
+        rank is the same: no module is rebuilt; a compiled model does not recompile while the bank's sizes hold)."""
         if name not in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapters)}")
         checked = self._check(directory, name)
         self._write(name, self.adapters[name].id, checked, str(directory))
 
     def unload(self, name: str) -> None:
-        """Remove adapter ``name``: its slots are zeroed and freed, its saved-module copies dropped."""
+        """Remove adapter ``name``: its rows are zeroed and freed (for the next adapter, of any rank), its
+        saved-module copies dropped."""
         resident = self.adapters.pop(name, None)
         if resident is None:
             raise SingLoRAError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapters)}")
         for module_name in resident.modules:
-            self.model.get_submodule(module_name).bank.remove(resident.id)
+            self.model.get_submodule(module_name).reset_banked(resident.id)
         for module_name in resident.saved:
             self.model.get_submodule(module_name).delete_adapter(name)
         self._free_ids.append(resident.id)
 
     # ---- using it ---------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def use(self, adapter_names: Sequence[str]) -> Iterator[None]:
-        """Inside the block, example ``b`` of every forward of ``model`` uses adapter ``adapter_names[b]``
+    def use(self, adapter_names: Sequence[str]) -> ContextManager[None]:
+        """A context inside which example ``b`` of every forward of ``model`` uses adapter ``adapter_names[b]``
         (``"__base__"``: none). The model must be in eval mode."""
-        from .mixed import selecting
-
         names = check_adapter_names(adapter_names, self.adapters)
-        if self.model.training:
-            raise SingLoRAError("an AdapterBank is for inference: call model.eval() first")
-        selection = self._selection
-        selection.select(names)  # the same object each call: a compiled model keeps its graph
-        device = next((layer.bank.slots.device for layer in self._wrapped_layers), torch.device("cpu"))
-        selection.ids = torch.tensor([0 if n == BASE else self.adapters[n].id for n in names], device=device)
-        with selecting(self._wrapped_layers + self._wrapped_copies, selection):
-            yield
+        check_mixed_call(self._wrapped_layers + self._wrapped_copies, self.model)
+        return self._selection.selecting(names)
 
     def memory(self) -> dict[str, Any]:
         """Bytes held, in total and per adapter: ``singlora`` (its ``A`` matrices, ``n * r`` numbers per layer),
-        ``stored`` (its slots, padded to each bank's rank ``R``), ``lora`` (a LoRA of the same rank on the same
-        layers: ``(d_in + d_out) * r``), ``saved`` (its ``modules_to_save`` copies); ``allocated``: every layer
-        bank's buffers (padding and free slots included)."""
+        ``stored`` (what it occupies in the layers: its pool rows, table rows and coefficients), ``lora`` (a LoRA
+        of the same rank on the same layers: ``(d_in + d_out) * r``), ``saved`` (its ``modules_to_save`` copies);
+        ``allocated``: every layer's banked storage (free rows, the zero row and unused ids included)."""
         per_adapter = {}
         for name, resident in self.adapters.items():
             banks = {m: self.model.get_submodule(m).bank for m in resident.modules}
+            size = {m: bank.pool.element_size() for m, bank in banks.items()}
             saved = sum(t.numel() * t.element_size() for m in resident.saved
                         for t in self.model.get_submodule(m).copies[name].state_dict().values())
             per_adapter[name] = {
-                "singlora": sum(max(o, i) * r * banks[m].A.element_size()
-                                for m, (o, i, r) in resident.modules.items()),
-                "stored": sum(banks[m].A[0].numel() * banks[m].A.element_size() for m in resident.modules),
-                "lora": sum((o + i) * r * banks[m].A.element_size() for m, (o, i, r) in resident.modules.items()),
+                "singlora": sum(max(o, i) * r * size[m] for m, (o, i, r) in resident.modules.items()),
+                "stored": sum(bank.held_bytes(resident.id) for bank in banks.values()),
+                "lora": sum((o + i) * r * size[m] for m, (o, i, r) in resident.modules.items()),
                 "saved": saved,
             }
-        allocated = sum(t.numel() * t.element_size() for layer in self._wrapped_layers for t in layer.bank.buffers())
+        allocated = sum(layer.bank.allocated_bytes() for layer in self._wrapped_layers)
         return {"adapters": len(self.adapters), "allocated": allocated, "per_adapter": per_adapter}
-

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, set_submodule
+from .copies import TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, set_submodule
 
 
 class ExpertAdapter(SingLoRAAdapter):
@@ -180,7 +181,7 @@ class SingLoRAExperts(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         layers = self.parameter_layers()
-        if any(layer.selection is not None for layer in layers.values()):
+        if any(layer.selection is not None and layer.selection.active for layer in layers.values()):
             raise SingLoRAError("mixed-adapter batches (adapter_names=) do not support adapted expert parameters "
                                 "(target_parameters); run one adapter at a time")
         weights = {name: w for name, layer in layers.items() if (w := layer.effective_weight()) is not None}

@@ -43,7 +43,7 @@ from .atomic import output_folder
 from .config import rank_and_pattern
 from .errors import SingLoRAError
 from .experts import peft_module_name
-from .functional import LayerKind, lora_factors, ramp_value
+from .functional import LayerKind, lora_factors, saved_coefficient
 from .layers import SingLoRAAdapter, weight_shape
 from .model import SingLoRAModel
 
@@ -122,9 +122,9 @@ def _from_directory(directory: Path, base_model: nn.Module) -> ExportedAdapter:
     """Read a singlora adapter directory against ``base_model`` without changing the model."""
     config, meta = read_adapter_config(directory)
     plan, tensors = read_adapter_for(base_model, directory, config)  # exactly as loading reads it
-    u = float(ramp_value(torch.tensor(meta["ramp_step"]), plan.ramp_up_steps, torch.float64))
     experts = [name for name, m in plan.modules.items() if m.kind == "experts"]
-    factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, (m.d_out, m.d_in), m.scale * u,
+    factors = {name: _factors(tensors[f"{name}.{A_SUFFIX}"], m.kind, m.weight_shape, (m.d_out, m.d_in),
+                              saved_coefficient(m.scale, meta["ramp_step"], plan.ramp_up_steps),
                               peft_module_name(base_model, name, experts) if m.kind == "experts" else None)
                for name, m in plan.modules.items()}
     saved = {key: tensors[key] for key in plan.saved_tensors}

@@ -19,10 +19,11 @@ Every other place (layer forward, merge, export, tests) derives from the functio
 builds ``dW``: it computes ``((x @ A_in) * c) @ A_out.T`` at O(tokens * n * r) (``factored_update``,
 ``embedding_update``, ``conv_update``, one per layer kind).
 
-Mixed-adapter batches (each example its own adapter, ``mixed_*``) read a *bank*: the adapters' ``A`` stacked
-transposed and zero-padded to a common rank ``R``, ``bank[k] = [A_k.T ; 0]`` of shape ``(R, n)``, with one
-coefficient ``c_k`` each. Example ``b`` uses ``bank[index[b]]``; the batched products (gather + ``bmm``, the
-S-LoRA / Punica idea) are exact for every rank <= R, since zero columns of ``A`` add nothing to ``A A^T``.
+Mixed-adapter batches (each example its own adapter, ``mixed_*``) read a *pool*: rows of the adapters' ``A``
+transposed, ``(P, n)``, and per example the list of its adapter's rows, ``rows[b]`` (``W`` of them: an adapter of
+rank ``r < W`` lists a zero row ``W - r`` times), with one coefficient ``c_b`` each. Example ``b`` uses
+``pool[rows[b]]`` (``(W, n)``, its ``A.T`` plus zero rows); one gather and two batched products (``bmm``, the S-LoRA /
+Punica idea) serve every adapter and rank of the batch exactly, since zero columns of ``A`` add nothing to ``A A^T``.
 
 Layer kinds and how their weight is viewed as a ``(d_out, d_in)`` matrix:
 
@@ -87,6 +88,12 @@ def ramp_value(ramp_step: Tensor, ramp_up_steps: int | None, dtype: torch.dtype 
     if ramp_up_steps == 0:
         return torch.ones((), dtype=dtype, device=ramp_step.device)
     return (ramp_step.to(dtype) / ramp_up_steps).clamp(max=1.0)
+
+
+def saved_coefficient(scale: float, ramp_step: int, ramp_up_steps: int | None) -> float:
+    """``c = s * u(t)`` of a saved adapter (its file's ``ramp_step`` and ``T``), in float64, as a Python number:
+    what the bank, the export and the inspection of a file compute (``ramp_value``'s rules)."""
+    return scale * float(ramp_value(torch.tensor(ramp_step), ramp_up_steps, torch.float64))
 
 
 def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -171,57 +178,61 @@ def conv_update(x: Tensor, A: Tensor, geometry: nn.Module, coefficient: Tensor |
     return F.conv1d(h, pointwise) if h.dim() == 3 else F.conv2d(h, pointwise)
 
 
-def mixed_factored_update(
-    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int, out: Tensor | None = None
-) -> Tensor:
-    """``factored_update`` with example ``b`` of ``x`` using adapter ``index[b]`` of ``bank``.
+def gather_rows(pool: Tensor, rows: Tensor) -> Tensor:
+    """``pool[rows]`` for a ``(B, W)`` index: ``(B, W, n)``, each example's ``A.T`` (see the module docstring)."""
+    return pool.index_select(0, rows.reshape(-1)).view(*rows.shape, pool.shape[1])
 
-    ``x``: ``(B, ..., d_in)``; ``bank``: ``(K, R, n)`` (transposed, zero-padded ``A``s); ``coefficients``:
-    ``(K,)``; ``index``: ``(B,)`` int64 in ``[0, K)``. Returns ``(B, ..., d_out)``. Two ``bmm``s over the
-    gathered ``(B, R, n)``, cost O(tokens * (d_in + d_out) * R + B * n * R). With ``out`` (contiguous, same
-    shape, dtype as ``bank``, no gradient needed), the update is added into it in place (``baddbmm_``) and
-    ``out`` is returned.
+
+def mixed_factored_update(
+    x: Tensor, pool: Tensor, rows: Tensor, coefficients: Tensor, d_out: int, d_in: int, out: Tensor | None = None
+) -> Tensor:
+    """``factored_update`` with example ``b`` of ``x`` using the adapter whose ``A.T`` is ``pool[rows[b]]``.
+
+    ``x``: ``(B, ..., d_in)``; ``pool``: ``(P, n)``; ``rows``: ``(B, W)`` int64; ``coefficients``: ``(B,)``.
+    Returns ``(B, ..., d_out)``. Two ``bmm``s over the gathered ``(B, W, n)``, cost O(tokens * (d_in + d_out) * W
+    + B * n * W). With ``out`` (contiguous, same shape, dtype as ``pool``, no gradient needed), the update is added
+    into it in place (``baddbmm_``) and ``out`` is returned.
     """
     batch = x.shape[0]
-    At = bank.index_select(0, index)  # (B, R, n)
-    h = torch.bmm(x.reshape(batch, -1, d_in), At[:, :, :d_in].transpose(1, 2))  # (B, T, R)
-    h = h * coefficients.index_select(0, index)[:, None, None]
+    At = gather_rows(pool, rows)  # (B, W, n)
+    h = torch.bmm(x.reshape(batch, -1, d_in), At[:, :, :d_in].transpose(1, 2))  # (B, T, W)
+    h = h * coefficients[:, None, None]
     if out is not None:
         out.view(batch, -1, d_out).baddbmm_(h, At[:, :, :d_out])
         return out
-    return torch.bmm(h, At[:, :, :d_out]).reshape(*x.shape[:-1], d_out)  # (B, T, R) -> (B, ..., d_out)
+    return torch.bmm(h, At[:, :, :d_out]).reshape(*x.shape[:-1], d_out)  # (B, T, W) -> (B, ..., d_out)
 
 
 def mixed_embedding_update(
-    ids: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, d_out: int, d_in: int
+    ids: Tensor, pool: Tensor, rows: Tensor, coefficients: Tensor, d_out: int, d_in: int
 ) -> Tensor:
-    """``embedding_update`` with example ``b`` using adapter ``index[b]`` of ``bank`` (see
-    ``mixed_factored_update``). ``ids``: ``(B, ...)`` -> ``(B, ..., d_in)``; only the looked-up rows of each
-    example's ``A`` and its ``A[:d_in]`` are read (not the whole ``(num, R)`` block per example)."""
+    """``embedding_update`` with example ``b`` using the adapter at ``pool[rows[b]]`` (see
+    ``mixed_factored_update``). ``ids``: ``(B, ...)`` -> ``(B, ..., d_in)``; only the looked-up columns of each
+    example's ``A.T`` and its first ``d_in`` columns are read (not the whole ``(W, num)`` block per example)."""
     batch = ids.shape[0]
     flat = ids.reshape(batch, -1)  # (B, T)
-    h = bank[index[:, None], :, flat]  # (B, T, R): row ids[b, t] of example b's A
-    h = h * coefficients.index_select(0, index)[:, None, None]
-    out = torch.bmm(h, bank.index_select(0, index)[:, :, :d_in])  # (B, T, d_in)
+    h = pool[rows[:, None, :], flat[:, :, None]]  # (B, T, W): row ids[b, t] of example b's A
+    h = h * coefficients[:, None, None]
+    out = torch.bmm(h, gather_rows(pool[:, :d_in], rows))  # (B, T, W) @ (B, W, d_in)
     return out.reshape(*ids.shape, d_in)
 
 
 def mixed_conv_update(
-    x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor, geometry: nn.Module
+    x: Tensor, pool: Tensor, rows: Tensor, coefficients: Tensor, geometry: nn.Module
 ) -> Tensor:
-    """``conv_update`` with example ``b`` using adapter ``index[b]`` of ``bank`` (see ``mixed_factored_update``).
+    """``conv_update`` with example ``b`` using the adapter at ``pool[rows[b]]`` (see ``mixed_factored_update``).
 
-    One grouped convolution (``groups = B``: example ``b``'s ``R`` filters see only example ``b``), then a
+    One grouped convolution (``groups = B``: example ``b``'s ``W`` filters see only example ``b``), then a
     ``bmm`` with each example's ``A[:out]``. ``x``: ``(B, in, *S)`` -> ``(B, out, *S')``.
     """
     out_channels, *kernel_shape = geometry.weight.shape
-    batch, rank, d_in = x.shape[0], bank.shape[1], math.prod(kernel_shape)
-    At = bank.index_select(0, index)  # (B, R, n)
-    kernels = At[:, :, :d_in].reshape(batch * rank, *kernel_shape)  # (B * R, in, *k)
-    h = convolve(x.reshape(1, batch * x.shape[1], *x.shape[2:]), kernels, geometry, groups=batch)  # (1, B*R, *S')
+    (batch, width), d_in = rows.shape, math.prod(kernel_shape)
+    At = gather_rows(pool, rows)  # (B, W, n)
+    kernels = At[:, :, :d_in].reshape(batch * width, *kernel_shape)  # (B * W, in, *k)
+    h = convolve(x.reshape(1, batch * x.shape[1], *x.shape[2:]), kernels, geometry, groups=batch)  # (1, B*W, *S')
     spatial = h.shape[2:]
-    h = h.reshape(batch, rank, -1) * coefficients.index_select(0, index)[:, None, None]  # (B, R, P)
-    out = torch.bmm(At[:, :, :out_channels].transpose(1, 2), h)  # (B, out, R) @ (B, R, P) -> (B, out, P)
+    h = h.reshape(batch, width, -1) * coefficients[:, None, None]  # (B, W, P)
+    out = torch.bmm(At[:, :, :out_channels].transpose(1, 2), h)  # (B, out, W) @ (B, W, P) -> (B, out, P)
     return out.reshape(batch, out_channels, *spatial)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_header
 from .errors import AdapterFileError
-from .functional import ramp_value
+from .functional import saved_coefficient
 from .untrusted import SAFETENSORS_DTYPES, open_regular, read_bytes
 
 BLOCK_ELEMENTS = 2**22  # values read at once
@@ -94,7 +94,7 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: no <module>.{A_SUFFIX} tensor: not a SingLoRA adapter")
     T = config.resolve_ramp_up_steps()
     step = meta["ramp_step"]
-    u = 0.0 if T is None else float(ramp_value(torch.tensor(step), T, torch.float64))
+    u = saved_coefficient(1.0, step, T)
     modules: dict[str, dict[str, Any]] = {}
     handle, size = open_regular(path, None, "adapter weights")
     data_start = size - max((end for _, _, _, end in entries.values()), default=0)

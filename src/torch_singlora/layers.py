@@ -5,21 +5,26 @@ with ``c = s * u(t)``; the dense update is built only to merge (``functional.del
 
 State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) and ``m.singlora.<adapter>.A``,
 ``m.singlora.<adapter>.ramp_step`` (state dicts that call it ``step``, its former name, still load).
+
+A layer may also hold banked storage for many frozen adapters selected per example (``create_bank``,
+``set_banked``, ``reset_banked``: ``banked.LayerBank``, filled by ``bank.AdapterBank``), and holds the selection
+of the model it belongs to (``mixed.Selection``, attached once), which mixed-adapter calls activate.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from .banked import LayerBank
 from .errors import SingLoRAError, warn_deprecated
 from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
+from .mixed import Pooled, Selection, Shared
 
 
 # Unmerged inference adds each Linear / Conv1D update into the base output in place (``functional.
@@ -126,9 +131,8 @@ class SingLoRAAdapter(nn.Module):
     def ramp_value(self, in_step: bool = False) -> Tensor:
         """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync.
 
-        ``in_step``: the value for a forward computing an optimizer step (``in_step_forward``), which is step
-        ``t + 1``: step 1 runs at ``u = 1 / T``, not 0 (at 0, ``A`` gets no gradient and the step is lost). At rest
-        (inference, merge, export) ``u`` is that of the last step taken, ``t``."""
+        ``in_step``: for a forward computing an optimizer step (``in_step_forward``): step ``t + 1`` (step 1 at
+        ``u = 1 / T``; at 0 ``A`` gets no gradient). At rest (inference, merge, export): the last step's, ``t``."""
         step = self.ramp_step + 1 if in_step else self.ramp_step
         return ramp_value(step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
 
@@ -137,8 +141,7 @@ class SingLoRAAdapter(nn.Module):
         return self.training and self.in_run
 
     def coefficient(self, in_step: bool = False) -> Tensor:
-        """``c = s * u``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync; ``in_step`` as in
-        ``ramp_value``."""
+        """``c = s * u``: 0-dim tensor, no host sync; ``in_step`` as in ``ramp_value``."""
         return self.ramp_value(in_step) * self.scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -192,7 +195,8 @@ class SingLoRALayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
+        self.selection: Selection | None = None  # the owner's mixed-batch selection (attached once)
+        self.register_module("bank", None)  # banked storage (create_bank), for an AdapterBank
         self._shared_weight: list[nn.Parameter] = []  # a tied weight set aside while merged (``untie_weight``)
 
     @property
@@ -236,36 +240,48 @@ class SingLoRALayer(nn.Module):
         c = adapter.coefficient().to(dtype) if coefficient is None else coefficient
         return delta_weight(adapter.A.detach().to(dtype), self.kind, weight_shape(self.base_layer), c)
 
-    def _adapter_output(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
-        """Factored update output for input ``x``; same shape as ``base_layer(x)``."""
-        A = adapter.A
-        coefficient = adapter.coefficient(adapter.in_step_forward()).to(A.dtype)
+    def _update(self, x: Tensor, A: Tensor, coefficient: Tensor | float, dropout: nn.Module | None) -> Tensor:
+        """Factored update output of ``A`` (``(n, r)``) with ``c = coefficient`` for input ``x``; same shape as
+        ``base_layer(x)``."""
         if self.kind == "embedding":  # (..., ) ids -> (..., dim)
             base = self.base_layer
             return embedding_update(x, A, self.d_out, self.d_in, coefficient,
                                     scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        x = adapter.dropout(x.to(A.dtype))
+        x = x.to(A.dtype) if dropout is None else dropout(x.to(A.dtype))
         if self.kind == "conv":  # (N, in, *S) -> (N, out, *S')
             return conv_update(x, A, self.base_layer, coefficient)
         # linear / conv1d_t: (..., d_in) -> (..., r) -> (..., d_out)
         return factored_update(x, A, self.d_out, self.d_in, coefficient)
 
-    def _mixed_output(self, x: Tensor, bank: Tensor, coefficients: Tensor, index: Tensor) -> Tensor:
-        """Update output when example ``b`` uses adapter ``index[b]`` of ``bank`` (``(K, R, n)``, see
-        ``functional.mixed_factored_update``); same shape as ``base_layer(x)``. An input whose first dimension is
-        ``k`` times the number of examples (beam search, sequences flattened example-major) repeats each index."""
-        rows = x.shape[0]
-        if rows % index.shape[0]:
-            raise SingLoRAError(f"{self.kind} layer: an input of {rows} rows (first dimension) does not split into "
-                                f"the {index.shape[0]} examples of adapter_names")
-        if rows != index.shape[0]:
-            index = index.repeat_interleave(rows // index.shape[0])
+    def _add_update(self, result: Tensor, x: Tensor, A: Tensor, coefficient: Tensor | float,
+                    dropout: nn.Module | None = None) -> Tensor:
+        """``result`` plus the update of ``A`` for ``x``: added in place when ``_accumulates``."""
+        if isinstance(coefficient, Tensor):
+            coefficient = coefficient.to(A.dtype)
+        if self._accumulates(result, A.dtype, dropout):
+            return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
+        return result + self._update(x, A, coefficient, dropout).to(result.dtype)
+
+    def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
+        """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
+        (``functional.mixed_factored_update``). An input whose first dimension is ``k`` times the number of
+        examples (beam search, sequences flattened example-major) repeats each example's rows."""
+        pool, rows, coefficients = pooled
+        if x.shape[0] % rows.shape[0]:
+            raise SingLoRAError(f"{self.kind} layer: an input of {x.shape[0]} rows (first dimension) does not split "
+                                f"into the {rows.shape[0]} examples of adapter_names")
+        if x.shape[0] != rows.shape[0]:
+            repeat = x.shape[0] // rows.shape[0]
+            rows, coefficients = rows.repeat_interleave(repeat, 0), coefficients.repeat_interleave(repeat)
         if self.kind == "embedding":
-            return mixed_embedding_update(x, bank, coefficients, index, self.d_out, self.d_in)
-        x = x.to(bank.dtype)
-        if self.kind == "conv":
-            return mixed_conv_update(x, bank, coefficients, index, self.base_layer)
-        return mixed_factored_update(x, bank, coefficients, index, self.d_out, self.d_in)
+            update = mixed_embedding_update(x, pool, rows, coefficients, self.d_out, self.d_in)
+        elif self.kind == "conv":
+            update = mixed_conv_update(x.to(pool.dtype), pool, rows, coefficients, self.base_layer)
+        elif self._accumulates(result, pool.dtype):
+            return mixed_factored_update(x.to(pool.dtype), pool, rows, coefficients, self.d_out, self.d_in, out=result)
+        else:
+            update = mixed_factored_update(x.to(pool.dtype), pool, rows, coefficients, self.d_out, self.d_in)
+        return result + update.to(result.dtype)
 
     def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
         """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
@@ -283,23 +299,38 @@ class SingLoRALayer(nn.Module):
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
         selection = self.selection
-        if selection is not None:  # a mixed-adapter batch (torch_singlora.mixed)
+        if selection is not None and selection.active:  # a mixed-adapter batch (torch_singlora.mixed)
             found = selection.for_layer(self)
             if found is None:  # no example of this batch uses an adapter of this layer
                 return result
-            bank = found[0]
-            if self._accumulates(result, bank.dtype) and x.shape[0] == found[2].shape[0]:
-                return mixed_factored_update(x.to(bank.dtype), *found, self.d_out, self.d_in, out=result)
-            return result + self._mixed_output(x, *found).to(result.dtype)
+            if isinstance(found, Shared):
+                return self._add_update(result, x, found.A, found.coefficient)
+            return self._add_pooled(result, x, found)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 adapter = self.singlora[name]
-                if self._accumulates(result, adapter.A.dtype, adapter.dropout):
-                    add_factored_update_(result, x.to(adapter.A.dtype), adapter.A, self.d_out, self.d_in,
-                                         _inference_coefficient(adapter))
-                else:
-                    result = result + self._adapter_output(x, adapter).to(result.dtype)
+                in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
+                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
+                    adapter.in_step_forward())  # a run's training forward: the step being taken
+                result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
+
+    # ---- banked storage (bank.AdapterBank) -----------------------------------------------------------------------
+
+    def create_bank(self, *, rows: int, width: int, ids: int) -> None:
+        """Allocate banked storage (``banked.LayerBank``: ``rows`` pool rows, ``width`` rows per adapter, ``ids``
+        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device."""
+        weight = self.base_layer.weight
+        self.bank = LayerBank(max(self.d_out, self.d_in), rows=rows, width=width, ids=ids,
+                              dtype=adapter_dtype(weight), device=weight.device)
+
+    def set_banked(self, adapter_id: int, A: Tensor, coefficient: float) -> None:
+        """Hold the frozen adapter ``A`` (``(n, r)``) with ``c = coefficient`` under ``adapter_id`` in the bank."""
+        self.bank.put(adapter_id, A.to(self.bank.pool), coefficient)
+
+    def reset_banked(self, adapter_id: int) -> None:
+        """Free what ``adapter_id`` holds in the bank (no-op if nothing)."""
+        self.bank.remove(adapter_id)
 
     # ---- merging ----------------------------------------------------------------------------------------------
 
@@ -365,40 +396,3 @@ class SingLoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_out={self.d_out}, d_in={self.d_in}, active={self.active_adapters}"
-
-
-class TrainableCopy(nn.Module):
-    """A module of ``modules_to_save``: the frozen original plus one fully trainable copy per adapter.
-
-    The copy of the first active adapter that has one runs; with none (or adapters disabled) the original runs.
-    """
-
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.copies = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.selection: Any = None  # a torch_singlora.mixed selection during a mixed-adapter batch
-
-    def add_adapter(self, name: str) -> None:
-        replica = copy.deepcopy(self.original_module)
-        for parameter in replica.parameters():
-            parameter.requires_grad_(True)
-        self.copies[name] = replica
-
-    def delete_adapter(self, name: str) -> None:
-        del self.copies[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def active_module(self) -> nn.Module:
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.copies:
-                    return self.copies[name]
-        return self.original_module
-
-    def forward(self, *args, **kwargs):
-        if self.selection is not None and not self.disabled:  # a mixed-adapter batch (torch_singlora.mixed)
-            return self.selection.run_copies(self, *args, **kwargs)
-        return self.active_module()(*args, **kwargs)

@@ -4,36 +4,55 @@
     logits = model(**batch, adapter_names=["alice", "bob", "__base__", "alice"]).logits
     out = model.generate(**batch, adapter_names=["alice", "bob", "__base__", "alice"], max_new_tokens=20)
 
-``"__base__"`` runs the base model for that example. During the call every adapted layer holds a *selection*
-(``layer.selection``) that tells it which adapter each example uses. Instead of PEFT's Python loop over the
-adapters with a sub-batch each, a layer gathers each example's ``A`` from a stacked, zero-padded *bank* and runs
-two batched matrix products (``functional.mixed_factored_update``; S-LoRA / Punica's gather + bmm): one set of
-kernels whatever the number of adapters, and different ranks are padded exactly (zero columns add nothing).
+``"__base__"`` runs the base model for that example. Every adapted layer holds one *selection* object, attached
+once by its owner (``SingLoRAModel`` when it wraps the layer, ``bank.AdapterBank`` likewise); a mixed call only
+selects the names on that one object (``Selection.selecting``) and clears them after. During the call a layer asks
+the selection what its examples use (``for_layer``):
+
+- ``Shared(A, c)``: every example uses the same adapter on this layer: the ordinary single-adapter update;
+- ``Pooled(pool, rows, coefficients)``: example ``b`` uses the adapter whose ``A.T`` is ``pool[rows[b]]``: instead of
+  PEFT's Python loop over the adapters with a sub-batch each, one gather and two batched matrix products
+  (``functional.mixed_factored_update``; S-LoRA / Punica's gather + bmm), whatever the number of adapters and
+  ranks (a lower rank lists zero rows, which add nothing);
+- None: no example uses an adapter of this layer.
+
 ``modules_to_save`` copies run once per distinct adapter on that adapter's rows.
 
-Two sources of banks share the layer code: ``NamedSelection`` stacks the adapters of a ``SingLoRAModel`` (built
-once per layer per call, so a whole ``generate`` reuses it); ``torch_singlora.bank.AdapterBank`` keeps its banks
-resident for serving many adapters. Inputs must be example-major: a layer input's first dimension is the batch,
-or a multiple of it (beam search, flattened sequences), each example's rows consecutive. Inference only: the model
-must be in eval mode. Not thread-safe: one mixed call at a time per model.
+Two selections share the layer code: ``NamedSelection`` stacks the adapters of a ``SingLoRAModel`` (once per layer
+per call, so a whole ``generate`` reuses it); ``bank.BankSelection`` reads the banks an ``AdapterBank`` keeps
+resident for serving. Inputs must be example-major: a layer input's first dimension is the batch, or a multiple of
+it (beam search, flattened sequences), each example's rows consecutive. Inference only: the model must be in eval
+mode. Not thread-safe: one mixed call at a time per model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SingLoRAError
-from .layers import SingLoRALayer, TrainableCopy
-
-if TYPE_CHECKING:
-    from .model import SingLoRAModel
 
 BASE = "__base__"  # the adapter name that means "no adapter" (PEFT's)
+
+
+class Shared(NamedTuple):
+    """Every example uses one adapter on the layer: ``A`` ``(n, r)``, ``c = s * u``."""
+
+    A: Tensor
+    coefficient: Tensor | float
+
+
+class Pooled(NamedTuple):
+    """Example ``b`` uses the adapter whose ``A.T`` is ``pool[rows[b]]``: ``pool`` ``(P, n)``, ``rows`` ``(B, W)``
+    int64, ``coefficients`` ``(B,)`` (``functional.mixed_factored_update``)."""
+
+    pool: Tensor
+    rows: Tensor
+    coefficients: Tensor
 
 
 def check_adapter_names(adapter_names: Any, known: Any) -> list[str]:
@@ -49,34 +68,66 @@ def check_adapter_names(adapter_names: Any, known: Any) -> list[str]:
     return names
 
 
+def check_mixed_call(modules: Sequence[nn.Module], model: nn.Module) -> None:
+    """Refuse a mixed-adapter call on ``model`` (adapted ``modules``: layers and ``modules_to_save`` wrappers) in
+    training mode, with adapters merged into the weights, or inside ``disable_adapters()``."""
+    if model.training:
+        raise SingLoRAError("adapter_names is for inference: call model.eval() first")
+    merged = sorted({name for module in modules for name in getattr(module, "merged_adapters", ())})
+    if merged:
+        raise SingLoRAError(f"adapter_names cannot be used while adapters {merged} are merged; unmerge() first")
+    if any(module.disabled for module in modules):
+        raise SingLoRAError("adapter_names cannot be used inside disable_adapters()")
+
+
 class Selection:
-    """Which adapter each example of a batch uses; held by every adapted layer during a mixed call.
+    """Which adapter each example of the running batch uses; one object per model, held by its adapted layers.
 
     Attributes:
+        active: Whether a mixed call is running (outside one, layers run their ordinary path).
         names: One adapter name per example (``"__base__"``: none).
         unique: The distinct names, in order of first appearance.
         inverse: ``(B,)`` int64, ``unique[inverse[b]] == names[b]``.
     """
 
-    def __init__(self, names: Sequence[str] = ()) -> None:
-        self.select(names)
+    active = False
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.unique: list[str] = []
+        self.inverse = torch.zeros(0, dtype=torch.long)
 
     def select(self, names: Sequence[str]) -> None:
-        """Set the per-example names (a selection object can be reused from call to call)."""
+        """Set the per-example names and make the selection active."""
         self.names = list(names)
         self.unique = list(dict.fromkeys(self.names))
         position = {name: i for i, name in enumerate(self.unique)}
         self.inverse = torch.tensor([position[name] for name in self.names], dtype=torch.long)
+        self.active = True
 
-    def for_layer(self, layer: SingLoRALayer) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(bank (K, R, n), coefficients (K,), index (B,))`` for ``layer``, or None if no example uses it."""
+    def clear(self) -> None:
+        self.active = False
+
+    @contextlib.contextmanager
+    def selecting(self, names: Sequence[str]) -> Iterator[None]:
+        """Inside the block, example ``b`` uses adapter ``names[b]`` (names checked by the caller)."""
+        if self.active:
+            raise SingLoRAError("a mixed-adapter call is already running on this model (calls cannot nest)")
+        self.select(names)
+        try:
+            yield
+        finally:
+            self.clear()
+
+    def for_layer(self, layer: nn.Module) -> Shared | Pooled | None:
+        """What the examples use on ``layer`` (module docstring)."""
         raise NotImplementedError
 
-    def copy_for(self, wrapper: TrainableCopy, name: str) -> nn.Module:
+    def copy_for(self, wrapper: nn.Module, name: str) -> nn.Module:
         """The module that runs adapter ``name``'s examples in a ``modules_to_save`` wrapper."""
         return wrapper.copies[name] if name in wrapper.copies else wrapper.original_module
 
-    def run_copies(self, wrapper: TrainableCopy, *args: Any, **kwargs: Any) -> Any:
+    def run_copies(self, wrapper: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Run ``wrapper`` (a ``modules_to_save`` module) with each example's own copy, once per distinct copy."""
         modules = [self.copy_for(wrapper, name) for name in self.unique]
         if all(module is modules[0] for module in modules):
@@ -100,70 +151,44 @@ class Selection:
         return result
 
 
-def stack_bank(As: Sequence[Tensor], coefficients: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """A bank from adapter matrices ``As[k]`` (``(n, r_k)``): ``(K + 1, R, n)`` with slot 0 all zeros (the base
-    model) and slot ``k + 1`` holding ``As[k].T`` padded with zero rows to ``R = max r_k``; coefficients
-    ``(K + 1,)`` with 0 first. Differentiable in ``As``."""
+def stack_pool(As: Sequence[Tensor], coefficients: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """A pool from adapter matrices ``As[k]`` (``(n, r_k)``): ``(1 + K * R, n)`` with row 0 all zeros and rows
+    ``1 + k * R ...`` holding ``As[k].T`` padded with zero rows to ``R = max r_k``, and the coefficients ``(1 + K,)``
+    with 0 first. Adapter ``k`` (``0``: none) is ``rows_for(k, R)``. Differentiable in ``As``."""
     rank = max(A.shape[1] for A in As)
     dtype = As[0].dtype
-    zero = As[0].new_zeros((1, rank, As[0].shape[0]))
     padded = [F.pad(A.T.to(dtype), (0, 0, 0, rank - A.shape[1])) for A in As]  # (R, n) each
-    bank = torch.cat([zero, torch.stack(padded)])
-    return bank, torch.stack([torch.zeros((), dtype=dtype, device=zero.device), *[c.to(dtype) for c in coefficients]])
+    pool = torch.cat([As[0].new_zeros((1, As[0].shape[0])), *padded])
+    return pool, torch.stack([torch.zeros((), dtype=dtype, device=pool.device), *[c.to(dtype) for c in coefficients]])
+
+
+def rows_for(slots: Tensor, rank: int) -> Tensor:
+    """The ``(B, R)`` pool rows of ``stack_pool``'s adapters ``slots`` (``(B,)``, 0: none)."""
+    offsets = torch.arange(1, rank + 1, device=slots.device)
+    return torch.where(slots[:, None] > 0, (slots[:, None] - 1) * rank + offsets, 0)
 
 
 class NamedSelection(Selection):
-    """A selection over the named adapters of a ``SingLoRAModel``: per layer, the bank of the adapters this batch
+    """A selection over the named adapters of a ``SingLoRAModel``: per layer, the pool of the adapters this batch
     uses there, stacked on first use and kept for the rest of the call (e.g. every step of ``generate``)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(names)
-        self._cache: dict[int, tuple[Tensor, Tensor, Tensor] | None] = {}
+    def select(self, names: Sequence[str]) -> None:
+        super().select(names)
+        self._cache: dict[int, Shared | Pooled | None] = {}
 
-    def for_layer(self, layer: SingLoRALayer) -> tuple[Tensor, Tensor, Tensor] | None:
+    def for_layer(self, layer: nn.Module) -> Shared | Pooled | None:
         key = id(layer)
         if key not in self._cache:
             present = [name for name in self.unique if name in layer.singlora]
+            adapters = [layer.singlora[name] for name in present]
             if not present:
                 self._cache[key] = None
+            elif len(self.unique) == 1:
+                self._cache[key] = Shared(adapters[0].A, adapters[0].coefficient())
             else:
-                adapters = [layer.singlora[name] for name in present]
-                bank, coefficients = stack_bank([a.A for a in adapters], [a.coefficient() for a in adapters])
+                pool, coefficients = stack_pool([a.A for a in adapters], [a.coefficient() for a in adapters])
                 slot = torch.tensor([present.index(n) + 1 if n in present else 0 for n in self.unique])
-                self._cache[key] = (bank, coefficients, slot[self.inverse].to(bank.device))
+                slots = slot[self.inverse].to(pool.device)
+                rank = max(a.A.shape[1] for a in adapters)
+                self._cache[key] = Pooled(pool, rows_for(slots, rank), coefficients[slots])
         return self._cache[key]
-
-
-@contextlib.contextmanager
-def selecting(modules: Sequence[nn.Module], selection: Selection) -> Iterator[None]:
-    """Give every adapted module in ``modules`` the ``selection`` for the duration of the block."""
-    if any(m.selection is not None for m in modules):
-        raise SingLoRAError("a mixed-adapter call is already running on this model (calls cannot nest)")
-    try:
-        for module in modules:
-            module.selection = selection
-        yield
-    finally:
-        for module in modules:
-            module.selection = None
-
-
-@contextlib.contextmanager
-def use_adapter_names(model: "SingLoRAModel", adapter_names: Any) -> Iterator[None]:
-    """Inside the block, example ``b`` of every forward of ``model`` uses adapter ``adapter_names[b]``.
-
-    Checks first: eval mode, every name an adapter of ``model`` or ``"__base__"``, nothing merged, adapters not
-    disabled. ``SingLoRAError`` naming the problem otherwise.
-    """
-    names = check_adapter_names(adapter_names, model.configs)
-    if model.training:
-        raise SingLoRAError("adapter_names is for inference: call model.eval() first")
-    layers = [layer for _, layer in model.singlora_layers()]
-    copies = [wrapper for _, wrapper in model.trainable_copies()]
-    merged = sorted({name for layer in layers for name in layer.merged_adapters})
-    if merged:
-        raise SingLoRAError(f"adapter_names cannot be used while adapters {merged} are merged; unmerge() first")
-    if any(module.disabled for module in layers + copies):
-        raise SingLoRAError("adapter_names cannot be used inside disable_adapters()")
-    with selecting(layers + copies, NamedSelection(names)):
-        yield

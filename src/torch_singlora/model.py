@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, ContextManager, Iterator, Union
 
 import torch
 from torch import nn
@@ -23,8 +23,9 @@ from .adapter_file import read_adapter_tensors, write_adapter
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
 from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
-from .layers import SingLoRAAdapter, SingLoRALayer, TrainableCopy, set_submodule
-from .mixed import use_adapter_names
+from .copies import TrainableCopy
+from .layers import SingLoRAAdapter, SingLoRALayer, set_submodule
+from .mixed import NamedSelection, check_adapter_names, check_mixed_call
 from .plan import plan_adapter
 from .ramp import RampControls
 from .tied import retie_config, untie_before_merge
@@ -62,25 +63,29 @@ class SingLoRAModel(RampControls, nn.Module):
         self.configs: dict[str, SingLoRAConfig] = {}
         self.active_adapters: list[str] = []
         self._untied_config = False  # config.tie_word_embeddings set False by a merge (torch_singlora.tied)
+        self._selection = NamedSelection()  # held by every adapted module (attached in add_adapter)
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The wrapped model's forward; ``adapter_names`` (one per example, ``"__base__"`` for none): a
-        mixed-adapter batch (``torch_singlora.mixed``)."""
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with use_adapter_names(self, adapter_names):
+        """The wrapped model's forward; ``adapter_names``: one adapter per example (``use_adapter_names``)."""
+        with self.use_adapter_names(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (beams and sequences of one
         example use its adapter)."""
+        with self.use_adapter_names(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def use_adapter_names(self, adapter_names: list[str] | None) -> ContextManager[None]:
+        """A context where example ``b`` uses adapter ``adapter_names[b]`` (``mixed.py``; None: the active ones)."""
         if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with use_adapter_names(self, adapter_names):
-            return self.model.generate(*args, **kwargs)
+            return contextlib.nullcontext()
+        names = check_adapter_names(adapter_names, self.configs)
+        check_mixed_call([m for _, m in self.singlora_layers()] + [m for _, m in self.trainable_copies()], self)
+        return self._selection.selecting(names)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -172,10 +177,12 @@ class SingLoRAModel(RampControls, nn.Module):
         self.active_adapters = names
         for _, layer in self.singlora_layers():
             layer.active_adapters = [n for n in names if n in layer.singlora]
+            layer.selection = self._selection  # attached to every layer the model made (add_adapter calls us)
             for adapter_name, adapter in layer.singlora.items():
                 adapter.A.requires_grad_(adapter_name in names)
         for _, wrapper in self.trainable_copies():
             wrapper.active_adapters = [n for n in names if n in wrapper.copies]
+            wrapper.selection = self._selection
             for adapter_name, replica in wrapper.copies.items():
                 replica.requires_grad_(adapter_name in names)
 

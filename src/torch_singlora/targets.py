@@ -9,7 +9,8 @@ from torch import nn
 from .config import DEFAULT_TARGETS, SingLoRAConfig, key_pattern
 from .errors import SingLoRAError
 from .experts import SingLoRAExperts, resolve_target_parameters
-from .layers import SingLoRALayer, TrainableCopy, layer_kind
+from .copies import TrainableCopy
+from .layers import SingLoRALayer, layer_kind
 from .linear_regex import fullmatch
 
 Patterns = Union[list[str], str]

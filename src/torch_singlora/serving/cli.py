@@ -121,10 +121,10 @@ def add_parser(subparsers: Any) -> None:
                         help="base model dtype (adapters stay float32) (default: float32)")
     parser.add_argument("--num-labels", type=int, default=None, help="classify: number of classes of the head "
                         "(default: from the adapters' run_info.json, written by singlora train)")
-    parser.add_argument("--max-rank", type=int, default=None, help="preallocate adapter banks at this rank and "
-                        "refuse adapters above it (default: grow as needed)")
-    parser.add_argument("--capacity", type=int, default=16, help="adapter slots per layer allocated at start "
-                        "(grown when full) (default: 16)")
+    parser.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank; with it the "
+                        "adapter storage keeps its shapes (no recompile) (default: any rank, storage grows)")
+    parser.add_argument("--capacity", type=int, default=16, help="adapters of --max-rank each layer has room for at "
+                        "start (more of lower ranks; grown when full) (default: 16)")
     add_dataclass_arguments(parser, Limits)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
