@@ -1,7 +1,7 @@
 """Fuzz targets for the other files singlora reads, and for the commands that read adapters (hypothesis engine).
 
 - ``run_info``: a mutated ``run_info.json`` (field edits of a valid one, or raw bytes) read by
-  ``train.run_folder.read_run_info`` (what ``merge`` / ``export`` / ``evaluate`` call first): a checked dict or a
+  ``runs.read_run_info`` (what ``merge`` / ``export`` / ``evaluate`` call first): a checked dict or a
   ``SingLoRAError``; a dict whose ``task`` / ``method`` / ``labels`` break the schema is a finding.
 - ``checkpoint``: a training checkpoint whose metadata fields are edited (or whose bytes are flipped / cut),
   read by ``train.checkpoint.load_checkpoint``: a ``TrainingState`` or a ``SingLoRAError``, never another exception.
@@ -32,7 +32,7 @@ RUN_INFO = {"task": "classification", "method": "singlora", "base_model": "/mode
 
 def check_run_info(campaign: Any, folder: Path, given: Any, raw: bytes) -> None:
     from torch_singlora.train.methods import METHOD_NAMES
-    from torch_singlora.train.run_folder import MAX_LABELS, read_run_info
+    from torch_singlora.runs import MAX_LABELS, read_run_info
     from torch_singlora.train.registry import TASKS
 
     try:

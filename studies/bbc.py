@@ -163,7 +163,7 @@ class Bench:
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
         from torch_singlora.train.loop import TrainConfig, train
-        from torch_singlora.train.run_folder import RunFolder
+        from torch_singlora.runs import RunFolder
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if spec.init != "normal" and "init" not in fields:

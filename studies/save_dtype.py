@@ -47,7 +47,7 @@ def demo_config(run: Path) -> Any:
 def eval_split(run: Path) -> tuple[Any, Any, dict[str, Any]]:
     """``(task, batches, info)``: the test split the demo run evaluated on (same flags, same seed)."""
     from torch_singlora.train.registry import get_task
-    from torch_singlora.train.run_folder import read_run_info
+    from torch_singlora.runs import read_run_info
 
     config = demo_config(run)
     task = get_task(config.task)

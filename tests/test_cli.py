@@ -327,15 +327,14 @@ def test_report_and_export(assets: dict[str, Path], tmp_path: Path, capsys: pyte
     ({"--target-modules": "re:.*nothing.*"}, "matches no module"),
     ({"--ramp-up": "soon"}, "--ramp-up-steps='soon'"),
     # data checks: nothing is stringified or trained as a class "None" / ""
-    ({"--train-data": "{root}/missing_label.csv"}, "missing_label.csv: row 2 (line 3): column 'label' "
-                                                   "(--label-column) has no value"),
-    ({"--train-data": "{root}/empty_label.csv"}, "empty_label.csv: row 3 (line 4): column 'label' (--label-column) "
+    ({"--train-data": "{root}/missing_label.csv"}, "missing_label.csv row 2 (line 3): 1 cells, the header has 2"),
+    ({"--train-data": "{root}/empty_label.csv"}, "empty_label.csv row 3 (line 4): column 'label' (--label-column) "
                                                  "is empty"),
-    ({"--train-data": "{root}/list_text.jsonl"}, 'list_text.jsonl: line 2: column \'text\' (--text-column) must be '
+    ({"--train-data": "{root}/list_text.jsonl"}, 'list_text.jsonl line 2: column \'text\' (--text-column) must be '
                                                  'a string, got list ["goal", "match"]'),
-    ({"--train-data": "{root}/null_text.jsonl"}, "null_text.jsonl: line 1: column 'text' (--text-column) has no "
+    ({"--train-data": "{root}/null_text.jsonl"}, "null_text.jsonl line 1: column 'text' (--text-column) has no "
                                                  "value"),
-    ({"--eval-data": "{root}/dict_label.jsonl"}, "dict_label.jsonl: line 2: column 'label' (--label-column) must be "
+    ({"--eval-data": "{root}/dict_label.jsonl"}, "dict_label.jsonl line 2: column 'label' (--label-column) must be "
                                                  "a string or an integer, got dict"),
     ({"--train-data": "{root}/unlabelled.jsonl"}, "has no column 'label' (--label-column); columns are ['text'] "
                                                   "(text without labels: --task causal-lm trains a language model"),
@@ -423,7 +422,7 @@ def test_the_head_the_adapter_replaces_is_not_reported_newly_initialized(assets:
     back, and any other missing weight is still reported."""
     import logging
 
-    from torch_singlora.train.pretrained import from_pretrained
+    from torch_singlora.hf import from_pretrained
     from torch_singlora.train.tasks import HEAD_NAMES
 
     reports: list[str] = []

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from torch_singlora import SingLoRAConfig, get_singlora_model  # noqa: E402
 from torch_singlora.cli import main  # noqa: E402
-from torch_singlora.train.run_folder import write_run_info  # noqa: E402
+from torch_singlora.runs import write_run_info  # noqa: E402
 
 LABELS = ["sport", "tech"]
 

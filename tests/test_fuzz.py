@@ -46,9 +46,9 @@ def test_more_targets_detect_planted_bugs(monkeypatch: pytest.MonkeyPatch) -> No
     """The new targets report what their oracles exist for: a run_info reader that accepts a document breaking
     its schema, and a command raising something other than SingLoRAError."""
     import torch_singlora.export as export
-    import torch_singlora.train.run_folder as run_folder
+    import torch_singlora.runs as runs
 
-    monkeypatch.setattr(run_folder, "read_run_info", lambda folder: {"task": "nope", "method": "x", "base_model": 1})
+    monkeypatch.setattr(runs, "read_run_info", lambda folder: {"task": "nope", "method": "x", "base_model": 1})
     monkeypatch.setattr(export, "peft_config", lambda adapter: 1 / 0)
     campaign = run(examples=20, seed=0, targets=("run_info", "commands"))
     problems = {f["target"]: f["problem"] for f in campaign.findings}

@@ -97,7 +97,7 @@ def test_every_source_reads_the_same_rows(tmp_path) -> None:
      r"line 2: no column 'messages' \(format 'messages' needs \['messages'\]\); columns are \['prompt'\]"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},
      r"message 2: 'content' must be a string, got a number \(42\)"),
-    (["not", "an", "object"], r"line 2: expected an object \(one example\), got a list"),
+    (["not", "an", "object"], r"bad.jsonl line 2: expected an object \(one row\), got list"),
 ])
 def test_wrong_values_are_refused_naming_file_row_and_column(tmp_path, row, message) -> None:
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
@@ -124,32 +124,15 @@ def test_format_specific_errors(tmp_path, rows, message) -> None:
 
 
 def test_file_level_errors(tmp_path) -> None:
-    (tmp_path / "nan.jsonl").write_text('{"prompt": "q", "completion": NaN}\n')
-    with pytest.raises(SingLoRAError, match=r"nan.jsonl line 1: JSON constant NaN is not allowed"):
-        read_conversations(tmp_path / "nan.jsonl")
-    (tmp_path / "dup.jsonl").write_text('{"prompt": "q", "completion": "a", "completion": "b"}\n')
-    with pytest.raises(SingLoRAError, match=r"line 1: duplicate JSON key\(s\) \['completion'\]"):
-        read_conversations(tmp_path / "dup.jsonl")
-    (tmp_path / "torn.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "compl\n')
-    with pytest.raises(SingLoRAError, match=r"torn.jsonl line 2: not valid JSON"):
-        read_conversations(tmp_path / "torn.jsonl")
-    (tmp_path / "short.csv").write_text('prompt,completion\nq,a\nq2\n')
-    with pytest.raises(SingLoRAError, match=r"short.csv row 2: 1 cells, the header has 2"):
-        read_conversations(tmp_path / "short.csv")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(SingLoRAError, match="empty dataset"):
-        read_conversations(tmp_path / "empty.jsonl")
-    (tmp_path / "latin.csv").write_bytes("prompt,completion\ncaf\xe9,a\n".encode("latin-1"))
-    with pytest.raises(SingLoRAError, match="cannot decode as UTF-8"):
-        read_conversations(tmp_path / "latin.csv")
-    assert read_conversations(tmp_path / "latin.csv", encoding="latin-1")[0][0].messages[0]["content"] == "café"
+    """What only chat data has; the rules of the files themselves (JSON, CSV, encodings) are test_datafiles.py's."""
     with pytest.raises(SingLoRAError, match="unsupported file type '.txt'"):
         (tmp_path / "x.txt").write_text("hi")
         read_conversations(tmp_path / "x.txt")
     with pytest.raises(SingLoRAError, match="does not exist"):
         read_conversations(tmp_path / "missing.jsonl")
+    _jsonl(tmp_path / "good.jsonl", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(SingLoRAError, match="data format 'chatml' must be 'auto' or one of"):
-        read_conversations(tmp_path / "dup.jsonl", data_format="chatml")
+        read_conversations(tmp_path / "good.jsonl", data_format="chatml")
 
 
 def test_parquet_nulls_are_refused_by_row(tmp_path) -> None:

@@ -216,7 +216,7 @@ def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys
 def test_generate_never_writes_over_its_inputs(folders, tmp_path, capsys) -> None:
     """Issue 24: `generate RUN/adapter "Say hi." --output RUN/adapter/adapter_config.json --overwrite` exited 0 and
     the adapter no longer loaded; `--prompts-file P.jsonl --output P.jsonl --overwrite` replaced the prompts."""
-    from torch_singlora.train.run_folder import write_run_info
+    from torch_singlora.runs import write_run_info
 
     trained = tmp_path / "run" / "adapter"
     trained.mkdir(parents=True)

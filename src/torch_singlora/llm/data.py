@@ -16,10 +16,10 @@ format              columns                                         loss (``assi
 ``conversations``   ShareGPT: [{"from": human/gpt/system, "value"}]  every ``gpt`` message
 ==================  ==============================================  ===========================================
 
-Sources: ``.jsonl`` (one JSON object per line), ``.json`` (an array of objects, or JSON lines), ``.csv`` (a header
-row; every cell is text: nothing is converted to numbers), ``.parquet``, a ``datasets`` ``save_to_disk`` folder, or
-any other folder ``datasets.load_dataset`` reads (data files named by split, e.g. ``train.jsonl``, ``test.jsonl``).
-Folders holding several splits need the split's name (``split``).
+Sources: ``.jsonl`` / ``.json`` / ``.csv`` files (read by ``torch_singlora.datafiles``, as for every task: its
+encoding and strict JSON rules; every CSV cell is text: nothing is converted to numbers), ``.parquet``, a
+``datasets`` ``save_to_disk`` folder, or any other folder ``datasets.load_dataset`` reads (data files named by split,
+e.g. ``train.jsonl``, ``test.jsonl``). Folders holding several splits need the split's name (``split``).
 
 Nothing is converted silently: a list, object, number or null where a string is expected, an unknown role or
 message key, an empty answer, or a missing column is a ``SingLoRAError`` naming the file, the row (``line N`` for
@@ -29,13 +29,12 @@ optional ``input`` and for message keys other than role/content (``datasets`` fi
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import datafiles
+from ..datafiles import existing
 from ..errors import SingLoRAError
 
 ROLES = ("system", "user", "assistant")
@@ -47,7 +46,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "conversations": ("conversations",),
 }
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_TYPES = (*datafiles.FILE_TYPES, ".parquet")
 
 Message = dict[str, str]
 
@@ -95,65 +94,6 @@ def _string(value: Any, where: str, column: str) -> str:
 
 # ---- rows from files and folders ---------------------------------------------------------------------------------
 
-def _decode(path: Path, encoding: str | None) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode(encoding or "utf-8-sig")
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise SingLoRAError(f"{path}: cannot decode as {encoding or 'UTF-8'} ({exc}); give the file's "
-                            "--encoding") from None
-
-
-def _parse_json(text: str, where: str) -> Any:
-    """Strict JSON: no NaN/Infinity, no duplicate keys."""
-
-    def no_constant(name: str) -> None:
-        raise SingLoRAError(f"{where}: JSON constant {name} is not allowed")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise SingLoRAError(f"{where}: duplicate JSON key(s) {repeated}")
-        return dict(pairs)
-
-    try:
-        return json.loads(text, parse_constant=no_constant, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise SingLoRAError(f"{where}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise SingLoRAError(f"{where}: JSON nested too deeply") from None
-
-
-def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield f"{path} line {number}", _parse_json(line, f"{path} line {number}")
-
-
-def _json_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """A JSON array of objects (rows numbered from 1), else JSON lines (as ``datasets`` reads ``.json`` files)."""
-    if not text.lstrip().startswith("["):
-        yield from _json_lines(path, text)
-        return
-    for number, row in enumerate(_parse_json(text, str(path)), start=1):
-        yield f"{path} row {number}", row
-
-
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None:
-        return
-    for number, cells in enumerate(reader, start=1):
-        if not cells:
-            continue
-        where = f"{path} row {number}"
-        if len(cells) != len(header):
-            raise SingLoRAError(f"{where}: {len(cells)} cells, the header has {len(header)} ({header})")
-        yield where, dict(zip(header, cells))
-
-
 def _select_split(loaded: Any, path: Path, split: str | None) -> Any:
     """The ``Dataset`` of a loaded ``Dataset`` / ``DatasetDict``."""
     import datasets
@@ -186,9 +126,7 @@ def _dataset_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
 
 def read_rows(path: str | Path, *, split: str | None = None, encoding: str | None = None) -> Iterator[tuple[str, Any]]:
     """``(where, row)`` for every row of a data file or dataset folder (see the module docstring)."""
-    path = Path(path)
-    if not path.exists():
-        raise SingLoRAError(f"data path {str(path)!r} does not exist")
+    path = existing(path)
     if path.is_dir():
         yield from _dataset_rows(path, split)
         return
@@ -205,8 +143,7 @@ def read_rows(path: str | Path, *, split: str | None = None, encoding: str | Non
         for number, row in enumerate(dataset, start=1):
             yield f"{path} row {number}", row
         return
-    text = _decode(path, encoding)
-    yield from {".jsonl": _json_lines, ".json": _json_rows, ".csv": _csv_rows}[suffix](path, text)
+    yield from datafiles.read_rows(path, encoding)
 
 
 # ---- rows -> conversations ---------------------------------------------------------------------------------------
@@ -324,7 +261,7 @@ def read_prompts(path: str | Path, *, encoding: str | None = None) -> list[tuple
     answer, and that answer is the reference)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".txt":
-        lines = [line for line in _decode(path, encoding).splitlines() if line.strip()]
+        lines = [line for line in datafiles.read_text(path, encoding).splitlines() if line.strip()]
         if not lines:
             raise SingLoRAError(f"{path}: no prompt (no non-empty line)")
         return [([{"role": "user", "content": line}], None) for line in lines]

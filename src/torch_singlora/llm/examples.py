@@ -41,7 +41,7 @@ def bbc_articles(path: str | Path | None = None) -> list[Article]:
     once: an article whose headline or body came earlier is left out (2,225 files, 2,060 distinct stories), so no
     held-out example repeats a training one."""
     from ..assets import bbc_news_path
-    from ..train.data import read_text
+    from ..datafiles import read_text
 
     root = Path(path or bbc_news_path())
     articles, seen = [], set()

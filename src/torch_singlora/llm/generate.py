@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import SingLoRAError
-from ..train.evaluate import eval_mode
+from ..hf import eval_mode
 from ..untrusted import read_json
 from .data import Message
 from .tokenization import render, set_chat_template, stop_token_ids
@@ -74,7 +74,7 @@ class ChatModel:
 def _load_causal_lm(path: str, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from ..train.pretrained import from_pretrained
+    from ..hf import from_pretrained
 
     return from_pretrained(AutoModelForCausalLM, path, "model", dtype=dtype)
 
@@ -109,7 +109,7 @@ def chat_model_inputs(path: str, adapter: str | None = None, chat_template: str 
                       ) -> dict[str, str | None]:
     """``{what: path}`` of everything ``load_chat_model(path, adapter, chat_template=...)`` reads (a trained
     adapter's recorded base model and tokenizer included): what no output of the command may overwrite."""
-    from ..train.run_folder import RUN_INFO, read_run_info
+    from ..runs import RUN_INFO, read_run_info
 
     inputs = {"model": path, "--adapter": adapter, "--chat-template": chat_template}
     if (Path(path) / RUN_INFO).is_file():
@@ -124,8 +124,8 @@ def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str
     tokenizer and chat template are those recorded in ``run_info.json``), or a transformers model folder (a base
     model, or a ``singlora merge`` output), optionally with ``adapter`` (a SingLoRA adapter or a PEFT LoRA folder
     such as a ``singlora export`` output). ``chat_template``: a Jinja file overriding the template."""
-    from ..train.pretrained import load_tokenizer
-    from ..train.run_folder import RUN_INFO
+    from ..hf import load_tokenizer
+    from ..runs import RUN_INFO
 
     folder = Path(path)
     if not folder.is_dir():
@@ -134,7 +134,7 @@ def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str
         if adapter is not None:
             raise SingLoRAError(f"{path} is a trained adapter (it names its base model); --adapter applies to a base "
                                 "model folder")
-        from ..train.run_folder import load_trained
+        from ..runs import load_trained
         from ..train.registry import get_task
 
         model, info = load_trained(path)

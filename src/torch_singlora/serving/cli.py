@@ -28,7 +28,7 @@ def _trained_labels(args: argparse.Namespace) -> int | None:
     """The number of classes recorded by ``singlora train`` beside the first adapter given (None if unknown)."""
     from pathlib import Path
 
-    from ..train.run_folder import read_run_info
+    from ..runs import read_run_info
 
     folders = [Path(d) for _, d in args.adapter] + [Path(e.path) for d in args.adapter_dir if Path(d).is_dir()
                                                     for e in os.scandir(d) if e.is_dir()]

@@ -140,7 +140,7 @@ class Service:
         (None if there is none); they must match the head's number of classes."""
         if self.task != "classify" or not (Path(directory) / "run_info.json").is_file():
             return None
-        from ..train.run_folder import read_run_info
+        from ..runs import read_run_info
 
         labels = read_run_info(directory).get("labels")
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):

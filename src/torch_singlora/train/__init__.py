@@ -8,10 +8,12 @@
   ``full``.
 - ``step``: one optimizer step with gradient accumulation and the non-finite policy (also used by DreamBooth).
 - ``loop``: ``train(config)`` on ``accelerate``: prepare, steps, finish.
-- ``checkpoint``: the training state in one atomic file; ``run_folder``: the output folder (new run / ``--resume`` /
-  ``--overwrite``, run_info.json, loading a trained run back).
-- ``pretrained``: loading local model / tokenizer folders with clear errors; ``evaluate``: eval passes;
-  ``metrics``: metric functions, the JSONL log, the summary table; ``plots``: PNG curves of one or several runs.
+- ``checkpoint``: the training state in one atomic file; ``evaluate``: eval passes; ``metrics``: metric functions,
+  the JSONL log, the summary table; ``plots``: PNG curves of one or several runs.
+
+Outside this package, because inference and serving use them too: ``torch_singlora.runs`` (the output folder: new
+run / ``--resume`` / ``--overwrite``, run_info.json, loading a trained run back), ``torch_singlora.hf`` (local model
+and tokenizer folders with clear errors, ``eval_mode``) and ``torch_singlora.datafiles`` (the rows of data files).
 
 Imports transformers / accelerate / peft / matplotlib, so ``import torch_singlora`` never imports this package.
 """

@@ -24,7 +24,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
-# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``run_folder``).
+# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``torch_singlora.runs``).
 RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
                      "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
 

@@ -1,26 +1,22 @@
-"""Datasets for ``singlora train`` / ``singlora evaluate``: files -> checked rows -> tokenized examples -> batches.
+"""Datasets for ``singlora train`` / ``singlora evaluate``: files -> checked columns -> tokenized examples -> batches.
 
-Reading (``read_rows``): ``.csv`` (a header row), ``.jsonl`` (one JSON object per line) or ``.json`` (a list of
-objects, or JSON lines). Each row remembers where it came from, so every error names the file and the row.
-Checking (``column_values``, the one place for it): a value must exist and have the expected type; nothing is
-converted silently (a null, list or dict where text is expected is an error, not ``"None"`` or ``"['a']"``).
+Files are read by ``torch_singlora.datafiles`` (text files, and the rows of ``.csv`` / ``.jsonl`` / ``.json`` tables,
+each row with where it is; its encoding and JSON rules). Checking the columns (``column_values``, the one place for
+it): a value must exist and have the expected type; nothing is converted silently (a null, list or dict where text
+is expected is an error, not ``"None"`` or ``"['a']"``).
 
-Classification (``read_classification``), one example = ``(text, label name)``: a ``.csv`` / ``.jsonl`` file with
-``text_column`` and ``label_column`` (labels: non-empty strings, or integers), or a folder with one subfolder per
-class, one text file per example (``<folder>/<label>/<any>.txt``).
-Causal LM (``read_texts``): ``.txt`` (one document), a folder of ``.txt`` files, or ``.csv`` / ``.jsonl`` with
-``text_column``. Texts are tokenized, joined with the EOS token and cut into blocks of ``max_length`` tokens.
+Classification (``read_classification``), one example = ``(text, label name)``: a ``.csv`` / ``.jsonl`` / ``.json``
+file with ``text_column`` and ``label_column`` (labels: non-empty strings, or integers), or a folder with one
+subfolder per class, one text file per example (``<folder>/<label>/<any>.txt``).
+Causal LM (``read_texts``): ``.txt`` (one document), a folder of ``.txt`` files, or ``.csv`` / ``.jsonl`` / ``.json``
+with ``text_column``. Texts are tokenized, joined with the EOS token and cut into blocks of ``max_length`` tokens.
 
-Text files are read as UTF-8, falling back to latin-1 (e.g. BBC News) unless an ``encoding`` is given.
 We read these small formats ourselves rather than through ``datasets``: exact row numbers in errors, no type
-inference (a CSV label ``"01"`` stays ``"01"``), no cache written to disk. Rows from elsewhere (e.g. a ``datasets``
-table) go through the same ``column_values`` checks by wrapping them in ``Rows``.
+inference (a CSV label ``"01"`` stays ``"01"``), no cache written to disk.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 from dataclasses import dataclass
@@ -29,105 +25,21 @@ from typing import Any, Sequence
 
 import torch
 
+from ..datafiles import FILE_TYPES, Row, existing, read_rows, read_text
 from ..errors import SingLoRAError
 
 TEXT = (str,)
 LABEL = (str, int)
 
 
-def read_text(path: Path, encoding: str | None = None) -> str:
-    """A text file's contents: ``encoding`` if given, else UTF-8 with a latin-1 fallback."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SingLoRAError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if encoding:
-        try:
-            return data.decode(encoding)
-        except (UnicodeDecodeError, LookupError) as exc:
-            raise SingLoRAError(f"{path}: cannot decode as {encoding!r}: {exc}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def _check_path(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise SingLoRAError(f"{what} {str(path)!r} does not exist")
-    return path
-
-
-@dataclass
-class Rows:
-    """Rows of a table (dicts) and, for each, where it is (``"row 3 (line 4)"``), for error messages."""
-
-    source: str
-    rows: list[dict[str, Any]]
-    places: list[str]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _csv_rows(path: Path, text: str) -> Rows:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows, places = [], []
-    for number, row in enumerate(reader, start=1):
-        place = f"row {number} (line {reader.line_num})"
-        if None in row:  # more fields than the header has
-            raise SingLoRAError(f"{path}: {place} has {len(reader.fieldnames or []) + len(row[None])} fields, the "
-                                f"header has {len(reader.fieldnames or [])}")
-        rows.append(row)  # a missing trailing field is None here: ``column_values`` refuses it by name
-        places.append(place)
-    return Rows(str(path), rows, places)
-
-
-def _json_rows(path: Path, text: str) -> Rows:
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SingLoRAError(f"{path}: not valid JSON: {exc}") from None
-        items = [(f"item {i}", row) for i, row in enumerate(document)]
-    else:
-        items = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise SingLoRAError(f"{path}: line {number}: not valid JSON: {exc}") from None
-    for place, row in items:
-        if not isinstance(row, dict):
-            raise SingLoRAError(f"{path}: {place}: expected a JSON object, got {type(row).__name__}")
-    return Rows(str(path), [row for _, row in items], [place for place, _ in items])
-
-
-def read_rows(path: str | Path, encoding: str | None = None) -> Rows:
-    """The rows of a ``.csv`` / ``.jsonl`` / ``.json`` file (errors name the file and the row)."""
-    path = _check_path(path, "data path")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json"):
-        raise SingLoRAError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .jsonl, .json, or a folder)")
-    text = read_text(path, encoding)
-    rows = _csv_rows(path, text) if suffix == ".csv" else _json_rows(path, text)
-    if not rows.rows:
-        raise SingLoRAError(f"{path}: empty dataset (no rows)")
-    return rows
-
-
-def column_values(rows: Rows, column: str, flag: str, *, types: tuple[type, ...] = TEXT, allow_empty: bool = True,
-                  hint: str = "") -> list[Any]:
+def column_values(rows: Sequence[Row], column: str, flag: str, *, types: tuple[type, ...] = TEXT,
+                  allow_empty: bool = True, hint: str = "") -> list[Any]:
     """The values of ``column``, each checked: present, not null, of one of ``types`` (``bool`` is not an
     ``int``), and not blank unless ``allow_empty``. An error names the file, the row, the column and ``flag``."""
     values = []
     expected = " or ".join({str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(t, t.__name__)
                            for t in types)
-    for row, place in zip(rows.rows, rows.places):
-        where = f"{rows.source}: {place}"
+    for where, row in rows:
         if column not in row:
             raise SingLoRAError(f"{where} has no column {column!r} ({flag}); columns are {sorted(map(str, row))}"
                                 + hint)
@@ -148,7 +60,7 @@ def read_classification(
     path: str | Path, text_column: str = "text", label_column: str = "label", encoding: str | None = None
 ) -> tuple[list[str], list[str]]:
     """``(texts, label names)`` from a CSV / JSONL file or a folder of class subfolders."""
-    path = _check_path(path, "data path")
+    path = existing(path)
     if path.is_dir():
         classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         texts, labels = [], []
@@ -162,17 +74,17 @@ def read_classification(
     rows = read_rows(path, encoding)
     texts = column_values(rows, text_column, "--text-column")
     hint = " (text without labels: --task causal-lm trains a language model on it)" if all(
-        label_column not in row for row in rows.rows) else ""
+        label_column not in row for _, row in rows) else ""
     labels = column_values(rows, label_column, "--label-column", types=LABEL, allow_empty=False, hint=hint)
     return texts, [str(label) for label in labels]
 
 
 def read_texts(path: str | Path, text_column: str = "text", encoding: str | None = None) -> list[str]:
     """Documents for causal LM from a ``.txt`` file, a folder of ``.txt`` files, or a ``.csv`` / ``.jsonl`` file."""
-    path = _check_path(path, "data path")
+    path = existing(path)
     if path.is_dir():
         texts = [read_text(f, encoding) for f in sorted(path.rglob("*.txt"))]
-    elif path.suffix.lower() in (".jsonl", ".json", ".csv"):
+    elif path.suffix.lower() in FILE_TYPES:
         texts = column_values(read_rows(path, encoding), text_column, "--text-column")
     else:
         texts = [read_text(path, encoding)]

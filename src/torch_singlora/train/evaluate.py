@@ -6,24 +6,12 @@ Each runs the model in eval mode without gradients, then restores its mode. Unde
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module, *, inference: bool = False) -> Iterator[None]:
-    """``model.eval()`` and no gradients inside (``torch.inference_mode`` with ``inference``: tensors made inside
-    never take part in autograd later, as in generation); the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode() if inference else torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+from ..hf import eval_mode
 
 
 def class_predictions(model: nn.Module, batches: Any, accelerator: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,13 +33,13 @@ from torch import nn
 
 from ..config import parse_steps_or_fraction, resolve_steps
 from ..errors import SingLoRAError
+from ..hf import check_model_folder
+from ..runs import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
 from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save_checkpoint
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
-from .pretrained import check_model_folder
 from .registry import get_task
-from .run_folder import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
 from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
 from .tasks import Task, TaskData

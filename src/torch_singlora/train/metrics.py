@@ -11,9 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SingLoRAError
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
+from ..runs import METRICS_FILE, SUMMARY_FILE
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """The tasks ``singlora train`` knows, by name. A task's module is imported only when the task is used (or to
-build ``--help``), so this module imports nothing of the training package.
+build ``--help``), so this module imports nothing of the training package, not even ``tasks.Task`` for a type hint:
+``config`` validates ``--task`` here, and the tasks take a ``config.TrainConfig`` (no import circle).
 
 A new task: subclass ``tasks.Task`` in its own module and add one line to ``TASKS`` (name -> "module:Class").
 """
@@ -7,12 +8,9 @@ A new task: subclass ``tasks.Task`` in its own module and add one line to ``TASK
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..errors import SingLoRAError
-
-if TYPE_CHECKING:
-    from .tasks import Task
 
 TASKS: dict[str, str] = {
     "classification": "torch_singlora.train.tasks:Classification",
@@ -21,13 +19,14 @@ TASKS: dict[str, str] = {
 }
 
 
-def task_class(name: str) -> type["Task"]:
-    """The ``Task`` subclass registered as ``name`` (imports its module)."""
+def task_class(name: str) -> type:
+    """The ``tasks.Task`` subclass registered as ``name`` (imports its module)."""
     if name not in TASKS:
         raise SingLoRAError(f"--task={name!r} must be one of {tuple(TASKS)}")
     module, _, attribute = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-def get_task(name: str) -> "Task":
+def get_task(name: str) -> Any:
+    """A ``tasks.Task`` instance of the task registered as ``name``."""
     return task_class(name)()

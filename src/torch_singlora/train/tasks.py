@@ -4,7 +4,7 @@ never changes.
 
 A task owns everything that depends on the data and the objective:
 
-    load_tokenizer(path, info, flag)              the tokenizer (default: ``pretrained.load_tokenizer``)
+    load_tokenizer(path, info, flag)              the tokenizer (default: ``hf.load_tokenizer``)
     load_data(config, tokenizer) -> TaskData      read + check + split + tokenize; ``info`` goes to run_info.json
     read_eval_data(path, tokenizer, info, ...)    the same for ``singlora evaluate`` (settings from run_info.json)
     base_info(options)                            ``info`` for ``singlora evaluate`` of a base model (no adapter)
@@ -72,7 +72,7 @@ class Task:
         """The tokenizer in folder ``path`` (``flag`` names where the path came from). ``info``: the run's
         run_info.json when loading a trained run back; empty when training starts (``load_data`` may then adjust
         the tokenizer and record what it did in ``TaskData.info``)."""
-        from .pretrained import load_tokenizer
+        from ..hf import load_tokenizer
 
         return load_tokenizer(path, flag)
 
@@ -186,7 +186,7 @@ class Classification(Task):
     def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
         from transformers import AutoModelForSequenceClassification
 
-        from .pretrained import from_pretrained
+        from ..hf import from_pretrained
 
         labels = info["labels"]
         return from_pretrained(AutoModelForSequenceClassification, path, num_labels=len(labels),
@@ -248,7 +248,7 @@ class CausalLM(Task):
     def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
         from transformers import AutoModelForCausalLM
 
-        from .pretrained import from_pretrained
+        from ..hf import from_pretrained
 
         return from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
 

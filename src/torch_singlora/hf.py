@@ -1,13 +1,22 @@
-"""Loading local transformers folders (a base model, its tokenizer) with errors that name the folder and the flag,
-never a transformers traceback: a missing folder, a folder without ``config.json``, a folder without weights."""
+"""Hugging Face model folders: loading a local transformers model or tokenizer with errors that name the folder
+and the flag, never a transformers traceback (a missing folder, a folder without ``config.json``, a folder without
+weights), and ``eval_mode`` for running a loaded model (evaluation, generation, serving).
+
+transformers itself is imported inside the functions that need it: importing this module stays light.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from ..errors import SingLoRAError
+import torch
+from torch import nn
+
+from .errors import SingLoRAError
+from .runs import run_folder_hint
 
 # Files that hold a transformers model's weights (single file or the index of a sharded checkpoint).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -22,8 +31,6 @@ def check_model_folder(path: str, flag: str = "--model") -> Path:
     if not folder.is_dir():
         raise SingLoRAError(f"{flag} {path!r}: not a folder (a local transformers model folder is expected)")
     if not (folder / "config.json").is_file():
-        from .run_folder import run_folder_hint
-
         raise SingLoRAError(f"{flag} {path!r}: not a transformers model folder (no config.json){run_folder_hint(path)}")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise SingLoRAError(f"{flag} {path!r}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
@@ -93,3 +100,16 @@ def load_tokenizer(path: str, flag: str = "--tokenizer") -> Any:
             raise SingLoRAError(f"{flag} {path!r}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, *, inference: bool = False) -> Iterator[None]:
+    """``model.eval()`` and no gradients inside (``torch.inference_mode`` with ``inference``: tensors made inside
+    never take part in autograd later, as in generation); the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode() if inference else torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

@@ -1,4 +1,5 @@
 """The output folder of ``singlora train``: what a run writes, when it may write it, and how to load it back.
+Training writes it (``train.loop``); ``evaluate``, ``merge``, ``export``, ``generate``, ``chat`` and ``serve`` read it.
 
     <output-dir>/adapter/          the adapter files (or the whole model for ``full``) + run_info.json
     <output-dir>/checkpoint.pt     the training state (``checkpoint``)
@@ -26,11 +27,12 @@ from typing import Any, Iterable
 
 import torch
 
-from ..errors import SingLoRAError
-from .metrics import METRICS_FILE, SUMMARY_FILE
+from .errors import SingLoRAError
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)
 RUN_INFO = "run_info.json"
@@ -121,7 +123,7 @@ class RunFolder:
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete temp files and folders that writes of a killed run left (the files they replaced are intact)."""
-        from ..atomic import remove_stale_temps
+        from .atomic import remove_stale_temps
 
         stale = remove_stale_temps(self.path) + remove_stale_temps(self.adapter)
         for folder in self.path.glob(".adapter.*") if self.path.is_dir() else []:
@@ -172,7 +174,7 @@ def check_resumable(checkpoint: Path, saved: dict[str, Any], current: dict[str, 
 
 
 def write_run_info(directory: Path, info: dict[str, Any]) -> None:
-    from ..atomic import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(directory / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
@@ -190,9 +192,9 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
     """``run_info.json`` of a trained output folder, checked: the strict size-capped JSON reader, then each field
     (the keys above; ``task`` and ``method`` known; ``labels``, if any, at most ``MAX_LABELS`` distinct non-empty
     strings; ``max_length`` a positive int). Errors name the file and the field."""
-    from ..untrusted import read_json
-    from .methods import METHOD_NAMES
-    from .registry import TASKS
+    from .train.methods import METHOD_NAMES
+    from .train.registry import TASKS
+    from .untrusted import read_json
 
     path = Path(directory) / RUN_INFO
     if not Path(directory).is_dir():
@@ -230,8 +232,8 @@ def load_trained(directory: str | Path, base_model: str | None = None) -> tuple[
     Returns ``(model, run_info)``; ``model`` is a ``SingLoRAModel``, a ``PeftModel`` or a plain transformers model.
     ``base_model`` replaces the recorded base model folder.
     """
-    from .methods import method_class
-    from .registry import get_task
+    from .train.methods import method_class
+    from .train.registry import get_task
 
     info = read_run_info(directory)
     task, method = get_task(info["task"]), method_class(info["method"])
