@@ -17,11 +17,12 @@ def trained(tmp_path: Path, **kwargs) -> tuple[SingLoRAModel, Path]:
     config = SingLoRAConfig(r=3, target_modules=["embed", "up", "down"], modules_to_save=["head"], ramp_up_steps=10, **kwargs)
     adapted = get_singlora_model(toy(), config)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
-    adapted.bind_optimizer(optimizer)
+    binding = adapted.bind_optimizer(optimizer)
     for _ in range(4):
         optimizer.zero_grad()
         adapted(IDS).square().sum().backward()
         optimizer.step()
+    binding.remove()  # the run ends (bound, a training-mode forward would compute step 5: ramp.py)
     adapted.save_adapter(tmp_path / "adapter")
     return adapted, tmp_path / "adapter"
 

@@ -131,6 +131,16 @@ def test_merge_and_evaluate_quiet_print_nothing(run: Path, tmp_path: Path, capfd
     assert json.loads((tmp_path / "metrics.json").read_text())["examples"] == 2
 
 
+def test_merge_and_export_print_their_result_line_and_no_loading_bar(run: Path, tmp_path: Path,
+                                                                     capfd: pytest.CaptureFixture) -> None:
+    """Issue 24: merge showed transformers' "Loading weights" and "Writing model shards" bars by default."""
+    assert main(["merge", str(run / "adapter"), str(tmp_path / "merged")]) == 0
+    assert capfd.readouterr() == (f"merged model written to {tmp_path / 'merged'}\n", "")
+    assert main(["export", str(run / "adapter"), str(tmp_path / "lora")]) == 0
+    out, err = capfd.readouterr()
+    assert out == f"plain LoRA (peft) written to {tmp_path / 'lora' / 'adapter_model.safetensors'}\n" and err == ""
+
+
 def _bad_copy(run: Path, tmp_path: Path, change) -> Path:
     """A copy of the run's adapter folder with its weights changed by ``change(tensors)``."""
     folder = tmp_path / "bad"

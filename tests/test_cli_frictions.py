@@ -45,3 +45,59 @@ def test_inspect_cuts_a_huge_key_name_instead_of_padding_every_line_to_it(tmp_pa
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err) < 5_000 and "has shape [4, 2]" in err, len(err)
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> dict[str, Path]:
+    """Chat data as files (messages, prompt/completion) and as a saved DatasetDict with two splits, and a tiny BERT."""
+    from conftest import save_tiny_bert
+
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("chat_data")
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (root / "messages.jsonl").write_text(json.dumps({"messages": turn}) + "\n")
+    (root / "pc.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"messages": turn}] * 3),
+                          "test": datasets.Dataset.from_list([{"messages": turn}])}).save_to_disk(root / "dd")
+    save_tiny_bert(root / "bert", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                   max_position_embeddings=32)
+    return {"root": root, "messages": root / "messages.jsonl", "pc": root / "pc.jsonl", "dd": root / "dd",
+            "bert": root / "bert"}
+
+
+def test_chat_data_given_to_another_task_gets_the_sft_hint(chat_data, capsys) -> None:
+    """It said only "has no column 'text' (--text-column)"; a saved DatasetDict was read as class subfolders."""
+    cases = {("classification", "messages"): "(chat data in the messages format: --task sft trains on it)",
+             ("causal-lm", "pc"): "(chat data in the prompt-completion format: --task sft trains on it)",
+             ("classification", "dd"): "a dataset folder saved by `datasets`; classification reads a folder of class "
+                                       "subfolders holding text files (--task sft reads dataset folders of chat data)",
+             ("causal-lm", "dd"): "a dataset folder saved by `datasets`; causal-lm reads a folder of .txt files"}
+    for (task, data), message in cases.items():
+        argv = ["train", "--task", task, "--model", str(chat_data["bert"]), "--train-data", str(chat_data[data]),
+                "--output-dir", str(chat_data["root"] / "out"), "--quiet"]
+        assert main(argv) == 2, (task, data)
+        assert message in capsys.readouterr().err, (task, data)
+
+
+def test_a_dataset_dict_without_a_split_names_the_flag(chat_data) -> None:
+    """It said "no split None"."""
+    from torch_singlora import SingLoRAError
+    from torch_singlora.llm.data import read_conversations
+
+    with pytest.raises(SingLoRAError, match=r"dd: a dataset with the splits \['test', 'train'\]: name the one to "
+                                            r"read, e.g. --data-split test \(--eval-data-split for --eval-data\) or "
+                                            r"give one split's folder, e.g. .*dd/test"):
+        read_conversations(chat_data["dd"])
+    assert len(read_conversations(chat_data["dd"], split="train")[0]) == 3
+    assert len(read_conversations(chat_data["dd"] / "test")[0]) == 1
+
+
+def test_train_help_describes_the_sft_formats(capsys) -> None:
+    """`train --help` said nothing of the chat formats under --train-data."""
+    from torch_singlora.llm.data import FORMATS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    help_text = text.split("--train-data TRAIN_DATA training data:", 1)[1].split("--output-dir", 1)[0]
+    assert "sft:" in help_text and all(name in help_text for name in FORMATS), help_text

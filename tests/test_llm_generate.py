@@ -267,6 +267,18 @@ def test_chat_loop_keeps_history_resets_and_streams(base_chat) -> None:
     assert sum(1 for w in writes if w and w in first) > 1  # the first answer came in several pieces
 
 
+def test_chat_takes_messages_of_several_lines(base_chat) -> None:
+    """Issue 24: every line was a turn, so the README's prompt (a question, a blank line, an article) could not be
+    entered. A trailing backslash continues a message; a block between two \"\"\" lines is one message as pasted."""
+    lines = iter(["Which section?\\", "\\", "The match ended 2-1.", '"""', "Two lines:", "", "  kept as pasted", '"""',
+                  "/exit"])
+    out = io.StringIO()
+    history = chat_loop(base_chat, GenerationOptions(max_new_tokens=2), read=lambda prompt: next(lines), out=out)
+    assert [m["content"] for m in history if m["role"] == "user"] == [
+        "Which section?\n\nThe match ended 2-1.", "Two lines:\n\n  kept as pasted"]
+    assert 'end a line with \\ to go on, or paste them between two """ lines' in out.getvalue().splitlines()[0]
+
+
 def test_chat_command_through_stdin(folders, base_chat) -> None:
     script = "Hi\n/reset\nCapital of France?\n/exit\n"
     result = subprocess.run([sys.executable, "-m", "torch_singlora.cli", "chat", str(folders / "base"),

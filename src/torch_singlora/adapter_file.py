@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
@@ -79,6 +80,20 @@ def cast_for_storage(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
     return stored
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted order: safetensors writes it from a hash map whose
+    order changes from process to process, so two identical runs gave files differing by their bytes (checksums are
+    how people compare adapters). The tensors and their bytes are safetensors' own; only the header is re-written."""
+    blob = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + length:])
+
+
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: SingLoRAConfig,
                   ramp_step: int, base_model_name_or_path: str | None, dtype: str | torch.dtype | None = None
                   ) -> None:
@@ -96,7 +111,7 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     if stored is not None:
         metadata["dtype"] = str(stored).removeprefix("torch.")
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
     document = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ramp_step": ramp_step,
         "base_model_name_or_path": base_model_name_or_path, **config.to_dict(),

@@ -68,7 +68,7 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
         check_output_file(output, flag="--output", overwrite=overwrite, inputs={
             "adapter folder": adapter, "--data": data, "--model": model or recorded.get("base_model"),
             "tokenizer": recorded.get("tokenizer"), **(get_task(task).inputs(options or {}) if task else {})})
-    with _progress_bars(not quiet):  # transformers' "Loading weights" bar
+    with no_loading_bars():
         if adapter is not None:
             if task is not None or options:
                 raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
@@ -128,7 +128,7 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     info = read_run_info(adapter)
     inputs = {"adapter": adapter, "base model": model or info["base_model"], "tokenizer": info["tokenizer"]}
     check_output_folder(output, command="merge", inputs=inputs, overwrite=overwrite)  # before the slow part
-    with _progress_bars(not quiet):
+    with no_loading_bars():
         trained, info = load_trained(adapter, model)
         plain = method_class(info["method"]).merged(trained)
         tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
@@ -142,12 +142,14 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' progress bars (loading weights...) on or off inside the block."""
+def no_loading_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block: the commands
+    that load a model to do one thing (merge, export, evaluate, generate, chat) print their own result line, not
+    a bar per load and save (``--quiet`` silences that line too)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
@@ -194,7 +196,7 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
     inputs = {"adapter": adapter, "base model": model or info["base_model"]}
     check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
-    with _progress_bars(not quiet):
+    with no_loading_bars():
         base = get_task(info["task"]).load_model(model or info["base_model"], info)
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)

@@ -14,8 +14,10 @@ naming the folder. Last, each LoRA module's update ``scaling * B @ A`` must stay
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -24,6 +26,15 @@ from .untrusted import check_finite, check_update_range, pickle_hint, read_json,
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@contextlib.contextmanager
+def peft_without_deprecations() -> Iterator[None]:
+    """Inside: PEFT 0.21 reads ``model.is_gradient_checkpointing`` while wrapping a model, which transformers >= 5
+    answers with a ``FutureWarning`` the user can do nothing about (it names transformers' own rename); silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
@@ -85,7 +96,8 @@ def load_peft_adapter(base: nn.Module | Callable[[], nn.Module], directory: str 
     model = base if isinstance(base, nn.Module) else base()
     try:
         config = PeftConfig.from_peft_type(**document)
-        model = PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)
+        with peft_without_deprecations():
+            model = PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)
     except (ValueError, RuntimeError, TypeError, KeyError, OSError) as exc:  # PeftError is a ValueError
         raise SingLoRAError(f"{what or directory}: PEFT cannot load this LoRA onto the base model (is it a LoRA for "
                             f"another model?): {_one_line(exc)}") from exc

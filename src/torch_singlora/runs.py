@@ -63,7 +63,7 @@ class RunFolder:
         """The output rule (``atomic.check_not_input``) for the run: the folder is not an input nor inside one, and
         no run file it writes or ``--overwrite`` removes is, holds or lies inside one (the folder may hold inputs
         elsewhere, e.g. its own ``data/``)."""
-        from ..atomic import check_not_input
+        from .atomic import check_not_input
 
         advice = "choose another --output-dir"
         check_not_input(self.path, inputs, what="--output-dir", advice=advice, may_hold=True)

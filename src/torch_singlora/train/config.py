@@ -39,7 +39,12 @@ class TrainConfig:
 
     model: str = _help("local folder of a transformers model (config.json + weights)", default="")
     train_data: str = _help("training data: .csv / .jsonl file or folder of class subfolders (classification), "
-                            ".txt / .jsonl / folder of .txt (causal-lm)", default="")
+                            ".txt / .jsonl / folder of .txt (causal-lm); sft: .jsonl / .json / .csv / .parquet or a "
+                            "dataset folder (save_to_disk, or files load_dataset reads) of chat rows in TRL's shapes: "
+                            "messages ([{role, content}, ...]), prompt-completion (prompt + completion: text or "
+                            "messages), alpaca (instruction [+ input] + output), conversations (ShareGPT: [{from, "
+                            "value}, ...]); the format is found from the columns (--data-format names it)",
+                            default="")
     output_dir: str = _help("where the adapter, metrics.jsonl, summary.json, checkpoint.pt and plots go", default="")
     task: str = _help(f"what to train: {', '.join(TASKS)}", default="classification")
     eval_data: str | None = _help("evaluation data (same formats); default: --eval-split of the training data",

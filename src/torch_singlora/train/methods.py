@@ -192,10 +192,13 @@ class Peft(Method):
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
         from peft import LoraConfig, get_peft_model
 
+        from ..peft_folder import peft_without_deprecations
+
         names = resolve_target_names(model, settings.targets, heads)
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                             target_modules=names, use_dora=settings.method == "dora", modules_to_save=heads or None)
-        return get_peft_model(model, config), names
+        with peft_without_deprecations():
+            return get_peft_model(model, config), names
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         if self.settings.method != "loraplus":
