@@ -393,8 +393,8 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp
 
     after_step = loop.after_step
 
-    def interrupted_at_step_2(run, loss):
-        after_step(run, loss)
+    def interrupted_at_step_2(run, *logged):
+        after_step(run, *logged)
         if run.step == 2:
             raise KeyboardInterrupt
 

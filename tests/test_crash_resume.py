@@ -4,7 +4,8 @@ checkpoint, half-way through writing the final adapter) and a full disk. Each ki
 is never damaged.
 
 The kill points inside a write come from a launcher that runs the real CLI with ``torch.save`` / safetensors'
-``save_file`` replaced by versions that write half of the bytes to the temp file, fsync, then wait to be killed.
+``adapter_file.save_safetensors`` replaced by versions that write half of the bytes to the temp file, fsync, then
+wait to be killed.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def save(obj, target, *args, **kwargs):
         real_save(obj, target, *args, **kwargs)
 torch.save = save
 
-real_save_file = torch_singlora.adapter_file.save_file
-def save_file(tensors, target, metadata=None):
+real_save_safetensors = torch_singlora.adapter_file.save_safetensors
+def save_safetensors(tensors, target, metadata):
     if not torn("adapter", lambda: safetensors.torch.save(tensors, metadata=metadata), target):
-        real_save_file(tensors, target, metadata=metadata)
-torch_singlora.adapter_file.save_file = save_file
+        real_save_safetensors(tensors, target, metadata)
+torch_singlora.adapter_file.save_safetensors = save_safetensors
 
 from torch_singlora.cli import main
 sys.exit(main(sys.argv[1:]))
