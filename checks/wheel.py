@@ -5,7 +5,8 @@ as a user would (``singlora --help``, a tiny ``singlora train``, ``singlora insp
 
 1. ``python -m build --no-isolation``: the sdist, then the wheel built from the unpacked sdist (so a file missing
    from the sdist breaks the wheel too). ``--no-isolation`` uses this environment's setuptools: no download.
-2. The wheel must hold exactly the modules of ``src/torch_singlora`` (what users import) and nothing else: no
+2. The wheel must hold exactly the files of ``src/torch_singlora``: the modules users import and the package data
+   (the playground's ``serving/static/`` files that ``singlora serve`` serves at ``/``), and nothing else: no
    tests, benchmarks, studies, checks, fuzzing harness (``HARNESS_MODULES``) or other top-level package. The sdist
    must hold the sources and ``pyproject.toml``/``README.md``.
 3. A fresh venv (no pip, no packages) gets our wheel with ``pip --python <fresh> install --no-deps``. Its
@@ -14,7 +15,8 @@ as a user would (``singlora --help``, a tiny ``singlora train``, ``singlora insp
    are not executed, so the only ``torch_singlora`` the fresh venv can import is the wheel's.
 4. In that venv, with ``PYTHONPATH`` unset and the working directory outside the repository: ``torch_singlora``
    must be found in the venv's site-packages, ``singlora --help`` must list the subcommands, and a 2-step
-   ``singlora train`` of a tiny random BERT must write its adapter (at step 2).
+   ``singlora train`` of a tiny random BERT must write its adapter (at step 2); the installed package must hold the
+   playground page.
 """
 
 from __future__ import annotations
@@ -58,23 +60,24 @@ def build(out: Path) -> tuple[Path, Path]:
     return sdist, wheel
 
 
-def source_modules() -> set[str]:
-    """``torch_singlora/...py`` paths of the source tree, relative to ``src``."""
+def source_files() -> set[str]:
+    """``torch_singlora/...`` paths of the source tree's files (modules and package data), relative to ``src``."""
     src = ROOT / "src"
-    return {p.relative_to(src).as_posix() for p in (src / PACKAGE).rglob("*.py") if "__pycache__" not in p.parts}
+    return {p.relative_to(src).as_posix() for p in (src / PACKAGE).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
 
 
 def check_contents(sdist: Path, wheel: Path) -> dict[str, int]:
-    """The wheel ships exactly the package's modules (never a harness module, even one put back under src/), the
+    """The wheel ships exactly the package's files (never a harness module, even one put back under src/), the
     sdist the sources; returns the counts."""
-    expected = {m for m in source_modules() if Path(m).stem not in HARNESS_MODULES}
+    expected = {m for m in source_files() if not (m.endswith(".py") and Path(m).stem in HARNESS_MODULES)}
     with zipfile.ZipFile(wheel) as archive:
         names = [n for n in archive.namelist() if ".dist-info/" not in n]
         entry_points = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("entry_points.txt"))
-    modules = {n for n in names if n.endswith(".py")}
-    if modules != expected:
-        raise PackagingError(f"wheel modules differ from src/{PACKAGE}: missing {sorted(expected - modules)}, "
-                             f"unexpected {sorted(modules - expected)}")
+    shipped = {n for n in names if n.startswith(PACKAGE + "/")}
+    if shipped != expected:
+        raise PackagingError(f"wheel files differ from src/{PACKAGE}: missing {sorted(expected - shipped)}, "
+                             f"unexpected {sorted(shipped - expected)}")
     stray = sorted(n for n in names if not n.startswith(PACKAGE + "/"))
     if stray:
         raise PackagingError(f"wheel holds files outside {PACKAGE}/: {stray[:10]}")
@@ -85,7 +88,8 @@ def check_contents(sdist: Path, wheel: Path) -> dict[str, int]:
     missing = sorted(({"pyproject.toml", "README.md"} | {f"src/{m}" for m in expected}) - members)
     if missing:
         raise PackagingError(f"sdist lacks {missing[:10]}")
-    return {"wheel_modules": len(modules), "sdist_files": len(members)}
+    return {"wheel_modules": sum(n.endswith(".py") for n in shipped), "wheel_data": sum(not n.endswith(".py")
+            for n in shipped), "sdist_files": len(members)}
 
 
 def fresh_venv(folder: Path, wheel: Path) -> Path:
@@ -116,6 +120,9 @@ def use_as_a_user(bin_dir: Path, work: Path) -> dict[str, str]:
     location = run([python, "-c", where], env=env, cwd=work).strip()
     if not Path(location).is_relative_to(bin_dir.parent):
         raise PackagingError(f"the fresh venv imported {PACKAGE} from {location}, not from its own site-packages")
+    page = Path(location).parent / "serving" / "static" / "index.html"
+    if not page.is_file():
+        raise PackagingError(f"the installed package has no playground page ({page})")
     help_text = run([singlora, "--help"], env=env, cwd=work)
     absent = [c for c in SUBCOMMANDS if c not in help_text]
     if absent:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model import IDS, toy
+from toy_models import IDS, toy
 
 from torch_singlora import AdapterFileError, SingLoRAConfig, SingLoRAModel, get_singlora_model
 
@@ -22,7 +22,8 @@ def trained(tmp_path: Path, **kwargs) -> tuple[SingLoRAModel, Path]:
         optimizer.zero_grad()
         adapted(IDS).square().sum().backward()
         optimizer.step()
-    binding.remove()  # the run ends (bound, a training-mode forward would compute step 5: ramp.py)
+    binding.remove()
+    adapted.set_training_run(False)  # the run ends (in it, a training-mode forward would compute step 5)
     adapted.save_adapter(tmp_path / "adapter")
     return adapted, tmp_path / "adapter"
 

@@ -33,11 +33,15 @@ def _fake_dists(tmp_path: Path, modules: set[str], extra: tuple[str, ...] = ()) 
 
 
 def test_content_check_can_fail(tmp_path) -> None:
-    shipped = {m for m in wheel.source_modules() if Path(m).stem not in wheel.HARNESS_MODULES}
-    assert "torch_singlora/cli.py" in shipped and "torch_singlora/gguf_export.py" in shipped
-    assert wheel.check_contents(*_fake_dists(tmp_path, shipped))["wheel_modules"] == len(shipped)
+    shipped = {m for m in wheel.source_files() if Path(m).stem not in wheel.HARNESS_MODULES}
+    page = "torch_singlora/serving/static/index.html"
+    assert "torch_singlora/cli.py" in shipped and "torch_singlora/gguf_export.py" in shipped and page in shipped
+    counts = wheel.check_contents(*_fake_dists(tmp_path, shipped))
+    assert counts["wheel_modules"] + counts["wheel_data"] == len(shipped) and counts["wheel_data"] >= 3
     with pytest.raises(wheel.PackagingError, match="missing .'torch_singlora/cli.py'"):
         wheel.check_contents(*_fake_dists(tmp_path, shipped - {"torch_singlora/cli.py"}))
+    with pytest.raises(wheel.PackagingError, match=f"missing .'{page}'"):  # package data too
+        wheel.check_contents(*_fake_dists(tmp_path, shipped - {page}))
     with pytest.raises(wheel.PackagingError, match="unexpected .'torch_singlora/fuzz.py'"):
         wheel.check_contents(*_fake_dists(tmp_path, shipped | {"torch_singlora/fuzz.py"}))
     with pytest.raises(wheel.PackagingError, match="outside torch_singlora/: .'benchmarks/results/results.md'"):

@@ -12,8 +12,8 @@ Format ``singlora``, version 1:
     - ``<module>.<tensor>``: the full state of every ``modules_to_save`` module (e.g. ``classifier.weight``).
 
 This module writes and reads the two files given the tensors, or the keys, shapes and dtypes a caller expects; it
-knows nothing of models (``model.py`` decides what a model expects, and owns the load transaction). Reading goes
-through ``untrusted`` (size caps, strict JSON, the safetensors header checked before any data is read).
+knows nothing of models (``plan.py`` decides what a model expects, ``adapter_io.py`` owns the load transaction).
+Reading goes through ``untrusted`` (size caps, strict JSON, the safetensors header checked before any data is read).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .experts import owner_of
 from .plan import AdapterPlan, plan_adapter
-from .targets import module_names, unmatched_entries
+from .names import unmatched_entries, walk_adaptable
 from .untrusted import (
     MAX_JSON_BYTES, Entries, Expected, check_update_range, pickle_hint, read_expected, read_json,
     read_safetensors_header,
@@ -215,7 +215,8 @@ def _check_listed_modules(model: nn.Module, config: SingLoRAConfig, plan: Adapte
     if config.exclude_modules is not None:
         return
     saved = plan.saved_modules
-    names = [*plan.modules, *(n for n in module_names(model) if any(n.startswith(s + ".") for s in saved)), *saved]
+    inside = [n for n, _ in walk_adaptable(model) if any(n.startswith(s + ".") for s in saved)]
+    names = [*plan.modules, *inside, *saved]
     listed = [*(config.target_modules if isinstance(config.target_modules, list) else []),
               *(config.target_parameters or [])]
     missing = unmatched_entries(listed, names)

@@ -45,6 +45,7 @@ from .copies import TrainableCopy
 from .functional import saved_coefficient
 from .layers import SingLoRALayer, set_submodule
 from .mixed import BASE, Pooled, Selection, Shared, check_adapter_names, check_mixed_call
+from .names import check_adapter_name
 
 
 @dataclass
@@ -151,9 +152,7 @@ class AdapterBank:
         directory = Path(directory)
         config, meta = read_adapter_config(directory)
         plan, tensors = read_adapter_for(self.model, directory, config)  # exactly as loading reads it
-        if plan.saved_modules and "." in name:  # the copies live in a ModuleDict under this name
-            raise SingLoRAError(f"adapter name {name!r}: an adapter with modules_to_save {list(plan.saved_modules)} "
-                                "needs a name without '.' (its module copies are kept under that name)")
+        check_adapter_name(name, dots=not plan.saved_modules)  # saved-module copies live in a ModuleDict under it
         too_big = {name: m.r for name, m in plan.modules.items() if self.max_rank is not None and m.r > self.max_rank}
         if too_big:
             name, r = next(iter(too_big.items()))
@@ -223,8 +222,7 @@ class AdapterBank:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Add adapter ``name`` from a singlora adapter folder; on any error nothing changes."""
-        if not isinstance(name, str) or not name or name == BASE:
-            raise SingLoRAError(f"adapter name {name!r} must be a non-empty string other than {BASE!r}")
+        check_adapter_name(name, dots=True)
         if name in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is already loaded; swap() replaces it, unload() removes it")
         checked = self._check(directory, name)

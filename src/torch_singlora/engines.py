@@ -66,7 +66,7 @@ def check_engine_export(
     ``base_model``. Reads configs only; writes nothing."""
     if isinstance(source, SingLoRAModel):
         name = adapter_name or source.default_adapter()
-        source._check_names([name])
+        source.require_adapters([name])
         plan, where = plan_adapter(source.model, source.configs[name]), f"adapter {name!r}"
     else:
         if base_model is None:

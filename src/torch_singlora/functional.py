@@ -96,14 +96,6 @@ def saved_coefficient(scale: float, ramp_step: int, ramp_up_steps: int | None) -
     return scale * float(ramp_value(torch.tensor(ramp_step), ramp_up_steps, torch.float64))
 
 
-def ramp(step: Tensor, ramp_steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Deprecated name of ``ramp_value``."""
-    from .errors import warn_deprecated
-
-    warn_deprecated("torch_singlora.functional.ramp", "ramp_value")
-    return ramp_value(step, ramp_steps, dtype)
-
-
 def delta_matrix(A: Tensor, d_out: int, d_in: int, coefficient: Tensor | float = 1.0) -> Tensor:
     """``c * A[:d_out] @ A[:d_in].T``: the update as a ``(d_out, d_in)`` matrix. ``A``: ``(n, r)``, n >= both;
     a stack ``(..., n, r)`` (one ``A`` per expert) gives ``(..., d_out, d_in)``."""

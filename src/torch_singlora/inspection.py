@@ -22,6 +22,7 @@ import torch
 from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_header
 from .errors import AdapterFileError
 from .functional import saved_coefficient
+from .names import name_matches
 from .untrusted import SAFETENSORS_DTYPES, open_regular, read_bytes
 
 BLOCK_ELEMENTS = 2**22  # values read at once
@@ -60,7 +61,7 @@ def _blocks(handle: IO[bytes], path: Path, data_start: int, entry: tuple[str, tu
 
 
 def _saved_owner(module: str, entries: list[str]) -> str | None:
-    return next((e for e in entries if module == e or module.endswith("." + e)), None)
+    return next((e for e in entries if name_matches(module, e)), None)
 
 
 def inspect_adapter(adapter: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .banked import LayerBank
-from .errors import SingLoRAError, warn_deprecated
+from .errors import SingLoRAError
 from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
@@ -73,9 +73,6 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-_REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
-
-
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at dotted ``name`` under ``root`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
@@ -94,23 +91,21 @@ class SingLoRAAdapter(nn.Module):
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
-        in_run: True while an optimizer advances ``t`` (``RampControls.set_training_run``, e.g. through
-            ``bind_optimizer``): a training-mode forward then computes step ``t + 1`` and uses its ``u``.
+        in_run: True during a training run (``SingLoRAModel.set_training_run``: ``bind_optimizer``, the Trainer
+            integration, or a hand-written loop calling ``advance_ramp()`` after each step): a training-mode forward
+            then computes optimizer step ``t + 1`` and runs at its ``u``, so step k runs at ``u = min(k / T, 1)`` and
+            step 1 trains (at ``u = 0``, ``A``'s gradient is exactly 0). At rest (eval mode, merging, export, saved
+            files) ``u`` is the last step's, ``min(t / T, 1)``: an untrained adapter is the base model (the paper's
+            ``u(0) = 0``), and a trained one keeps the ``u`` its last step trained with.
         scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
             a fraction of a run whose total is unknown: u = 0).
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None | object = _REQUIRED, dropout: float,
-        init: str, init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
-        ramp_steps: int | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None, dropout: float, init: str,
+        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if ramp_steps is not None:
-            warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
-            ramp_up_steps = ramp_steps if ramp_up_steps is _REQUIRED else ramp_up_steps
-        if ramp_up_steps is _REQUIRED:
-            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T: an int >= 0, or None while unknown)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
@@ -143,24 +138,6 @@ class SingLoRAAdapter(nn.Module):
     def coefficient(self, in_step: bool = False) -> Tensor:
         """``c = s * u``: 0-dim tensor, no host sync; ``in_step`` as in ``ramp_value``."""
         return self.ramp_value(in_step) * self.scale
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """State dicts written before the buffer was renamed hold ``<prefix>step``: read it as ``ramp_step``."""
-        if prefix + "step" in state_dict and prefix + "ramp_step" not in state_dict:
-            state_dict[prefix + "ramp_step"] = state_dict.pop(prefix + "step")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def step(self) -> Tensor:
-        """Deprecated name of the ``ramp_step`` buffer."""
-        warn_deprecated("SingLoRAAdapter.step", "ramp_step")
-        return self.ramp_step
-
-    @property
-    def ramp_steps(self) -> int:
-        """Deprecated name of ``ramp_up_steps``."""
-        warn_deprecated("SingLoRAAdapter.ramp_steps", "ramp_up_steps")
-        return self.ramp_up_steps
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"

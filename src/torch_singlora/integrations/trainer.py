@@ -22,7 +22,7 @@ The ramp step of each active adapter is ``offset + state.global_step``. ``global
 Trainer restores it on resume, so the ramp resumes exactly. ``offset`` is the adapter's own step when training
 starts minus ``global_step`` (a previously trained adapter keeps its ramp; a restored one lines up again).
 Setting the step (rather than adding to it) makes the callback safe together with ``bind_optimizer``. Training starts
-a run (``set_training_run``): each step's forwards use the ``u`` of that step, ``global_step + 1`` (``ramp.py``).
+a run (``set_training_run``): each step's forwards use the ``u`` of that step, ``global_step + 1`` (``layers.py``).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class SingLoRACallback(TrainerCallback):
             name: max(self.model.get_ramp_step(name) - state.global_step, 0) for name in self.model.active_adapters
         }
         self._sync(state.global_step)
-        self.model.set_training_run(True)  # training-mode forwards compute step global_step + 1 (ramp.py)
+        self.model.set_training_run(True)  # training-mode forwards compute step global_step + 1
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync(state.global_step)

@@ -1,6 +1,7 @@
 """``TrainConfig``: every option of ``singlora train`` in one validated dataclass (one field = one ``--flag``, its
 help text in the field's metadata). ``--ramp-up-steps`` and ``--warmup`` are "steps or a fraction of the run",
-read by the library's one parser (``torch_singlora.config.parse_steps_or_fraction``).
+read once, by ``validate`` with the library's one parser (``torch_singlora.config.parse_steps_or_fraction``): after
+it the fields hold an ``int`` (steps) or a ``float`` (fraction), whatever text the command line gave.
 
 Task-specific options (e.g. those of ``--task sft``) are not fields here: each task declares its own options
 dataclass (``tasks.Task.options``) and the values travel in ``TrainConfig.task_options``.
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from ..adapter_file import SAVE_DTYPES
-from ..config import parse_steps_or_fraction
+from ..config import DEFAULT_RAMP_UP_STEPS, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
@@ -64,7 +65,7 @@ class TrainConfig:
     r: int = _help("rank", default=8)
     alpha: float = _help("scale numerator: s = alpha / r", default=8.0)
     adapter_dropout: float = _help("dropout on the adapter input", default=0.0)
-    ramp_up_steps: str = field(default="0.01", metadata={
+    ramp_up_steps: Union[str, int, float] = field(default=DEFAULT_RAMP_UP_STEPS, metadata={
         "help": "SingLoRA ramp-up T: int optimizer steps, or a fraction of the total steps", "aliases": ["--ramp-up"]})
     init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
                       default="normal")
@@ -72,8 +73,8 @@ class TrainConfig:
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     scheduler: str = _help(f"learning-rate schedule after the warm-up: {', '.join(SCHEDULERS)}", default="linear")
-    warmup: str = _help("warm-up: int optimizer steps or a fraction of the total steps (step k of W runs at "
-                        "lr * k / W)", default="0.06")
+    warmup: Union[str, int, float] = _help("warm-up: int optimizer steps or a fraction of the total steps (step k of "
+                                           "W runs at lr * k / W)", default=0.06)
     epochs: int = _help("epochs (ignored when --max-steps is set)", default=1)
     max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
     batch_size: int = _help("micro-batch size per process", default=16)
@@ -111,9 +112,9 @@ class TrainConfig:
                 "--eval-data": self.eval_data, **task_class(self.task)().inputs(self.task_options)}
 
     def validate(self) -> None:
-        """Check the fields (errors name the flag) and fill the defaults that depend on the task: ``max_length``
-        None -> ``Task.default_max_length``, so run_info.json, summary.json and the resume check record the value
-        the run used."""
+        """Check the fields (errors name the flag), read ``ramp_up_steps`` / ``warmup`` into numbers, and fill the
+        defaults that depend on the task: ``max_length`` None -> ``Task.default_max_length``, so run_info.json,
+        summary.json and the resume check record the values the run used."""
         for flag in ("model", "train_data", "output_dir"):
             if not getattr(self, flag):
                 raise SingLoRAError(f"--{flag.replace('_', '-')} is required")
@@ -152,6 +153,6 @@ class TrainConfig:
         for flag in ("eval_split", "adapter_dropout"):
             if not 0 <= getattr(self, flag) < 1:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
-        parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
-        parse_steps_or_fraction(self.warmup, "--warmup")
+        self.ramp_up_steps = parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
+        self.warmup = parse_steps_or_fraction(self.warmup, "--warmup")
         task_class(self.task)().parse_options(self.task_options)

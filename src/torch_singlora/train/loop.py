@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import parse_steps_or_fraction, resolve_steps
+from ..config import resolve_steps
 from ..errors import SingLoRAError
 from ..hf import check_model_folder
 from ..runs import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
@@ -138,7 +138,7 @@ def prepare(config: TrainConfig) -> Run:
     method = make_method(config, task, data, tokenizer, total_steps)
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
-    warmup = resolve_steps(parse_steps_or_fraction(config.warmup, "--warmup"), total_steps)
+    warmup = resolve_steps(config.warmup, total_steps)
     scheduler = make_scheduler(config.scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps)
     if accelerator.is_main_process and not config.quiet:
         for warning in short_run_warnings(total_steps, warmup, method.ramp_up_steps()):
@@ -172,7 +172,7 @@ def make_method(config: TrainConfig, task: Task, data: TaskData, tokenizer: Any,
     settings = MethodSettings(
         method=config.method, r=config.r, alpha=config.alpha, dropout=config.adapter_dropout,
         targets=parse_targets(config.target_modules),
-        ramp_up_steps=parse_steps_or_fraction(config.ramp_up_steps, "--ramp-up-steps"),
+        ramp_up_steps=config.ramp_up_steps,
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
     )
     return method_class(config.method).wrap(base, settings, task.heads(base))

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import SingLoRAConfig
 from ..errors import SingLoRAError
-from ..model import SingLoRAModel, get_singlora_model
-from ..targets import resolve_targets
+from ..model import SingLoRAModel
+from ..names import resolve
 
 METHOD_NAMES = ("singlora", "lora", "dora", "loraplus", "full")
 
@@ -51,7 +51,7 @@ def parse_targets(text: str | None) -> Targets:
 def resolve_target_names(model: nn.Module, targets: Targets, modules_to_save: list[str]) -> list[str]:
     """Full module names that ``targets`` selects in ``model`` (errors name a pattern that matches nothing)."""
     config = SingLoRAConfig(target_modules=targets, modules_to_save=modules_to_save or None, ramp_up_steps=0)
-    return resolve_targets(model, config)
+    return resolve(model, config).modules
 
 
 @dataclass
@@ -149,12 +149,15 @@ class SingLoRA(Method):
     @staticmethod
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
         names = resolve_target_names(model, settings.targets, heads)
-        config = SingLoRAConfig(
+        config = SingLoRAConfig(  # the saved config lists the resolved names (what PEFT's methods get too)
             r=settings.r, alpha=settings.alpha, dropout=settings.dropout, target_modules=names,
             modules_to_save=heads or None, ramp_up_steps=settings.ramp_up_steps, total_steps=settings.total_steps,
             init=settings.init,
         )
-        return get_singlora_model(model, config), names
+        wrapped = SingLoRAModel(model, None)
+        wrapped.add_adapter("default", config, modules=names)  # resolved above: planned from the names, not again
+        wrapped.set_adapter("default")
+        return wrapped, names
 
     def bind_ramp(self, optimizer: torch.optim.Optimizer) -> None:
         self.model.bind_optimizer(optimizer)
