@@ -377,7 +377,7 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
                  str(out), "--quiet", "--max-steps", "1"]) == 2
     error = capsys.readouterr().err
     assert (f"--output-dir {out} already holds a run (a finished run): adapter/, checkpoint.pt, metrics.jsonl, "
-            "summary.json; continue it with --resume, or replace it with --overwrite") in error
+            "summary.json, config.yaml; continue it with --resume, or replace it with --overwrite") in error
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (out / "notes.txt").write_text("mine")
     summary = _train(assets, out, "--max-steps", "1", "--overwrite", "--no-plot")

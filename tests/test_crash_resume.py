@@ -329,13 +329,13 @@ def small_disk(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-# Pages (4 KiB) the tiny run writes: metrics.jsonl 1 (12 lines), checkpoint.pt 4, the adapter's 3 files 1 each,
-# summary.json 1, curves.png more than 1.
+# Pages (4 KiB) the tiny run writes: config.yaml 1 (first), metrics.jsonl 1 (12 lines), checkpoint.pt 4, the
+# adapter's 3 files 1 each, summary.json 1, curves.png more than 1.
 @pytest.mark.parametrize("full_at, pages, save_every", [
-    ("metrics.jsonl", 0, SAVE_EVERY),  # the first line of the log
-    ("checkpoint.pt", 1 + 4 + 1, SAVE_EVERY),  # the log + the first checkpoint fit; the second's temp file doesn't
-    ("adapter", 1 + 4, STEPS),  # the log + the checkpoint of the last step fit; the final adapter doesn't
-    ("curves.png", 1 + 4 + 3 + 1, STEPS),  # all but the plot
+    ("metrics.jsonl", 1, SAVE_EVERY),  # the config fits; the first line of the log doesn't
+    ("checkpoint.pt", 1 + 1 + 4 + 1, SAVE_EVERY),  # config, log, first checkpoint fit; the second's temp file doesn't
+    ("adapter", 1 + 1 + 4, STEPS),  # config, log, the checkpoint of the last step fit; the final adapter doesn't
+    ("curves.png", 1 + 1 + 4 + 3 + 1, STEPS),  # all but the plot
 ])
 def test_full_disk_names_the_file_and_resumes_once_space_is_freed(setup: dict[str, Any], small_disk: Any,
                                                                   capsys: Any, full_at: str, pages: int,

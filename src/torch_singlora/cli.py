@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .adapter_file import SAVE_DTYPES
-from .cli_options import add_dataclass_arguments, add_task_options, dataclass_from_args, task_options
+from .cli_options import add_dataclass_arguments, add_task_options, task_options
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
@@ -34,9 +34,30 @@ EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli"
 # ---- subcommands ------------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.loop import TrainConfig, train
+    from .train.loop import train
+    from .train.run_config import resolved, to_yaml
 
-    train(dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task)))
+    config = train_config(args)
+    if args.print_config:
+        config.validate()
+        print(to_yaml(resolved(config)), end="")
+        return
+    train(config)
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The ``TrainConfig`` of ``singlora train``: the ``--config`` file's values, overridden by the flags given on
+    the command line (the train parser leaves the others out), the rest the defaults."""
+    from .train.config import TrainConfig
+    from .train.run_config import check_task_options, file_values, train_fields
+
+    values, options = file_values(args.config) if args.config else ({}, {})
+    if options:
+        check_task_options(options, values.get("task", TrainConfig.task), f"--config {args.config}")
+    values.update({name: getattr(args, name) for name in train_fields() if hasattr(args, name)})
+    options.update(task_options(args, values.get("task", TrainConfig.task)))
+    args.output_dir = values.get("output_dir", "")  # for the Ctrl-C message
+    return TrainConfig(**values, task_options=options)
 
 
 def _add_train(subparsers: Any) -> None:
@@ -46,7 +67,13 @@ def _add_train(subparsers: Any) -> None:
                                    description="Fine-tune a local transformers model with SingLoRA (or LoRA, DoRA, "
                                    "LoRA+ through PEFT, or fully) for one of the tasks (--task). "
                                    "--model, --train-data and --output-dir are required.")
-    add_dataclass_arguments(parser, TrainConfig)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="read the flags from this YAML / TOML / JSON file (keys: the flag names, e.g. lr, "
+                        "max_steps, beta); flags given on the command line override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML: every flag, defaults filled in, paths absolute) and "
+                        "exit without training; a run keeps it in <output-dir>/config.yaml")
+    add_dataclass_arguments(parser, TrainConfig, suppress=True)  # absent flags: the config file's or the default
     add_task_options(parser)
     parser.set_defaults(func=cmd_train)
 

@@ -6,6 +6,7 @@ Training writes it (``train.loop``); ``evaluate``, ``merge``, ``export``, ``gene
     <output-dir>/metrics.jsonl     one line per logged step and per evaluation (``metrics``)
     <output-dir>/summary.json      the finished run's numbers
     <output-dir>/curves.png        training loss and eval metric per step
+    <output-dir>/config.yaml       the resolved config: ``singlora train --config`` repeats the run (``run_config``)
 
 Data safety: a new run refuses a folder that already holds a run (any of the files above), naming what is there:
 ``--resume`` continues it, ``--overwrite`` replaces it (only these files go; anything else in the folder stays).
@@ -13,7 +14,7 @@ Data safety: a new run refuses a folder that already holds a run (any of the fil
 fingerprints of the tokenized data and of the base model; a folder moved elsewhere resumes fine.
 
 ``run_info.json`` (task, method, base model and tokenizer paths, target modules, plus the task's ``info``: labels,
-max length, columns, ...) is what ``evaluate`` / ``merge`` / ``export`` read to rebuild the model.
+max length, columns, ...; and ``config``, the resolved config) is what ``evaluate`` / ``merge`` / ``export`` read to rebuild the model.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
-RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, CONFIG_FILE)
 RUN_INFO = "run_info.json"
 MAX_RUN_INFO_BYTES = 16 * 2**20
 MAX_LABELS = 100_000  # classes of a classification head (a 2-million-label file would build a 3 GB head)
@@ -53,6 +55,7 @@ class RunFolder:
         self.metrics = self.path / METRICS_FILE
         self.summary = self.path / SUMMARY_FILE
         self.curves = self.path / CURVES_FILE
+        self.config = self.path / CONFIG_FILE
 
     def existing_run_files(self) -> list[str]:
         """Names of the run files already in the folder (``adapter/`` with a slash)."""
@@ -157,6 +160,15 @@ def model_fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for file in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 of the names and contents of the files directly in folder ``path`` (an adapter folder)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        digest.update(f"{file.name}\n".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 

@@ -156,12 +156,28 @@ class SingLoRATrainerMixin:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
+class SingLoRAReferenceMixin:
+    """For TRL's ``DPOTrainer`` (a trainer with ``compute_ref_log_probs``): the reference log-probabilities are the
+    model's own with its adapters disabled, or with its frozen ``"ref"`` adapter active when it has one
+    (``train.methods.reference``, TRL's rule for PEFT models). With ``precompute_ref_log_probs=True`` and no
+    ``ref_model``, DPO then holds one model in memory (without precomputing, TRL loads the base model again)."""
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+        from ..train.methods import reference
+
+        with reference(model):
+            return super().compute_ref_log_probs(model, inputs)
+
+
 def singlora_trainer_class(trainer_class: type) -> type:
-    """``trainer_class`` (``Trainer`` or a subclass such as TRL's ``SFTTrainer``) with adapter-only checkpoints
-    (``SingLoRATrainerMixin``)."""
+    """``trainer_class`` (``Trainer`` or a subclass such as TRL's ``SFTTrainer`` / ``DPOTrainer``) with
+    adapter-only checkpoints (``SingLoRATrainerMixin``); for ``DPOTrainer``, also the reference of
+    ``SingLoRAReferenceMixin``."""
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
         raise SingLoRAError(f"trainer_class must be transformers.Trainer or a subclass, got {trainer_class!r}")
-    return type(f"SingLoRA{trainer_class.__name__}", (SingLoRATrainerMixin, trainer_class),
+    mixins = (SingLoRATrainerMixin,) + ((SingLoRAReferenceMixin,) if hasattr(trainer_class, "compute_ref_log_probs")
+                                        else ())
+    return type(f"SingLoRA{trainer_class.__name__}", (*mixins, trainer_class),
                 {"__doc__": f"{trainer_class.__name__} with SingLoRA adapter-only checkpoints."})
 
 
