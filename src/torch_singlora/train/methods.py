@@ -31,6 +31,7 @@ from ..config import SingLoRAConfig
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel
 from ..names import resolve
+from ..peft_folder import load_peft_adapter, peft_without_deprecations
 
 METHOD_NAMES = ("singlora", "lora", "dora", "loraplus", "full")
 REFERENCE_ADAPTER = "ref"  # the frozen copy of --init-adapter (TRL's name for it: DPOTrainer's "ref" adapter)
@@ -222,8 +223,6 @@ class Peft(Method):
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
         from peft import LoraConfig, get_peft_model
 
-        from ..peft_folder import load_peft_adapter, peft_without_deprecations
-
         if settings.init_adapter:
             wrapped = load_peft_adapter(model, settings.init_adapter, what=f"--init-adapter {settings.init_adapter!r}",
                                         is_trainable=True)
@@ -264,8 +263,6 @@ class Peft(Method):
 
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
-        from ..peft_folder import load_peft_adapter
-
         return load_peft_adapter(lambda: load_base(None), directory)  # checked, then loaded
 
     @staticmethod
