@@ -42,6 +42,7 @@ from .methods import Method, MethodSettings, check_init_adapter, method_class, p
 from .metrics import MetricsLog, summary_table
 from .packing import length_grouped_order
 from .registry import get_task
+from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
 from .tracking import Trackers, parse_report_to
 from .tasks import Task, TaskData
@@ -105,7 +106,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Run:
     """Everything the steps need; on ``--resume`` restored from the checkpoint. Nothing is written into the output
     folder before the data and the model have loaded."""
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     from ..integrations.quantized import quiet_bitsandbytes
@@ -117,6 +117,9 @@ def prepare(config: TrainConfig) -> Run:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     folder = RunFolder(config.output_dir)
+    folder.check_inputs(config.inputs())  # also under --overwrite and --resume
+    if config.resume:
+        folder.check_resumable_folder()
     state = load_checkpoint(folder.checkpoint) if config.resume else None
     if state is None:
         folder.check_new_run(config.overwrite)
@@ -144,8 +147,11 @@ def prepare(config: TrainConfig) -> Run:
     method = make_method(config, task, data, tokenizer, total_steps)
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(config.warmup, total_steps))
+    warmup = resolve_steps(config.warmup, total_steps)
+    scheduler = make_scheduler(config.scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps)
+    if accelerator.is_main_process and not config.quiet:
+        for warning in short_run_warnings(total_steps, warmup, method.ramp_up_steps()):
+            print(f"singlora train: warning: {warning}", file=sys.stderr)
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -281,12 +287,13 @@ def train_epoch(run: Run) -> None:
         if not last:
             continue
         run.batch = index + 1
+        lr = run.scheduler.get_last_lr()[0]  # what this step runs at (the scheduler moves on after it)
         loss = run.stepper.step(f"optimizer step {run.step + 1} (epoch {run.epoch}, micro-batches {first}-{index})")
         stats = step_stats(run)
         if loss is not None:  # None: skipped (--on-nonfinite skip)
             run.step += 1
             run.step_seconds.append(time.perf_counter() - started)
-            after_step(run, loss, stats)
+            after_step(run, loss, lr, stats)
             if run.step >= run.total_steps:
                 return
         started = time.perf_counter()
@@ -303,10 +310,11 @@ def step_stats(run: Run) -> dict[str, float]:
     return dict(zip(names, means.tolist()))
 
 
-def after_step(run: Run, loss: float, stats: dict[str, float]) -> None:
-    """Log the step, show progress, evaluate and write a checkpoint when they are due."""
+def after_step(run: Run, loss: float, lr: float, stats: dict[str, float]) -> None:
+    """Log the step (its loss, the ``lr`` and ``u`` it ran at: ``u`` at rest after step k is the one step k used,
+    and its ``stats``), show progress, evaluate and write a checkpoint when they are due."""
     config = run.config
-    lr, u = run.scheduler.get_last_lr()[0], run.method.u()
+    u = run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
         run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u,
                        "grad_norm": run.stepper.grad_norm, "epoch": run.epoch, **stats})
