@@ -7,7 +7,7 @@ recorded with its input.
 
 - ``config``: ``SingLoRAConfig.from_dict`` on random dicts of known and unknown fields with values of every JSON
   type (and NaN/Inf floats), then ``resolve_ramp_up_steps``, ``rank_for``, ``scale_for``, the ``to_dict`` round trip and
-  ``resolve_targets`` on a small model.
+  ``names.resolve`` on a small model.
 - ``config_file``: a saved adapter whose ``adapter_config.json`` is replaced by mutated JSON (random edits of a
   valid document) or random bytes, loaded into a model.
 - ``weights``: a saved adapter whose ``adapter_model.safetensors`` is mutated structurally (dtype, shape, offsets,
@@ -67,7 +67,7 @@ from torch_singlora.adapter_file import CONFIG_FILE, META_FIELDS, WEIGHTS_FILE
 from torch_singlora.atomic import atomic_write_text
 from torch_singlora.config import INIT_METHODS, SingLoRAConfig
 from torch_singlora.errors import SingLoRAError
-from torch_singlora.targets import resolve_targets
+from torch_singlora.names import resolve
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: fuzzing/ beside tests/, benchmarks/, studies/
 if str(ROOT / "tests") not in sys.path:
@@ -194,7 +194,7 @@ def check_config(campaign: Campaign, data: dict[str, Any], raw: bytes | None = N
                 return campaign.finding("config", f"scale_for gave {scale}", data, raw)
         if SingLoRAConfig.from_dict(config.to_dict()) != config:
             return campaign.finding("config", "to_dict/from_dict round trip differs", data, raw)
-        resolve_targets(FuzzModel(), config)
+        resolve(FuzzModel(), config)
     except SingLoRAError as exc:
         return campaign.refused("config", exc)
     except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
@@ -304,7 +304,7 @@ def mutate_config(draw: Callable[[Any], Any], st: Any, values: Any, document: di
 # ---- atheris engine (coverage-guided; optional: the ``fuzz`` extra) -------------------------------------------------
 
 INSTRUMENTED = ("torch_singlora.adapter_file", "torch_singlora.untrusted", "torch_singlora.model", "torch_singlora.config",
-                "torch_singlora.targets")
+                "torch_singlora.names")
 
 
 def instrument(atheris: Any, module_names: tuple[str, ...] = INSTRUMENTED) -> int:

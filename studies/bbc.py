@@ -162,8 +162,8 @@ class Bench:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         from torch_singlora.cli import evaluate
-        from torch_singlora.train.loop import TrainConfig, train
         from torch_singlora.runs import RunFolder
+        from torch_singlora.train.loop import TrainConfig, train
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if spec.init != "normal" and "init" not in fields:

@@ -1,4 +1,4 @@
-"""Small models with three adapters for the mixed-batch and bank tests (``test_mixed_batch``, ``test_bank``): every
+"""Small models with three adapters for the mixed-batch and bank tests (``test_mixed``, ``test_bank``): every
 layer kind, a tiny Llama, and each example run alone through the ordinary path (the reference)."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Architecture checks (issue 12): every module imports alone, no import cycle, no module over ~400 lines without
-a reason in its docstring."""
+"""Architecture checks (issues 12, 20): every module imports alone, no import cycle (type-only imports included), no
+module over ~400 lines without a reason in its docstring, no function over 80 lines; no test module imports another
+(what several share lives in ``conftest.py`` or ``helpers.py``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ LONG_MODULE_REASON = "Long module:"  # a module over MAX_LINES says why in its d
 # Known debts, each being paid by its owner (issue 12; see /work/notes/COORDINATION.md); nothing new may join.
 # Remove an entry once it is fixed.
 KNOWN_LONG: dict[str, str] = {  # over MAX_LINES without a reason today
+}
+MAX_FUNCTION_LINES = 80
+KNOWN_LONG_FUNCTIONS: dict[str, str] = {  # "<module>.<function>" over MAX_FUNCTION_LINES today
+    "torch_singlora.serving.app.create_app": "issue 21 (serving helper) splits it",
 }
 KNOWN_CYCLES: dict[tuple[str, str], str] = {  # (importer, imported) edges that close a cycle today
 }
@@ -148,3 +153,40 @@ def test_no_module_over_the_size_limit_without_a_reason() -> None:
         if lines > MAX_LINES and LONG_MODULE_REASON not in docstring and name not in KNOWN_LONG:
             over[name] = lines
     assert not over, f"over {MAX_LINES} lines with no '{LONG_MODULE_REASON} <why>' in the docstring: split them"
+
+
+def long_functions(name: str) -> dict[str, int]:
+    """``{"<module>.<function>": lines}`` of the functions (methods and nested ones included) of module ``name``
+    longer than ``MAX_FUNCTION_LINES``, from the ``def`` line to the last line of the body."""
+    tree = ast.parse(path_of(name).read_text(encoding="utf-8"))
+    return {f"{name}.{node.name}": node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+
+
+def test_long_functions_finds_one(tmp_path, monkeypatch) -> None:
+    lines = ["class C:", "    def method(self):"] + [f"        x{i} = {i}" for i in range(MAX_FUNCTION_LINES)]
+    (tmp_path / "long.py").write_text("\n".join(lines) + "\n")  # the def line + 80: one over
+    monkeypatch.setattr(sys.modules[__name__], "path_of", lambda name: tmp_path / "long.py")
+    assert long_functions("m") == {"m.method": MAX_FUNCTION_LINES + 1}
+
+
+def test_no_function_over_the_size_limit() -> None:
+    over = {f: n for name in module_names() for f, n in long_functions(name).items() if f not in KNOWN_LONG_FUNCTIONS}
+    assert not over, f"over {MAX_FUNCTION_LINES} lines: split them into named steps"
+
+
+def test_no_test_module_imports_another() -> None:
+    tests = Path(__file__).resolve().parent
+    own = {path.stem for path in tests.glob("test_*.py")}
+    found: list[str] = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.stem} imports {name}" for name in names if name.split(".")[0] in own]
+    assert not found

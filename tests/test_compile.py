@@ -42,10 +42,10 @@ def test_compile_fullgraph_and_no_recompile_as_ramp_advances() -> None:
         compiled(ids).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert model.get_step() == 5
+    assert model.get_ramp_step() == 5
     assert len(graphs) == 1, f"{len(graphs)} graphs were compiled"
     model.eval()
-    model.set_step(1)
+    model.set_ramp_step(1)
     eager = model(ids)
     assert_close(compiled(ids), eager)
     assert len(graphs) == 2  # train -> eval changes the dropout: one more graph, and only one

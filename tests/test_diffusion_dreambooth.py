@@ -35,7 +35,7 @@ def randomize(model: SingLoRAModel, seed=1, step=None):
         for _, layer in model.singlora_layers():
             for adapter in layer.singlora.values():
                 adapter.A.copy_(torch.randn(adapter.A.shape, generator=g, dtype=adapter.A.dtype) * 0.3)
-    model.set_step(step if step is not None else 10**6)
+    model.set_ramp_step(step if step is not None else 10**6)
 
 
 def test_injection_targets_self_and_rectangular_cross_attention_against_dense_float64():
@@ -80,7 +80,7 @@ def test_untrained_adapter_is_the_base_model():
     with torch.no_grad():
         before = base(*inputs).sample
         model = add_singlora(base)
-        assert model.get_step() == 0
+        assert model.get_ramp_step() == 0
         torch.testing.assert_close(model(*inputs).sample, before, rtol=0, atol=0)  # u(0) = 0
 
 
@@ -106,7 +106,7 @@ def test_few_training_steps_reduce_the_loss():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert model.get_step() == 25
+    assert model.get_ramp_step() == 25
     assert fixed_loss() < 0.8 * start
 
 
@@ -123,7 +123,7 @@ def test_save_load_round_trip_gives_identical_unet_outputs(tmp_path):
     randomize(model, step=2)  # mid-ramp: the saved step matters
     model.save_adapter(tmp_path / "adapter")
     loaded = SingLoRAModel.from_pretrained(fresh, tmp_path / "adapter")
-    assert loaded.get_step() == 2
+    assert loaded.get_ramp_step() == 2
     inputs = unet_inputs(base)
     with torch.no_grad():
         assert torch.equal(model(*inputs).sample, loaded(*inputs).sample)
@@ -202,14 +202,14 @@ def test_train_dreambooth_end_to_end_with_prior_checkpoints_resume_and_export(tm
     )
     model = train_dreambooth(args)
     out = tmp_path / "out"
-    assert model.get_step() == 4  # optimizer steps, not the 8 micro-batches
+    assert model.get_ramp_step() == 4  # optimizer steps, not the 8 micro-batches
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # total limit 1
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000002_0.png", "step_000004_0.png"]
 
     args.max_train_steps, args.resume_from_checkpoint = 6, "latest"
     resumed = train_dreambooth(args)
-    assert resumed.get_step() == 6
+    assert resumed.get_ramp_step() == 6
 
     pipe = StableDiffusionPipeline.from_pretrained(out.parent / "model", safety_checker=None)
     pipe.load_lora_weights(str(out / "diffusers_lora"))
@@ -250,7 +250,7 @@ def test_mixed_precision_bf16_keeps_the_adapter_in_float32(tmp_path):
         ))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert model.get_step() == 2
+    assert model.get_ramp_step() == 2
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for _, layer in model.singlora_layers())
     A = dict(model.singlora_layers())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].singlora["default"].A

@@ -96,7 +96,7 @@ def test_two_cpu_processes(tmp_path, how: str) -> None:
     assert ranks[0].keys() == ranks[1].keys() and sum(k.endswith(".A") for k in ranks[0]) == 2
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-        if key.endswith(".step"):
+        if key.endswith(".ramp_step"):
             assert int(ranks[0][key]) == STEPS
     # the ranks average the two half-batch gradients: the same as one process on the whole batch
     single = _model()
@@ -106,6 +106,6 @@ def test_two_cpu_processes(tmp_path, how: str) -> None:
             assert_close(ranks[0][key], value)
     if how == "fsdp2":  # the adapter file rank 0 wrote loads into a fresh base as the single-process adapter
         loaded = SingLoRAModel.from_pretrained(_base(), tmp_path / "adapter")
-        assert loaded.get_step() == STEPS
+        assert loaded.get_ramp_step() == STEPS
         x = _batch(0)[0]
         assert_close(loaded(x), single(x))

@@ -17,7 +17,7 @@ import torch
 import torch_singlora.untrusted as untrusted
 from torch_singlora import SingLoRAConfig, SingLoRAError
 from torch_singlora.adapter_file import WEIGHTS_FILE
-from torch_singlora.targets import resolve_targets
+from torch_singlora.names import resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds fuzzing/
 from adapter_fixtures import FuzzModel, fresh_model, same, snapshot, valid_adapter  # noqa: E402
@@ -73,11 +73,11 @@ def test_campaign_detects_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
 def test_found_invalid_regex_pattern_keys_refused(field: str) -> None:
     """Found by the fuzzer: a pattern-dict key that is not a regex passed validation, then ``rank_for`` /
-    ``resolve_targets`` raised ``re.error``."""
+    ``resolve`` raised ``re.error``."""
     with pytest.raises(SingLoRAError, match=rf"{field} key '\(': .* is not a valid regex"):
         SingLoRAConfig(target_modules=["proj"], **{field: {"(": 2}})
     config = SingLoRAConfig(target_modules=["proj"], **{field: {"pro.": 2}})
-    assert resolve_targets(FuzzModel(), config) == ["proj"]
+    assert resolve(FuzzModel(), config).modules == ["proj"]
 
 
 def test_found_huge_json_integer_refused(tmp_path) -> None:  # noqa: ANN001

@@ -8,35 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, dense_update
+from toy_models import IDS, Toy, toy
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from torch_singlora import SingLoRAConfig, SingLoRAError, SingLoRALayer, get_singlora_model
-
-
-class Toy(nn.Module):
-    """Linear layers of every orientation, a conv, an embedding and a head."""
-
-    def __init__(self, checkpointing: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.up = nn.Linear(6, 10)
-        self.down = nn.Linear(10, 6)
-        self.square = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-        self.checkpointing = checkpointing
-
-    def body(self, h: torch.Tensor) -> torch.Tensor:
-        return self.square(self.down(torch.tanh(self.up(h))))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        h = checkpoint(self.body, h, use_reentrant=False) if self.checkpointing else self.body(h)
-        return self.head(h.mean(1))
-
-
-def toy(**kwargs) -> Toy:
-    return Toy(**kwargs).double()
+from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 
 
 def reference_forward(model: Toy, adapted, ids: torch.Tensor) -> torch.Tensor:
@@ -60,9 +35,6 @@ def make(ramp_up_steps: int = 0, **kwargs):
     config = SingLoRAConfig(r=3, alpha=6, target_modules=["embed", "up", "down", "square"], ramp_up_steps=ramp_up_steps, **kwargs)
     model = toy()
     return model, get_singlora_model(model, config)
-
-
-IDS = torch.randint(0, 11, (4, 5))
 
 
 def test_forward_matches_dense_reference() -> None:
@@ -257,67 +229,11 @@ def test_rank_and_alpha_patterns() -> None:
     assert adapted.model.down.singlora["default"].scale == pytest.approx(1.0 / 2)
 
 
-def test_exclude_and_regex_targets() -> None:
-    adapted = get_singlora_model(toy(), SingLoRAConfig(r=2, target_modules=r"(up|down)", exclude_modules=["down"]))
-    assert [n for n, _ in adapted.singlora_layers()] == ["up"]
-    adapted = get_singlora_model(toy(), SingLoRAConfig(r=2, target_modules="all-linear", modules_to_save=["head"]))
-    assert sorted(n for n, _ in adapted.singlora_layers()) == ["down", "square", "up"]
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"target_modules": ["nope"]}, "'nope' matches no module"),
-        ({"target_modules": ["up", "nope"]}, "'nope' matches no module"),
-        ({"target_modules": "zz.*"}, "matches no module"),
-        ({"target_modules": ["up"], "exclude_modules": ["up"]}, "matches no module"),
-        ({"target_modules": ["up"], "r": 11}, "module 'up': r=11 exceeds n"),
-        ({"target_modules": ["up"], "modules_to_save": ["missing"]}, "'missing' matches no module"),
-        ({"target_modules": ["up"], "rank_pattern": {"down": 2}}, "rank_pattern key 'down'"),
-    ],
-)
-def test_bad_targets_are_clear_errors_and_change_nothing(kwargs: dict, match: str) -> None:
-    model = toy()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(SingLoRAError, match=match):
-        get_singlora_model(model, SingLoRAConfig(**kwargs))
-    assert all(type(m) is not SingLoRALayer for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-
-
-def test_error_lists_candidates() -> None:
-    with pytest.raises(SingLoRAError, match=r"adaptable modules end in \['down', 'embed', 'head', 'square', 'up'\]"):
-        get_singlora_model(toy(), SingLoRAConfig(target_modules=["q_proj"]))
-
-
-def test_a_string_target_is_a_full_match_regex_and_the_error_says_so() -> None:
-    tree = nn.Module()
-    tree.block = nn.Module()
-    tree.block.q_proj = nn.Linear(4, 4)
-    with pytest.raises(SingLoRAError, match=(
-            r"target_modules='q_proj' matches no module: a string is a regex that must match the whole module name "
-            r"\(e.g. 'block.q_proj'\); to match names or dotted suffixes pass a list: target_modules=\['q_proj'\]")):
-        get_singlora_model(tree, SingLoRAConfig(r=1, target_modules="q_proj"))
-    adapted = get_singlora_model(tree, SingLoRAConfig(r=1, target_modules=["q_proj"]))  # the list form works
-    assert [n for n, _ in adapted.singlora_layers()] == ["block.q_proj"]
-
-
-def test_unsupported_target_type() -> None:
-    class Outer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = nn.Sequential(nn.Linear(3, 3))
-
-    with pytest.raises(SingLoRAError, match="'block' is a Sequential"):
-        get_singlora_model(Outer(), SingLoRAConfig(r=1, target_modules=["block"]))
-
-
 def test_bad_adapter_names() -> None:
     _, adapted = make()
     with pytest.raises(SingLoRAError, match="already exists"):
         adapted.add_adapter("default", SingLoRAConfig(target_modules=["up"]))
-    with pytest.raises(SingLoRAError, match="adapter_name"):
+    with pytest.raises(SingLoRAError, match="needs a name without '.'"):
         adapted.add_adapter("a.b", SingLoRAConfig(target_modules=["up"]))
     with pytest.raises(SingLoRAError, match="SingLoRAConfig"):
         adapted.add_adapter("x", {"r": 2})

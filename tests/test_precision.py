@@ -49,7 +49,7 @@ def test_low_precision_base_trains_and_merges_in_float32(dtype: torch.dtype) -> 
 def test_bf16_autocast_trains_like_float32() -> None:
     torch.manual_seed(0)
     model = _model(torch.float32)
-    model.set_step(2)  # u = 1
+    model.set_ramp_step(2)  # u = 1
     x = torch.randn(6, 16)
     model(x).square().mean().backward()
     reference = {name: layer.singlora["default"].A.grad.clone() for name, layer in model.singlora_layers()}

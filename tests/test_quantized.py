@@ -37,7 +37,7 @@ def _quantized(bits: int) -> nn.Module:
 def _adapted(bits: int):
     model = get_singlora_model(_quantized(bits), SingLoRAConfig(r=3, alpha=6.0, target_modules=["0", "1"],
                                                                 ramp_up_steps=2))
-    model.set_step(1)
+    model.set_ramp_step(1)
     with torch.no_grad():
         for _, layer in model.singlora_layers():
             layer.singlora["default"].A.normal_(0, 0.3)
@@ -63,7 +63,7 @@ def test_adapter_on_quantized_base(bits: int) -> None:
     model.bind_optimizer(optimizer)
     model(x).square().mean().backward()
     optimizer.step()
-    assert model.get_step() == 2
+    assert model.get_ramp_step() == 2
     for (_, layer), original in zip(model.singlora_layers(), frozen):
         assert torch.equal(layer.base_layer.weight.data, original.weight.data)
     with pytest.raises(SingLoRAError, match="quantized"):

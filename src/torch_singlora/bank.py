@@ -40,11 +40,13 @@ from torch import Tensor, nn
 
 from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
-from .errors import SingLoRAError
 from .copies import TrainableCopy
+from .errors import SingLoRAError
 from .functional import saved_coefficient
 from .layers import SingLoRALayer, set_submodule
 from .mixed import BASE, Pooled, Selection, Shared, check_adapter_names, check_mixed_call
+from .names import check_adapter_name
+from .tied import shared_weights
 
 
 @dataclass
@@ -104,8 +106,7 @@ class BankSelection(Selection):
         bank = layer.bank
         if not torch.compiler.is_compiling():  # eager: exact sizes (a compiled graph keeps one shape)
             if self.shared is not None:
-                held = bank.rows_of(self.shared) if self.shared else None
-                return None if held is None else Shared(held[0].T, held[1])
+                return bank.shared(self.shared, layer.d_out, layer.d_in) if self.shared else None
             rows = bank.table[:, : self.width].index_select(0, self.ids)
         else:
             rows = bank.table.index_select(0, self.ids)
@@ -139,6 +140,7 @@ class AdapterBank:
         self._ids = 1  # adapter ids in use are < self._ids; 0 is the base model
         self._free_ids: list[int] = []
         self._selection = BankSelection(self.adapters)  # attached to every module the bank wraps
+        self._tied = set(shared_weights(model))  # weights several modules hold: never moved (fuse)
         self._wrapped_layers: list[SingLoRALayer] = []  # every layer the bank wrapped (never unwrapped)
         self._wrapped_copies: list[TrainableCopy] = []
 
@@ -151,9 +153,7 @@ class AdapterBank:
         directory = Path(directory)
         config, meta = read_adapter_config(directory)
         plan, tensors = read_adapter_for(self.model, directory, config)  # exactly as loading reads it
-        if plan.saved_modules and "." in name:  # the copies live in a ModuleDict under this name
-            raise SingLoRAError(f"adapter name {name!r}: an adapter with modules_to_save {list(plan.saved_modules)} "
-                                "needs a name without '.' (its module copies are kept under that name)")
+        check_adapter_name(name, dots=not plan.saved_modules)  # saved-module copies live in a ModuleDict under it
         too_big = {name: m.r for name, m in plan.modules.items() if self.max_rank is not None and m.r > self.max_rank}
         if too_big:
             name, r = next(iter(too_big.items()))
@@ -172,7 +172,8 @@ class AdapterBank:
             return module
         layer = SingLoRALayer(module)
         width = self.max_rank or rank
-        layer.create_bank(rows=self.capacity * width, width=width, ids=max(self._ids, self.capacity + 1))
+        layer.create_bank(rows=self.capacity * width, width=width, ids=max(self._ids, self.capacity + 1),
+                          fuse=id(module.weight) not in self._tied)
         layer.selection = self._selection
         self._selection.device = module.weight.device
         set_submodule(self.model, name, layer)
@@ -223,8 +224,7 @@ class AdapterBank:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Add adapter ``name`` from a singlora adapter folder; on any error nothing changes."""
-        if not isinstance(name, str) or not name or name == BASE:
-            raise SingLoRAError(f"adapter name {name!r} must be a non-empty string other than {BASE!r}")
+        check_adapter_name(name, dots=True)
         if name in self.adapters:
             raise SingLoRAError(f"adapter {name!r} is already loaded; swap() replaces it, unload() removes it")
         checked = self._check(directory, name)

@@ -36,7 +36,7 @@ def combine_adapters(model: SingLoRAModel, weights: dict[str, float], new_name: 
     """
     if not isinstance(weights, dict) or not weights:
         raise SingLoRAError(f"weights={weights!r} must be a non-empty dict of {{adapter name: weight}}")
-    model._check_names(list(weights))
+    model.require_adapters(list(weights))
     for name, weight in weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise SingLoRAError(f"weights[{name!r}]={weight!r} must be a finite number")

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
-from .errors import SingLoRAError, warn_deprecated
+from .errors import SingLoRAError
 from .functional import scaling
 from .linear_regex import compile_pattern, fullmatch
 
@@ -237,14 +237,6 @@ class SingLoRAConfig:
         """``T`` in optimizer steps (``resolve_steps``): a fraction resolved against ``total_steps``; ``None`` for a
         fraction while ``total_steps`` is unknown (the ramp then waits at u = 0: ``SingLoRAModel.bind_optimizer``)."""
         return resolve_steps(self.ramp_up_steps, self.total_steps)
-
-    def ramp_steps(self) -> int:
-        """Deprecated: ``resolve_ramp_up_steps``, raising while ``T`` is unknown."""
-        warn_deprecated("SingLoRAConfig.ramp_steps()", "resolve_ramp_up_steps()")
-        steps = self.resolve_ramp_up_steps()
-        if steps is None:
-            raise SingLoRAError(f"ramp_up_steps={self.ramp_up_steps} is a fraction of the total steps: set total_steps")
-        return steps
 
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():

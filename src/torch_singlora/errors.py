@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 
 class SingLoRAError(ValueError):
     """Bad input to singlora: a config field, a target pattern, a module, a call made in the wrong state.
@@ -14,8 +12,3 @@ class SingLoRAError(ValueError):
 
 class AdapterFileError(SingLoRAError):
     """An adapter file (``adapter_config.json`` / ``adapter_model.safetensors``) that cannot be loaded as is."""
-
-
-def warn_deprecated(old: str, new: str) -> None:
-    """Warn (``DeprecationWarning``, pointing at the caller's caller) that ``old`` is an alias of ``new``."""
-    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)

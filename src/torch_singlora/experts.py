@@ -36,14 +36,13 @@ unmerging are the same code as for every other layer.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .errors import SingLoRAError
 from .functional import delta_matrix, init_A
-from .copies import TrainableCopy
 from .layers import SingLoRAAdapter, SingLoRALayer, set_submodule
 
 
@@ -141,7 +140,8 @@ class SingLoRAExpertParameter(SingLoRALayer):
         total = weight.to(self._merge_dtype())
         for name in names:
             adapter = self.singlora[name]
-            total = total + self._delta(adapter.A.to(total.dtype), adapter.coefficient().to(total.dtype))
+            c = adapter.coefficient(adapter.in_step_forward()).to(total.dtype)
+            total = total + self._delta(adapter.A.to(total.dtype), c)
         return total.to(weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -189,53 +189,7 @@ class SingLoRAExperts(nn.Module):
         return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
 
 
-# ---- targets, plan, unwrapping and the PEFT layout ------------------------------------------------------------
-
-
-def _owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(module name, module holding the parameters)`` for every module that owns parameters directly; the
-    original experts module inside a ``SingLoRAExperts`` is reported under the wrapper's name, and the insides of
-    other adapter wrappers are skipped."""
-    hidden: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(module, SingLoRAExperts):
-            hidden.append(name)
-            yield name, module.base_layer
-        elif isinstance(module, (SingLoRALayer, TrainableCopy)):
-            hidden.append(name)
-        else:
-            yield name, module
-
-
-def _matches(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry)
-
-
-def resolve_target_parameters(model: nn.Module, entries: list[str] | None) -> list[str]:
-    """Full names (``<module>.<parameter>``) of the parameters ``entries`` name (exactly or by dotted suffix, as
-    PEFT's ``target_parameters``), in the model's order. Each entry must match a parameter, and each match must be
-    a 3-D expert stack; ``SingLoRAError`` naming the entry or parameter otherwise."""
-    if not entries:
-        return []
-    found: list[str] = []
-    for owner_name, owner in _owners(model):
-        for parameter_name, _ in owner.named_parameters(recurse=False):
-            full = f"{owner_name}.{parameter_name}" if owner_name else parameter_name
-            if any(_matches(full, entry) for entry in entries):
-                if not owner_name:
-                    raise SingLoRAError(f"target parameter {full!r} belongs to the top-level module, which cannot be "
-                                        "wrapped; target a parameter of a submodule")
-                expert_layout(owner, parameter_name)  # a 3-D floating-point stack, or an error naming it
-                found.append(full)
-    for entry in entries:
-        if not any(_matches(name, entry) for name in found):
-            stacks = sorted({f"{o.rpartition('.')[2] or o}.{p}" for o, m in _owners(model)
-                             for p, v in m.named_parameters(recurse=False) if v.dim() == 3})
-            raise SingLoRAError(f"target_parameters entry {entry!r} matches no parameter; 3-D parameters of this "
-                                f"model end in {stacks}")
-    return found
+# ---- the plan, unwrapping and the PEFT layout (which parameters: ``names.resolve``) ------------------------
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .banked import LayerBank
-from .errors import SingLoRAError, warn_deprecated
+from .errors import SingLoRAError
 from .functional import (
-    LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
-    init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, add_factored_update_, add_update_, conv_update, delta_weight, embedding_update,
+    factored_update, init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
 from .mixed import Pooled, Selection, Shared
 
@@ -73,9 +73,6 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-_REQUIRED = object()  # a keyword argument with no default, kept optional only for its deprecated alias
-
-
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at dotted ``name`` under ``root`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
@@ -94,21 +91,21 @@ class SingLoRAAdapter(nn.Module):
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
+        in_run: True during a training run (``SingLoRAModel.set_training_run``: ``bind_optimizer``, the Trainer
+            integration, or a hand-written loop calling ``advance_ramp()`` after each step): a training-mode forward
+            then computes optimizer step ``t + 1`` and runs at its ``u``, so step k runs at ``u = min(k / T, 1)`` and
+            step 1 trains (at ``u = 0``, ``A``'s gradient is exactly 0). At rest (eval mode, merging, export, saved
+            files) ``u`` is the last step's, ``min(t / T, 1)``: an untrained adapter is the base model (the paper's
+            ``u(0) = 0``), and a trained one keeps the ``u`` its last step trained with.
         scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
             a fraction of a run whose total is unknown: u = 0).
     """
 
     def __init__(
-        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None | object = _REQUIRED, dropout: float,
-        init: str, init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
-        ramp_steps: int | None = None,
+        self, n: int, r: int, *, scale: float, ramp_up_steps: int | None, dropout: float, init: str,
+        init_std: float | None, device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if ramp_steps is not None:
-            warn_deprecated("SingLoRAAdapter(ramp_steps=...)", "ramp_up_steps=")
-            ramp_up_steps = ramp_steps if ramp_up_steps is _REQUIRED else ramp_up_steps
-        if ramp_up_steps is _REQUIRED:
-            raise SingLoRAError("SingLoRAAdapter needs ramp_up_steps (T: an int >= 0, or None while unknown)")
         self.A = nn.Parameter(torch.empty(n, r, device=device, dtype=dtype))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=device))
         self.scale = scale
@@ -117,6 +114,7 @@ class SingLoRAAdapter(nn.Module):
         self.init, self.init_std = init, init_std
         self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+        self.in_run = False  # see the class docstring; not saved (a run sets it when it starts)
 
     def reset_parameters(self) -> None:
         """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
@@ -125,31 +123,21 @@ class SingLoRAAdapter(nn.Module):
         with torch.no_grad():
             self.ramp_step.zero_()
 
-    def ramp_value(self) -> Tensor:
-        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return ramp_value(self.ramp_step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+    def ramp_value(self, in_step: bool = False) -> Tensor:
+        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync.
 
-    def coefficient(self) -> Tensor:
-        """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return self.ramp_value() * self.scale
+        ``in_step``: for a forward computing an optimizer step (``in_step_forward``): step ``t + 1`` (step 1 at
+        ``u = 1 / T``; at 0 ``A`` gets no gradient). At rest (inference, merge, export): the last step's, ``t``."""
+        step = self.ramp_step + 1 if in_step else self.ramp_step
+        return ramp_value(step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """State dicts written before the buffer was renamed hold ``<prefix>step``: read it as ``ramp_step``."""
-        if prefix + "step" in state_dict and prefix + "ramp_step" not in state_dict:
-            state_dict[prefix + "ramp_step"] = state_dict.pop(prefix + "step")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def in_step_forward(self) -> bool:
+        """Whether a forward now computes an optimizer step: training mode, during a run (``in_run``)."""
+        return self.training and self.in_run
 
-    @property
-    def step(self) -> Tensor:
-        """Deprecated name of the ``ramp_step`` buffer."""
-        warn_deprecated("SingLoRAAdapter.step", "ramp_step")
-        return self.ramp_step
-
-    @property
-    def ramp_steps(self) -> int:
-        """Deprecated name of ``ramp_up_steps``."""
-        warn_deprecated("SingLoRAAdapter.ramp_steps", "ramp_up_steps")
-        return self.ramp_up_steps
+    def coefficient(self, in_step: bool = False) -> Tensor:
+        """``c = s * u``: 0-dim tensor, no host sync; ``in_step`` as in ``ramp_value``."""
+        return self.ramp_value(in_step) * self.scale
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
@@ -251,6 +239,14 @@ class SingLoRALayer(nn.Module):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
+    def _add_shared(self, result: Tensor, x: Tensor, found: Shared) -> Tensor:
+        """``result`` plus the update of the adapter every example uses (``mixed.Shared``)."""
+        dtype = found.At.dtype
+        if self._accumulates(result, dtype):
+            return add_update_(result, x if x.dtype == dtype else x.to(dtype), found.A_in, found.A_out,
+                               found.coefficient)
+        return self._add_update(result, x, found.At.T, found.coefficient)
+
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
         (``functional.mixed_factored_update``). An input whose first dimension is ``k`` times the number of
@@ -274,42 +270,58 @@ class SingLoRALayer(nn.Module):
 
     def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
         """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
-        dtype, contiguous, with no gradient to keep and no active dropout (inference); never while compiling
-        (inductor fuses the add itself)."""
+        dtype, contiguous, with no gradient to keep and no active dropout, in eval mode (inference: ``u`` at rest,
+        the same as a run's reentrant checkpointing recomputes); never while compiling (inductor fuses the add)."""
         return (IN_PLACE_INFERENCE and self.kind in ("linear", "conv1d_t") and not torch.is_grad_enabled()
+                and not self.training
                 and result.dtype == dtype and result.is_contiguous() and not torch.compiler.is_compiling()
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        selection = self.selection
+        if selection is not None and selection.active and not self.disabled:  # a mixed-adapter call (mixed.py)
+            return self._forward_selected(selection.for_layer(self), x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
-        selection = self.selection
-        if selection is not None and selection.active:  # a mixed-adapter batch (torch_singlora.mixed)
-            found = selection.for_layer(self)
-            if found is None:  # no example of this batch uses an adapter of this layer
-                return result
-            if isinstance(found, Shared):
-                return self._add_update(result, x, found.A, found.coefficient)
-            return self._add_pooled(result, x, found)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 adapter = self.singlora[name]
                 in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
-                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient()
+                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
+                    adapter.in_step_forward())  # a run's training forward: the step being taken
                 result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 
+    def _forward_selected(self, found: Shared | Pooled | None, x: Tensor, *args, **kwargs) -> Tensor:
+        """The forward of a mixed-adapter call: ``found`` is what its examples use here (``Selection.for_layer``).
+        One adapter for all, on a fused bank (``banked.LayerBank.fuse``): one GEMM for the base and first product."""
+        if (isinstance(found, Shared) and self.bank is not None and self.bank.fused is not None and not args
+                and not kwargs and not isinstance(found.coefficient, Tensor) and x.dtype == found.At.dtype
+                and IN_PLACE_INFERENCE and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            fused = self.bank.fused_forward(self.base_layer, x, found)
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        if found is None:  # no example of this batch uses an adapter of this layer
+            return result
+        if isinstance(found, Shared):
+            return self._add_shared(result, x, found)
+        return self._add_pooled(result, x, found)
+
     # ---- banked storage (bank.AdapterBank) -----------------------------------------------------------------------
 
-    def create_bank(self, *, rows: int, width: int, ids: int) -> None:
+    def create_bank(self, *, rows: int, width: int, ids: int, fuse: bool = False) -> None:
         """Allocate banked storage (``banked.LayerBank``: ``rows`` pool rows, ``width`` rows per adapter, ``ids``
-        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device."""
+        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device; ``fuse``: a plain
+        ``nn.Linear`` of that dtype runs one-adapter steps as one GEMM (``LayerBank.fuse``)."""
         weight = self.base_layer.weight
         self.bank = LayerBank(max(self.d_out, self.d_in), rows=rows, width=width, ids=ids,
                               dtype=adapter_dtype(weight), device=weight.device)
+        if fuse and type(self.base_layer) is nn.Linear and weight.dtype == self.bank.pool.dtype:
+            self.bank.fuse(self.base_layer)
 
     def set_banked(self, adapter_id: int, A: Tensor, coefficient: float) -> None:
         """Hold the frozen adapter ``A`` (``(n, r)``) with ``c = coefficient`` under ``adapter_id`` in the bank."""

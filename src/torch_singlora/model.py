@@ -1,5 +1,8 @@
 """Model surgery: ``SingLoRAModel`` wraps any ``nn.Module`` (transformers models included), injects SingLoRA
-layers into the targeted modules, and manages named adapters, the ramp step, merging and unloading.
+layers into the targeted modules, and manages named adapters, the ramp (t, T and u of each adapter), merging and
+unloading. Saving and loading adapters: ``adapter_io.py`` (the transaction), ``adapter_file.py`` (the format).
+Long module: the surgery, the named adapters, the ramp and merging are one class's methods (issue 20 put the ramp
+controls back in it); a split would split the class.
 
     model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
     model.bind_optimizer(optimizer, total_steps=1000)  # t = ramp_step advances on each optimizer step
@@ -11,39 +14,29 @@ layers into the targeted modules, and manages named adapters, the ramp step, mer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Union
 
 import torch
 from torch import nn
 
-from .adapter_file import A_SUFFIX, WEIGHTS_FILE, as_directory, read_adapter_config, read_adapter_for
-from .adapter_file import read_adapter_tensors, write_adapter
+from . import adapter_io
 from .config import SingLoRAConfig
+from .copies import TrainableCopy
 from .errors import SingLoRAError
 from .experts import SingLoRAExpertParameter, adapt_parameter, release_parameter
-from .copies import TrainableCopy
+from .functional import ramp_value
 from .layers import SingLoRAAdapter, SingLoRALayer, set_submodule
 from .mixed import NamedSelection, check_adapter_names, check_mixed_call
+from .names import as_names, check_adapter_name
 from .plan import plan_adapter
-from .ramp import RampControls
 from .tied import retie_config, untie_before_merge
-from .untrusted import check_finite
 
 AdapterNames = Union[str, list[str]]
 
 
-def _as_names(value: Any, field: str) -> list[str]:
-    """``str | list[str]`` -> list of names; ``SingLoRAError`` naming ``field`` and the value otherwise."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise SingLoRAError(f"{field}={value!r} must be an adapter name or a list of adapter names")
-
-
-class SingLoRAModel(RampControls, nn.Module):
+class SingLoRAModel(nn.Module):
     """A model with SingLoRA adapters. Calls and unknown attributes go to the wrapped ``model``.
 
     Attributes:
@@ -52,9 +45,7 @@ class SingLoRAModel(RampControls, nn.Module):
         active_adapters: Names of the adapters that run in forward and train.
     """
 
-    def __init__(
-        self, model: nn.Module, config: SingLoRAConfig | None, adapter_name: str = "default"
-    ) -> None:
+    def __init__(self, model: nn.Module, config: SingLoRAConfig | None, adapter_name: str = "default") -> None:
         """Wrap ``model``; with a ``config``, add adapter ``adapter_name`` and make it active."""
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -111,7 +102,7 @@ class SingLoRAModel(RampControls, nn.Module):
 
     def adapter_modules(self, adapter_name: str) -> dict[str, nn.Module]:
         """``{module name: module}`` holding adapter ``adapter_name``: its ``SingLoRAAdapter``s and saved copies."""
-        self._check_names([adapter_name])
+        self.require_adapters([adapter_name])
         found: dict[str, nn.Module] = {}
         for name, layer in self.singlora_layers():
             if adapter_name in layer.singlora:
@@ -123,7 +114,8 @@ class SingLoRAModel(RampControls, nn.Module):
 
     # ---- named adapters ---------------------------------------------------------------------------------------
 
-    def _check_names(self, names: list[str]) -> None:
+    def require_adapters(self, names: list[str]) -> None:
+        """``SingLoRAError`` unless every one of ``names`` is an adapter of this model."""
         for name in names:
             if not isinstance(name, str) or name not in self.configs:
                 raise SingLoRAError(f"adapter {name!r} does not exist; adapters are {sorted(self.configs)}")
@@ -142,7 +134,7 @@ class SingLoRAModel(RampControls, nn.Module):
         """
         if not isinstance(config, SingLoRAConfig):
             raise SingLoRAError(f"config must be a SingLoRAConfig, got {type(config).__name__}")
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.configs:
             raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         plan = plan_adapter(self.model, config, modules)
@@ -172,8 +164,8 @@ class SingLoRAModel(RampControls, nn.Module):
 
     def set_adapter(self, adapter_names: AdapterNames) -> None:
         """Make ``adapter_names`` the active (running, trainable) adapters; all other adapters are frozen."""
-        names = _as_names(adapter_names, "adapter_names")
-        self._check_names(names)
+        names = as_names(adapter_names, "adapter_names")
+        self.require_adapters(names)
         self.active_adapters = names
         for _, layer in self.singlora_layers():
             layer.active_adapters = [n for n in names if n in layer.singlora]
@@ -188,7 +180,7 @@ class SingLoRAModel(RampControls, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; modules left without adapters get their original module back."""
-        self._check_names([adapter_name])
+        self.require_adapters([adapter_name])
         for name, layer in list(self.singlora_layers()):
             if adapter_name in layer.singlora:
                 layer.delete_adapter(adapter_name)
@@ -219,6 +211,99 @@ class SingLoRAModel(RampControls, nn.Module):
                 module.disabled = False
             self._merge_layers([(name, layer, merged.get(name, [])) for name, layer in self.singlora_layers()])
 
+    # ---- the ramp: u = min(t / T, 1), t = ramp_step (optimizer steps taken), T = ramp_up_steps ------------------
+
+    def _adapters(self, adapter_names: list[str]) -> list[SingLoRAAdapter]:
+        return [layer.singlora[n] for _, layer in self.singlora_layers() for n in adapter_names if n in layer.singlora]
+
+    def _one_adapter(self, adapter_name: str | None) -> SingLoRAAdapter:
+        """The first ``SingLoRAAdapter`` of ``adapter_name`` (default: ``default_adapter()``): all share its ramp."""
+        name = self.default_adapter() if adapter_name is None else adapter_name
+        self.require_adapters([name])
+        return self._adapters([name])[0]
+
+    def advance_ramp(self, n: int = 1) -> None:
+        """Advance ``t`` (``ramp_step``) of the active adapters by ``n`` optimizer steps (no host sync).
+
+        ``bind_optimizer`` calls it after every ``optimizer.step()``; call it yourself only without one.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise SingLoRAError(f"n={n!r} must be an int >= 0")
+        if n:
+            self._require_known_ramp(self.active_adapters)
+        buffers = [adapter.ramp_step for adapter in self._adapters(self.active_adapters)]
+        if buffers:
+            torch._foreach_add_(buffers, n)
+
+    def _require_known_ramp(self, adapter_names: list[str]) -> None:
+        """``SingLoRAError`` if an adapter's ``T`` is still a fraction of an unknown total (``t`` cannot move then)."""
+        for name in adapter_names:
+            if self.get_ramp_up_steps(name) is None:
+                raise SingLoRAError(f"adapter {name!r}: ramp_up_steps={self.configs[name].ramp_up_steps} is a fraction "
+                                    "of the run's total optimizer steps, which are not known: pass bind_optimizer("
+                                    "optimizer, total_steps=N), call set_total_steps(N), or set SingLoRAConfig("
+                                    "total_steps=N) or an int ramp_up_steps")
+
+    def set_total_steps(self, total_steps: int, adapter_name: str | None = None) -> None:
+        """Record the run's length in optimizer steps for an adapter (default: every active one): its config's
+        ``total_steps``, which resolves a fractional ``ramp_up_steps`` into ``T`` (saved with the adapter)."""
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or not 1 <= total_steps < 2**63:
+            raise SingLoRAError(f"total_steps={total_steps!r} must be an int >= 1")
+        names = self.active_adapters if adapter_name is None else [adapter_name]
+        self.require_adapters(names)
+        for name in names:
+            self.configs[name] = dataclasses.replace(self.configs[name], total_steps=total_steps)
+            for adapter in self._adapters([name]):
+                adapter.ramp_up_steps = self.configs[name].resolve_ramp_up_steps()
+
+    def get_ramp_step(self, adapter_name: str | None = None) -> int:
+        """``t``: optimizer steps taken by an adapter (default: ``default_adapter()``)."""
+        return int(self._one_adapter(adapter_name).ramp_step)
+
+    def set_ramp_step(self, ramp_step: int, adapter_name: str | None = None) -> None:
+        """Set ``t`` of an adapter (default: every active one), e.g. when resuming."""
+        if not isinstance(ramp_step, int) or isinstance(ramp_step, bool) or not 0 <= ramp_step < 2**63:
+            raise SingLoRAError(f"ramp_step={ramp_step!r} must be an int >= 0")
+        names = self.active_adapters if adapter_name is None else [adapter_name]
+        self.require_adapters(names)
+        if ramp_step:
+            self._require_known_ramp(names)
+        for adapter in self._adapters(names):
+            adapter.ramp_step.fill_(ramp_step)
+
+    def get_ramp_up_steps(self, adapter_name: str | None = None) -> int | None:
+        """``T``: the ramp length of an adapter in optimizer steps (default: ``default_adapter()``; 0 = no ramp;
+        ``None`` while it is a fraction of a run whose ``total_steps`` is unknown)."""
+        return self._one_adapter(adapter_name).ramp_up_steps
+
+    def get_ramp_value(self, adapter_name: str | None = None) -> float:
+        """``u = min(t / T, 1)`` of an adapter (default: ``default_adapter()``), computed in float64."""
+        adapter = self._one_adapter(adapter_name)
+        return float(ramp_value(adapter.ramp_step, adapter.ramp_up_steps, torch.float64))
+
+    def set_training_run(self, active: bool = True) -> None:
+        """Start (or end) a run of the active adapters: training-mode forwards compute step t + 1 (``in_run``)."""
+        for adapter in self._adapters(self.active_adapters):
+            adapter.in_run = active
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> Any:
+        """Advance the ramp after every ``optimizer.step()``, in a run (``set_training_run``); returns the hook handle.
+
+        ``total_steps``: the run's length in optimizer steps (``set_total_steps``), needed when an active adapter's
+        ``ramp_up_steps`` is a fraction (the default) and its config has no ``total_steps``; checked here, before
+        the first step. Under gradient accumulation only real optimizer steps count; a step skipped by a
+        ``GradScaler`` (inf/NaN gradients) never calls ``optimizer.step`` and does not count.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise SingLoRAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        self._require_known_ramp(self.active_adapters)
+        # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.set_training_run()
+        return inner.register_step_post_hook(lambda *_: self.advance_ramp())
+
     # ---- parameters ---------------------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -238,8 +323,8 @@ class SingLoRAModel(RampControls, nn.Module):
 
         ``safe=True``: a non-finite result anywhere raises ``SingLoRAError`` and nothing stays merged by this call.
         """
-        names = self.active_adapters if adapter_names is None else _as_names(adapter_names, "adapter_names")
-        self._check_names(names)
+        names = self.active_adapters if adapter_names is None else as_names(adapter_names, "adapter_names")
+        self.require_adapters(names)
         layers = list(self.singlora_layers())
         if safe:  # check every layer before changing any
             for module_name, layer in layers:
@@ -296,101 +381,21 @@ class SingLoRAModel(RampControls, nn.Module):
         self.active_adapters = []
         return self.model
 
-    # ---- files (the format: adapter_file.py; the transaction: here) ---------------------------------------------
+    # ---- files: the transaction in adapter_io.py, the format in adapter_file.py ----------------------------------
 
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The tensors of one adapter under the documented file keys (the live parameters, not copies)."""
-        tensors: dict[str, torch.Tensor] = {}
-        for module_name, module in self.adapter_modules(adapter_name).items():
-            if isinstance(module, SingLoRAAdapter):
-                tensors[f"{module_name}.{A_SUFFIX}"] = module.A
-            else:
-                tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict().items()})
-        return tensors
-
-    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None,
-                     dtype: str | torch.dtype | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of one adapter (default: ``default_adapter()``).
-
-        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` to store the tensors in (smaller files; loading
-        casts back); ``None`` keeps the training dtype. Values beyond the dtype's range are refused.
-        """
-        name = self.default_adapter() if adapter_name is None else adapter_name
-        _check_adapter_name(name)
-        as_directory(directory)
-        self._check_names([name])
-        base_name = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
-        write_adapter(directory, self.adapter_state_dict(name), self.configs[name], self.get_ramp_step(name), base_name,
-                      dtype)
-
-    save_pretrained = save_adapter
-
-    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = True) -> None:
-        """Add adapter ``adapter_name`` from files written by ``save_adapter`` and make it active.
-
-        Everything is validated first (config, keys, shapes, dtypes, values against this model); on any error the
-        model is left exactly as it was (modules, tensors, ``requires_grad`` flags).
-        """
-        if not isinstance(is_trainable, bool):
-            raise SingLoRAError(f"is_trainable={is_trainable!r} must be a bool")
-        _check_adapter_name(adapter_name)
-        directory = as_directory(directory)
-        config, meta = read_adapter_config(directory)
-        if adapter_name in self.configs:
-            raise SingLoRAError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
-        plan, tensors = read_adapter_for(self.model, directory, config)
-        flags = [(p, p.requires_grad) for p in self.parameters()]
-        try:
-            self.add_adapter(adapter_name, config, modules=list(plan.modules))
-            self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
-        except BaseException:  # roll back: the model is as it was
-            if adapter_name in self.configs:
-                self.delete_adapter(adapter_name)
-            for parameter, flag in flags:
-                parameter.requires_grad_(flag)
-            raise
-        self.set_adapter(adapter_name)
-        if not is_trainable:
-            for module in self.adapter_modules(adapter_name).values():
-                module.requires_grad_(False)
-
-    def load_adapter_in_place(self, directory: str | os.PathLike, adapter_name: str) -> None:
-        """Copy a saved adapter's tensors and ramp step into the existing adapter ``adapter_name`` (same parameter
-        objects, so an optimizer holding them stays valid: resuming). The files must fit that adapter exactly (keys,
-        shapes, dtypes, as its own config gives them); everything is checked before anything is copied."""
-        _check_adapter_name(adapter_name)
-        directory = as_directory(directory)
-        self._check_names([adapter_name])
-        saved_config, meta = read_adapter_config(directory)
-        own = {key: (tuple(value.shape), value.dtype) for key, value in self.adapter_state_dict(adapter_name).items()}
-        tensors = read_adapter_tensors(directory / WEIGHTS_FILE, own)
-        if self.get_ramp_up_steps(adapter_name) is None and saved_config.total_steps is not None:
-            self.set_total_steps(saved_config.total_steps, adapter_name)  # the run's length, known when it was saved
-        self._copy_in(adapter_name, tensors, meta["ramp_step"], directory / WEIGHTS_FILE)
-
-    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], ramp_step: int, path: Path) -> None:
-        """Copy checked ``tensors`` into the adapter's parameters (same objects), cast to their dtypes, and set its
-        ramp step. Values that do not fit a parameter's dtype are refused before anything is copied."""
-        targets = self.adapter_state_dict(adapter_name)
-        check_finite(path, tensors, {key: target.dtype for key, target in targets.items()})
-        with torch.no_grad():
-            for key, target in targets.items():
-                target.copy_(tensors[key].to(target.dtype))
-        self.set_ramp_step(ramp_step, adapter_name)
+    adapter_state_dict = adapter_io.adapter_state_dict
+    save_adapter = adapter_io.save_adapter
+    save_pretrained = adapter_io.save_adapter
+    load_adapter = adapter_io.load_adapter
+    load_adapter_in_place = adapter_io.load_adapter_in_place
 
     @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-    ) -> "SingLoRAModel":
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "SingLoRAModel":
         """Wrap ``model`` with an adapter loaded from ``directory`` (frozen unless ``is_trainable``)."""
         wrapped = cls(model, None)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return wrapped
-
-
-def _check_adapter_name(adapter_name: Any) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise SingLoRAError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'")
 
 
 def get_singlora_model(model: nn.Module, config: SingLoRAConfig, adapter_name: str = "default") -> SingLoRAModel:

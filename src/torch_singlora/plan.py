@@ -22,10 +22,10 @@ from torch import nn
 
 from .config import SingLoRAConfig
 from .errors import SingLoRAError
-from .experts import expert_layout, owner_of, resolve_target_parameters
+from .experts import expert_layout, owner_of
 from .functional import LayerKind, adapter_rows, matrix_dims
 from .layers import adaptable_kind, weight_shape
-from .targets import module_names, resolve_modules_to_save, resolve_targets
+from .names import resolve
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
@@ -106,29 +106,13 @@ def plan_adapter(model: nn.Module, config: SingLoRAConfig, modules: list[str] | 
     """The plan of ``config`` on ``model`` (a base model, or one already holding SingLoRA adapters); changes
     nothing. Raises ``SingLoRAError`` for any pattern that matches nothing, an unadaptable module or ``r > n``.
 
-    ``modules``: adapt exactly these names (modules, or ``<module>.<parameter>`` expert parameters), not those
-    ``config.target_modules`` / ``target_parameters`` select (an adapter file's keys name them; its patterns are
-    then metadata, never matched). Each must be a module or expert parameter of ``model`` outside
-    ``modules_to_save``."""
+    Which modules: ``names.resolve(model, config, modules)``, once. ``modules``: adapt exactly these names
+    (modules, or ``<module>.<parameter>`` expert parameters), not those ``config.target_modules`` /
+    ``target_parameters`` select (an adapter file's keys name them; its patterns are then metadata, never matched).
+    Each must be a module or expert parameter of ``model`` outside ``modules_to_save``."""
     config.validate()
-    saved = resolve_modules_to_save(model, config)
-    if modules is None:
-        targets = resolve_targets(model, config)
-        parameters = resolve_target_parameters(model, config.target_parameters)
-    else:
-        known = set(module_names(model))
-        targets = [name for name in modules if name in known]
-        parameters = [name for name in modules if name not in known]
-        for name in parameters:
-            try:
-                found = resolve_target_parameters(model, [name])
-            except SingLoRAError:
-                found = []
-            if name not in found:
-                raise SingLoRAError(f"{name!r} is not a module (or expert parameter) of this model")
-        for name in modules:
-            if any(name == s or name.startswith(s + ".") for s in saved):
-                raise SingLoRAError(f"module {name!r} lies inside modules_to_save module(s) {saved}")
+    selected = resolve(model, config, modules)
+    targets, parameters, saved = selected.modules, selected.parameters, selected.saved
     if parameters and config.dropout:  # also for expert parameters named by a file's keys, not only the config's
         raise SingLoRAError(f"dropout={config.dropout!r} cannot apply to expert parameters ({parameters[0]!r}: the "
                             "update is folded into the expert weights for the module's own forward); use dropout=0")

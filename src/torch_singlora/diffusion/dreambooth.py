@@ -230,6 +230,9 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+
+
 def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
     """Run DreamBooth with SingLoRA; returns the adapted U-Net (``SingLoRAModel``). Writes into ``output_dir``:
     ``singlora/`` (adapter), ``diffusers_lora/`` (if ``export_lora``), ``checkpoint-N/``, ``validation/``."""
@@ -241,33 +244,63 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # accumulation: OptimizerStep
     set_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     pipe = load_pipeline(args.pretrained_model)
     pipe.set_progress_bar_config(disable=True)
     if args.with_prior_preservation:
         generate_class_images(pipe.to(accelerator.device), args)
+    model = adapt_unet(pipe, args, accelerator.device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    model.bind_optimizer(optimizer)  # u(t) counts real optimizer steps (not micro-batches, not skipped fp16 steps)
+    optimizer = accelerator.prepare(optimizer)
+    checkpoint_adapter_only(accelerator, model)
+    examples = Examples(pipe, args, accelerator)
+    global_step = resume(accelerator, args, output_dir)
+    examples.generator.manual_seed(args.seed + global_step)
+    stepper = OptimizerStep(accelerator, pipe.unet, optimizer, None, parameters, max_grad_norm=args.max_grad_norm,
+                            check_gradients=args.mixed_precision != "fp16",
+                            advice=lambda: _advice(output_dir, args.learning_rate))
+    model.train()
+    logs: list[dict[str, float]] = []
+    while global_step < args.max_train_steps:
+        for index in range(args.gradient_accumulation_steps):
+            with stepper.accumulating(index == args.gradient_accumulation_steps - 1):
+                stepper.backward(examples.loss(), args.gradient_accumulation_steps)
+        loss = stepper.step(f"optimizer step {global_step + 1}")
+        if loss is None:  # never: DreamBooth stops on a non-finite loss or gradient
+            continue
+        global_step += 1
+        logs.append({"step": global_step, "loss": loss})
+        after_step(accelerator, pipe, model, args, global_step)
+    return finish(model, args, logs)
+
+
+def adapt_unet(pipe: Any, args: DreamBoothArgs, device: torch.device) -> SingLoRAModel:
+    """Freeze the pipeline, inject SingLoRA into its U-Net and place everything on ``device``: frozen weights in
+    the compute dtype (``--mixed-precision``; the SDXL VAE stays float32: it overflows in fp16), ``A`` in float32."""
+    weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
     unet = pipe.unet
     for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), unet):
         if module is not None:
             module.requires_grad_(False)
     model = add_singlora(unet, r=args.r, alpha=args.alpha, target_modules=args.target_modules,
                          ramp_up_steps=args.ramp(), total_steps=args.max_train_steps, init=args.init)
-    # Frozen weights in the compute dtype; SingLoRA's A stays float32 (layers keep adapters >= float32).
-    vae_dtype = torch.float32 if is_sdxl(pipe) else weight_dtype  # the SDXL VAE overflows in fp16
+    vae_dtype = torch.float32 if is_sdxl(pipe) else weight_dtype
     for module, dtype in ((unet, weight_dtype), (pipe.text_encoder, weight_dtype), (pipe.vae, vae_dtype),
                           (getattr(pipe, "text_encoder_2", None), weight_dtype)):
         if module is not None:
-            module.to(accelerator.device, **({} if dtype == torch.float32 else {"dtype": dtype}))
+            module.to(device, **({} if dtype == torch.float32 else {"dtype": dtype}))
     for _, layer in model.singlora_layers():
         for adapter in layer.singlora.values():
             adapter.A.data = adapter.A.data.float()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    return model
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    model.bind_optimizer(optimizer)  # u(t) counts real optimizer steps (not micro-batches, not skipped fp16 steps)
-    optimizer = accelerator.prepare(optimizer)
+
+def checkpoint_adapter_only(accelerator: Any, model: SingLoRAModel) -> None:
+    """``accelerator.save_state`` / ``load_state`` write and read the adapter (``<checkpoint>/singlora``), never
+    the frozen U-Net; loading copies into the same parameters, so the optimizer state stays theirs."""
 
     def save_hook(models: list, weights: list, directory: str) -> None:
         model.save_adapter(Path(directory) / "singlora")
@@ -280,70 +313,81 @@ def train_dreambooth(args: DreamBoothArgs) -> SingLoRAModel:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    instance_paths = list_images(args.instance_data_dir)
-    class_paths = list_images(args.class_data_dir) if args.with_prior_preservation else []
-    device = accelerator.device
-    instance_text = encode_prompt(pipe, args.instance_prompt, args.resolution, device)
-    class_text = encode_prompt(pipe, args.class_prompt, args.resolution, device) if class_paths else None
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = (_checkpoints(output_dir) or [None])[-1] if args.resume_from_checkpoint == "latest" else Path(
-            args.resume_from_checkpoint)
-        if path is None or not Path(path).is_dir():
-            raise SingLoRAError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r}: no such checkpoint")
-        accelerator.load_state(str(path))
-        global_step = int(Path(path).name.split("-")[-1])
-    generator = torch.Generator(device="cpu").manual_seed(args.seed + global_step)
+class Examples:
+    """The training examples: instance images with the instance prompt (and as many class images with the class
+    prompt under prior preservation), drawn with ``generator``; prompts are encoded once."""
 
-    def advice() -> str:
-        checkpoints = _checkpoints(output_dir)
-        return (f"resume from the last checkpoint ({checkpoints[-1]}) with --resume-from-checkpoint latest"
-                if checkpoints else "no checkpoint was written yet") + f" (or lower --learning-rate={args.learning_rate})"
+    def __init__(self, pipe: Any, args: DreamBoothArgs, accelerator: Any) -> None:
+        self.pipe, self.args, self.accelerator = pipe, args, accelerator
+        self.weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
+        self.instance_paths = list_images(args.instance_data_dir)
+        self.class_paths = list_images(args.class_data_dir) if args.with_prior_preservation else []
+        device = accelerator.device
+        self.instance_text = encode_prompt(pipe, args.instance_prompt, args.resolution, device)
+        self.class_text = encode_prompt(pipe, args.class_prompt, args.resolution, device) if self.class_paths else None
+        self.generator = torch.Generator(device="cpu")
 
-    stepper = OptimizerStep(accelerator, unet, optimizer, None, parameters, max_grad_norm=args.max_grad_norm,
-                            check_gradients=args.mixed_precision != "fp16", advice=advice)
-    accumulate = args.gradient_accumulation_steps
+    def _draw(self, paths: list[Path], text: tuple[Tensor, Any]) -> tuple[list[Tensor], Tensor, Any]:
+        """``train_batch_size`` images of ``paths`` and as many copies of ``text``'s embeddings."""
+        picks = torch.randint(0, len(paths), (self.args.train_batch_size,), generator=self.generator).tolist()
+        pixels = [image_tensor(paths[i], self.args.resolution, self.args.center_crop) for i in picks]
+        return (pixels, *_repeat(*text, len(picks)))
 
-    def micro_batch() -> Tensor:
-        """The loss of one micro-batch: instance images (+ as many class images with prior preservation)."""
-        picks = torch.randint(0, len(instance_paths), (args.train_batch_size,), generator=generator).tolist()
-        pixels = [image_tensor(instance_paths[i], args.resolution, args.center_crop) for i in picks]
-        embeds, added = _repeat(*instance_text, len(picks))
-        if class_paths:
-            picks = torch.randint(0, len(class_paths), (args.train_batch_size,), generator=generator).tolist()
-            pixels += [image_tensor(class_paths[i], args.resolution, args.center_crop) for i in picks]
-            class_embeds, class_added = _repeat(*class_text, len(picks))
+    def loss(self) -> Tensor:
+        """The loss of one micro-batch (``dreambooth_loss``: instance + ``prior_loss_weight`` * class)."""
+        pixels, embeds, added = self._draw(self.instance_paths, self.instance_text)
+        if self.class_paths:
+            class_pixels, class_embeds, class_added = self._draw(self.class_paths, self.class_text)
+            pixels += class_pixels
             embeds = torch.cat([embeds, class_embeds])
             added = None if added is None else {k: torch.cat([added[k], class_added[k]]) for k in added}
-        latents = encode_images(pipe, torch.stack(pixels)).to(weight_dtype)
-        with accelerator.autocast():
-            per_sample = denoising_loss(unet, pipe.scheduler, latents, embeds.to(weight_dtype),
+        latents = encode_images(self.pipe, torch.stack(pixels)).to(self.weight_dtype)
+        with self.accelerator.autocast():
+            per_sample = denoising_loss(self.pipe.unet, self.pipe.scheduler, latents, embeds.to(self.weight_dtype),
                                         added_cond_kwargs=added)
-        return dreambooth_loss(per_sample, args.train_batch_size, args.prior_loss_weight)
+        return dreambooth_loss(per_sample, self.args.train_batch_size, self.args.prior_loss_weight)
 
-    model.train()
-    logs: list[dict[str, float]] = []
-    while global_step < args.max_train_steps:
-        for index in range(accumulate):
-            with stepper.accumulating(index == accumulate - 1):
-                stepper.backward(micro_batch(), accumulate)
-        loss = stepper.step(f"optimizer step {global_step + 1}")
-        if loss is None:  # never: DreamBooth stops on a non-finite loss or gradient
-            continue
-        global_step += 1
-        logs.append({"step": global_step, "loss": loss})
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            if args.checkpoints_total_limit is not None:
-                existing = _checkpoints(output_dir)
-                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(old)
-            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-        if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-            model.eval()
-            save_validation_images(pipe, args, global_step)
-            model.train()
 
+def resume(accelerator: Any, args: DreamBoothArgs, output_dir: Path) -> int:
+    """``--resume-from-checkpoint`` (a folder, or ``latest`` in ``output_dir``): load it; the optimizer steps it had
+    taken (0 without the option)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = (_checkpoints(output_dir) or [None])[-1] if args.resume_from_checkpoint == "latest" else Path(
+        args.resume_from_checkpoint)
+    if path is None or not Path(path).is_dir():
+        raise SingLoRAError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r}: no such checkpoint")
+    accelerator.load_state(str(path))
+    return int(Path(path).name.split("-")[-1])
+
+
+def _advice(output_dir: Path, learning_rate: float) -> str:
+    """What to do after a non-finite step stopped the run."""
+    checkpoints = _checkpoints(output_dir)
+    return (f"resume from the last checkpoint ({checkpoints[-1]}) with --resume-from-checkpoint latest"
+            if checkpoints else "no checkpoint was written yet") + f" (or lower --learning-rate={learning_rate})"
+
+
+def after_step(accelerator: Any, pipe: Any, model: SingLoRAModel, args: DreamBoothArgs, step: int) -> None:
+    """Every ``checkpointing_steps``: a checkpoint (the oldest removed beyond ``checkpoints_total_limit``); every
+    ``validation_steps`` and at the end: validation images."""
+    output_dir = Path(args.output_dir)
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        if args.checkpoints_total_limit is not None:
+            existing = _checkpoints(output_dir)
+            for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(old)
+        accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+    if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
+        model.eval()
+        save_validation_images(pipe, args, step)
+        model.train()
+
+
+def finish(model: SingLoRAModel, args: DreamBoothArgs, logs: list[dict[str, float]]) -> SingLoRAModel:
+    """Write the adapter (``singlora/``), its diffusers LoRA (``diffusers_lora/``) and ``train_log.json``."""
+    output_dir = Path(args.output_dir)
     model.eval()
     model.save_adapter(output_dir / "singlora")
     if args.export_lora:

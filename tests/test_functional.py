@@ -69,7 +69,7 @@ def test_conv1d_layer_uses_the_same_path(d_out: int, d_in: int) -> None:
 
     base = Conv1D(d_out, d_in).double()  # weight stored (in, out)
     layer = SingLoRALayer(base)
-    layer.add_adapter("default", 3, scale=2.0, ramp_steps=0, dropout=0.0, init="normal", init_std=None)
+    layer.add_adapter("default", 3, scale=2.0, ramp_up_steps=0, dropout=0.0, init="normal", init_std=None)
     layer.active_adapters = ["default"]
     A = layer.singlora["default"].A
     x = torch.randn(2, 5, d_in, dtype=torch.float64)
@@ -101,7 +101,7 @@ def test_compiled_model_matches_eager_and_does_not_recompile_as_the_ramp_moves()
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(3, 6)
     for step in range(6):  # u = 0, 0.25, ..., 1, 1
-        model.set_step(step)
+        model.set_ramp_step(step)
         eager_out = model(x)
         compiled_out = compiled(x)
         assert_close(compiled_out, eager_out)

@@ -1,6 +1,7 @@
-"""Defaults of ``singlora train`` that depend on the task: ``--max-length`` is the task's ``default_max_length``
-(classification and causal-lm 128, sft 1024 as TRL's ``SFTConfig.max_length``), filled in by
-``TrainConfig.validate`` so run_info.json, summary.json and the resume check record the value the run used."""
+"""``TrainConfig`` (``train/config.py``): defaults of ``singlora train`` that depend on the task (``--max-length`` is
+the task's ``default_max_length``: classification and causal-lm 128, sft 1024 as TRL's ``SFTConfig.max_length``),
+filled in by ``TrainConfig.validate`` so run_info.json, summary.json and the resume check record the value the run
+used; and the "steps or a fraction" flags, read once by ``validate``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ from pathlib import Path
 import pytest
 
 from torch_singlora import SingLoRAError
-from torch_singlora.cli import build_parser
-from torch_singlora.cli_options import dataclass_from_args, task_options
+from torch_singlora.cli import build_parser, train_config
+from torch_singlora.runs import check_resumable
 from torch_singlora.train.config import TrainConfig
 from torch_singlora.train.loop import comparable_settings
-from torch_singlora.runs import check_resumable
 
 
 def parsed(*flags: str) -> TrainConfig:
     """The validated ``TrainConfig`` ``singlora train`` builds from ``flags`` (as ``cli.cmd_train``)."""
     args = build_parser().parse_args(["train", "--model", "m", "--train-data", "d", "--output-dir", "o", *flags])
-    config = dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task))
+    config = train_config(args)
     config.validate()
     return config
 
@@ -46,3 +46,14 @@ def test_resume_compares_the_resolved_max_length() -> None:
     old = {**saved, "max_length": 128}
     with pytest.raises(SingLoRAError, match=r"different settings: max_length \(128 -> 1024\)"):
         check_resumable(Path("checkpoint.pt"), old, comparable_settings(parsed("--task", "sft")), "settings")
+
+
+def test_steps_or_fraction_flags_are_read_once_into_numbers() -> None:
+    """``--ramp-up-steps`` / ``--warmup`` text becomes an int (steps) or a float (fraction) in ``validate``; the loop
+    uses those numbers (it used to parse the text again)."""
+    config = parsed("--ramp-up-steps", "40", "--warmup", "1e-1")
+    assert (config.ramp_up_steps, config.warmup) == (40, 0.1) and type(config.ramp_up_steps) is int
+    defaults = parsed()
+    assert (defaults.ramp_up_steps, defaults.warmup) == (0.01, 0.06) and type(defaults.ramp_up_steps) is float
+    with pytest.raises(SingLoRAError, match="--warmup='1.5.0'"):
+        parsed("--warmup", "1.5.0")
