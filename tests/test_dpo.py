@@ -259,3 +259,44 @@ def test_trl_dpo_trainer_recipe_one_model_reference_is_adapters_disabled(files, 
     after = model.adapter_state_dict("default")
     assert all(not torch.equal(after[k], before[k]) for k in before)
     assert trainer.state.log_history[0]["rewards/margins"] != 0.0
+
+
+def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C at step 3 of a DPO run from an SFT adapter, then --resume: the adapter equals an uninterrupted run's
+    (the frozen reference is loaded again from --init-adapter); a changed --init-adapter folder is refused."""
+    import shutil
+
+    import torch_singlora.train.loop as loop
+    from safetensors.torch import load_file
+
+    init = tmp_path / "sft_adapter"
+    shutil.copytree(sft_run, init)
+    argv = ["train", "--task", "dpo", "--model", files["model"], "--train-data", files["train"], "--init-adapter",
+            str(init), "--lr", "5e-2", "--max-steps", "5", "--batch-size", "4", "--save-every", "1", "--quiet",
+            "--no-plot"]
+    after_step = loop.after_step
+
+    def interrupted(run, loss, stats):
+        after_step(run, loss, stats)
+        if run.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "after_step", interrupted)
+    assert main([*argv, "--output-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(loop, "after_step", after_step)
+    assert main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    weights = init / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    from safetensors.torch import save_file
+
+    save_file({k: v * 1.5 for k, v in tensors.items()}, weights, metadata={"format": "singlora"})
+    capsys.readouterr()
+    assert main([*argv, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "different inputs (tokenized data / base model / init adapter): init_adapter" in error
+    weights.write_bytes(original)
+    assert main([*argv, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    resumed, straight = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("cut",
+                                                                                                           "straight"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
