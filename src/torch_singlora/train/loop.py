@@ -215,7 +215,8 @@ def epoch_loader(config: TrainConfig, accelerator: Any, data: TaskData, collate:
 
 def restore(run: Run, state: TrainingState) -> None:
     """Continue from ``state``: the same inputs (else an error), weights, optimizer, scheduler, ramp, RNG, position."""
-    check_resumable(run.folder.checkpoint, state.identity, run.identity, "inputs (tokenized data / base model / init adapter)")
+    check_resumable(run.folder.checkpoint, state.identity, run.identity,
+                    "inputs (tokenized data / base model / init adapter)")
     restore_parameters(run.method.named_trainable(), state.trainable, run.folder.checkpoint)
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
