@@ -90,6 +90,13 @@ def test_step0_is_ln2_then_training_prefers_chosen(files) -> None:
     assert final["chosen_reward"] - final["rejected_reward"] == pytest.approx(final["reward_margin"], abs=1e-5)
     summary = json.loads((files["root"] / "dpo" / "summary.json").read_text())
     assert summary["base"]["reward_accuracy"] == 0.0 and summary["reward_accuracy"] == final["reward_accuracy"]
+    # the base model evaluated alone is its own reference: the same step-0 numbers
+    assert main(["evaluate", "--model", files["model"], "--task", "dpo", "--data", files["test"], "--quiet",
+                 "--eval-generations", "2", "--max-new-tokens", "3", "--output", str(files["root"] / "base.json")]) == 0
+    alone = json.loads((files["root"] / "base.json").read_text())
+    _assert_policy_is_reference(alone, "eval_loss")
+    for name in ("preference_accuracy", "chosen_logps", "rejected_logps", "exact_match"):
+        assert alone[name] == pytest.approx(base[name], abs=1e-5), name
 
 
 def test_init_adapter_is_start_and_frozen_reference(files, sft_run) -> None:

@@ -28,7 +28,6 @@ way, the first ``--eval-train-pairs`` training pairs (``train_pairs_*``), and th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -137,12 +136,17 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch
 
 
 def score_pairs(model: "nn.Module", batch: dict[str, torch.Tensor], *, beta: float, loss_type: str) -> PairScores:
-    """The pairs' scores: the reference's log-probabilities first (no gradient), then the policy's."""
+    """The pairs' scores: the reference's log-probabilities first (no gradient), then the policy's. A model without
+    adapters (a base model evaluated) is its own reference: one pass."""
     from ..train.methods import has_adapters, reference
 
-    with torch.no_grad(), reference(model) if has_adapters(model) else contextlib.nullcontext():
-        reference_logps, _ = sequence_logps(model, batch)
+    alone = not has_adapters(model)
+    if not alone:
+        with torch.no_grad(), reference(model):
+            reference_logps, _ = sequence_logps(model, batch)
     policy_logps, tokens = sequence_logps(model, batch)
+    if alone:
+        reference_logps = policy_logps.detach()
     return preference_loss(policy_logps, reference_logps, tokens, beta=beta, loss_type=loss_type)
 
 
