@@ -152,7 +152,7 @@ def score_pairs(model: "nn.Module", batch: dict[str, torch.Tensor], *, beta: flo
 
 def scores_over(model: "nn.Module", batches: Any, info: dict[str, Any], accelerator: Any = None) -> PairScores:
     """The scores of every pair in ``batches`` (eval mode, no gradient; gathered over processes)."""
-    from ..train.evaluate import eval_mode
+    from ..hf import eval_mode
 
     parts = []
     with eval_mode(model):
