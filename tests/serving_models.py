@@ -1,5 +1,6 @@
-"""The tiny model the live server tests serve (``test_serving_server``, ``test_serving_traffic``): a random Llama
-with SmolLM2's tokenizer (its vocabulary and chat template), fast enough for many requests at once."""
+"""The tiny model the live server tests serve (``test_serving_server``, ``test_serving_traffic``,
+``test_playground``): a random Llama with SmolLM2's tokenizer (its vocabulary and chat template), fast enough for
+many requests at once."""
 
 from __future__ import annotations
 

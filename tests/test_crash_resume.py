@@ -4,7 +4,8 @@ checkpoint, half-way through writing the final adapter) and a full disk. Each ki
 is never damaged.
 
 The kill points inside a write come from a launcher that runs the real CLI with ``torch.save`` / safetensors'
-``save_file`` replaced by versions that write half of the bytes to the temp file, fsync, then wait to be killed.
+``adapter_file.save_safetensors`` replaced by versions that write half of the bytes to the temp file, fsync, then
+wait to be killed.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def save(obj, target, *args, **kwargs):
         real_save(obj, target, *args, **kwargs)
 torch.save = save
 
-real_save_file = torch_singlora.adapter_file.save_file
-def save_file(tensors, target, metadata=None):
+real_save_safetensors = torch_singlora.adapter_file.save_safetensors
+def save_safetensors(tensors, target, metadata):
     if not torn("adapter", lambda: safetensors.torch.save(tensors, metadata=metadata), target):
-        real_save_file(tensors, target, metadata=metadata)
-torch_singlora.adapter_file.save_file = save_file
+        real_save_safetensors(tensors, target, metadata)
+torch_singlora.adapter_file.save_safetensors = save_safetensors
 
 from torch_singlora.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -157,13 +158,19 @@ def test_sigkill_then_resume_gives_the_same_adapter(setup: dict[str, Any], point
 
 
 def test_killed_during_first_checkpoint_refuses_resume_clearly(setup: dict[str, Any], capsys: Any) -> None:
+    """Issue 24: the advice went round in a circle (--resume: no checkpoint; the plain rerun: use --resume). Both
+    now say there is nothing to resume and that --overwrite starts the run again."""
     out = setup["root"] / "first"
     process, marker = launch(setup, out, "checkpoint:1")
     kill_when(process, marker.exists)
     assert not (out / "checkpoint.pt").exists()
     capsys.readouterr()
     assert main([*setup["args"], "--output-dir", str(out), "--resume"]) == 2
-    assert f"no checkpoint at {out / 'checkpoint.pt'}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "start it again with --overwrite" in error, error
+    assert main([*setup["args"], "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "--resume" not in error, error
 
 
 def test_disk_full_keeps_the_previous_checkpoint(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch,

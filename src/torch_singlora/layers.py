@@ -91,6 +91,12 @@ class SingLoRAAdapter(nn.Module):
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
+        in_run: True during a training run (``SingLoRAModel.set_training_run``: ``bind_optimizer``, the Trainer
+            integration, or a hand-written loop calling ``advance_ramp()`` after each step): a training-mode forward
+            then computes optimizer step ``t + 1`` and runs at its ``u``, so step k runs at ``u = min(k / T, 1)`` and
+            step 1 trains (at ``u = 0``, ``A``'s gradient is exactly 0). At rest (eval mode, merging, export, saved
+            files) ``u`` is the last step's, ``min(t / T, 1)``: an untrained adapter is the base model (the paper's
+            ``u(0) = 0``), and a trained one keeps the ``u`` its last step trained with.
         scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
             a fraction of a run whose total is unknown: u = 0).
     """
@@ -108,6 +114,7 @@ class SingLoRAAdapter(nn.Module):
         self.init, self.init_std = init, init_std
         self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+        self.in_run = False  # see the class docstring; not saved (a run sets it when it starts)
 
     def reset_parameters(self) -> None:
         """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
@@ -116,13 +123,21 @@ class SingLoRAAdapter(nn.Module):
         with torch.no_grad():
             self.ramp_step.zero_()
 
-    def ramp_value(self) -> Tensor:
-        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return ramp_value(self.ramp_step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+    def ramp_value(self, in_step: bool = False) -> Tensor:
+        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync.
 
-    def coefficient(self) -> Tensor:
-        """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return self.ramp_value() * self.scale
+        ``in_step``: for a forward computing an optimizer step (``in_step_forward``): step ``t + 1`` (step 1 at
+        ``u = 1 / T``; at 0 ``A`` gets no gradient). At rest (inference, merge, export): the last step's, ``t``."""
+        step = self.ramp_step + 1 if in_step else self.ramp_step
+        return ramp_value(step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+
+    def in_step_forward(self) -> bool:
+        """Whether a forward now computes an optimizer step: training mode, during a run (``in_run``)."""
+        return self.training and self.in_run
+
+    def coefficient(self, in_step: bool = False) -> Tensor:
+        """``c = s * u``: 0-dim tensor, no host sync; ``in_step`` as in ``ramp_value``."""
+        return self.ramp_value(in_step) * self.scale
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
@@ -247,9 +262,10 @@ class SingLoRALayer(nn.Module):
 
     def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
         """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
-        dtype, contiguous, with no gradient to keep and no active dropout (inference); never while compiling
-        (inductor fuses the add itself)."""
+        dtype, contiguous, with no gradient to keep and no active dropout, in eval mode (inference: ``u`` at rest,
+        the same as a run's reentrant checkpointing recomputes); never while compiling (inductor fuses the add)."""
         return (IN_PLACE_INFERENCE and self.kind in ("linear", "conv1d_t") and not torch.is_grad_enabled()
+                and not self.training
                 and result.dtype == dtype and result.is_contiguous() and not torch.compiler.is_compiling()
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 
@@ -271,7 +287,8 @@ class SingLoRALayer(nn.Module):
             if name not in self.merged_adapters:
                 adapter = self.singlora[name]
                 in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
-                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient()
+                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
+                    adapter.in_step_forward())  # a run's training forward: the step being taken
                 result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 

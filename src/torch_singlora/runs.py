@@ -62,15 +62,42 @@ class RunFolder:
         found = [name for name in RUN_FILES if (self.path / name).exists() or (self.path / name).is_symlink()]
         return [f"{name}/" if name == ADAPTER_DIR else name for name in found]
 
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        """The output rule (``atomic.check_not_input``) for the run: the folder is not an input nor inside one, and
+        no run file it writes or ``--overwrite`` removes is, holds or lies inside one (the folder may hold inputs
+        elsewhere, e.g. its own ``data/``)."""
+        from .atomic import check_not_input
+
+        advice = "choose another --output-dir"
+        check_not_input(self.path, inputs, what="--output-dir", advice=advice, may_hold=True)
+        for name in RUN_FILES:
+            check_not_input(self.path / name, inputs, what="run file", advice=advice)
+
     def check_new_run(self, overwrite: bool) -> None:
         """Refuse to start a new run over a previous one unless ``overwrite`` (the files go in ``clear``)."""
         if self.path.exists() and not self.path.is_dir():
             raise SingLoRAError(f"--output-dir {self.path}: exists and is not a folder")
         found = self.existing_run_files()
         if found and not overwrite:
+            if CHECKPOINT_FILE not in found and SUMMARY_FILE not in found:
+                raise SingLoRAError(f"--output-dir {self.path} holds a run that stopped before its first checkpoint "
+                                    f"(--save-every): {', '.join(found)}; nothing to resume: start it again with "
+                                    "--overwrite (or choose another --output-dir)")
             finished = " (a finished run)" if SUMMARY_FILE in found else ""
             raise SingLoRAError(f"--output-dir {self.path} already holds a run{finished}: {', '.join(found)}; "
                                 "continue it with --resume, or replace it with --overwrite")
+
+    def check_resumable_folder(self) -> None:
+        """``--resume`` needs a checkpoint: without one, say what is there and how to start (never "--resume")."""
+        if self.checkpoint.is_file():
+            return
+        found = self.existing_run_files()
+        if found:
+            raise SingLoRAError(f"--resume: {self.path} holds a run that stopped before its first checkpoint "
+                                f"(--save-every), no {CHECKPOINT_FILE}: nothing to resume; start it again with "
+                                "--overwrite instead of --resume")
+        raise SingLoRAError(f"--resume: no run to resume in {self.path} (no {CHECKPOINT_FILE}); start one without "
+                            "--resume")
 
     def clear(self) -> list[str]:
         """Remove a previous run's files (``--overwrite``); other files stay. Returns what was removed."""
@@ -89,7 +116,7 @@ class RunFolder:
     def resume_advice(self) -> str:
         """How a stopped run goes on, for error messages."""
         return (f"the last checkpoint ({self.checkpoint}) is intact: resume with --resume" if self.checkpoint.exists()
-                else "no checkpoint was written yet")
+                else "no checkpoint was written yet: start again with --overwrite")
 
     def create(self) -> None:
         try:

@@ -21,7 +21,8 @@ The ramp step of each active adapter is ``offset + state.global_step``. ``global
 (micro-batches of gradient accumulation do not count; ``on_step_end`` runs once per optimizer step), and the
 Trainer restores it on resume, so the ramp resumes exactly. ``offset`` is the adapter's own step when training
 starts minus ``global_step`` (a previously trained adapter keeps its ramp; a restored one lines up again).
-Setting the step (rather than adding to it) makes the callback safe together with ``bind_optimizer``.
+Setting the step (rather than adding to it) makes the callback safe together with ``bind_optimizer``. Training starts
+a run (``set_training_run``): each step's forwards use the ``u`` of that step, ``global_step + 1`` (``layers.py``).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class SingLoRACallback(TrainerCallback):
             name: max(self.model.get_ramp_step(name) - state.global_step, 0) for name in self.model.active_adapters
         }
         self._sync(state.global_step)
+        self.model.set_training_run(True)  # training-mode forwards compute step global_step + 1
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync(state.global_step)

@@ -40,6 +40,25 @@ def _trained_labels(args: argparse.Namespace) -> int | None:
     return None
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse (before anything loads) an address the server could not listen on, e.g. a port another server holds:
+    probed with the options uvicorn binds with (``SO_REUSEADDR``)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, OverflowError) as exc:
+        raise SingLoRAError(f"--host {host!r} --port {port}: {getattr(exc, 'strerror', None) or exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SingLoRAError(f"cannot listen on {host}:{port}: {exc.strerror} (another server on --port {port}?); "
+                                "nothing was loaded") from None
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load the model and adapters, then serve until interrupted."""
     try:
@@ -49,6 +68,7 @@ def serve(args: argparse.Namespace) -> None:
     except ImportError:
         raise SingLoRAError('singlora serve needs FastAPI, uvicorn and prometheus_client: '
                             'pip install "torch-singlora[serve]"') from None
+    check_port(args.host, args.port)  # a busy port fails here, not after loading and printing "serving on"
     import torch
 
     from ..cli_options import dataclass_from_args

@@ -19,9 +19,10 @@ from ..config import DEFAULT_RAMP_UP_STEPS, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
+from .schedule import SCHEDULES
 from .tracking import parse_report_to
 
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = SCHEDULES
 PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
@@ -43,7 +44,12 @@ class TrainConfig:
 
     model: str = _help("local folder of a transformers model (config.json + weights)", default="")
     train_data: str = _help("training data: .csv / .jsonl file or folder of class subfolders (classification), "
-                            ".txt / .jsonl / folder of .txt (causal-lm)", default="")
+                            ".txt / .jsonl / folder of .txt (causal-lm); sft: .jsonl / .json / .csv / .parquet or a "
+                            "dataset folder (save_to_disk, or files load_dataset reads) of chat rows in TRL's shapes: "
+                            "messages ([{role, content}, ...]), prompt-completion (prompt + completion: text or "
+                            "messages), alpaca (instruction [+ input] + output), conversations (ShareGPT: [{from, "
+                            "value}, ...]); the format is found from the columns (--data-format names it)",
+                            default="")
     output_dir: str = _help("where the adapter, metrics.jsonl, summary.json, checkpoint.pt and plots go", default="")
     task: str = _help(f"what to train: {', '.join(TASKS)}", default="classification")
     eval_data: str | None = _help("evaluation data (same formats); default: --eval-split of the training data",
@@ -74,9 +80,9 @@ class TrainConfig:
                                      "step-0 score and DPO's reference", default=None)
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
-    scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
-    warmup: Union[str, int, float] = _help("warm-up: int optimizer steps or a fraction of the total steps",
-                                           default=0.06)
+    scheduler: str = _help(f"learning-rate schedule after the warm-up: {', '.join(SCHEDULERS)}", default="linear")
+    warmup: Union[str, int, float] = _help("warm-up: int optimizer steps or a fraction of the total steps (step k of "
+                                           "W runs at lr * k / W)", default=0.06)
     epochs: int = _help("epochs (ignored when --max-steps is set)", default=1)
     max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
     batch_size: int = _help("micro-batch size per process", default=16)
@@ -94,6 +100,9 @@ class TrainConfig:
     precision: str = _help(f"mixed precision: {', '.join(PRECISIONS)} (fp16 needs a CUDA GPU; bf16 also runs on "
                            "CPU)", default="no")
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory)", default=False)
+    group_by_length: bool = _help("batch examples of similar lengths together (less padding; transformers' "
+                                  "group_by_length: the random order sorted within groups of 50 batches)",
+                                  default=False)
     resume: bool = _help("continue the run in --output-dir from its checkpoint.pt", default=False)
     overwrite: bool = _help("replace the run already in --output-dir (its adapter, checkpoint, metrics, summary "
                             "and plot; other files stay)", default=False)
@@ -109,6 +118,13 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "options of the chosen task (its Task.options dataclass; on the command line, its own flags)",
         "cli": False})
+
+    def inputs(self) -> dict[str, str | None]:
+        """``{flag: path}`` of everything the run reads: no file it writes or removes may be one of them
+        (``atomic.check_not_input``)."""
+        return {"--model": self.model, "--tokenizer": self.tokenizer, "--train-data": self.train_data,
+                "--eval-data": self.eval_data, "--init-adapter": self.init_adapter,
+                **task_class(self.task)().inputs(self.task_options)}
 
     def validate(self) -> None:
         """Check the fields (errors name the flag), read ``ramp_up_steps`` / ``warmup`` into numbers, and fill the

@@ -40,7 +40,9 @@ from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, check_init_adapter, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
+from .packing import length_grouped_order
 from .registry import get_task
+from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
 from .tracking import Trackers, parse_report_to
 from .tasks import Task, TaskData
@@ -104,7 +106,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Run:
     """Everything the steps need; on ``--resume`` restored from the checkpoint. Nothing is written into the output
     folder before the data and the model have loaded."""
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     from ..integrations.quantized import quiet_bitsandbytes
@@ -116,6 +117,9 @@ def prepare(config: TrainConfig) -> Run:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     folder = RunFolder(config.output_dir)
+    folder.check_inputs(config.inputs())  # also under --overwrite and --resume
+    if config.resume:
+        folder.check_resumable_folder()
     state = load_checkpoint(folder.checkpoint) if config.resume else None
     if state is None:
         folder.check_new_run(config.overwrite)
@@ -143,8 +147,11 @@ def prepare(config: TrainConfig) -> Run:
     method = make_method(config, task, data, tokenizer, total_steps)
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(config.warmup, total_steps))
+    warmup = resolve_steps(config.warmup, total_steps)
+    scheduler = make_scheduler(config.scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps)
+    if accelerator.is_main_process and not config.quiet:
+        for warning in short_run_warnings(total_steps, warmup, method.ramp_up_steps()):
+            print(f"singlora train: warning: {warning}", file=sys.stderr)
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -203,13 +210,17 @@ def make_accelerator(config: TrainConfig) -> Any:
 
 
 def epoch_loader(config: TrainConfig, accelerator: Any, data: TaskData, collate: Any, epoch: int) -> Any:
-    """The micro-batches of ``epoch``: a permutation drawn from ``seed + epoch``, not from the global RNG."""
+    """The micro-batches of ``epoch``: a permutation drawn from ``seed + epoch``, not from the global RNG
+    (``--group-by-length``: regrouped so that batches hold examples of similar lengths)."""
     from torch.utils.data import DataLoader, Subset
 
     generator = torch.Generator().manual_seed(config.seed + epoch)
-    order = torch.randperm(len(data.train), generator=generator)
+    order = torch.randperm(len(data.train), generator=generator).tolist()
+    if config.group_by_length:
+        lengths = [len(data.train[i]["input_ids"]) for i in range(len(data.train))]
+        order = length_grouped_order(order, lengths, config.batch_size)
     # The loader draws its base seed from ``generator``, not from the global RNG that dropout uses.
-    return accelerator.prepare(DataLoader(Subset(data.train, order.tolist()), batch_size=config.batch_size,
+    return accelerator.prepare(DataLoader(Subset(data.train, order), batch_size=config.batch_size,
                                           collate_fn=collate, generator=generator))
 
 
@@ -277,12 +288,13 @@ def train_epoch(run: Run) -> None:
         if not last:
             continue
         run.batch = index + 1
+        lr = run.scheduler.get_last_lr()[0]  # what this step runs at (the scheduler moves on after it)
         loss = run.stepper.step(f"optimizer step {run.step + 1} (epoch {run.epoch}, micro-batches {first}-{index})")
         stats = step_stats(run)
         if loss is not None:  # None: skipped (--on-nonfinite skip)
             run.step += 1
             run.step_seconds.append(time.perf_counter() - started)
-            after_step(run, loss, stats)
+            after_step(run, loss, lr, stats)
             if run.step >= run.total_steps:
                 return
         started = time.perf_counter()
@@ -299,10 +311,11 @@ def step_stats(run: Run) -> dict[str, float]:
     return dict(zip(names, means.tolist()))
 
 
-def after_step(run: Run, loss: float, stats: dict[str, float]) -> None:
-    """Log the step, show progress, evaluate and write a checkpoint when they are due."""
+def after_step(run: Run, loss: float, lr: float, stats: dict[str, float]) -> None:
+    """Log the step (its loss, the ``lr`` and ``u`` it ran at: ``u`` at rest after step k is the one step k used,
+    and its ``stats``), show progress, evaluate and write a checkpoint when they are due."""
     config = run.config
-    lr, u = run.scheduler.get_last_lr()[0], run.method.u()
+    u = run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
         run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u,
                        "grad_norm": run.stepper.grad_norm, "epoch": run.epoch, **stats})
@@ -374,6 +387,7 @@ def finish(run: Run) -> dict[str, Any]:
             "steps": run.step, "total_steps": run.total_steps, "skipped_steps": run.stepper.skipped,
             "seconds_per_step": sum(run.step_seconds) / len(run.step_seconds) if run.step_seconds else None,
             "adapted_modules": len(run.method.target_names), "ramp_up_steps": run.method.ramp_up_steps(),
+            **({"truncated": run.data.info["truncated"]} if "truncated" in run.data.info else {}),
             "config": dataclasses.asdict(config),
         }
         atomic_write_text(run.folder.summary, json.dumps(summary, indent=2) + "\n")

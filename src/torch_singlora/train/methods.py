@@ -31,6 +31,7 @@ from ..config import SingLoRAConfig
 from ..errors import SingLoRAError
 from ..model import SingLoRAModel
 from ..names import resolve
+from ..peft_folder import load_peft_adapter, peft_without_deprecations
 
 METHOD_NAMES = ("singlora", "lora", "dora", "loraplus", "full")
 REFERENCE_ADAPTER = "ref"  # the frozen copy of --init-adapter (TRL's name for it: DPOTrainer's "ref" adapter)
@@ -220,18 +221,19 @@ class SingLoRA(Method):
 class Peft(Method):
     @staticmethod
     def _wrap(model: nn.Module, settings: MethodSettings, heads: list[str]) -> tuple[nn.Module, list[str]]:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
         if settings.init_adapter:
-            _require_safetensors(settings.init_adapter, "adapter_model.safetensors")
-            wrapped = PeftModel.from_pretrained(model, settings.init_adapter, is_trainable=True)
+            wrapped = load_peft_adapter(model, settings.init_adapter, what=f"--init-adapter {settings.init_adapter!r}",
+                                        is_trainable=True)
             add_reference_adapter(wrapped, settings.init_adapter)
             names = wrapped.peft_config["default"].target_modules
             return wrapped, sorted(names) if not isinstance(names, str) else [names]
         names = resolve_target_names(model, settings.targets, heads)
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                             target_modules=names, use_dora=settings.method == "dora", modules_to_save=heads or None)
-        return get_peft_model(model, config), names
+        with peft_without_deprecations():
+            return get_peft_model(model, config), names
 
     @staticmethod
     def saved_settings(directory: str | Path) -> dict[str, Any]:
@@ -261,10 +263,7 @@ class Peft(Method):
 
     @staticmethod
     def load(directory: str | Path, load_base: Callable[[str | None], nn.Module]) -> nn.Module:
-        from peft import PeftModel
-
-        _require_safetensors(directory, "adapter_model.safetensors")  # else PEFT would unpickle adapter_model.bin
-        return PeftModel.from_pretrained(load_base(None), str(directory))
+        return load_peft_adapter(lambda: load_base(None), directory)  # checked, then loaded
 
     @staticmethod
     def merged(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ A task owns everything that depends on the data and the objective:
     load_data(config, tokenizer) -> TaskData      read + check + split + tokenize; ``info`` goes to run_info.json
     read_eval_data(path, tokenizer, info, ...)    the same for ``singlora evaluate`` (settings from run_info.json)
     base_info(options)                            ``info`` for ``singlora evaluate`` of a base model (no adapter)
-    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels`` (model(**batch).loss)
+    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels``
     loss(model, batch, info) -> (loss, stats)     the training loss of one micro-batch (default: model(**batch).loss)
                                                   and statistics logged with the step (e.g. DPO's rewards)
     load_model(path, info, dtype)                 the transformers model class (and head) to load
@@ -18,6 +18,7 @@ A task owns everything that depends on the data and the objective:
     metrics                                       the metric names ``evaluate`` returns, the headline first
     evaluate_base                                 True: the loop also evaluates at step 0 (the base model's score)
     options                                       a dataclass of the task's own flags (``TrainConfig.task_options``)
+    input_options                                 those of its options that name files it reads (``inputs``)
     needs_reference                               True: the objective compares the model with the one the run
                                                   started from (``methods.reference``), so ``--method full`` is refused
     default_max_length                            ``--max-length`` when not given (128)
@@ -64,8 +65,14 @@ class Task:
     metrics: ClassVar[tuple[str, ...]]  # what ``evaluate`` returns (floats), the headline metric first
     evaluate_base: ClassVar[bool] = False  # evaluate at step 0 too (the base model's score, before training)
     options: ClassVar[type | None] = None  # dataclass of the task's own flags, or None
+    input_options: ClassVar[tuple[str, ...]] = ()  # the options naming a file the task reads (e.g. a chat template)
     default_max_length: ClassVar[int] = 128  # --max-length when not given (``TrainConfig.validate`` fills it)
     needs_reference: ClassVar[bool] = False  # the loss needs the starting model (adapters disabled, or a copy)
+
+    def inputs(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``{flag: path}`` of the files that ``options`` (task options, as given) make the task read: what no
+        output of the command may overwrite (``atomic.check_not_input``)."""
+        return {"--" + name.replace("_", "-"): options.get(name) for name in self.input_options}
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:
         """The tokenizer in folder ``path`` (``flag`` names where the path came from). ``info``: the run's
@@ -213,7 +220,8 @@ class Classification(Task):
 
 class CausalLM(Task):
     """Language modelling on raw text: documents joined with EOS and cut into blocks of ``max_length`` tokens,
-    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity."""
+    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity.
+    The loss (training and evaluation) projects only the positions whose next token counts (``lm_loss``)."""
 
     name = "causal-lm"
     metrics = ("eval_loss", "perplexity")
@@ -256,6 +264,13 @@ class CausalLM(Task):
         from ..hf import from_pretrained
 
         return from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+
+    def loss(self, model: "nn.Module", batch: dict[str, Any],
+             info: dict[str, Any]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        """The mean cross-entropy of the trained tokens, projecting only their positions (``lm_loss``)."""
+        from .lm_loss import lm_loss
+
+        return lm_loss(model, batch), {}
 
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "Dataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
