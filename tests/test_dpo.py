@@ -285,8 +285,8 @@ def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_pa
             "--no-plot"]
     after_step = loop.after_step
 
-    def interrupted(run, loss, stats):
-        after_step(run, loss, stats)
+    def interrupted(run, *args):
+        after_step(run, *args)
         if run.step == 3:
             raise KeyboardInterrupt
 
@@ -309,3 +309,23 @@ def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_pa
     resumed, straight = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("cut",
                                                                                                            "straight"))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_packed_and_padded_pairs_score_alike(files, smollm2_tokenizer) -> None:
+    """--packing: the 2B sequences of a batch packed into rows (position_ids restart per sequence) give each pair's
+    log-probabilities, loss and rewards of the padded batch."""
+    from torch_singlora.llm.dpo import score_pairs
+    from torch_singlora.llm.preference import PreferenceCollator, read_pairs, to_pair, tokenize_pairs
+
+    torch.manual_seed(2)
+    model = get_singlora_model(transformers.AutoModelForCausalLM.from_pretrained(files["model"]), SingLoRAConfig(
+        r=4, target_modules="all-linear", ramp_up_steps=0, init="gaussian", init_std=0.3)).eval()
+    long = to_pair({"prompt": "Count.", "chosen": "one two", "rejected": " ".join(["many"] * 60)}, "row 0")
+    data = tokenize_pairs(smollm2_tokenizer, [long, *read_pairs(files["train"])[:5]], max_length=None)
+    items = [data[i] for i in range(len(data))]
+    padded, packed = (PreferenceCollator(smollm2_tokenizer.pad_token_id, packing=p)(items) for p in (False, True))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows: really packed
+    with torch.no_grad():
+        a, b = (score_pairs(model, batch, beta=0.1, loss_type="sigmoid") for batch in (padded, packed))
+    for name in ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-4, rtol=1e-4)
