@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .banked import LayerBank
 from .errors import SingLoRAError
 from .functional import (
-    LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
-    init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, add_factored_update_, add_update_, conv_update, delta_weight, embedding_update,
+    factored_update, init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
 from .mixed import Pooled, Selection, Shared
 
@@ -239,6 +239,14 @@ class SingLoRALayer(nn.Module):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
+    def _add_shared(self, result: Tensor, x: Tensor, found: Shared) -> Tensor:
+        """``result`` plus the update of the adapter every example uses (``mixed.Shared``)."""
+        dtype = found.At.dtype
+        if self._accumulates(result, dtype):
+            return add_update_(result, x if x.dtype == dtype else x.to(dtype), found.A_in, found.A_out,
+                               found.coefficient)
+        return self._add_update(result, x, found.At.T, found.coefficient)
+
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
         (``functional.mixed_factored_update``). An input whose first dimension is ``k`` times the number of
@@ -270,19 +278,14 @@ class SingLoRALayer(nn.Module):
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        selection = self.selection
+        if selection is not None and selection.active and not self.disabled:  # a mixed-adapter call (mixed.py)
+            return self._forward_selected(selection.for_layer(self), x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
-        selection = self.selection
-        if selection is not None and selection.active:  # a mixed-adapter batch (torch_singlora.mixed)
-            found = selection.for_layer(self)
-            if found is None:  # no example of this batch uses an adapter of this layer
-                return result
-            if isinstance(found, Shared):
-                return self._add_update(result, x, found.A, found.coefficient)
-            return self._add_pooled(result, x, found)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 adapter = self.singlora[name]
@@ -292,14 +295,33 @@ class SingLoRALayer(nn.Module):
                 result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 
+    def _forward_selected(self, found: Shared | Pooled | None, x: Tensor, *args, **kwargs) -> Tensor:
+        """The forward of a mixed-adapter call: ``found`` is what its examples use here (``Selection.for_layer``).
+        One adapter for all, on a fused bank (``banked.LayerBank.fuse``): one GEMM for the base and first product."""
+        if (isinstance(found, Shared) and self.bank is not None and self.bank.fused is not None and not args
+                and not kwargs and not isinstance(found.coefficient, Tensor) and x.dtype == found.At.dtype
+                and IN_PLACE_INFERENCE and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            fused = self.bank.fused_forward(self.base_layer, x, found)
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        if found is None:  # no example of this batch uses an adapter of this layer
+            return result
+        if isinstance(found, Shared):
+            return self._add_shared(result, x, found)
+        return self._add_pooled(result, x, found)
+
     # ---- banked storage (bank.AdapterBank) -----------------------------------------------------------------------
 
-    def create_bank(self, *, rows: int, width: int, ids: int) -> None:
+    def create_bank(self, *, rows: int, width: int, ids: int, fuse: bool = False) -> None:
         """Allocate banked storage (``banked.LayerBank``: ``rows`` pool rows, ``width`` rows per adapter, ``ids``
-        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device."""
+        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device; ``fuse``: a plain
+        ``nn.Linear`` of that dtype runs one-adapter steps as one GEMM (``LayerBank.fuse``)."""
         weight = self.base_layer.weight
         self.bank = LayerBank(max(self.d_out, self.d_in), rows=rows, width=width, ids=ids,
                               dtype=adapter_dtype(weight), device=weight.device)
+        if fuse and type(self.base_layer) is nn.Linear and weight.dtype == self.bank.pool.dtype:
+            self.bank.fuse(self.base_layer)
 
     def set_banked(self, adapter_id: int, A: Tensor, coefficient: float) -> None:
         """Hold the frozen adapter ``A`` (``(n, r)``) with ``c = coefficient`` under ``adapter_id`` in the bank."""
