@@ -24,6 +24,7 @@ from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
+from .fused_linear import add_linear_update, computes_base, linear_with_update
 from .mixed import Pooled, Selection, Shared
 
 
@@ -31,6 +32,10 @@ from .mixed import Pooled, Selection, Shared
 # add_factored_update_``): exact, one pass over the output fewer. False restores the out-of-place sum everywhere
 # (for A/B measurements: ``benchmarks/unmerged_overhead.py``; tests compare the two).
 IN_PLACE_INFERENCE = True
+# Training a Linear / Conv1D runs the hand-written forward and backward of ``fused_linear`` (issue 27). False
+# restores autograd's composition of ``functional.factored_update`` (for A/B measurements:
+# ``benchmarks/profile_adapter.py --ab``; tests compare the two).
+FUSED_TRAINING = True
 
 
 def _transformers_conv1d() -> type | None:
@@ -217,12 +222,25 @@ class SingLoRALayer(nn.Module):
 
     def _add_update(self, result: Tensor, x: Tensor, A: Tensor, coefficient: Tensor | float,
                     dropout: nn.Module | None = None) -> Tensor:
-        """``result`` plus the update of ``A`` for ``x``: added in place when ``_accumulates``."""
+        """``result`` plus the update of ``A`` for ``x``: added in place when ``_accumulates``; while training a
+        Linear / Conv1D of ``A``'s dtype, by the hand-written backward (``fused_linear.add_linear_update``)."""
         if isinstance(coefficient, Tensor):
             coefficient = coefficient.to(A.dtype)
         if self._accumulates(result, A.dtype, dropout):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
+        if (FUSED_TRAINING and torch.is_grad_enabled() and self.kind in ("linear", "conv1d_t")
+                and result.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return add_linear_update(result, x if dropout is None else dropout(x), A, coefficient,
+                                     d_out=self.d_out, d_in=self.d_in)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
+
+    def _fused_forward(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
+        """``base_layer(x)`` plus ``adapter``'s update, both computed by one hand-written forward and backward
+        (``fused_linear.linear_with_update``; the layer checked ``computes_base``)."""
+        base, adapter_x = self.base_layer, adapter.dropout(x)
+        return linear_with_update(adapter_x, adapter.A, adapter.coefficient(), base.weight, base.bias,
+                                  d_out=self.d_out, d_in=self.d_in, transposed=self.kind == "conv1d_t",
+                                  base_x=None if adapter_x is x else x)
 
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
@@ -254,25 +272,30 @@ class SingLoRALayer(nn.Module):
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        selection = self.selection
+        mixed = selection is not None and selection.active  # a mixed-adapter batch (torch_singlora.mixed)
+        pending = [] if self.disabled or mixed else [
+            self.singlora[name] for name in self.active_adapters if name not in self.merged_adapters]
+        if (FUSED_TRAINING and pending and not args and not kwargs and torch.is_grad_enabled()
+                and self.kind in ("linear", "conv1d_t") and computes_base(self.base_layer, x, pending[0].A)):  # training: base and update in one node
+            result = self._fused_forward(x, pending.pop(0))
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
-        selection = self.selection
-        if selection is not None and selection.active:  # a mixed-adapter batch (torch_singlora.mixed)
+        if mixed:
             found = selection.for_layer(self)
             if found is None:  # no example of this batch uses an adapter of this layer
                 return result
             if isinstance(found, Shared):
                 return self._add_update(result, x, found.A, found.coefficient)
             return self._add_pooled(result, x, found)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                adapter = self.singlora[name]
-                in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
-                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient()
-                result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
+        for adapter in pending:
+            in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
+            coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient()
+            result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 
     # ---- banked storage (bank.AdapterBank) -----------------------------------------------------------------------
