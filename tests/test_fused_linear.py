@@ -15,10 +15,18 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from torch_singlora import SingLoRAConfig, SingLoRALayer, get_singlora_model, layers
+from torch_singlora import fused_linear
 from torch_singlora.fused_linear import add_linear_update, linear_with_update
 
 SHAPES = [(8, 8), (12, 5), (5, 12)]  # (d_out, d_in): square, tall (out > in), wide (in > out)
 f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _every_size_by_hand(monkeypatch) -> None:
+    """The layers train these few-token inputs by the hand-written function too (``MIN_TOKENS`` is a speed rule;
+    ``test_few_tokens_train_by_autograd`` checks it)."""
+    monkeypatch.setattr(fused_linear, "MIN_TOKENS", 0)
 
 
 def leaf(*shape: int) -> torch.Tensor:
@@ -40,7 +48,11 @@ def grads(out: torch.Tensor, inputs: list, grad_out: torch.Tensor) -> list:
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("separate", [False, True])
-def test_linear_with_update_values_and_every_gradient_match_dense_float64(d_out, d_in, transposed, bias, separate):
+@pytest.mark.parametrize("fold", [False, True])
+def test_linear_with_update_values_and_every_gradient_match_dense_float64(monkeypatch, d_out, d_in, transposed, bias,
+                                                                          separate, fold):
+    """``fold``: the bias enters as a column of ones beside ``h`` (large outputs), else through ``addmm``."""
+    monkeypatch.setattr(fused_linear, "FOLD_BIAS_MIN", 0 if fold else 1 << 30)
     n, r = max(d_out, d_in), 3
     x, A, c = leaf(2, 4, d_in), leaf(n, r), torch.tensor(0.7, dtype=f64, requires_grad=True)
     W = leaf(d_in, d_out) if transposed else leaf(d_out, d_in)
@@ -137,6 +149,23 @@ def test_training_layer_matches_dense_float64_by_either_path(monkeypatch, d_out,
     assert_close(out, expected)
     grad_out = torch.randn_like(out)
     for got, want in zip(grads(out, [x, *A], grad_out), grads(expected, [x, *A], grad_out)):
+        assert_close(got, want)
+
+
+def test_few_tokens_train_by_autograd(monkeypatch) -> None:
+    """Under ``MIN_TOKENS`` rows the layer trains by autograd's composition, from it by hand; the same values."""
+    monkeypatch.setattr(fused_linear, "MIN_TOKENS", 6)
+    layer = make_layer(nn.Linear(5, 12).double())
+    A, few, enough = layer.singlora["default"].A, leaf(5, 5), leaf(2, 3, 5)
+    assert layer(enough).grad_fn.name() == "_AdaptedLinearBackward"
+    by_autograd = layer(few)
+    assert by_autograd.grad_fn.name() == "AddBackward0"
+    monkeypatch.setattr(fused_linear, "MIN_TOKENS", 5)
+    by_hand = layer(few)
+    assert by_hand.grad_fn.name() == "_AdaptedLinearBackward"
+    assert_close(by_hand, by_autograd)
+    grad_out = torch.randn_like(by_hand)
+    for got, want in zip(grads(by_hand, [few, A], grad_out), grads(by_autograd, [few, A], grad_out)):
         assert_close(got, want)
 
 

@@ -45,6 +45,14 @@ import torch
 from torch import Tensor, nn
 
 
+# Below this many tokens (rows of x) a layer trains by autograd's composition (``functional.factored_update``):
+# there the fixed cost of a Python autograd.Function (about 40 us per layer and step) is more than the passes it
+# saves; from 256 tokens on it was never slower at MiniLM's, the small Llama's and SmolLM2's shapes (issue 27).
+MIN_TOKENS = 256
+# Outputs of fewer elements take the bias from addmm (one op) rather than from a column of ones (three).
+FOLD_BIAS_MIN = 1 << 16
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """``out = base + c * (x @ A[:d_in]) @ A[:d_out].T`` (see the module docstring); ``base`` is ``base_out`` if
     given, else ``base_x @ W.T + bias`` (``W`` stored ``(d_in, d_out)`` when ``transposed``; ``base_x`` None
@@ -60,13 +68,17 @@ class _AdaptedLinear(torch.autograd.Function):
         if base_out is not None:
             out = torch.addmm(base_out.reshape(-1, d_out), h, cA[:d_out].T)
         else:
-            if bias is None:
-                out = h @ cA[:d_out].T
-            else:  # [h | 1] @ [c A_out | b].T: the bias in the same single write of out
-                ones = h.new_ones(h.shape[0], 1)
-                out = torch.cat([h, ones], 1) @ torch.cat([cA[:d_out], bias[:, None]], 1).T
             xb = x2 if base_x is None else base_x.reshape(-1, d_in)
-            out.addmm_(xb, weight if transposed else weight.T)  # (T, d_in) @ (d_in, d_out)
+            W = weight if transposed else weight.T  # (d_in, d_out)
+            if bias is not None and h.shape[0] * d_out < FOLD_BIAS_MIN:  # small: fewer ops beat fewer passes
+                out = torch.addmm(bias, xb, W).addmm_(h, cA[:d_out].T)
+            else:
+                if bias is None:
+                    out = h @ cA[:d_out].T
+                else:  # [h | 1] @ [c A_out | b].T: the bias in the same single write of out
+                    ones = h.new_ones(h.shape[0], 1)
+                    out = torch.cat([h, ones], 1) @ torch.cat([cA[:d_out], bias[:, None]], 1).T
+                out.addmm_(xb, W)  # (T, d_in) @ (d_in, d_out)
         ctx.save_for_backward(x, A, c, weight, base_x, At, cA, h)
         ctx.spec = (d_out, d_in, transposed)
         return out.view(*x.shape[:-1], d_out)
@@ -130,6 +142,12 @@ def add_linear_update(base_out: Tensor, x: Tensor, A: Tensor, c: Tensor | float,
     place, in one product that reads ``base_out`` (``addmm``). ``base_out``: ``(..., d_out)``, ``x``:
     ``(..., d_in)``, of ``A``'s dtype."""
     return _AdaptedLinear.apply(x, A, _coefficient(c, A), base_out, None, None, None, d_out, d_in, False)
+
+
+def pays_off(x: Tensor, d_in: int) -> bool:
+    """Whether ``x`` (``(..., d_in)``) has ``MIN_TOKENS`` rows, or a graph is being compiled (no Python overhead
+    there, and no guard on the batch size)."""
+    return torch.compiler.is_compiling() or x.numel() >= MIN_TOKENS * d_in
 
 
 def _hooked(module: nn.Module) -> bool:

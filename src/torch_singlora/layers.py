@@ -24,7 +24,7 @@ from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
-from .fused_linear import add_linear_update, computes_base, linear_with_update
+from .fused_linear import add_linear_update, computes_base, linear_with_update, pays_off
 from .mixed import Pooled, Selection, Shared
 
 
@@ -32,9 +32,9 @@ from .mixed import Pooled, Selection, Shared
 # add_factored_update_``): exact, one pass over the output fewer. False restores the out-of-place sum everywhere
 # (for A/B measurements: ``benchmarks/unmerged_overhead.py``; tests compare the two).
 IN_PLACE_INFERENCE = True
-# Training a Linear / Conv1D runs the hand-written forward and backward of ``fused_linear`` (issue 27). False
-# restores autograd's composition of ``functional.factored_update`` (for A/B measurements:
-# ``benchmarks/profile_adapter.py --ab``; tests compare the two).
+# Training a Linear / Conv1D on at least ``fused_linear.MIN_TOKENS`` tokens runs the hand-written forward and
+# backward of ``fused_linear`` (issue 27). False restores autograd's composition of ``functional.factored_update``
+# everywhere (for A/B measurements: ``benchmarks/profile_adapter.py --ab``; tests compare the two).
 FUSED_TRAINING = True
 
 
@@ -228,11 +228,17 @@ class SingLoRALayer(nn.Module):
             coefficient = coefficient.to(A.dtype)
         if self._accumulates(result, A.dtype, dropout):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
-        if (FUSED_TRAINING and torch.is_grad_enabled() and self.kind in ("linear", "conv1d_t")
-                and result.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)):
+        if self._trains_by_hand(x) and result.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(
+                x.device.type):
             return add_linear_update(result, x if dropout is None else dropout(x), A, coefficient,
                                      d_out=self.d_out, d_in=self.d_in)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
+
+    def _trains_by_hand(self, x: Tensor) -> bool:
+        """Whether the update of a Linear / Conv1D with gradients on runs ``fused_linear``'s forward and backward:
+        ``FUSED_TRAINING`` and enough tokens (``fused_linear.pays_off``)."""
+        return (FUSED_TRAINING and self.kind in ("linear", "conv1d_t") and torch.is_grad_enabled()
+                and pays_off(x, self.d_in))
 
     def _fused_forward(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
         """``base_layer(x)`` plus ``adapter``'s update, both computed by one hand-written forward and backward
@@ -276,8 +282,8 @@ class SingLoRALayer(nn.Module):
         mixed = selection is not None and selection.active  # a mixed-adapter batch (torch_singlora.mixed)
         pending = [] if self.disabled or mixed else [
             self.singlora[name] for name in self.active_adapters if name not in self.merged_adapters]
-        if (FUSED_TRAINING and pending and not args and not kwargs and torch.is_grad_enabled()
-                and self.kind in ("linear", "conv1d_t") and computes_base(self.base_layer, x, pending[0].A)):  # training: base and update in one node
+        if (pending and not args and not kwargs and self._trains_by_hand(x)
+                and computes_base(self.base_layer, x, pending[0].A)):  # training: base and update in one node
             result = self._fused_forward(x, pending.pop(0))
         else:
             result = self.base_layer(x, *args, **kwargs)
