@@ -34,14 +34,11 @@ RUNS = Path("runs/save_dtype")  # the training run and the saved adapters (runs/
 def demo_config(run: Path) -> Any:
     """The ``TrainConfig`` of the classification demo's SingLoRA run into ``run`` (its flags, parsed as the CLI
     parses them)."""
-    from torch_singlora.cli import _add_train
-    from torch_singlora.cli_options import dataclass_from_args
-    from torch_singlora.train.config import TrainConfig
+    from torch_singlora.cli import _add_train, train_config
 
     parser = argparse.ArgumentParser()
     _add_train(parser.add_subparsers())
-    return dataclass_from_args(TrainConfig, parser.parse_args(train_args("singlora", run.parent, 1200)),
-                               task_options={})
+    return train_config(parser.parse_args(train_args("singlora", run.parent, 1200)))
 
 
 def eval_split(run: Path) -> tuple[Any, Any, dict[str, Any]]:

@@ -225,12 +225,12 @@ def train_configs(problem: Problem, method: str, lrs: list[float], s: Settings, 
     start, curve, window = time.perf_counter(), [], []
     for step in range(s.steps):
         x = torch.randn(s.batch, s.inputs, generator=data)
+        adapters.step += 1  # step k runs at u = min(k / T, 1), as the library's training forwards (layers.py)
         losses = per_config_loss(problem.net, x, problem.net.teacher(x), adapters.update)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # the configurations are independent: the sum gives each its own gradient
         optimizer.step()
         scheduler.step()
-        adapters.step += 1
         window.append(losses.detach() / problem.base_loss)
         if len(window) == s.log_every or step == s.steps - 1:
             curve.append((step + 1, torch.stack(window).mean(0)))

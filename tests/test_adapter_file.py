@@ -17,11 +17,13 @@ def trained(tmp_path: Path, **kwargs) -> tuple[SingLoRAModel, Path]:
     config = SingLoRAConfig(r=3, target_modules=["embed", "up", "down"], modules_to_save=["head"], ramp_up_steps=10, **kwargs)
     adapted = get_singlora_model(toy(), config)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
-    adapted.bind_optimizer(optimizer)
+    binding = adapted.bind_optimizer(optimizer)
     for _ in range(4):
         optimizer.zero_grad()
         adapted(IDS).square().sum().backward()
         optimizer.step()
+    binding.remove()
+    adapted.set_training_run(False)  # the run ends (in it, a training-mode forward would compute step 5)
     adapted.save_adapter(tmp_path / "adapter")
     return adapted, tmp_path / "adapter"
 
@@ -183,16 +185,29 @@ def test_written_files_and_folders_honour_the_umask(tmp_path: Path) -> None:
         os.umask(old)
 
 
-@pytest.mark.parametrize("targets", [["up", "nope"], ["up", "down"], ["up", "down", "embed", "square"], "all-linear",
-                                     None, "(.*)*X"])
+@pytest.mark.parametrize("targets", [["up", "down"], ["up", "down", "embed"], "all-linear", None, "(.*)*X", "nope"])
 def test_the_files_keys_name_the_adapted_modules_its_patterns_are_metadata(tmp_path: Path, targets) -> None:
-    """Loading adapts exactly the modules the tensor keys name, whatever ``target_modules`` says (it may match
-    fewer, more, nothing, or depend on defaults that a later version changes); the config is kept as written."""
+    """Loading adapts exactly the modules the tensor keys name, whatever a ``target_modules`` pattern says (it may
+    match fewer, more, nothing, or depend on defaults that a later version changes); the config is kept as written."""
     adapted, directory = trained(tmp_path)
     corrupt(directory, lambda d: d.update(target_modules=targets))
     loaded = SingLoRAModel.from_pretrained(fresh_base(adapted), directory)
     assert sorted(name for name, _ in loaded.singlora_layers()) == ["down", "embed", "up"]
     assert torch.equal(loaded(IDS), adapted(IDS)) and loaded.configs["default"].target_modules == targets
+
+
+@pytest.mark.parametrize("targets, named", [(["up", "nope"], "'nope'"),
+                                            (["up", "down", "embed", "square"], "'square'")])
+def test_a_file_missing_a_listed_modules_tensor_is_refused(tmp_path: Path, targets, named: str) -> None:
+    """Issue 24: a file missing some modules' tensors (209 of 210) loaded without a word. A ``target_modules``
+    list (singlora train writes every adapted module's full name) names modules the file must hold."""
+    adapted, directory = trained(tmp_path)
+    corrupt(directory, lambda d: d.update(target_modules=targets))
+    base = fresh_base(adapted)
+    with pytest.raises(AdapterFileError, match=f"no tensor for 1 of the {len(targets)} modules .* lists in "
+                                               f"target_modules: {named} \\(an incomplete adapter file"):
+        SingLoRAModel.from_pretrained(base, directory)
+    assert all(type(m).__name__ != "SingLoRALayer" for m in base.modules())
 
 
 def test_a_key_naming_no_adaptable_module_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,82 @@ def test_a_folder_holding_the_input_is_never_replaced(tmp_path: Path) -> None:
     spellings = [run / "adapter", str(run / "adapter") + "/", run / "adapter" / ".." / "adapter", run,
                  tmp_path / "link", tmp_path / "link" / "adapter"]
     for out in spellings:
-        with pytest.raises(SingLoRAError, match="holds this command's input"):
+        with pytest.raises(SingLoRAError, match="(is|holds) this command's input"):
             check_output_folder(out, command="export", inputs=[run / "adapter"], overwrite=True)
     assert (run / "adapter" / "adapter_config.json").read_text() == "{}"
-    assert check_output_folder(run / "adapter" / "lora", command="export", inputs=[run / "adapter"]) == "new"
+    assert check_output_folder(run / "lora", command="export", inputs=[run / "adapter"]) == "new"
+
+
+def test_the_output_rule_compares_every_output_with_every_input_by_identity(tmp_path: Path) -> None:
+    """Issue 24: an output file that is an input (any spelling, a hard link), lies inside an input folder, or an
+    output folder lying inside one, is refused even with ``overwrite``; a file beside the inputs is not."""
+    from torch_singlora.atomic import check_not_input, check_output_file
+
+    adapter, prompts = tmp_path / "run" / "adapter", tmp_path / "prompts.jsonl"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    prompts.write_text("{}\n")
+    os.link(prompts, tmp_path / "hard.jsonl")
+    os.symlink(adapter, tmp_path / "alias")
+    inputs = {"model": adapter, "--prompts-file": prompts, "--chat-template": None}
+    cases = {adapter / "adapter_config.json": "lies inside this command's model", prompts: "is this command's "
+             "--prompts-file", tmp_path / "x" / ".." / "prompts.jsonl": "is this command's --prompts-file",
+             tmp_path / "hard.jsonl": "is this command's --prompts-file", tmp_path / "alias" / "new.json":
+             "lies inside this command's model"}
+    for output, message in cases.items():
+        with pytest.raises(SingLoRAError, match=f"--output {re.escape(str(output))} {message} .*another file name"):
+            check_output_file(output, flag="--output", inputs=inputs, overwrite=True)
+    check_output_file(tmp_path / "answers.jsonl", flag="--output", inputs=inputs)
+    with pytest.raises(SingLoRAError, match="output folder .* lies inside this command's model"):
+        check_output_folder(adapter / "lora", command="export", inputs=inputs)
+    with pytest.raises(SingLoRAError, match="holds this command's model"):
+        check_not_input(tmp_path, inputs, what="output folder", advice="")
+    check_not_input(tmp_path, inputs, what="output folder", advice="", may_hold=True)  # only "is" / "inside"
+    assert (adapter / "adapter_config.json").read_text() == "{}" and prompts.read_text() == "{}\n"
+
+
+def test_a_symlink_loop_is_refused_and_leaves_no_temp_folder(tmp_path: Path) -> None:
+    """Issue 24: exporting to a symlink loop left an empty ``.NAME.XXXX.tmp/`` folder."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    for name in ("loop", "dangling"):
+        with pytest.raises(SingLoRAError, match=f"{name}: a symbolic link that leads to no folder"):
+            write(tmp_path / name, a="1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop"]
+
+
+@pytest.fixture
+def mounts(tmp_path: Path):
+    """A read-only and a writable tmpfs (root only; skipped where mounting is not permitted)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = []
+    for name, options in (("ro", "ro,size=1m"), ("rw", "size=1m")):
+        (tmp_path / name).mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(tmp_path / name)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(tmp_path / name)
+    try:
+        yield mounted
+    finally:
+        for mount in mounted:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_read_only_mounts_and_mount_points_are_named_as_such(tmp_path: Path, mounts) -> None:
+    """Issue 24: `merge` into a read-only mount said "Device or resource busy" (the rename of the mount point)."""
+    read_only, writable = mounts
+    with pytest.raises(SingLoRAError, match="output folder .*/ro: on a read-only file system"):
+        check_output_folder(read_only, command="merge")
+    with pytest.raises(SingLoRAError, match="/ro/merged: cannot write: Read-only file system"):
+        write(read_only / "merged", a="1")
+    with pytest.raises(SingLoRAError, match="/rw: a mount point; .* give a folder inside it, e.g. .*/rw/out"):
+        write(writable, a="1")
+    write(writable / "out", a="1")
+    assert (writable / "out" / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro", "rw"]  # no temp folder left anywhere

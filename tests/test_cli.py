@@ -249,6 +249,34 @@ def test_csv_folder_and_peft_methods(assets: dict[str, Path], tmp_path: Path) ->
     assert json.loads((tmp_path / "full.json").read_text())["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-12)
 
 
+def test_every_step_trains_and_the_log_says_what_each_step_ran_at(assets: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """Issue 24: step 1 ran at u = 0 (and at lr 0 under the warm-up), so a 1-step run saved its initial A
+    whatever --lr; metrics.jsonl logged each step with the next step's lr and u; a run ending inside its ramp said
+    nothing. Now step k runs at lr * k / W and u = k / T, as logged, and such a run says so."""
+    singles = []
+    for lr in ("1e-3", "5e-3"):
+        _train(assets, tmp_path / f"one_{lr}", "--max-steps", "1", "--lr", lr)
+        singles.append(load_file(tmp_path / f"one_{lr}" / "adapter" / "adapter_model.safetensors"))
+    keys = [k for k in singles[0] if k.endswith("singlora_A")]
+    assert keys and all(not torch.equal(singles[0][k], singles[1][k]) for k in keys)  # step 1 moved A
+    argv = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--output-dir",
+            str(tmp_path / "short"), "--batch-size", "8", "--lr", "4e-3", "--target-modules", "query,value",
+            "--save-every", "0", "--max-steps", "3", "--warmup", "2", "--ramp-up-steps", "4", "--no-plot"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: the ramp (T = 4 steps, --ramp-up-steps) is longer than the run (3 steps): u reaches 0.75" in err
+    logged = [json.loads(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["lr"], r["u"]) for r in logged if r["kind"] == "train"]
+    total, warmup = 3, 2  # linear: k / W during the warm-up, then (total - k + 1) / (total - W)
+    expected = [(k, 4e-3 * (k / warmup if k <= warmup else (total - k + 1) / (total - warmup)), k / 4)
+                for k in range(1, 4)]
+    assert [s for s, _, _ in steps] == [1, 2, 3]
+    for (_, lr, u), (_, lr_ref, u_ref) in zip(steps, expected):
+        assert lr == pytest.approx(lr_ref) and u == pytest.approx(u_ref)
+
+
 def test_causal_lm_train_and_evaluate(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "lm"
     args = ["train", "--task", "causal-lm", "--model", str(assets["llama"]), "--train-data", str(assets["lm"]),
@@ -349,7 +377,7 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
                  str(out), "--quiet", "--max-steps", "1"]) == 2
     error = capsys.readouterr().err
     assert (f"--output-dir {out} already holds a run (a finished run): adapter/, checkpoint.pt, metrics.jsonl, "
-            "summary.json; continue it with --resume, or replace it with --overwrite") in error
+            "summary.json, config.yaml; continue it with --resume, or replace it with --overwrite") in error
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (out / "notes.txt").write_text("mine")
     summary = _train(assets, out, "--max-steps", "1", "--overwrite", "--no-plot")
@@ -365,8 +393,8 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp
 
     after_step = loop.after_step
 
-    def interrupted_at_step_2(run, loss):
-        after_step(run, loss)
+    def interrupted_at_step_2(run, *logged):
+        after_step(run, *logged)
         if run.step == 2:
             raise KeyboardInterrupt
 

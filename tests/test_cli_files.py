@@ -4,6 +4,7 @@ loader refuses is refused (exit 2, one line), and nothing from a file reaches th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_merge_and_export_never_destroy_what_is_there(run: Path, tmp_path: Path,
              ["merge", str(adapter), str(run.parent / "bert")]]  # the base model folder
     for argv in cases:
         assert main(argv) == 2, argv
-        assert "holds this command's input" in capsys.readouterr().err, argv
+        assert re.search(r"(is|holds) this command's (adapter|base model)", capsys.readouterr().err), argv
     other = tmp_path / "models"
     (other / "llama").mkdir(parents=True)
     (other / "llama" / "model.safetensors").write_text("someone else's model")
@@ -80,6 +81,43 @@ def test_merge_and_export_never_destroy_what_is_there(run: Path, tmp_path: Path,
     assert _tree(run) == before
 
 
+def test_no_output_destroys_an_input_even_with_overwrite(run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Issue 24: `evaluate --data D.csv --output D.csv --overwrite` replaced the data; `train --train-data
+    OUT/metrics.jsonl --output-dir OUT --overwrite` deleted the training file; `train --model M --output-dir M
+    --overwrite` wrote a run into the model folder and deleted its summary.json; `report --plot` could replace the
+    summary it reads."""
+    data = tmp_path / "D.csv"
+    data.write_text("text,label\nthe match ended level,sport\na new phone chip,tech\n")
+    model = tmp_path / "M"
+    model.mkdir()
+    for file in (run.parent / "bert").iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    (model / "summary.json").write_text("the model card's numbers")
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(data.read_text())
+    (out / "summary.json").write_text("a previous run")
+    cases = {
+        ("evaluate", str(run / "adapter"), "--data", str(data), "--output", str(data), "--overwrite"):
+            f"--output {data} is this command's --data",
+        ("evaluate", str(run / "adapter"), "--data", str(data), "--output", str(run / "adapter" / "x.json")):
+            "lies inside this command's adapter folder",
+        ("train", "--model", str(model), "--train-data", str(out / "metrics.jsonl"), "--output-dir", str(out),
+         "--overwrite"): f"run file {out / 'metrics.jsonl'} is this command's --train-data",
+        ("train", "--model", str(model), "--train-data", str(data), "--output-dir", str(model), "--overwrite"):
+            f"--output-dir {model} is this command's --model",
+        ("train", "--model", str(model), "--train-data", str(tmp_path), "--output-dir", str(out / "run"),
+         "--resume"): f"--output-dir {out / 'run'} lies inside this command's --train-data",
+        ("report", str(run), "--plot", str(run / "summary.json"), "--overwrite"): "is this command's input",
+    }
+    before = {folder: _tree(folder) for folder in (tmp_path, run)}
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert {folder: _tree(folder) for folder in (tmp_path, run)} == before
+
+
 def test_merge_and_evaluate_quiet_print_nothing(run: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     assert main(["merge", str(run / "adapter"), str(tmp_path / "merged"), "--quiet"]) == 0
     out, err = capfd.readouterr()
@@ -91,6 +129,16 @@ def test_merge_and_evaluate_quiet_print_nothing(run: Path, tmp_path: Path, capfd
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
     assert json.loads((tmp_path / "metrics.json").read_text())["examples"] == 2
+
+
+def test_merge_and_export_print_their_result_line_and_no_loading_bar(run: Path, tmp_path: Path,
+                                                                     capfd: pytest.CaptureFixture) -> None:
+    """Issue 24: merge showed transformers' "Loading weights" and "Writing model shards" bars by default."""
+    assert main(["merge", str(run / "adapter"), str(tmp_path / "merged")]) == 0
+    assert capfd.readouterr() == (f"merged model written to {tmp_path / 'merged'}\n", "")
+    assert main(["export", str(run / "adapter"), str(tmp_path / "lora")]) == 0
+    out, err = capfd.readouterr()
+    assert out == f"plain LoRA (peft) written to {tmp_path / 'lora' / 'adapter_model.safetensors'}\n" and err == ""
 
 
 def _bad_copy(run: Path, tmp_path: Path, change) -> Path:

@@ -4,7 +4,8 @@ checkpoint, half-way through writing the final adapter) and a full disk. Each ki
 is never damaged.
 
 The kill points inside a write come from a launcher that runs the real CLI with ``torch.save`` / safetensors'
-``save_file`` replaced by versions that write half of the bytes to the temp file, fsync, then wait to be killed.
+``adapter_file.save_safetensors`` replaced by versions that write half of the bytes to the temp file, fsync, then
+wait to be killed.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def save(obj, target, *args, **kwargs):
         real_save(obj, target, *args, **kwargs)
 torch.save = save
 
-real_save_file = torch_singlora.adapter_file.save_file
-def save_file(tensors, target, metadata=None):
+real_save_safetensors = torch_singlora.adapter_file.save_safetensors
+def save_safetensors(tensors, target, metadata):
     if not torn("adapter", lambda: safetensors.torch.save(tensors, metadata=metadata), target):
-        real_save_file(tensors, target, metadata=metadata)
-torch_singlora.adapter_file.save_file = save_file
+        real_save_safetensors(tensors, target, metadata)
+torch_singlora.adapter_file.save_safetensors = save_safetensors
 
 from torch_singlora.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -157,13 +158,19 @@ def test_sigkill_then_resume_gives_the_same_adapter(setup: dict[str, Any], point
 
 
 def test_killed_during_first_checkpoint_refuses_resume_clearly(setup: dict[str, Any], capsys: Any) -> None:
+    """Issue 24: the advice went round in a circle (--resume: no checkpoint; the plain rerun: use --resume). Both
+    now say there is nothing to resume and that --overwrite starts the run again."""
     out = setup["root"] / "first"
     process, marker = launch(setup, out, "checkpoint:1")
     kill_when(process, marker.exists)
     assert not (out / "checkpoint.pt").exists()
     capsys.readouterr()
     assert main([*setup["args"], "--output-dir", str(out), "--resume"]) == 2
-    assert f"no checkpoint at {out / 'checkpoint.pt'}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "start it again with --overwrite" in error, error
+    assert main([*setup["args"], "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in error and "--resume" not in error, error
 
 
 def test_disk_full_keeps_the_previous_checkpoint(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
@@ -322,13 +329,13 @@ def small_disk(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-# Pages (4 KiB) the tiny run writes: metrics.jsonl 1 (12 lines), checkpoint.pt 4, the adapter's 3 files 1 each,
-# summary.json 1, curves.png more than 1.
+# Pages (4 KiB) the tiny run writes: config.yaml 1 (first), metrics.jsonl 1 (12 lines), checkpoint.pt 4, the
+# adapter's 3 files 1 each, summary.json 1, curves.png more than 1.
 @pytest.mark.parametrize("full_at, pages, save_every", [
-    ("metrics.jsonl", 0, SAVE_EVERY),  # the first line of the log
-    ("checkpoint.pt", 1 + 4 + 1, SAVE_EVERY),  # the log + the first checkpoint fit; the second's temp file doesn't
-    ("adapter", 1 + 4, STEPS),  # the log + the checkpoint of the last step fit; the final adapter doesn't
-    ("curves.png", 1 + 4 + 3 + 1, STEPS),  # all but the plot
+    ("metrics.jsonl", 1, SAVE_EVERY),  # the config fits; the first line of the log doesn't
+    ("checkpoint.pt", 1 + 1 + 4 + 1, SAVE_EVERY),  # config, log, first checkpoint fit; the second's temp file doesn't
+    ("adapter", 1 + 1 + 4, STEPS),  # config, log, the checkpoint of the last step fit; the final adapter doesn't
+    ("curves.png", 1 + 1 + 4 + 3 + 1, STEPS),  # all but the plot
 ])
 def test_full_disk_names_the_file_and_resumes_once_space_is_freed(setup: dict[str, Any], small_disk: Any,
                                                                   capsys: Any, full_at: str, pages: int,

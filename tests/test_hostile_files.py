@@ -18,7 +18,7 @@ import torch_singlora.adapter_file as adapter_file
 import torch_singlora.untrusted as untrusted
 from torch_singlora import AdapterFileError, SingLoRAError
 from torch_singlora.adapter_file import CONFIG_FILE, WEIGHTS_FILE
-from adapter_fixtures import fresh_model, same, snapshot, valid_adapter
+from adapter_fixtures import FuzzModel, fresh_model, same, snapshot, valid_adapter
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
@@ -227,6 +227,32 @@ def test_fp16_and_fp64_A_accepted(saved: Path) -> None:
     assert torch.equal(model.model.proj.singlora["new"].A.detach(), expected.float())
 
 
+def test_an_update_beyond_float32_is_refused_by_module(saved: Path, tmp_path: Path) -> None:
+    """Issue 24: ``alpha: 1e308`` loaded, and the model then computed Inf (empty answers, exit 0). The update
+    ``s * A[:d_out] A[:d_in]^T`` of each module must stay within its dtype's range: refused at load and at export,
+    naming the module; the model unchanged."""
+    from torch_singlora.export import export_lora
+
+    _edit_config(saved, lambda d: d.update(alpha=1e308))
+    refuse(saved, str(saved / WEIGHTS_FILE), "module 'conv'", "beyond the range of torch.float32")
+    with pytest.raises(SingLoRAError, match="module 'conv': its scale"):
+        export_lora(saved, tmp_path / "lora", base_model=FuzzModel())
+    assert not (tmp_path / "lora").exists()
+    _edit_config(saved, lambda d: d.update(alpha=4.0, alpha_pattern={"proj": 1e38}))  # s finite, the product not
+    _resave(saved / WEIGHTS_FILE, lambda t: t["proj.singlora_A"].mul_(10))  # |A_i|^2 ~ 30: entries ~ 1e39
+    refuse(saved, "module 'proj': its update reaches", "(scale 5e+37)")
+
+
+def test_the_update_range_check_is_exact_past_its_bound() -> None:
+    """The norm bound only decides when the dense product is formed: a product within range passes even when the
+    bound is over it (B @ A == 0 here, bound 2 * s); one entry over the range is refused."""
+    B, s = torch.tensor([[1.0, 1.0]]), 3e38
+    untrusted.check_update_range("m", s, B, torch.tensor([[1.0], [-1.0]]), torch.float32)  # 0 everywhere
+    with pytest.raises(AdapterFileError, match="m: its update reaches 6e\\+38"):
+        untrusted.check_update_range("m", s, B, torch.tensor([[1.0], [1.0]]), torch.float32)
+    untrusted.check_update_range("m", 1e300, B, torch.tensor([[1.0], [1.0]]), torch.float64)
+
+
 # ---- the config file ----------------------------------------------------------------------------------------------
 
 def _edit_config(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
@@ -256,6 +282,9 @@ CONFIG_ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "rank too big": (lambda d: d.__setitem__("rank_pattern", {"proj": 99}), "99"),
     "modules_to_save str": (lambda d: d.__setitem__("modules_to_save", "head"), "modules_to_save='head'"),
     "peft config": (lambda d: d.update(format=None, peft_type="LORA"), "load it with peft"),
+    # issue 24: export wrote an all-zero LoRA (u = 0) from this file, which every loader refused
+    "fractional ramp stepped, total unknown": (lambda d: d.update(ramp_up_steps=0.01, total_steps=None, ramp_step=20),
+                                               "ramp_step=20 but ramp_up_steps=0.01 is a fraction of total_steps"),
 }
 
 

@@ -73,7 +73,7 @@ def test_every_source_reads_the_same_rows(tmp_path) -> None:
     assert expected[0][0][1]["content"] == "000"  # CSV cells stay text: "000" is not the number 0
     with pytest.raises(SingLoRAError, match=r"no split 'validation'; the splits are \['test', 'train'\]"):
         read_conversations(tmp_path / "splits", split="validation")
-    with pytest.raises(SingLoRAError, match="splits are"):  # several splits and none named: no silent choice
+    with pytest.raises(SingLoRAError, match="the splits .* name the one to read, e.g. --data-split test"):  # no choice
         read_conversations(tmp_path / "splits")
 
 

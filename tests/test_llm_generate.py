@@ -142,6 +142,53 @@ def test_a_peft_lora_for_another_model_is_a_one_line_error_naming_adapter(folder
     assert "\n" not in message and "size mismatch for base_model.model.model.layers.0.self_attn.q_proj" in message
 
 
+def _peft_copy(folders, tmp_path, name: str):
+    copy = tmp_path / name
+    copy.mkdir()
+    for file in (folders / "peft").iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    return copy
+
+
+def test_peft_folders_go_through_the_hostile_input_readers(folders, tmp_path, capsys, monkeypatch) -> None:
+    """Issue 24: a pickle-only PEFT folder was handed to PEFT (torch.load: a traceback), a safetensors header of
+    length 2**63 gave a traceback, and an update overflowing float32 gave empty answers with exit 0. Each is now a
+    one-line error naming the folder (and the pickle, or the module), before any generation."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    pickled = _peft_copy(folders, tmp_path, "pickled")
+    tensors = load_file(pickled / "adapter_model.safetensors")
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save(tensors, pickled / "adapter_model.bin")
+    huge = _peft_copy(folders, tmp_path, "huge_header")
+    with open(huge / "adapter_model.safetensors", "r+b") as handle:
+        handle.write(struct.pack("<Q", 2**63))
+    nan = _peft_copy(folders, tmp_path, "nan")
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, nan / "adapter_model.safetensors")
+    overflow = _peft_copy(folders, tmp_path, "overflow")
+    config = json.loads((overflow / "adapter_config.json").read_text())
+    (overflow / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308, "alpha_pattern": {}}))
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    cases = {pickled: "found pickled weights ['adapter_model.bin'], which singlora never loads",
+             huge: "header declares 9223372036854775808 bytes, over the", nan: f"{key} contains NaN or Inf",
+             overflow: "module 'base_model.model.model.layers.0.self_attn.q_proj': its scale 2.5e+307 is beyond"}
+    for folder, message in cases.items():
+        assert main(["generate", str(folders / "base"), "Hi", "--adapter", str(folder)]) == 2, folder
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        line = err if folder != overflow else err.splitlines()[-1]  # the others before the base model loads
+        assert line.startswith(f"singlora generate: error: --adapter {str(folder)!r}: "), err
+    assert main(["generate", str(folders / "base"), "Hi", "--adapter", str(folders / "peft"),
+                 "--max-new-tokens", "2"]) == 0  # the sound export still loads
+
+
 def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys) -> None:
     out = tmp_path / "answers.jsonl"
     assert main(["generate", str(folders / "base"), "Hi", "Capital of France?", "--max-new-tokens", "5",
@@ -166,6 +213,39 @@ def test_generate_command_writes_json_lines(folders, base_chat, tmp_path, capsys
     assert "exists; --overwrite replaces it" in capsys.readouterr().err and out.read_text() == before
 
 
+def test_generate_never_writes_over_its_inputs(folders, tmp_path, capsys) -> None:
+    """Issue 24: `generate RUN/adapter "Say hi." --output RUN/adapter/adapter_config.json --overwrite` exited 0 and
+    the adapter no longer loaded; `--prompts-file P.jsonl --output P.jsonl --overwrite` replaced the prompts."""
+    from torch_singlora.runs import write_run_info
+
+    trained = tmp_path / "run" / "adapter"
+    trained.mkdir(parents=True)
+    for file in (folders / "adapter").iterdir():
+        (trained / file.name).write_bytes(file.read_bytes())
+    write_run_info(trained, {"task": "sft", "method": "singlora", "base_model": str(folders / "base"),
+                             "tokenizer": str(folders / "base"), "target_modules": [], "max_length": 64})
+    prompts, template = tmp_path / "P.jsonl", tmp_path / "chat.jinja"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    base, peft = str(folders / "base"), str(folders / "peft")
+    cases = {
+        (str(trained), "Say hi.", "--output", str(trained / "adapter_config.json")): "lies inside this command's model",
+        (base, "--prompts-file", str(prompts), "--output", str(prompts)): "is this command's --prompts-file",
+        (base, "Hi", "--chat-template", str(template), "--output", str(template)): "is this command's --chat-template",
+        (base, "Hi", "--adapter", peft, "--output", f"{peft}/adapter_model.safetensors"): "lies inside this "
+                                                                                         "command's --adapter",
+        (str(trained), "Hi", "--output", str(folders / "base" / "config.json")):
+            "lies inside this command's base model",
+    }
+    before = {folder: sorted((p.name, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+              for folder in (tmp_path, folders)}
+    for argv, message in cases.items():
+        assert main(["generate", *argv, "--overwrite"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert before == {folder: sorted((p.name, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+                      for folder in (tmp_path, folders)}
+
+
 def test_chat_loop_keeps_history_resets_and_streams(base_chat) -> None:
     options = GenerationOptions(max_new_tokens=5)
     lines = iter(["Hi", "  ", "/help", "Capital of France?", "/reset", "Capital of France?", "/exit", "never read"])
@@ -185,6 +265,18 @@ def test_chat_loop_keeps_history_resets_and_streams(base_chat) -> None:
     assert f"{first}\n" in transcript and f"{second}\n" in transcript and "(conversation reset)" in transcript
     assert "unknown command '/help'" in transcript
     assert sum(1 for w in writes if w and w in first) > 1  # the first answer came in several pieces
+
+
+def test_chat_takes_messages_of_several_lines(base_chat) -> None:
+    """Issue 24: every line was a turn, so the README's prompt (a question, a blank line, an article) could not be
+    entered. A trailing backslash continues a message; a block between two \"\"\" lines is one message as pasted."""
+    lines = iter(["Which section?\\", "\\", "The match ended 2-1.", '"""', "Two lines:", "", "  kept as pasted", '"""',
+                  "/exit"])
+    out = io.StringIO()
+    history = chat_loop(base_chat, GenerationOptions(max_new_tokens=2), read=lambda prompt: next(lines), out=out)
+    assert [m["content"] for m in history if m["role"] == "user"] == [
+        "Which section?\n\nThe match ended 2-1.", "Two lines:\n\n  kept as pasted"]
+    assert 'end a line with \\ to go on, or paste them between two """ lines' in out.getvalue().splitlines()[0]
 
 
 def test_chat_command_through_stdin(folders, base_chat) -> None:

@@ -7,7 +7,7 @@ adapter set), token counts with the number of tokens it generated. The ``html`` 
 its greedy answer is markup (``<script>...``): the page must show it as text.
 
 Skipped, with the reason, where Playwright or a chromium binary is missing (``.ci/run`` installs Debian's chromium;
-``SINGLORA_CHROMIUM`` names another binary). ``python -m tests.test_playground --screenshot docs/playground.png``
+``SINGLORA_CHROMIUM`` names another binary). ``python tests/test_playground.py --screenshot docs/playground.png``
 makes the README's picture of the compare view on the real SmolLM2-135M-Instruct.
 """
 
@@ -31,6 +31,7 @@ import torch
 
 from torch_singlora import SingLoRAConfig, SingLoRAModel, assets, get_singlora_model
 import torch_singlora.serving
+from serving_models import tiny_llama
 from torch_singlora.serving.text import chat_prompt_ids
 
 STATIC = Path(torch_singlora.serving.__file__).with_name("static")
@@ -150,17 +151,6 @@ def last_answer(pane: Any) -> str:
 
 # ---- the site: a tiny Llama, four adapters, the library's reference, a live server; and a browser ------------------
 
-def tiny_llama(tokenizer: Any) -> torch.nn.Module:
-    """SmolLM2's vocabulary, an untied ``lm_head`` (the ``html`` adapter saves its own copy of it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
-
-
 def teach_markup(model: SingLoRAModel, tokenizer: Any, name: str) -> None:
     """Set adapter ``name``'s own ``lm_head`` copy so that its greedy answer to ``MARKUP_PROMPT`` is ``MARKUP`` then
     the end of turn: the head's rows for the answer's tokens solve ``head @ h_k = 10 * onehot(next token k)`` at the
@@ -228,7 +218,7 @@ def greedy(site: dict, model: str, messages: list[dict], max_new_tokens: int) ->
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
-# ---- the tests --------------------------------------------------------------------------------------------------------
+# ---- the tests -------------------------------------------------------------------------------------------------------
 
 def test_chat_streams_the_library_greedy_answer_over_several_turns(site, browser) -> None:
     page = open_page(browser, site["url"], key=None)

@@ -185,3 +185,42 @@ def test_resuming_in_place_takes_the_saved_run_length(tmp_path) -> None:
     fresh = _model(ramp_up_steps=DEFAULT)
     fresh.load_adapter_in_place(tmp_path, "default")
     assert (fresh.get_ramp_up_steps(), fresh.get_ramp_step(), fresh.get_ramp_value()) == (4, 5, 1.0)
+
+
+def test_each_optimizer_step_k_runs_at_u_k_over_T_so_the_first_one_trains() -> None:
+    """Issue 24: with u = t / T and t = steps taken, step 1 ran at u = 0: A's gradient was exactly 0 and the step
+    was lost. During a run, step k runs at u = min(k / T, 1); at rest after k steps u is that of step k; outside a
+    run (and at t = 0 at rest) nothing changes: the untrained model is the base model."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4).double()
+    config = SingLoRAConfig(r=2, alpha=2.0, target_modules=["0"], ramp_up_steps=4)
+    model = get_singlora_model(nn.Sequential(base), config)
+    adapter = model.model[0].singlora["default"]
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def reference(u: float) -> torch.Tensor:  # base + s * u * A[:4] A[:6]^T, dense float64
+        A = adapter.A.detach()
+        return x @ (base.weight.detach() + 1.0 * u * (A[:4] @ A[:6].T)).T + base.bias.detach()
+
+    model.train()
+    torch.testing.assert_close(model(x), reference(0.0), rtol=0, atol=0)  # no run yet: at rest, the base model
+    optimizer = torch.optim.SGD([adapter.A], lr=0.1)
+    handle = model.bind_optimizer(optimizer)
+    for k in range(1, 7):
+        start = adapter.A.detach().clone()
+        output = model(x)
+        torch.testing.assert_close(output, reference(min(k / 4, 1.0)))  # step k computes at u = k / T
+        output.square().sum().backward()
+        assert adapter.A.grad.abs().max() > 0, k
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not torch.equal(adapter.A.detach(), start), k  # step 1 trains too
+        model.eval()
+        assert model.get_ramp_value() == min(k / 4, 1.0)  # at rest: the u step k trained with
+        torch.testing.assert_close(model(x), reference(min(k / 4, 1.0)))
+        model.train()
+    handle.remove()  # t no longer moves
+    model.set_training_run(False)  # the run ends: training-mode forwards are at rest again
+    optimizer.step()
+    assert model.get_ramp_step() == 6 and not adapter.in_run
+    torch.testing.assert_close(model(x), reference(1.0))

@@ -1,7 +1,8 @@
 """``singlora serve``'s HTTP server, started on 127.0.0.1 (a free port) and driven with the official ``openai``
 client (and httpx for raw requests): completions, chat, streaming, stop strings, concurrent requests for several
-adapters batched together, errors in OpenAI's shape, cancellation, run-time loading; every greedy output equals the
-library's own generation (``SingLoRAModel.generate`` with the adapter loaded alone). A tiny Llama with SmolLM2's
+adapters batched together, errors in OpenAI's shape, cancellation, run-time loading, vLLM's sampling options and
+logprobs, tokenize / detokenize / health / version / metrics; every greedy output equals the library's own generation
+(``SingLoRAModel.generate`` with the adapter loaded alone, with the same options). A tiny Llama with SmolLM2's
 tokenizer keeps it fast; one test serves the real SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -24,6 +26,8 @@ from torch_singlora import SingLoRAConfig, SingLoRAModel, assets, get_singlora_m
 from torch_singlora.serving.app import create_app, serve_in_thread
 from torch_singlora.serving.service import Limits, Service
 from torch_singlora.serving.text import TextStream, chat_prompt_ids
+
+from serving_models import tiny_llama
 
 KEY = "test-key"
 ADAPTERS = {  # name -> config: every projection kind, the embedding, a saved lm_head
@@ -36,24 +40,11 @@ ADAPTERS = {  # name -> config: every projection kind, the embedding, a saved lm
 }
 
 
-def tiny_llama(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=1,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, smollm2_tokenizer):
     """A tiny Llama folder, three adapters in an adapter dir, the library reference and a running server."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    tokenizer = smollm2_tokenizer
     base = tiny_llama(tokenizer)
     base.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -177,8 +168,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(world) -> N
     auth = {"Authorization": f"Bearer {KEY}"}
     cases = [
         (lambda: client.completions.create(model="nobody", prompt="x"), openai.NotFoundError, "does not exist"),
-        (lambda: client.completions.create(model="alice", prompt="x", logprobs=2), openai.BadRequestError,
-         "logprobs"),
+        (lambda: client.completions.create(model="alice", prompt="x", echo=True), openai.BadRequestError,
+         "echo: not supported"),
         (lambda: client.completions.create(model="alice", prompt="x", max_tokens=65), openai.BadRequestError,
          "max_tokens=65 exceeds"),
         (lambda: client.completions.create(model="alice", prompt="x " * 200), openai.BadRequestError,
@@ -309,8 +300,9 @@ def test_classification_server_equals_the_library(tmp_path) -> None:
 
 
 def test_singlora_serve_command_on_the_real_smollm2(tmp_path) -> None:
-    """The command as a user runs it, on SmolLM2-135M-Instruct with one adapter: the chat answer equals the
-    library's generation with that adapter."""
+    """The command as a user runs it, on SmolLM2-135M-Instruct with one adapter, and an adapter dir holding one
+    broken folder (the server starts anyway and says why it refused it): the chat answer equals the library's
+    generation with that adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = assets.smollm2_path()
@@ -319,12 +311,15 @@ def test_singlora_serve_command_on_the_real_smollm2(tmp_path) -> None:
     model = get_singlora_model(AutoModelForCausalLM.from_pretrained(path), SingLoRAConfig(
         r=8, target_modules=["q_proj", "v_proj"], init="gaussian", init_std=0.05, ramp_up_steps=0))
     model.save_adapter(tmp_path / "pirate")
+    (tmp_path / "more" / "broken").mkdir(parents=True)
+    (tmp_path / "more" / "broken" / "adapter_config.json").write_text("{not json")
     port_probe = socket.socket()
     port_probe.bind(("127.0.0.1", 0))
     port = port_probe.getsockname()[1]
     port_probe.close()
     command = [sys.executable, "-m", "torch_singlora.cli", "serve", "--model", path, "--adapter",
-               f"pirate={tmp_path / 'pirate'}", "--port", str(port), "--log-level", "warning", "--threads", "1"]
+               f"pirate={tmp_path / 'pirate'}", "--adapter-dir", str(tmp_path / "more"), "--port", str(port),
+               "--log-level", "warning", "--threads", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -346,3 +341,102 @@ def test_singlora_serve_command_on_the_real_smollm2(tmp_path) -> None:
     finally:
         process.terminate()
         process.wait(30)
+    log = process.stdout.read()
+    assert f"adapter folder {tmp_path / 'more' / 'broken'} refused:" in log and "adapter_config.json" in log, log
+
+
+def test_vllm_sampling_options_and_logprobs_equal_the_library(world) -> None:
+    """repetition_penalty, min_tokens, ignore_eos, logit_bias and stop_token_ids against transformers' own
+    generation with the same options (its logits processors are the independent reference), and logprobs against
+    the log-softmax of the reference model's logits."""
+    client, tokenizer, reference = world["client"], world["tokenizer"], world["reference"]
+    ids = tokenizer("The quick brown fox")["input_ids"]
+    eos = tokenizer.eos_token_id
+
+    def library(adapter: str, **options) -> tuple[list[int], Any]:
+        reference.set_adapter(adapter)
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True, **options)
+        return out.sequences[0, len(ids):].tolist(), out
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    got = client.completions.create(model="bob", prompt=ids, max_tokens=12, temperature=0,
+                                    extra_body={"repetition_penalty": 1.8})
+    assert got.choices[0].text == text(library("bob", max_new_tokens=12, repetition_penalty=1.8)[0])
+    assert got.choices[0].text != library_text(world, "bob", ids, 12)  # the penalty changed the answer
+    biased = client.completions.create(model="bob", prompt=ids, max_tokens=12, temperature=0,
+                                       logit_bias={str(eos): 100}, extra_body={"min_tokens": 5})
+    tokens, _ = library("bob", max_new_tokens=12, min_new_tokens=5, sequence_bias={(eos,): 100.0})
+    assert tokens[5] == eos and biased.usage.completion_tokens == 6 and biased.choices[0].finish_reason == "stop"
+    assert biased.choices[0].text == text(tokens[:5])
+    endless = client.completions.create(model="bob", prompt=ids, max_tokens=7, temperature=0,
+                                        logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    assert (endless.choices[0].finish_reason, endless.usage.completion_tokens, endless.choices[0].text) == \
+        ("length", 7, "")
+    greedy, out = library("carol", max_new_tokens=6)
+    cut = client.completions.create(model="carol", prompt=ids, max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"stop_token_ids": [greedy[4]]})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text(greedy[:greedy.index(greedy[4])])
+    logprobs = client.completions.create(model="carol", prompt=ids, max_tokens=6, temperature=0,
+                                         logprobs=3).choices[0].logprobs
+    for step, logits in enumerate(out.logits):
+        expected = torch.log_softmax(logits[0].double(), -1)
+        assert logprobs.token_logprobs[step] == pytest.approx(float(expected[greedy[step]]), abs=1e-4)
+        top = [tokenizer.decode([t]) for t in expected.topk(3).indices.tolist()]
+        assert set(logprobs.top_logprobs[step]) == {*top, tokenizer.decode([greedy[step]])}
+    assert "".join(logprobs.tokens) == text(greedy) and logprobs.text_offset[0] == 0
+    messages = [{"role": "user", "content": "Hello!"}]
+    chat = client.chat.completions.create(model="bob", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+                                     for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+def test_tokenize_detokenize_health_version_metrics(world) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from torch_singlora import __version__
+
+    client, tokenizer, port = world["client"], world["tokenizer"], world["port"]
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {KEY}"}
+    messages = [{"role": "user", "content": "Hello!"}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": "bob", "messages": messages}, headers=auth).json()
+    assert chat["tokens"] == chat_prompt_ids(tokenizer, messages) and chat["count"] == len(chat["tokens"])
+    assert chat["count"] == client.chat.completions.create(model="bob", messages=messages,
+                                                           max_tokens=1).usage.prompt_tokens
+    plain = httpx.post(f"{url}/tokenize", json={"prompt": "Hello world"}, headers=auth).json()
+    assert plain["tokens"] == tokenizer("Hello world")["input_ids"] and plain["max_model_len"] == 256
+    back = httpx.post(f"{url}/detokenize", json={"model": "tiny", "tokens": plain["tokens"]}, headers=auth)
+    assert back.json() == {"prompt": "Hello world"}
+    for path, body in [("/detokenize", {"tokens": [10**9]}), ("/tokenize", {"prompt": "x", "messages": messages})]:
+        response = httpx.post(url + path, json=body, headers=auth)
+        assert response.status_code == 400, response.text
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/version").json() == {"version": __version__}
+
+    def metrics() -> dict:
+        text = httpx.get(f"{url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = metrics()
+    answer = client.completions.create(model="carol", prompt="Count", max_tokens=5, temperature=0)
+    after = metrics()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
+
+    assert grew("singlora_requests_total", model="carol", outcome="ok") == 1
+    assert grew("singlora_prompt_tokens_total", model="carol") == answer.usage.prompt_tokens
+    assert grew("singlora_generation_tokens_total", model="carol") == answer.usage.completion_tokens == 5
+    assert grew("singlora_batch_rows_count", kind="decode") >= 4 and grew("singlora_batch_rows_count",
+                                                                          kind="prefill") >= 1
+    assert after[("singlora_queue_length", ())] == 0
+    assert after[("singlora_adapters", ())] == len(world["service"].bank.adapters) >= 2

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from torch_singlora import SingLoRAError
-from torch_singlora.cli import build_parser
-from torch_singlora.cli_options import dataclass_from_args, task_options
+from torch_singlora.cli import build_parser, train_config
 from torch_singlora.runs import check_resumable
 from torch_singlora.train.config import TrainConfig
 from torch_singlora.train.loop import comparable_settings
@@ -20,7 +19,7 @@ from torch_singlora.train.loop import comparable_settings
 def parsed(*flags: str) -> TrainConfig:
     """The validated ``TrainConfig`` ``singlora train`` builds from ``flags`` (as ``cli.cmd_train``)."""
     args = build_parser().parse_args(["train", "--model", "m", "--train-data", "d", "--output-dir", "o", *flags])
-    config = dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task))
+    config = train_config(args)
     config.validate()
     return config
 

@@ -165,9 +165,12 @@ def test_plain_trainer_saves_and_resumes_a_tied_model(tmp_path) -> None:
 def _sft_config(tmp_path, **overrides):
     trl = pytest.importorskip("trl")
 
+    # the recipe's flags (docs/interop.md): transformers >= 5 calls gradient checkpointing activation_checkpointing
+    checkpointing = "activation_checkpointing" if hasattr(trl.SFTConfig, "activation_checkpointing") \
+        else "gradient_checkpointing"
     fields = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, save_steps=2, report_to=[],
-                  use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False, learning_rate=1e-2,
-                  logging_strategy="no", seed=0, dataloader_num_workers=0)
+                  use_cpu=True, bf16=False, disable_tqdm=True, learning_rate=1e-2, logging_strategy="no", seed=0,
+                  dataloader_num_workers=0, **{checkpointing: False})
     fields.update(overrides)
     return trl.SFTConfig(**fields)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
@@ -32,8 +33,10 @@ from .config import SingLoRAConfig
 from .errors import AdapterFileError, SingLoRAError
 from .experts import owner_of
 from .plan import AdapterPlan, plan_adapter
+from .names import unmatched_entries, walk_adaptable
 from .untrusted import (
-    MAX_JSON_BYTES, Entries, Expected, read_expected, read_json, read_safetensors_header,
+    MAX_JSON_BYTES, Entries, Expected, check_update_range, pickle_hint, read_expected, read_json,
+    read_safetensors_header,
 )
 
 FORMAT_NAME = "singlora"
@@ -43,7 +46,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 A_SUFFIX = "singlora_A"
 META_FIELDS = ("format", "format_version", "ramp_step", "base_model_name_or_path")  # beside the config fields
 MAX_CONFIG_BYTES = MAX_JSON_BYTES  # adapter_config.json
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +80,20 @@ def cast_for_storage(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
     return stored
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted order: safetensors writes it from a hash map whose
+    order changes from process to process, so two identical runs gave files differing by their bytes (checksums are
+    how people compare adapters). The tensors and their bytes are safetensors' own; only the header is re-written."""
+    blob = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + length:])
+
+
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: SingLoRAConfig,
                   ramp_step: int, base_model_name_or_path: str | None, dtype: str | torch.dtype | None = None
                   ) -> None:
@@ -95,7 +111,7 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     if stored is not None:
         metadata["dtype"] = str(stored).removeprefix("torch.")
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
     document = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ramp_step": ramp_step,
         "base_model_name_or_path": base_model_name_or_path, **config.to_dict(),
@@ -136,25 +152,10 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[SingLoRAConfig, d
         raise AdapterFileError(str(exc)) from None
     except (TypeError, ValueError, RecursionError) as exc:  # a field value the validator did not foresee
         raise AdapterFileError(f"{path}: invalid config: {exc!r}") from None
+    if step and config.resolve_ramp_up_steps() is None:  # no run steps without knowing T (RampControls)
+        raise AdapterFileError(f"{path}: ramp_step={step} but ramp_up_steps={config.ramp_up_steps} is a fraction of "
+                               "total_steps, which is null: u at that step is unknown (no singlora run writes this)")
     return config, meta
-
-
-def _pickle_hint(directory: Path) -> str:
-    """A note on pickled weights found in ``directory`` (never opened), with a safe conversion command."""
-    try:
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    except OSError:
-        return ""
-    if not pickles:
-        return ""
-    return (
-        f"; found pickled weights {pickles}, which singlora never loads (unpickling can run arbitrary code). "
-        "Convert them once, in a process you trust, with torch's weights-only unpickler: python -c \"import torch; "
-        "from safetensors.torch import save_file; "
-        f"save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_FILE}', "
-        f"metadata={{'format': '{FORMAT_NAME}', 'format_version': '{FORMAT_VERSION}'}})\" (keys must be "
-        f"'<module>.{A_SUFFIX}')"
-    )
 
 
 def read_adapter_header(path: str | os.PathLike) -> Entries:
@@ -162,7 +163,9 @@ def read_adapter_header(path: str | os.PathLike) -> Entries:
     whose metadata says ``format=singlora``; a missing file mentions pickled weights found beside it."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise AdapterFileError(f"{path}: no such file{_pickle_hint(path.parent)}")
+        hint = pickle_hint(path.parent, WEIGHTS_FILE, {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        raise AdapterFileError(f"{path}: no such file{hint} (keys must be '<module>.{A_SUFFIX}')" if hint
+                               else f"{path}: no such file")
     metadata, entries = read_safetensors_header(path)
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterFileError(f"{path}: metadata format={metadata.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -196,18 +199,49 @@ def plan_adapter_file(model: nn.Module, directory: Path, config: SingLoRAConfig)
     if not modules:
         raise AdapterFileError(f"{path}: no <module>.{A_SUFFIX} tensor: not a SingLoRA adapter")
     try:
-        return plan_adapter(model, config, modules), entries
+        plan = plan_adapter(model, config, modules)
     except SingLoRAError as exc:
         raise AdapterFileError(f"{Path(directory) / CONFIG_FILE} and {path}: the adapter does not fit this model: "
                                f"{exc}") from None
+    _check_listed_modules(model, config, plan, Path(directory))
+    return plan, entries
+
+
+def _check_listed_modules(model: nn.Module, config: SingLoRAConfig, plan: AdapterPlan, directory: Path) -> None:
+    """Refuse a file missing the tensors of modules its config lists: each entry of a ``target_modules`` /
+    ``target_parameters`` list (``singlora train`` writes every adapted module's full name) must name an adapted
+    module of the file (or one inside ``modules_to_save``). Names only, no pattern is matched; not checked with
+    ``exclude_modules`` (an entry may then match only excluded modules)."""
+    if config.exclude_modules is not None:
+        return
+    saved = plan.saved_modules
+    inside = [n for n, _ in walk_adaptable(model) if any(n.startswith(s + ".") for s in saved)]
+    names = [*plan.modules, *inside, *saved]
+    listed = [*(config.target_modules if isinstance(config.target_modules, list) else []),
+              *(config.target_parameters or [])]
+    missing = unmatched_entries(listed, names)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AdapterFileError(f"{directory / WEIGHTS_FILE}: no tensor for {len(missing)} of the {len(listed)} "
+                               f"modules {directory / CONFIG_FILE} lists in target_modules: {shown} (an incomplete "
+                               "adapter file; the run that wrote it trained them)")
 
 
 def read_adapter_for(model: nn.Module, directory: Path, config: SingLoRAConfig
                      ) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
     """``(plan, tensors)`` of the adapter in ``directory`` (``plan_adapter_file``) for ``model``, changing
-    nothing; everything (modules, shapes, dtypes, values) is checked against the model before the data is read."""
+    nothing; everything (modules, shapes, dtypes, values) is checked against the model before the data is read,
+    and each module's update ``s * A[:d_out] A[:d_in]^T`` must stay within its dtype's range
+    (``untrusted.check_update_range``: ``alpha: 1e308`` would make the model compute Inf)."""
     plan, entries = plan_adapter_file(model, directory, config)
-    return plan, read_expected(Path(directory) / WEIGHTS_FILE, entries, expected_tensors(model, plan))
+    path, expected = Path(directory) / WEIGHTS_FILE, expected_tensors(model, plan)
+    tensors = read_expected(path, entries, expected)
+    for name, module in plan.modules.items():  # the update at u = 1, the most it reaches
+        key = f"{name}.{A_SUFFIX}"
+        for A in tensors[key] if module.experts else [tensors[key]]:  # (n, r), per expert for an expert stack
+            check_update_range(f"{path}: module {name!r}", module.scale, A[: module.d_out], A[: module.d_in].T,
+                               expected[key][1])
+    return plan, tensors
 
 
 def read_adapter_tensors(path: str | os.PathLike, expected: Expected) -> dict[str, torch.Tensor]:

@@ -3,10 +3,14 @@
 - ``atomic_write`` / ``atomic_write_text``: a temp file beside the target, fsynced, renamed over it. A crash leaves
   the old file or the new one, never a torn one.
 - ``atomic_directory``: a temp folder beside the target, filled, then swapped in by two renames.
-- ``check_output_file``: an existing file named by an output flag is replaced only with ``--overwrite``.
+- ``check_not_input``: the one output rule, for every file and folder a command writes or removes: an output never
+  is, holds, or lies inside one of the command's inputs (model, tokenizer, data, prompts, adapter, chat template),
+  compared by file identity, whatever ``--overwrite`` says.
+- ``check_output_file``: that rule, then an existing file named by an output flag is replaced only with
+  ``--overwrite``.
 - ``output_folder``: ``atomic_directory`` behind the one output-folder policy every command that writes a folder
-  uses (``check_output_folder``): a non-empty target that is not this command's own previous output is refused,
-  naming what is there, unless ``overwrite=True``; a folder holding the command's own input is never replaced.
+  uses (``check_output_folder``): the output rule, then a non-empty target that is not this command's own previous
+  output is refused, naming what is there, unless ``overwrite=True``.
 
 Files and folders get the permissions an ordinary ``open(path, "w")`` / ``mkdir`` would give them: ``0o666`` /
 ``0o777`` less the umask (the kernel applies it), or the mode of the file being replaced.
@@ -22,10 +26,13 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Union
 
 from .errors import SingLoRAError
 
+PathLike = Union[str, "os.PathLike[str]"]
+# A command's inputs: ``{what the user calls it (a flag): path}``, or bare paths (named "input"); None entries skipped.
+Inputs = Union[Mapping[str, Optional[PathLike]], Iterable[Optional[PathLike]]]
 MANIFEST_FILE = "singlora_output.json"  # what a command wrote into its output folder (``output_folder``)
 _TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # the temp names made here
 
@@ -142,15 +149,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     user's folder go through ``output_folder``.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SingLoRAError(f"{path}: exists and is not a folder")
+    check_replaceable_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_path(path, lambda candidate: os.mkdir(candidate, 0o777))  # 0o777 less the umask
-        _keep_mode(path, tmp)
     except OSError as exc:
         raise SingLoRAError(f"{path}: cannot write: {exc.strerror}") from exc
     try:
+        _keep_mode(path, tmp)
         yield tmp
         _ordinary_file_modes(tmp)
         old = path.parent / f"{tmp.name}.old" if path.exists() else None
@@ -167,6 +173,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(path, error) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable_folder(path: Path) -> None:
+    """Refuse (``SingLoRAError``, saying why) a folder ``atomic_directory`` could not put in place: a file; a
+    symbolic link leading nowhere (a loop, or a missing target); a folder on a read-only file system; a mount
+    point (the new folder is renamed into place, and a mount point cannot be renamed)."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise SingLoRAError(f"{path}: a symbolic link that leads to no folder (a loop, or a missing target); remove "
+                            "it or choose another folder")
+    if path.exists() and not path.is_dir():
+        raise SingLoRAError(f"{path}: exists and is not a folder")
+    if not path.exists():
+        return
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise SingLoRAError(f"{path}: on a read-only file system (mounted read-only): nothing can be written there; "
+                            "choose a folder on a writable one")
+    if os.path.ismount(path):
+        raise SingLoRAError(f"{path}: a mount point; singlora writes the new folder beside it and renames it into "
+                            f"place, which a mount point cannot be: give a folder inside it, e.g. {path / 'out'}")
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
@@ -187,10 +212,11 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
 
 
 def _same_or_inside(inner: Path, outer: Path) -> bool:
-    """Whether ``inner`` is the folder ``outer`` or lies inside it, by file identity (device + inode of ``outer``
-    against ``inner`` and each of its parents), not by spelling: ``..``, symlinks and bind mounts are seen through."""
+    """Whether ``inner`` is the file or folder ``outer`` or lies inside it, by file identity (device + inode of
+    ``outer`` against ``inner`` and each of its parents), not by spelling: ``..``, symlinks, hard links and bind
+    mounts are seen through. ``inner`` need not exist yet."""
     try:
-        target = os.stat(outer)
+        target = os.stat(os.path.realpath(outer))
     except OSError:
         return False
     current = Path(os.path.realpath(inner))
@@ -199,6 +225,29 @@ def _same_or_inside(inner: Path, outer: Path) -> bool:
             if os.path.samestat(os.stat(candidate), target):
                 return True
     return False
+
+
+def _named(inputs: Inputs) -> list[tuple[str, Path]]:
+    pairs = inputs.items() if isinstance(inputs, Mapping) else (("input", source) for source in inputs)
+    return [(name, Path(source)) for name, source in pairs if source is not None and str(source)]
+
+
+def check_not_input(path: PathLike, inputs: Inputs, *, what: str, advice: str, may_hold: bool = False) -> None:
+    """The one output rule: refuse (``SingLoRAError``, naming both) an output ``path`` that is one of ``inputs``,
+    lies inside an input folder, or (unless ``may_hold``: a folder the command writes only some named files into)
+    holds an input. Compared by file identity, not by spelling; no flag overrides it.
+
+    ``what`` names the output (``"--output"``, ``"output folder"``), ``advice`` ends the message.
+    """
+    for name, source in _named(inputs):
+        if _same_or_inside(Path(path), source):
+            relation = "is" if _same_or_inside(source, Path(path)) else "lies inside"
+        elif not may_hold and _same_or_inside(source, Path(path)):
+            relation = "holds"
+        else:
+            continue
+        raise SingLoRAError(f"{what} {path} {relation} this command's {name} {source}: writing there would destroy "
+                            f"it; {advice}")
 
 
 def _manifest_files(folder: Path, command: str) -> set[str] | None:
@@ -227,26 +276,24 @@ def _relative_files(folder: Path) -> list[str]:
 
 
 def check_output_folder(
-    path: str | os.PathLike, *, command: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+    path: PathLike, *, command: str, inputs: Inputs = (), overwrite: bool = False,
 ) -> Literal["new", "own", "overwrite"]:
     """The one output-folder policy: may ``command`` (e.g. ``"merge"``) replace the folder ``path``?
 
     Returns ``"new"`` (missing or empty), ``"own"`` (it holds exactly what ``command`` wrote there before, per its
     manifest) or ``"overwrite"`` (anything else, allowed by ``overwrite=True``). Raises ``SingLoRAError``:
 
-    - always, if ``path`` is, or contains, one of ``inputs`` (compared by file identity, not by spelling), or is a
-      file;
+    - always, if ``path`` is, holds, or lies inside one of ``inputs`` (``check_not_input``), or is a file;
     - without ``overwrite``, if it holds anything else, naming the first entries (they would be lost).
     """
     path = Path(path)
-    for source in inputs:
-        if _same_or_inside(Path(source), path):
-            raise SingLoRAError(f"output folder {path} holds this command's input {source}: writing there would "
-                                "destroy it; choose another output folder")
+    check_not_input(path, inputs, what="output folder", advice="choose another output folder")
+    try:
+        check_replaceable_folder(path)
+    except SingLoRAError as exc:
+        raise SingLoRAError(f"output folder {exc}") from None
     if not path.exists():
         return "new"
-    if not path.is_dir():
-        raise SingLoRAError(f"output {path} exists and is not a folder")
     entries = _relative_files(path)
     if not entries:
         return "new"
@@ -262,9 +309,11 @@ def check_output_folder(
                         "it and everything in it")
 
 
-def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = False) -> None:
-    """The output-file policy (``evaluate --output``, ``report --plot``, ``generate --output``...): an existing
-    ``path`` is the user's and is replaced only with ``overwrite`` (``--overwrite``); a folder never is."""
+def check_output_file(path: PathLike, *, flag: str, inputs: Inputs = (), overwrite: bool = False) -> None:
+    """The output-file policy (``evaluate --output``, ``report --plot``, ``generate --output``...): never one of the
+    command's ``inputs`` nor inside one (``check_not_input``); an existing ``path`` is the user's and is replaced
+    only with ``overwrite`` (``--overwrite``); a folder never is."""
+    check_not_input(path, inputs, what=flag, advice=f"give {flag} another file name")
     if os.path.isdir(path):
         raise SingLoRAError(f"{flag} {str(path)!r} is a folder: give a file name")
     if os.path.lexists(path) and not overwrite:
@@ -273,11 +322,11 @@ def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = F
 
 @contextlib.contextmanager
 def output_folder(
-    path: str | os.PathLike, *, command: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+    path: PathLike, *, command: str, inputs: Inputs = (), overwrite: bool = False,
 ) -> Iterator[Path]:
     """``atomic_directory(path)`` after ``check_output_folder``; records what the body wrote in the manifest
     ``singlora_output.json`` (``{"written_by": "singlora <command>", "files": [...]}``) so a rerun may replace it."""
-    inputs = list(inputs)
+    inputs = inputs if isinstance(inputs, Mapping) else list(inputs)
     check_output_folder(path, command=command, inputs=inputs, overwrite=overwrite)
     with atomic_directory(path) as tmp:
         yield tmp

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .adapter_file import SAVE_DTYPES
-from .cli_options import add_dataclass_arguments, add_task_options, dataclass_from_args, task_options
+from .cli_options import add_dataclass_arguments, add_task_options, task_options
 from .errors import SingLoRAError
 
 # Modules exposing ``add_parser(subparsers)``; skipped when not installed/written yet.
@@ -34,9 +34,30 @@ EXTERNAL_SUBCOMMANDS = ["torch_singlora.diffusion.cli", "torch_singlora.llm.cli"
 # ---- subcommands ------------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.loop import TrainConfig, train
+    from .train.loop import train
+    from .train.run_config import resolved, to_yaml
 
-    train(dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task)))
+    config = train_config(args)
+    if args.print_config:
+        config.validate()
+        print(to_yaml(resolved(config)), end="")
+        return
+    train(config)
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The ``TrainConfig`` of ``singlora train``: the ``--config`` file's values, overridden by the flags given on
+    the command line (the train parser leaves the others out), the rest the defaults."""
+    from .train.config import TrainConfig
+    from .train.run_config import check_task_options, file_values, train_fields
+
+    values, options = file_values(args.config) if args.config else ({}, {})
+    if options:
+        check_task_options(options, values.get("task", TrainConfig.task), f"--config {args.config}")
+    values.update({name: getattr(args, name) for name in train_fields() if hasattr(args, name)})
+    options.update(task_options(args, values.get("task", TrainConfig.task)))
+    args.output_dir = values.get("output_dir", "")  # for the Ctrl-C message
+    return TrainConfig(**values, task_options=options)
 
 
 def _add_train(subparsers: Any) -> None:
@@ -46,7 +67,13 @@ def _add_train(subparsers: Any) -> None:
                                    description="Fine-tune a local transformers model with SingLoRA (or LoRA, DoRA, "
                                    "LoRA+ through PEFT, or fully) for one of the tasks (--task). "
                                    "--model, --train-data and --output-dir are required.")
-    add_dataclass_arguments(parser, TrainConfig)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="read the flags from this YAML / TOML / JSON file (keys: the flag names, e.g. lr, "
+                        "max_steps, beta); flags given on the command line override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML: every flag, defaults filled in, paths absolute) and "
+                        "exit without training; a run keeps it in <output-dir>/config.yaml")
+    add_dataclass_arguments(parser, TrainConfig, suppress=True)  # absent flags: the config file's or the default
     add_task_options(parser)
     parser.set_defaults(func=cmd_train)
 
@@ -60,12 +87,15 @@ def evaluate(adapter: str | None, data: str, *, model: str | None = None, task: 
     from torch.utils.data import DataLoader
 
     from .atomic import atomic_write_text, check_output_file
-    from .runs import load_trained
+    from .runs import load_trained, read_run_info
     from .train.registry import get_task
 
     if output:
-        check_output_file(output, flag="--output", overwrite=overwrite)
-    with _progress_bars(not quiet):  # transformers' "Loading weights" bar
+        recorded = read_run_info(adapter) if adapter is not None else {}
+        check_output_file(output, flag="--output", overwrite=overwrite, inputs={
+            "adapter folder": adapter, "--data": data, "--model": model or recorded.get("base_model"),
+            "tokenizer": recorded.get("tokenizer"), **(get_task(task).inputs(options or {}) if task else {})})
+    with no_loading_bars():
         if adapter is not None:
             if task is not None or options:
                 raise SingLoRAError("--task and task options come from the adapter's run_info.json; give them only "
@@ -123,9 +153,9 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
     from .runs import load_trained, read_run_info
 
     info = read_run_info(adapter)
-    inputs = [adapter, model or info["base_model"], info["tokenizer"]]
+    inputs = {"adapter": adapter, "base model": model or info["base_model"], "tokenizer": info["tokenizer"]}
     check_output_folder(output, command="merge", inputs=inputs, overwrite=overwrite)  # before the slow part
-    with _progress_bars(not quiet):
+    with no_loading_bars():
         trained, info = load_trained(adapter, model)
         plain = method_class(info["method"]).merged(trained)
         tokenizer = get_task(info["task"]).load_tokenizer(info["tokenizer"], info)
@@ -139,12 +169,14 @@ def merge(adapter: str, output: str, *, model: str | None = None, quiet: bool = 
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' progress bars (loading weights...) on or off inside the block."""
+def no_loading_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block: the commands
+    that load a model to do one thing (merge, export, evaluate, generate, chat) print their own result line, not
+    a bar per load and save (``--quiet`` silences that line too)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
@@ -189,9 +221,9 @@ def export(adapter: str, output: str, *, format: str = "peft", model: str | None
     info = read_run_info(adapter)
     if info["method"] != "singlora":
         raise SingLoRAError(f"{adapter}: method {info['method']!r} is not a SingLoRA adapter; nothing to export")
-    inputs = [adapter, model or info["base_model"]]
+    inputs = {"adapter": adapter, "base model": model or info["base_model"]}
     check_output_folder(output, command="export", inputs=inputs, overwrite=overwrite)  # before loading the model
-    with _progress_bars(not quiet):
+    with no_loading_bars():
         base = get_task(info["task"]).load_model(model or info["base_model"], info)
     if engine is not None:
         check_engine_export(adapter, base, engine=engine, max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK)
@@ -246,8 +278,10 @@ def report(runs: Sequence[str], plot: str | None = None, names: Sequence[str] | 
 
     if plot:
         from .atomic import check_output_file
+        from .train.metrics import METRICS_FILE, SUMMARY_FILE
 
-        check_output_file(plot, flag="--plot", overwrite=overwrite)
+        check_output_file(plot, flag="--plot", overwrite=overwrite,
+                          inputs=[Path(run) / name for run in runs for name in (SUMMARY_FILE, METRICS_FILE)])
     summaries = [read_summary(run) for run in runs]
     if names:
         for summary, name in zip(summaries, names):
@@ -297,7 +331,8 @@ def _interrupted(args: argparse.Namespace) -> str:
     if checkpoint.is_file():
         return (f"singlora train: interrupted; {checkpoint} holds the last checkpoint: the same command with "
                 "--resume continues from it")
-    return "singlora train: interrupted before its first checkpoint (--save-every): nothing to resume"
+    return ("singlora train: interrupted before its first checkpoint (--save-every): nothing to resume; the same "
+            "command with --overwrite starts it again")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -320,9 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SingLoRAError as exc:
-        from .inspection import printable  # file-provided text in a message must not reach the terminal raw
+        from .inspection import shown  # file-provided text must not reach the terminal raw, nor a 1 MiB name whole
 
-        print(f"singlora {args.command}: error: {printable(exc)}", file=sys.stderr)
+        print(f"singlora {args.command}: error: {shown(exc, limit=4000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
         print(f"\n{_interrupted(args)}", file=sys.stderr)

@@ -30,9 +30,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from .adapter_file import CONFIG_FILE, WEIGHTS_FILE
 from .export import PEFT_PREFIX
-from .untrusted import read_json, read_safetensors_file
+from .untrusted import PICKLE_SUFFIXES, read_json, read_safetensors_file
 from .config import SingLoRAConfig, rank_and_pattern
 from .errors import AdapterFileError, SingLoRAError
 from .layers import layer_kind, weight_shape

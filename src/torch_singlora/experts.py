@@ -140,7 +140,8 @@ class SingLoRAExpertParameter(SingLoRALayer):
         total = weight.to(self._merge_dtype())
         for name in names:
             adapter = self.singlora[name]
-            total = total + self._delta(adapter.A.to(total.dtype), adapter.coefficient().to(total.dtype))
+            c = adapter.coefficient(adapter.in_step_forward()).to(total.dtype)
+            total = total + self._delta(adapter.A.to(total.dtype), c)
         return total.to(weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

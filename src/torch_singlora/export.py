@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Literal, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_for
+from .adapter_file import A_SUFFIX, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_for, save_safetensors
 from .atomic import output_folder
 from .config import rank_and_pattern
 from .errors import SingLoRAError
@@ -288,7 +287,7 @@ def export_lora(
                             f"{tensors[bad[0]].dtype}); nothing was written")
     metadata = {"format": "pt", "exported_by": "singlora", "export_format": format}
     with output_folder(out, command="export", inputs=inputs, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / weights_file), metadata=metadata)
+        save_safetensors(tensors, tmp / weights_file, metadata)
         if format == "peft":
             (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
     return out / weights_file

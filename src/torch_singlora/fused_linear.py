@@ -161,6 +161,12 @@ def _hooked(module: nn.Module) -> bool:
     return any(len(hooks) for hooks in own + shared)
 
 
+def adds_to(base_out: Tensor, x: Tensor, A: Tensor) -> bool:
+    """Whether ``add_linear_update`` may add ``A``'s update for ``x`` to ``base_out``: one dtype, outside autocast
+    (elsewhere the layer adds the autograd composition, which casts)."""
+    return base_out.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 def computes_base(module: nn.Module, x: Tensor, A: Tensor) -> bool:
     """Whether ``linear_with_update`` may compute ``module``'s output itself: ``module`` is exactly an
     ``nn.Linear`` or transformers ``Conv1D`` (no subclass: quantized layers are), without hooks, whose weight and

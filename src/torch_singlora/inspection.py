@@ -26,12 +26,21 @@ from .names import name_matches
 from .untrusted import SAFETENSORS_DTYPES, open_regular, read_bytes
 
 BLOCK_ELEMENTS = 2**22  # values read at once
+MAX_SHOWN = 160  # characters of one file-provided name or value in the text output (a 1 MiB key stays one line)
 MAX_NORM_RANK = 4096  # ||A^T A|| needs an r x r float64 matrix: above this rank it is not computed
 
 
 def printable(text: Any) -> str:
     """``text`` with every non-printable character (terminal escapes, newlines...) written as a Python escape."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def shown(text: Any, limit: int = MAX_SHOWN) -> str:
+    """``printable(text)``, cut in the middle to at most about ``limit`` characters (saying how long it was)."""
+    escaped = printable(text)
+    if len(escaped) <= limit:
+        return escaped
+    return f"{escaped[: limit // 2]}...<{len(escaped):,} characters>...{escaped[-(limit // 4):]}"
 
 
 def _blocks(handle: IO[bytes], path: Path, data_start: int, entry: tuple[str, tuple[int, ...], int, int]
@@ -72,14 +81,14 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
             r = config.rank_for(module)
             if not module or len(shape) not in (2, 3) or shape[-1] != r or shape[-2] < r or \
                     not dtype.startswith(("F", "BF")):
-                raise AdapterFileError(f"{path}: {printable(key)} has shape {list(shape)} of {dtype}; a loader needs a "
+                raise AdapterFileError(f"{path}: {shown(key)} has shape {list(shape)} of {dtype}; a loader needs a "
                                        f"floating (n, r) matrix (or (experts, n, r) stack) with r = {r} (the "
                                        "config's rank for it) <= n")
             ranks[module] = r
         else:
             owner = _saved_owner(module, saved_entries)
             if owner is None:
-                raise AdapterFileError(f"{path}: {printable(key)} is neither <module>.{A_SUFFIX} nor a tensor of a "
+                raise AdapterFileError(f"{path}: {shown(key)} is neither <module>.{A_SUFFIX} nor a tensor of a "
                                        f"modules_to_save module {saved_entries}")
             saved.setdefault(owner, []).append(key)
     if not ranks:
@@ -101,7 +110,7 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
             square_sum, gram_squares = 0.0, 0.0
             for block in _blocks(handle, path, data_start, entry):
                 if block.is_floating_point() and not torch.isfinite(block).all():
-                    raise AdapterFileError(f"{path}: {printable(key)} contains NaN or Inf")
+                    raise AdapterFileError(f"{path}: {shown(key)} contains NaN or Inf")
                 if is_A:
                     block = block.double()
                     square_sum += float(block.square().sum())
@@ -129,16 +138,16 @@ def inspect_adapter(adapter: str | Path) -> dict[str, Any]:
 
 
 def _config_line(config: dict[str, Any]) -> str:
-    """``name=value`` pairs (``repr``, so escaped); lists longer than 8 are summarised."""
+    """``name=value`` pairs (``repr``, so escaped; long values cut, ``shown``); lists longer than 8 are summarised."""
     parts = []
     for name, value in config.items():
         if value in (None, {}, []):
             continue
         if isinstance(value, (list, dict)) and len(value) > 8:
-            shown = f"<{len(value)} {'entries' if isinstance(value, dict) else 'names'}>"
+            shown_value = f"<{len(value)} {'entries' if isinstance(value, dict) else 'names'}>"
         else:
-            shown = printable(repr(value))
-        parts.append(f"{name}={shown}")
+            shown_value = shown(repr(value))
+        parts.append(f"{name}={shown_value}")
     return ", ".join(parts)
 
 
@@ -147,7 +156,7 @@ def format_inspection(report: dict[str, Any]) -> str:
     T = report["ramp_up_steps"]
     lines = [
         f"adapter: {printable(report['adapter'])}  (format {printable(report['format'])} v{report['format_version']})",
-        f"base model: {printable(report.get('base_model_name_or_path'))}",
+        f"base model: {shown(report.get('base_model_name_or_path'))}",
         f"ramp: t = {report['ramp_step']}, T = {'unknown (a fraction of an unknown total)' if T is None else T}, "
         f"u = {report['u']:.4f}",
         f"parameters: {report['parameters']:,} ({report['adapter_parameters']:,} in A matrices, "
@@ -156,9 +165,9 @@ def format_inspection(report: dict[str, Any]) -> str:
     ]
     if report["saved_modules"]:
         lines.append(f"trained fully and saved ({len(report['saved_modules'])}):")
-        lines += [f"  {printable(name)}" for name in report["saved_modules"]]
-    names = {name: printable(name) for name in report["modules"]}
-    width = max((len(shown) for shown in names.values()), default=6)
+        lines += [f"  {shown(name)}" for name in report["saved_modules"]]
+    names = {name: shown(name) for name in report["modules"]}  # a long name is cut, not padded to on every line
+    width = max((len(text) for text in names.values()), default=6)
     lines.append(f"{'module'.ljust(width)}  {'A shape':>12}  {'||A||':>9}  {'s*u*||AtA||':>12}")
     for name, row in report["modules"].items():
         update = "n/a" if row["norm_update"] is None else f"{row['norm_update']:.4f}"

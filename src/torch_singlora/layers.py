@@ -24,7 +24,7 @@ from .functional import (
     LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
     init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
-from .fused_linear import add_linear_update, computes_base, linear_with_update, pays_off
+from .fused_linear import add_linear_update, adds_to, computes_base, linear_with_update, pays_off
 from .mixed import Pooled, Selection, Shared
 
 
@@ -96,6 +96,12 @@ class SingLoRAAdapter(nn.Module):
     Attributes:
         A: ``(n, r)`` trainable matrix, n = max(d_out, d_in).
         ramp_step: 0-dim int64 buffer, ``t``: optimizer steps taken.
+        in_run: True during a training run (``SingLoRAModel.set_training_run``: ``bind_optimizer``, the Trainer
+            integration, or a hand-written loop calling ``advance_ramp()`` after each step): a training-mode forward
+            then computes optimizer step ``t + 1`` and runs at its ``u``, so step k runs at ``u = min(k / T, 1)`` and
+            step 1 trains (at ``u = 0``, ``A``'s gradient is exactly 0). At rest (eval mode, merging, export, saved
+            files) ``u`` is the last step's, ``min(t / T, 1)``: an untrained adapter is the base model (the paper's
+            ``u(0) = 0``), and a trained one keeps the ``u`` its last step trained with.
         scale: ``s``. ramp_up_steps: ``T``, the ramp length in optimizer steps (0 = no ramp; ``None`` while it is
             a fraction of a run whose total is unknown: u = 0).
     """
@@ -113,6 +119,7 @@ class SingLoRAAdapter(nn.Module):
         self.init, self.init_std = init, init_std
         self.reset_parameters()
         self.merged_coefficient: float | None = None  # c folded into the base weight, while merged
+        self.in_run = False  # see the class docstring; not saved (a run sets it when it starts)
 
     def reset_parameters(self) -> None:
         """Initialise ``A`` (``init`` / ``init_std``) and restart the ramp (``t = 0``, so u = 0). Also what FSDP2's
@@ -121,13 +128,21 @@ class SingLoRAAdapter(nn.Module):
         with torch.no_grad():
             self.ramp_step.zero_()
 
-    def ramp_value(self) -> Tensor:
-        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return ramp_value(self.ramp_step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+    def ramp_value(self, in_step: bool = False) -> Tensor:
+        """``u = min(t / T, 1)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync.
 
-    def coefficient(self) -> Tensor:
-        """``c = s * u(t)``: 0-dim tensor (float32, or float64 for a float64 ``A``), no host sync."""
-        return self.ramp_value() * self.scale
+        ``in_step``: for a forward computing an optimizer step (``in_step_forward``): step ``t + 1`` (step 1 at
+        ``u = 1 / T``; at 0 ``A`` gets no gradient). At rest (inference, merge, export): the last step's, ``t``."""
+        step = self.ramp_step + 1 if in_step else self.ramp_step
+        return ramp_value(step, self.ramp_up_steps, torch.promote_types(self.A.dtype, torch.float32))
+
+    def in_step_forward(self) -> bool:
+        """Whether a forward now computes an optimizer step: training mode, during a run (``in_run``)."""
+        return self.training and self.in_run
+
+    def coefficient(self, in_step: bool = False) -> Tensor:
+        """``c = s * u``: 0-dim tensor, no host sync; ``in_step`` as in ``ramp_value``."""
+        return self.ramp_value(in_step) * self.scale
 
     def extra_repr(self) -> str:
         return f"n={self.A.shape[0]}, r={self.A.shape[1]}, scale={self.scale:g}, ramp_up_steps={self.ramp_up_steps}"
@@ -228,25 +243,21 @@ class SingLoRALayer(nn.Module):
             coefficient = coefficient.to(A.dtype)
         if self._accumulates(result, A.dtype, dropout):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
-        if self._trains_by_hand(x) and result.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(
-                x.device.type):
-            return add_linear_update(result, x if dropout is None else dropout(x), A, coefficient,
-                                     d_out=self.d_out, d_in=self.d_in)
+        if self._trains_by_hand(x) and adds_to(result, x, A):
+            adapter_x = x if dropout is None else dropout(x)
+            return add_linear_update(result, adapter_x, A, coefficient, d_out=self.d_out, d_in=self.d_in)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
     def _trains_by_hand(self, x: Tensor) -> bool:
-        """Whether the update of a Linear / Conv1D with gradients on runs ``fused_linear``'s forward and backward:
-        ``FUSED_TRAINING`` and enough tokens (``fused_linear.pays_off``)."""
+        """Whether ``fused_linear`` runs this Linear / Conv1D's training forward and backward for ``x``."""
         return (FUSED_TRAINING and self.kind in ("linear", "conv1d_t") and torch.is_grad_enabled()
                 and pays_off(x, self.d_in))
 
     def _fused_forward(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
-        """``base_layer(x)`` plus ``adapter``'s update, both computed by one hand-written forward and backward
-        (``fused_linear.linear_with_update``; the layer checked ``computes_base``)."""
-        base, adapter_x = self.base_layer, adapter.dropout(x)
-        return linear_with_update(adapter_x, adapter.A, adapter.coefficient(), base.weight, base.bias,
-                                  d_out=self.d_out, d_in=self.d_in, transposed=self.kind == "conv1d_t",
-                                  base_x=None if adapter_x is x else x)
+        """``base_layer(x)`` plus ``adapter``'s update in one node (``fused_linear.linear_with_update``)."""
+        base, adapter_x, c = self.base_layer, adapter.dropout(x), adapter.coefficient(adapter.in_step_forward())
+        return linear_with_update(adapter_x, adapter.A, c, base.weight, base.bias, d_out=self.d_out, d_in=self.d_in,
+                                  transposed=self.kind == "conv1d_t", base_x=None if adapter_x is x else x)
 
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
@@ -271,9 +282,10 @@ class SingLoRALayer(nn.Module):
 
     def _accumulates(self, result: Tensor, dtype: torch.dtype, dropout: nn.Module | None = None) -> bool:
         """Whether the update may be added into ``result`` in place: a Linear / Conv1D output of the adapter's
-        dtype, contiguous, with no gradient to keep and no active dropout (inference); never while compiling
-        (inductor fuses the add itself)."""
+        dtype, contiguous, with no gradient to keep and no active dropout, in eval mode (inference: ``u`` at rest,
+        the same as a run's reentrant checkpointing recomputes); never while compiling (inductor fuses the add)."""
         return (IN_PLACE_INFERENCE and self.kind in ("linear", "conv1d_t") and not torch.is_grad_enabled()
+                and not self.training
                 and result.dtype == dtype and result.is_contiguous() and not torch.compiler.is_compiling()
                 and (dropout is None or isinstance(dropout, nn.Identity) or not dropout.training))
 
@@ -300,7 +312,8 @@ class SingLoRALayer(nn.Module):
             return self._add_pooled(result, x, found)
         for adapter in pending:
             in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
-            coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient()
+            coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
+                adapter.in_step_forward())  # a run's training forward: the step being taken
             result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 

@@ -1,6 +1,8 @@
 """Model surgery: ``SingLoRAModel`` wraps any ``nn.Module`` (transformers models included), injects SingLoRA
 layers into the targeted modules, and manages named adapters, the ramp (t, T and u of each adapter), merging and
 unloading. Saving and loading adapters: ``adapter_io.py`` (the transaction), ``adapter_file.py`` (the format).
+Long module: the surgery, the named adapters, the ramp and merging are one class's methods (issue 20 put the ramp
+controls back in it); a split would split the class.
 
     model = get_singlora_model(base, SingLoRAConfig(r=8, target_modules="all-linear"))
     model.bind_optimizer(optimizer, total_steps=1000)  # t = ramp_step advances on each optimizer step
@@ -279,8 +281,13 @@ class SingLoRAModel(nn.Module):
         adapter = self._one_adapter(adapter_name)
         return float(ramp_value(adapter.ramp_step, adapter.ramp_up_steps, torch.float64))
 
+    def set_training_run(self, active: bool = True) -> None:
+        """Start (or end) a run of the active adapters: training-mode forwards compute step t + 1 (``in_run``)."""
+        for adapter in self._adapters(self.active_adapters):
+            adapter.in_run = active
+
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> Any:
-        """Advance the ramp after every ``optimizer.step()``; returns a handle with ``.remove()``.
+        """Advance the ramp after every ``optimizer.step()``, in a run (``set_training_run``); returns the hook handle.
 
         ``total_steps``: the run's length in optimizer steps (``set_total_steps``), needed when an active adapter's
         ``ramp_up_steps`` is a fraction (the default) and its config has no ``total_steps``; checked here, before
@@ -294,6 +301,7 @@ class SingLoRAModel(nn.Module):
         self._require_known_ramp(self.active_adapters)
         # accelerate's AcceleratedOptimizer wraps the torch optimizer (and calls it only on real steps)
         inner = getattr(optimizer, "optimizer", optimizer)
+        self.set_training_run()
         return inner.register_step_post_hook(lambda *_: self.advance_ramp())
 
     # ---- parameters ---------------------------------------------------------------------------------------------

@@ -82,6 +82,16 @@ def name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def unmatched_entries(entries: list[str], names: list[str]) -> list[str]:
+    """The entries of a name list (``name_matches``) that match none of ``names``, in order; ``names`` are indexed
+    by their last component, so this stays fast for long lists (a file's config may list thousands)."""
+    by_last: dict[str, list[str]] = {}
+    for name in names:
+        by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return [entry for entry in entries
+            if not any(name_matches(n, entry) for n in by_last.get(entry.rsplit(".", 1)[-1], ()))]
+
+
 def matches(name: str, patterns: Patterns | None) -> bool:
     """A string is a regex that fully matches ``name``; a list matches a name exactly or by dotted suffix."""
     if patterns is None:

@@ -6,6 +6,7 @@ Training writes it (``train.loop``); ``evaluate``, ``merge``, ``export``, ``gene
     <output-dir>/metrics.jsonl     one line per logged step and per evaluation (``metrics``)
     <output-dir>/summary.json      the finished run's numbers
     <output-dir>/curves.png        training loss and eval metric per step
+    <output-dir>/config.yaml       the resolved config: ``singlora train --config`` repeats the run (``run_config``)
 
 Data safety: a new run refuses a folder that already holds a run (any of the files above), naming what is there:
 ``--resume`` continues it, ``--overwrite`` replaces it (only these files go; anything else in the folder stays).
@@ -13,7 +14,7 @@ Data safety: a new run refuses a folder that already holds a run (any of the fil
 fingerprints of the tokenized data and of the base model; a folder moved elsewhere resumes fine.
 
 ``run_info.json`` (task, method, base model and tokenizer paths, target modules, plus the task's ``info``: labels,
-max length, columns, ...) is what ``evaluate`` / ``merge`` / ``export`` read to rebuild the model.
+max length, columns, ...; and ``config``, the resolved config) is what ``evaluate`` / ``merge`` / ``export`` read to rebuild the model.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
-RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (ADAPTER_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, CONFIG_FILE)
 RUN_INFO = "run_info.json"
 MAX_RUN_INFO_BYTES = 16 * 2**20
 MAX_LABELS = 100_000  # classes of a classification head (a 2-million-label file would build a 3 GB head)
@@ -53,11 +55,23 @@ class RunFolder:
         self.metrics = self.path / METRICS_FILE
         self.summary = self.path / SUMMARY_FILE
         self.curves = self.path / CURVES_FILE
+        self.config = self.path / CONFIG_FILE
 
     def existing_run_files(self) -> list[str]:
         """Names of the run files already in the folder (``adapter/`` with a slash)."""
         found = [name for name in RUN_FILES if (self.path / name).exists() or (self.path / name).is_symlink()]
         return [f"{name}/" if name == ADAPTER_DIR else name for name in found]
+
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        """The output rule (``atomic.check_not_input``) for the run: the folder is not an input nor inside one, and
+        no run file it writes or ``--overwrite`` removes is, holds or lies inside one (the folder may hold inputs
+        elsewhere, e.g. its own ``data/``)."""
+        from .atomic import check_not_input
+
+        advice = "choose another --output-dir"
+        check_not_input(self.path, inputs, what="--output-dir", advice=advice, may_hold=True)
+        for name in RUN_FILES:
+            check_not_input(self.path / name, inputs, what="run file", advice=advice)
 
     def check_new_run(self, overwrite: bool) -> None:
         """Refuse to start a new run over a previous one unless ``overwrite`` (the files go in ``clear``)."""
@@ -65,9 +79,25 @@ class RunFolder:
             raise SingLoRAError(f"--output-dir {self.path}: exists and is not a folder")
         found = self.existing_run_files()
         if found and not overwrite:
+            if CHECKPOINT_FILE not in found and SUMMARY_FILE not in found:
+                raise SingLoRAError(f"--output-dir {self.path} holds a run that stopped before its first checkpoint "
+                                    f"(--save-every): {', '.join(found)}; nothing to resume: start it again with "
+                                    "--overwrite (or choose another --output-dir)")
             finished = " (a finished run)" if SUMMARY_FILE in found else ""
             raise SingLoRAError(f"--output-dir {self.path} already holds a run{finished}: {', '.join(found)}; "
                                 "continue it with --resume, or replace it with --overwrite")
+
+    def check_resumable_folder(self) -> None:
+        """``--resume`` needs a checkpoint: without one, say what is there and how to start (never "--resume")."""
+        if self.checkpoint.is_file():
+            return
+        found = self.existing_run_files()
+        if found:
+            raise SingLoRAError(f"--resume: {self.path} holds a run that stopped before its first checkpoint "
+                                f"(--save-every), no {CHECKPOINT_FILE}: nothing to resume; start it again with "
+                                "--overwrite instead of --resume")
+        raise SingLoRAError(f"--resume: no run to resume in {self.path} (no {CHECKPOINT_FILE}); start one without "
+                            "--resume")
 
     def clear(self) -> list[str]:
         """Remove a previous run's files (``--overwrite``); other files stay. Returns what was removed."""
@@ -86,7 +116,7 @@ class RunFolder:
     def resume_advice(self) -> str:
         """How a stopped run goes on, for error messages."""
         return (f"the last checkpoint ({self.checkpoint}) is intact: resume with --resume" if self.checkpoint.exists()
-                else "no checkpoint was written yet")
+                else "no checkpoint was written yet: start again with --overwrite")
 
     def create(self) -> None:
         try:
@@ -130,6 +160,15 @@ def model_fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for file in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 of the names and contents of the files directly in folder ``path`` (an adapter folder)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        digest.update(f"{file.name}\n".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 

@@ -38,6 +38,7 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never opened: unpickling runs code
 Entries = dict[str, tuple[str, tuple[int, ...], int, int]]  # key -> (dtype name, shape, begin, end)
 Expected = dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]]  # key -> (shape, dtype the caller holds)
 
@@ -65,6 +66,21 @@ def open_regular(path: str | os.PathLike, limit: int | None, what: str) -> tuple
         reason = f"{info.st_size} bytes, over the {limit}-byte limit" if regular else "not a regular file"
         raise AdapterFileError(f"{path}: {reason} ({what})")
     return os.fdopen(fd, "rb"), info.st_size
+
+
+def pickle_hint(directory: str | os.PathLike, safetensors_name: str, metadata: dict[str, str]) -> str:
+    """``""``, or a note naming the pickled weights in ``directory`` (never opened) and a one-line conversion into
+    ``safetensors_name`` (with ``metadata``) through torch's weights-only unpickler, to run in a process one trusts."""
+    try:
+        pickles = sorted(p.name for p in Path(directory).iterdir() if p.suffix in PICKLE_SUFFIXES)
+    except OSError:
+        return ""
+    if not pickles:
+        return ""
+    return (f"; found pickled weights {pickles}, which singlora never loads (unpickling can run arbitrary code). "
+            "Convert them once, in a process you trust, with torch's weights-only unpickler: python -c \"import torch; "
+            f"from safetensors.torch import save_file; save_file(torch.load('{pickles[0]}', weights_only=True), "
+            f"'{safetensors_name}', metadata={metadata!r})\"")
 
 
 def read_bytes(handle: IO[bytes], count: int, path: str | os.PathLike) -> bytes:
@@ -227,6 +243,27 @@ def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         if target.is_floating_point and target != tensor.dtype and not torch.isfinite(tensor.to(target)).all():
             raise AdapterFileError(f"{path}: {key} holds values beyond the range of {target} (they would load as "
                                    f"Inf); the file stores {tensor.dtype}")
+
+
+def check_update_range(what: str, scale: float, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse (``AdapterFileError`` starting with ``what``) a low-rank update ``scale * B @ A`` (``B`` (d_out, r),
+    ``A`` (r, d_in)) with an entry beyond the range of ``dtype``, the type it is computed in: the model would
+    produce Inf/NaN. Bounded first by ``scale * max_i |B_i| * max_j |A_:j|`` (Cauchy-Schwarz, in float64); the
+    dense product (float64) is formed only when that bound is over the range."""
+    limit = torch.finfo(dtype).max
+    if not scale <= limit:  # the layer multiplies by it in ``dtype``
+        raise AdapterFileError(f"{what}: its scale {scale:.3g} is beyond the range of {dtype} ({limit:.3g}): the model "
+                               "would compute Inf/NaN")
+    B, A = B.double(), A.double()
+    if not B.numel() or not A.numel():
+        return
+    bound = scale * float(B.norm(dim=1).max()) * float(A.norm(dim=0).max())
+    if math.isfinite(bound) and bound <= limit:
+        return
+    largest = float((scale * (B @ A)).abs().max())
+    if not largest <= limit:
+        raise AdapterFileError(f"{what}: its update reaches {largest:.3g} (scale {scale:.3g}), beyond the range of "
+                               f"{dtype} ({limit:.3g}): the model would compute Inf/NaN")
 
 
 def read_expected(path: str | os.PathLike, entries: Entries, expected: Expected) -> dict[str, torch.Tensor]:

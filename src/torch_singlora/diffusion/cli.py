@@ -80,12 +80,14 @@ def cmd_dreambooth_eval(args: argparse.Namespace) -> None:
     from .metrics import fidelity_scores
 
     generated = Path(args.generated)
+    inputs = {"--pretrained-model": args.pretrained_model, "--adapter": args.adapter, "--reference": args.reference,
+              "--dino-model": args.dino_model, "--clip-model": args.clip_model,
+              "--prompts-file": None if args.prompt else args.prompts_file or generated / "prompts.json"}
     if args.output:
-        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite, inputs=inputs)
     if args.pretrained_model is not None:
         if args.prompt is None:
             raise SingLoRAError("--pretrained-model samples images first: give --prompt")
-        inputs = [p for p in (args.pretrained_model, args.adapter, args.reference) if p is not None]
         with output_folder(generated, command="dreambooth-eval", inputs=inputs, overwrite=args.overwrite) as tmp:
             generate_images(args.pretrained_model, args.adapter, [args.prompt], tmp, num_images=args.num_images,
                             seed=args.seed, steps=args.inference_steps, resolution=args.resolution)

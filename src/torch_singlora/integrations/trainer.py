@@ -21,7 +21,8 @@ The ramp step of each active adapter is ``offset + state.global_step``. ``global
 (micro-batches of gradient accumulation do not count; ``on_step_end`` runs once per optimizer step), and the
 Trainer restores it on resume, so the ramp resumes exactly. ``offset`` is the adapter's own step when training
 starts minus ``global_step`` (a previously trained adapter keeps its ramp; a restored one lines up again).
-Setting the step (rather than adding to it) makes the callback safe together with ``bind_optimizer``.
+Setting the step (rather than adding to it) makes the callback safe together with ``bind_optimizer``. Training starts
+a run (``set_training_run``): each step's forwards use the ``u`` of that step, ``global_step + 1`` (``layers.py``).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class SingLoRACallback(TrainerCallback):
             name: max(self.model.get_ramp_step(name) - state.global_step, 0) for name in self.model.active_adapters
         }
         self._sync(state.global_step)
+        self.model.set_training_run(True)  # training-mode forwards compute step global_step + 1
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync(state.global_step)
@@ -154,12 +156,28 @@ class SingLoRATrainerMixin:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
+class SingLoRAReferenceMixin:
+    """For TRL's ``DPOTrainer`` (a trainer with ``compute_ref_log_probs``): the reference log-probabilities are the
+    model's own with its adapters disabled, or with its frozen ``"ref"`` adapter active when it has one
+    (``train.methods.reference``, TRL's rule for PEFT models). With ``precompute_ref_log_probs=True`` and no
+    ``ref_model``, DPO then holds one model in memory (without precomputing, TRL loads the base model again)."""
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+        from ..train.methods import reference
+
+        with reference(model):
+            return super().compute_ref_log_probs(model, inputs)
+
+
 def singlora_trainer_class(trainer_class: type) -> type:
-    """``trainer_class`` (``Trainer`` or a subclass such as TRL's ``SFTTrainer``) with adapter-only checkpoints
-    (``SingLoRATrainerMixin``)."""
+    """``trainer_class`` (``Trainer`` or a subclass such as TRL's ``SFTTrainer`` / ``DPOTrainer``) with
+    adapter-only checkpoints (``SingLoRATrainerMixin``); for ``DPOTrainer``, also the reference of
+    ``SingLoRAReferenceMixin``."""
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
         raise SingLoRAError(f"trainer_class must be transformers.Trainer or a subclass, got {trainer_class!r}")
-    return type(f"SingLoRA{trainer_class.__name__}", (SingLoRATrainerMixin, trainer_class),
+    mixins = (SingLoRATrainerMixin,) + ((SingLoRAReferenceMixin,) if hasattr(trainer_class, "compute_ref_log_probs")
+                                        else ())
+    return type(f"SingLoRA{trainer_class.__name__}", (*mixins, trainer_class),
                 {"__doc__": f"{trainer_class.__name__} with SingLoRA adapter-only checkpoints."})
 
 

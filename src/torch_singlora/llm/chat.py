@@ -1,9 +1,11 @@
 """``singlora chat``: an interactive conversation with a model in the terminal.
 
 Each line you type is a user message; the answer streams in as it is generated; the history (with an optional
-system message) is kept between turns, so the model sees the whole conversation. Commands: ``/reset`` forgets the
-history, ``/exit`` (or ``/quit``, or end of input: Ctrl-D) leaves. Ctrl-C while an answer streams stops that
-answer (what was printed stays in the history); Ctrl-C at the prompt leaves.
+system message) is kept between turns, so the model sees the whole conversation. A message of several lines (a
+question, a blank line, an article): end each line but the last with ``\\``, or paste it between two lines holding
+only ``\"\"\"``. Commands: ``/reset`` forgets the history, ``/exit`` (or ``/quit``, or end of input: Ctrl-D) leaves.
+Ctrl-C while an answer streams stops that answer (what was printed stays in the history); Ctrl-C at the prompt
+leaves.
 
 Works on a pipe too (no prompt echo needed): ``printf 'Hi\\n/exit\\n' | singlora chat MODEL``.
 """
@@ -17,7 +19,26 @@ from .data import Message
 from .generate import ChatModel, GenerationOptions, stream
 
 PROMPT = ">>> "
-HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves"
+MORE = "... "  # the prompt of a message's next line
+BLOCK = '"""'  # a line holding only this starts, and ends, a pasted block of lines
+HELP = ('several lines: end a line with \\ to go on, or paste them between two """ lines; '
+        "/reset forgets the conversation, /exit (or Ctrl-D) leaves")
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message from ``read`` (which raises ``EOFError`` at the end of input): a line; lines joined while each
+    ends with a backslash (removed); or the lines between two ``BLOCK`` lines, as pasted."""
+    line = read(PROMPT)
+    if line.strip() == BLOCK:
+        lines = []
+        while (line := read(MORE)).strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read(MORE))
+    return "\n".join(lines)
 
 
 def chat_loop(chat: ChatModel, options: GenerationOptions, *, system: str | None = None,
@@ -31,7 +52,7 @@ def chat_loop(chat: ChatModel, options: GenerationOptions, *, system: str | None
     out.flush()
     while True:
         try:
-            line = read(PROMPT)
+            line = read_message(read)
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
             break

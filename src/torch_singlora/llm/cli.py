@@ -61,18 +61,21 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
 
 def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Answer the prompts; writes JSON lines ``{"prompt": messages, "completion": text[, "reference": text]}``."""
+    from ..cli import no_loading_bars
     from .data import read_prompts
-    from .generate import generate, load_chat_model
+    from .generate import chat_model_inputs, generate, load_chat_model
 
     if bool(args.prompts) == bool(args.prompts_file):
         raise SingLoRAError("give prompts as arguments or --prompts-file FILE (one of the two)")
     if args.output:
-        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
+        inputs = {**chat_model_inputs(args.model, args.adapter, args.chat_template), "--prompts-file": args.prompts_file}
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite, inputs=inputs)
     options = _options(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [
         ([{"role": "user", "content": text}], None) for text in args.prompts]
     prompts = [(_with_system(messages, args.system), reference) for messages, reference in prompts]
-    chat = load_chat_model(args.model, args.adapter, chat_template=args.chat_template)
+    with no_loading_bars():
+        chat = load_chat_model(args.model, args.adapter, chat_template=args.chat_template)
     answers = generate(chat.model, chat.tokenizer, [messages for messages, _ in prompts], options)
     records = []
     for (messages, reference), answer in zip(prompts, answers):
@@ -90,10 +93,12 @@ def cmd_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from ..cli import no_loading_bars
     from .chat import run_chat
     from .generate import load_chat_model
 
-    chat = load_chat_model(args.model, args.adapter, chat_template=args.chat_template)
+    with no_loading_bars():
+        chat = load_chat_model(args.model, args.adapter, chat_template=args.chat_template)
     run_chat(chat, _options(args), system=args.system)
 
 
@@ -115,7 +120,8 @@ def add_parser(subparsers: Any) -> None:
     chat = subparsers.add_parser(
         "chat", help="talk with a chat model in the terminal (streaming, multi-turn, /reset, /exit)",
         description="An interactive chat: answers stream as they are generated; the conversation is kept between "
-        "turns. /reset forgets it, /exit (or Ctrl-D) leaves.")
+        'turns. A message of several lines: end each line but the last with \\, or paste it between two lines '
+        'holding only """. /reset forgets the conversation, /exit (or Ctrl-D) leaves.')
     _add_model_arguments(chat)
     _add_generation_arguments(chat, max_new_tokens=512)
     chat.set_defaults(func=cmd_chat)

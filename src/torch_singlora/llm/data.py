@@ -105,6 +105,10 @@ def _select_split(loaded: Any, path: Path, split: str | None) -> Any:
     splits = sorted(loaded)
     if split is None and len(splits) == 1:
         return loaded[splits[0]]
+    if split is None:
+        one = f" or give one split's folder, e.g. {path / splits[0]}" if (path / splits[0]).is_dir() else ""
+        raise SingLoRAError(f"{path}: a dataset with the splits {splits}: name the one to read, e.g. --data-split "
+                            f"{splits[0]} (--eval-data-split for --eval-data){one}")
     if split not in loaded:
         raise SingLoRAError(f"{path}: no split {split!r}; the splits are {splits} (name one)")
     return loaded[split]

@@ -8,6 +8,12 @@ Tasks (chat ``messages`` rows, one user turn and the answer):
 - ``headline``: "Write the headline of this BBC News article." -> the article's first line (scored by ROUGE-L);
 - ``mix``: each article gets one of the two, alternately.
 
+Preference pairs for ``--task dpo`` (TRL's ``prompt`` / ``chosen`` / ``rejected`` message lists), same articles and
+split as ``section``:
+- ``section-pairs``: the ``section`` question; chosen: the section; rejected, alternately, a wrong section (drawn
+  with ``seed``) or a verbose answer that ignores "one word" ("This article is from the sports section of BBC
+  News.").
+
 The article text shown is the first ``words`` words of its body (the headline left out). The split is fixed and
 stratified by section (``seed``), so every run and method sees the same examples.
 
@@ -27,6 +33,7 @@ from typing import Sequence
 from ..errors import SingLoRAError
 
 TASKS = ("section", "headline", "mix")
+PAIR_TASKS = ("section-pairs",)
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,27 @@ def bbc_instructions(task: str = "section", *, words: int = 60, test_fraction: f
     return rows(train), rows(test)
 
 
+def preference_pair(row: dict, index: int, sections: Sequence[str], rng: random.Random) -> dict:
+    """The ``section-pairs`` pair of a ``section`` row (see the module docstring)."""
+    prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
+    if index % 2 == 0:
+        rejected = rng.choice([s for s in sections if s != answer])
+    else:
+        rejected = f"This article is from the {answer} section of BBC News."
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def bbc_preferences(*, words: int = 60, test_fraction: float = 0.2, seed: int = 0,
+                    path: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+    """``(train pairs, test pairs)``: ``section-pairs`` over ``bbc_instructions("section")``'s split."""
+    train, test = bbc_instructions("section", words=words, test_fraction=test_fraction, seed=seed, path=path)
+    sections = sorted({row["messages"][-1]["content"] for row in train + test})
+    rng = random.Random(seed)
+    return ([preference_pair(row, i, sections, rng) for i, row in enumerate(train)],
+            [preference_pair(row, i, sections, rng) for i, row in enumerate(test)])
+
+
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
     """Write ``rows`` as JSON lines to ``path`` atomically (an I/O failure: ``SingLoRAError`` naming ``path``)."""
     from ..atomic import atomic_write_text
@@ -133,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0, or 2 with a one-line error on stderr)."""
     prog = "python -m torch_singlora.llm.examples"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=TASKS + PAIR_TASKS)
     parser.add_argument("output_dir", help="writes train.jsonl and test.jsonl here (other files there are kept)")
     parser.add_argument("--words", type=int, default=60, help="words of each article shown (default: 60)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -143,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing train.jsonl / test.jsonl")
     args = parser.parse_args(argv)
     try:
-        train, test = bbc_instructions(args.task, words=args.words, test_fraction=args.test_fraction, seed=args.seed)
+        if args.task in PAIR_TASKS:
+            train, test = bbc_preferences(words=args.words, test_fraction=args.test_fraction, seed=args.seed)
+        else:
+            train, test = bbc_instructions(args.task, words=args.words, test_fraction=args.test_fraction,
+                                           seed=args.seed)
         rows = {"train": train[: args.max_train or None], "test": test[: args.max_test or None]}
         paths = write_examples(args.output_dir, rows, overwrite=args.overwrite)
     except SingLoRAError as exc:

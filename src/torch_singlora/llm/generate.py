@@ -21,7 +21,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -94,22 +94,28 @@ def _adapter_kind(folder: Path) -> str:
     raise SingLoRAError(f"{config_path}: neither a SingLoRA adapter (format 'singlora') nor a PEFT adapter (peft_type)")
 
 
-def _with_adapter(base: nn.Module, adapter: str) -> nn.Module:
-    kind = _adapter_kind(Path(adapter))
-    if kind == "singlora":
+def _with_adapter(load_base: Callable[[], nn.Module], adapter: str) -> nn.Module:
+    """The base model (``load_base()``) with ``adapter``; a PEFT folder is checked before the base loads."""
+    if _adapter_kind(Path(adapter)) == "singlora":
         from ..model import SingLoRAModel
 
-        return SingLoRAModel.from_pretrained(base, adapter)
-    from peft import PeftModel
+        return SingLoRAModel.from_pretrained(load_base(), adapter)
+    from ..peft_folder import load_peft_adapter
 
-    try:
-        return PeftModel.from_pretrained(base, adapter)
-    except (ValueError, RuntimeError, TypeError, KeyError, OSError) as exc:  # PeftError is a ValueError
-        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
-        if len(detail) > 400:
-            detail = detail[:400] + "..."
-        raise SingLoRAError(f"--adapter {adapter!r}: PEFT cannot load this LoRA onto the base model (is it a LoRA "
-                            f"for another model?): {type(exc).__name__}: {detail}") from exc
+    return load_peft_adapter(load_base, adapter, what=f"--adapter {adapter!r}")
+
+
+def chat_model_inputs(path: str, adapter: str | None = None, chat_template: str | None = None
+                      ) -> dict[str, str | None]:
+    """``{what: path}`` of everything ``load_chat_model(path, adapter, chat_template=...)`` reads (a trained
+    adapter's recorded base model and tokenizer included): what no output of the command may overwrite."""
+    from ..runs import RUN_INFO, read_run_info
+
+    inputs = {"model": path, "--adapter": adapter, "--chat-template": chat_template}
+    if (Path(path) / RUN_INFO).is_file():
+        info = read_run_info(path)
+        inputs.update({"base model": info["base_model"], "tokenizer": info["tokenizer"]})
+    return inputs
 
 
 def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str | None = None,
@@ -138,12 +144,10 @@ def load_chat_model(path: str, adapter: str | None = None, *, chat_template: str
         if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
             raise SingLoRAError(f"{path} is an adapter folder without run_info.json (not a `singlora train` output): "
                                 f"give its base model folder, and --adapter {path}")
-        model = _load_causal_lm(path, dtype)
+        load_base = lambda: _load_causal_lm(path, dtype)  # noqa: E731
+        model = load_base() if adapter is None else _with_adapter(load_base, adapter)
         tokenizer = load_tokenizer(path, "model")
-        source = path
-        if adapter is not None:
-            model = _with_adapter(model, adapter)
-            source = f"{path} + {adapter}"
+        source = path if adapter is None else f"{path} + {adapter}"
     set_chat_template(tokenizer, chat_template)
     model.eval()
     return ChatModel(model, tokenizer, source)

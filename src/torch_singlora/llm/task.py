@@ -64,6 +64,7 @@ class SFT(CausalLM):
     metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l")
     evaluate_base = True
     options = SFTOptions
+    input_options = ("chat_template",)
     default_max_length = 1024  # TRL's SFTConfig.max_length; batches are padded to their longest example only
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:

@@ -40,16 +40,40 @@ def _trained_labels(args: argparse.Namespace) -> int | None:
     return None
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse (before anything loads) an address the server could not listen on, e.g. a port another server holds:
+    probed with the options uvicorn binds with (``SO_REUSEADDR``)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, OverflowError) as exc:
+        raise SingLoRAError(f"--host {host!r} --port {port}: {getattr(exc, 'strerror', None) or exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SingLoRAError(f"cannot listen on {host}:{port}: {exc.strerror} (another server on --port {port}?); "
+                                "nothing was loaded") from None
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load the model and adapters, then serve until interrupted."""
     try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError:
-        raise SingLoRAError('singlora serve needs FastAPI and uvicorn: pip install "torch-singlora[serve]"') from None
+        raise SingLoRAError('singlora serve needs FastAPI, uvicorn and prometheus_client: '
+                            'pip install "torch-singlora[serve]"') from None
+    check_port(args.host, args.port)  # a busy port fails here, not after loading and printing "serving on"
     import torch
 
     from ..cli_options import dataclass_from_args
     from .app import create_app
+    from .asgi import header_timeout_protocol
     from .service import Limits, Service
 
     if args.threads:
@@ -63,7 +87,7 @@ def serve(args: argparse.Namespace) -> None:
     for name, directory in args.adapter:
         service.add_adapter(name, directory)
     for directory in args.adapter_dir:
-        service.add_adapter_dir(directory)
+        service.add_adapter_dir(directory)  # a broken folder is logged and skipped
     api_key = args.api_key or os.environ.get("SINGLORA_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
@@ -71,7 +95,8 @@ def serve(args: argparse.Namespace) -> None:
     names = ", ".join(service.keys) or "none"
     print(f"serving {service.name} ({service.task}) with adapters: {names} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
-    uvicorn.run(create_app(service, api_key=api_key), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(service, api_key=api_key), host=args.host, port=args.port, log_level=args.log_level,
+                http=header_timeout_protocol(limits.header_timeout_s))
 
 
 def add_parser(subparsers: Any) -> None:

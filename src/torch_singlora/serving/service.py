@@ -1,16 +1,22 @@
 """What the server serves: one base model, its tokenizer, an ``AdapterBank`` of adapters under public names, the
-batching engine, and the limits. Independent of HTTP (``app.py`` maps routes onto it).
+batching engine, the limits and the metrics; and the request lifecycle on top of them: ``open_session`` (a
+generation: resolve the model name, acquire the adapter, submit the rows; ``session.py``) and ``classify``.
+Independent of HTTP (``serving.py`` and ``app.py`` map the API onto it).
 
 Adapters come only from folders the operator named: ``--adapter NAME=DIR`` and the sub-folders of each
 ``--adapter-dir``. At run time an adapter is (re)loaded by the *name* of a sub-folder of an adapter dir: the name is
 matched against the folders' listings, never joined into a path, so nothing a request says reaches the file
 system. Replacing or removing an adapter never disturbs requests in flight: a new version loads under a new bank
 key and takes the name for new requests, and a version leaves the bank only when its last request has finished.
+A folder of an ``--adapter-dir`` that cannot be loaded is refused alone, logged with its reason, and the server
+starts with the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import re
 import time
@@ -26,7 +32,12 @@ from ..bank import AdapterBank
 from ..errors import SingLoRAError
 from ..llm.tokenization import stop_token_ids
 from ..mixed import BASE
-from .engine import ClassificationEngine, GenerationEngine
+from .engine import ClassificationEngine, GenerationEngine, SamplingParams
+from .metrics import Metrics
+from .responses import shorten
+from .session import GenerationSession
+
+log = logging.getLogger("torch_singlora.serving")
 
 Task = Literal["generate", "classify"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names and folder names a request may give
@@ -43,14 +54,22 @@ class Limits:
     max_prompt_tokens: int = _limit(2048, "tokens of one prompt")
     max_tokens: int = _limit(512, "the most tokens one request may generate (also the chat default)")
     max_batch_size: int = _limit(16, "rows in one forward")
+    max_step_tokens: int = _limit(256, "tokens one engine step may run: one per running row plus a chunk of a "
+                                       "prompt being prefilled (chunked prefill); at least --max-batch-size")
     batch_window_ms: float = _limit(10.0, "an idle server waits this long for more requests to batch")
     max_body_bytes: int = _limit(1 << 20, "request body size; larger gets a 413")
     max_queue: int = _limit(256, "requests waiting for a batch slot; more get a 429")
     max_choices: int = _limit(16, "prompts x n of one completion request, texts of one classify request")
+    header_timeout_s: float = _limit(10.0, "a connection must send a request's headers within this time")
+    body_timeout_s: float = _limit(30.0, "a request's body must arrive within this time; later gets a 408")
 
 
 class NotFound(SingLoRAError):
     """A model name that is neither the base model nor a served adapter."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not compute a request (an internal error of that request alone)."""
 
 
 class Service:
@@ -69,12 +88,16 @@ class Service:
         self.name, self.task, self.tokenizer = name, task, tokenizer
         self.limits = limits or Limits()
         self.bank = AdapterBank(model.eval(), max_rank=max_rank, capacity=capacity)
-        engine_class = GenerationEngine if task == "generate" else ClassificationEngine
-        options = dict(max_batch_size=self.limits.max_batch_size, batch_window_s=self.limits.batch_window_ms / 1000,
-                       max_queue=self.limits.max_queue)
+        options: dict[str, Any] = dict(max_batch_size=self.limits.max_batch_size, max_queue=self.limits.max_queue,
+                                       batch_window_s=self.limits.batch_window_ms / 1000)
         if task == "classify":
-            options["pad_token_id"] = tokenizer.pad_token_id or 0
-        self.engine = engine_class(self.bank.model, self.bank.use, **options)
+            self.engine: Any = ClassificationEngine(self.bank.model, self.bank.use, **options,
+                                                    pad_token_id=tokenizer.pad_token_id or 0)
+        else:
+            self.engine = GenerationEngine(self.bank.model, self.bank.use, **options,
+                                           max_step_tokens=self.limits.max_step_tokens, adapter_ok=self.served_key)
+        self.metrics = Metrics(self.engine, lambda: len(self.bank.adapters), self.in_flight_by_name)
+        self.engine.observer = self.metrics.forward
         self.keys: dict[str, str] = {}
         self.inflight: Counter[str] = Counter()
         self.retired: set[str] = set()
@@ -86,6 +109,10 @@ class Service:
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if task == "classify" else []
         self.adapter_labels: dict[str, list[str]] = {}  # bank key -> class names from its run_info.json
         self.stop_token_ids = frozenset(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+        self._token_texts: dict[int, str] = {}
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # token ids a request may use: the tokenizer's and the model's embedding's, whichever is smaller
+        self.vocab_size = min(len(tokenizer), getattr(embedding, "num_embeddings", None) or len(tokenizer))
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, task: Task = "generate", name: str | None = None,
@@ -111,18 +138,25 @@ class Service:
             raise SingLoRAError(f"adapter name {name!r} must match {NAME.pattern} and differ from the base model's "
                                 f"name {self.name!r}")
 
-    def add_adapter_dir(self, directory: str | os.PathLike) -> list[str]:
+    def add_adapter_dir(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
         """Serve every sub-folder of ``directory`` holding an ``adapter_config.json`` under its folder name, and
-        allow run-time loads from it. Returns the names loaded."""
+        allow run-time loads from it. A folder that cannot be loaded is refused alone (logged with its reason).
+        Returns the names loaded and ``{refused folder name: reason}``."""
         folder = Path(directory)
         if not folder.is_dir():
             raise SingLoRAError(f"--adapter-dir {folder}: not a folder")
         self.adapter_dirs.append(folder)
         names = sorted(entry.name for entry in os.scandir(folder)
                        if entry.is_dir() and (Path(entry.path) / "adapter_config.json").is_file())
+        loaded, refused = [], {}
         for name in names:
-            self.add_adapter(name, folder / name)
-        return names
+            try:
+                self.add_adapter(name, folder / name)
+                loaded.append(name)
+            except (SingLoRAError, OSError) as exc:
+                refused[name] = str(exc)
+                log.warning("adapter folder %s refused: %s", folder / name, exc)
+        return loaded, refused
 
     def add_adapter(self, name: str, directory: str | os.PathLike) -> None:
         """Load an adapter before the engine starts (``--adapter NAME=DIR``)."""
@@ -175,7 +209,16 @@ class Service:
             return BASE
         if isinstance(model, str) and model in self.keys:
             return self.keys[model]
-        raise NotFound(f"The model `{model}` does not exist.")
+        raise NotFound(f"The model `{shorten(model)}` does not exist.")
+
+    def served_key(self, key: str) -> bool:
+        """Whether bank key ``key`` is resident (the engine asks before each step)."""
+        return key == BASE or key in self.bank.adapters
+
+    def in_flight_by_name(self) -> dict[str, int]:
+        """``{public name: requests running or waiting}`` (a retired version under its bank key)."""
+        names = {key: name for name, key in self.keys.items()}
+        return {self.name if key == BASE else names.get(key, key): count for key, count in list(self.inflight.items())}
 
     def acquire(self, key: str) -> None:
         self.inflight[key] += 1
@@ -223,6 +266,52 @@ class Service:
     def _unload(self, key: str) -> None:
         self.adapter_labels.pop(key, None)
         self.engine.run_in_worker(lambda: self.bank.unload(key))
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def open_session(self, model: str, prompts: list[list[int]], n: int, params: SamplingParams, stops: list[str],
+                     *, skip_special_tokens: bool = True) -> GenerationSession:
+        """Start generating for API model name ``model`` (``NotFound`` if not served, ``Overloaded`` if the queue is
+        full); close the session when done with it (``GenerationSession.close``)."""
+        session = GenerationSession(self, model, self.resolve(model), prompts, n, params, stops,
+                                    skip_special_tokens=skip_special_tokens)
+        session.open()
+        return session
+
+    async def classify(self, model: str, sequences: list[list[int]]) -> tuple[torch.Tensor, list[str]]:
+        """Class probabilities ``(N, labels)`` of ``sequences`` with API model name ``model``, and the class names."""
+        from .engine import ClassificationRequest
+
+        key = self.resolve(model)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def emit(kind: str, value: Any) -> None:  # on the engine's thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result((kind, value)))
+
+        job = ClassificationRequest(key, sequences, emit)
+        outcome = "refused"
+        self.acquire(key)
+        try:
+            self.engine.submit(job)
+            outcome = "cancelled"
+            kind, value = await done
+            outcome = "ok" if kind == "done" else "error"
+        finally:
+            job.cancelled = True
+            self.release(key)
+            self.metrics.request_done(model, outcome, sum(map(len, sequences)), 0)
+        if kind == "error":
+            raise RequestFailed(value)
+        return value, self.labels_for(key)
+
+    def token_text(self, token: int) -> str:
+        """One token's text (logprobs report tokens by it)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 

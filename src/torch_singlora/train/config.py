@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 from ..adapter_file import SAVE_DTYPES
@@ -18,14 +19,16 @@ from ..config import DEFAULT_RAMP_UP_STEPS, parse_steps_or_fraction
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
+from .schedule import SCHEDULES
+from .tracking import parse_report_to
 
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = SCHEDULES
 PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
 # result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``torch_singlora.runs``).
-RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite", "report_to",
                      "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
 
 
@@ -39,7 +42,12 @@ class TrainConfig:
 
     model: str = _help("local folder of a transformers model (config.json + weights)", default="")
     train_data: str = _help("training data: .csv / .jsonl file or folder of class subfolders (classification), "
-                            ".txt / .jsonl / folder of .txt (causal-lm)", default="")
+                            ".txt / .jsonl / folder of .txt (causal-lm); sft: .jsonl / .json / .csv / .parquet or a "
+                            "dataset folder (save_to_disk, or files load_dataset reads) of chat rows in TRL's shapes: "
+                            "messages ([{role, content}, ...]), prompt-completion (prompt + completion: text or "
+                            "messages), alpaca (instruction [+ input] + output), conversations (ShareGPT: [{from, "
+                            "value}, ...]); the format is found from the columns (--data-format names it)",
+                            default="")
     output_dir: str = _help("where the adapter, metrics.jsonl, summary.json, checkpoint.pt and plots go", default="")
     task: str = _help(f"what to train: {', '.join(TASKS)}", default="classification")
     eval_data: str | None = _help("evaluation data (same formats); default: --eval-split of the training data",
@@ -64,11 +72,15 @@ class TrainConfig:
     init: str = _help("SingLoRA init of A: normal (N(0, 1/n)) or kaiming_uniform (as public implementations)",
                       default="normal")
     loraplus_lr_ratio: float = _help("LoRA+: learning-rate ratio of B to A", default=16.0)
+    init_adapter: str | None = _help("start from this trained adapter folder (RUN/adapter of an earlier run of the "
+                                     "same --method; its own r, alpha, target modules and ramp are used) instead of "
+                                     "a new adapter; it is also loaded a second time, frozen, as adapter 'ref': the "
+                                     "step-0 score and DPO's reference", default=None)
     lr: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
-    scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
-    warmup: Union[str, int, float] = _help("warm-up: int optimizer steps or a fraction of the total steps",
-                                           default=0.06)
+    scheduler: str = _help(f"learning-rate schedule after the warm-up: {', '.join(SCHEDULERS)}", default="linear")
+    warmup: Union[str, int, float] = _help("warm-up: int optimizer steps or a fraction of the total steps (step k of "
+                                           "W runs at lr * k / W)", default=0.06)
     epochs: int = _help("epochs (ignored when --max-steps is set)", default=1)
     max_steps: int = _help("total optimizer steps (0 = --epochs)", default=0)
     batch_size: int = _help("micro-batch size per process", default=16)
@@ -91,13 +103,23 @@ class TrainConfig:
                             "and plot; other files stay)", default=False)
     quiet: bool = _help("no progress bar, no table (errors still go to stderr)", default=False)
     plot: bool = _help("write <output-dir>/curves.png at the end", default=True)
-    name: str | None = _help("run name in tables and plots (default: the method)", default=None)
+    name: str | None = _help("run name in tables, plots and trackers (default: the method)", default=None)
+    report_to: str = _help("where the metrics also go (as metrics.jsonl): none, all (the installed ones), or some of "
+                           "tensorboard, wandb, mlflow, trackio, comma-separated (transformers' report_to; each an "
+                           "optional extra)", default="none")
     on_nonfinite: str = _help("on a NaN/Inf loss or gradient: stop (error naming the step, no adapter written, the "
                               f"last checkpoint kept) or skip that optimizer step (at most {NONFINITE_SKIP_LIMIT} "
                               "in a row)", default="stop")
     task_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "options of the chosen task (its Task.options dataclass; on the command line, its own flags)",
         "cli": False})
+
+    def inputs(self) -> dict[str, str | None]:
+        """``{flag: path}`` of everything the run reads: no file it writes or removes may be one of them
+        (``atomic.check_not_input``)."""
+        return {"--model": self.model, "--tokenizer": self.tokenizer, "--train-data": self.train_data,
+                "--eval-data": self.eval_data, "--init-adapter": self.init_adapter,
+                **task_class(self.task)().inputs(self.task_options)}
 
     def validate(self) -> None:
         """Check the fields (errors name the flag), read ``ramp_up_steps`` / ``warmup`` into numbers, and fill the
@@ -130,6 +152,7 @@ class TrainConfig:
             raise SingLoRAError("--epochs=0 and --max-steps=0: nothing to train")
         if self.eval_data and self.eval_split:
             raise SingLoRAError("can't give both --eval-data and --eval-split")
+        self._check_init_adapter()
         if self.resume and self.overwrite:
             raise SingLoRAError("can't give both --resume (continue the run) and --overwrite (replace it)")
         for flag in ("lr", "alpha", "loraplus_lr_ratio"):
@@ -141,6 +164,32 @@ class TrainConfig:
         for flag in ("eval_split", "adapter_dropout"):
             if not 0 <= getattr(self, flag) < 1:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be in [0, 1)")
+        parse_report_to(self.report_to)
         self.ramp_up_steps = parse_steps_or_fraction(self.ramp_up_steps, "--ramp-up-steps")
         self.warmup = parse_steps_or_fraction(self.warmup, "--warmup")
         task_class(self.task)().parse_options(self.task_options)
+
+    def _check_init_adapter(self) -> None:
+        """``--init-adapter``: an adapter folder of this method (its own r, alpha, targets... are checked against
+        the flags once the model has loaded: ``methods.check_init_adapter``); ``--method full`` has no adapter to
+        start from, nor, for a task that compares with its starting model (DPO), a copy of that model."""
+        if self.method == "full" and task_class(self.task).needs_reference:
+            raise SingLoRAError(f"--task {self.task} compares the model with the one the run starts from, kept as the "
+                                "adapters disabled (or a frozen copy of --init-adapter): use an adapter method "
+                                "(--method singlora, lora, ...), not --method full")
+        if not self.init_adapter:
+            return
+        from ..runs import RUN_INFO, read_run_info, run_folder_hint
+
+        path = Path(self.init_adapter)
+        if self.method == "full":
+            raise SingLoRAError("--init-adapter starts from a trained adapter; --method full trains the whole model "
+                                "(give the earlier run's merged model as --model instead)")
+        if not path.is_dir():
+            raise SingLoRAError(f"--init-adapter {str(path)!r}: no such folder{run_folder_hint(path)}")
+        if (path / RUN_INFO).is_file():
+            trained = read_run_info(path)["method"]
+            if trained != self.method and {trained, self.method} != {"lora", "loraplus"}:
+                raise SingLoRAError(f"--init-adapter {path} was trained with --method {trained}; give --method "
+                                    f"{trained} (got {self.method})")
+

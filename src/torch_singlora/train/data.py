@@ -62,6 +62,7 @@ def read_classification(
     """``(texts, label names)`` from a CSV / JSONL file or a folder of class subfolders."""
     path = existing(path)
     if path.is_dir():
+        refuse_dataset_folder(path, "classification reads a folder of class subfolders holding text files")
         classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         texts, labels = [], []
         for folder in classes:
@@ -72,20 +73,40 @@ def read_classification(
             raise SingLoRAError(f"{path}: empty dataset: expected one subfolder per class holding text files")
         return texts, labels
     rows = read_rows(path, encoding)
-    texts = column_values(rows, text_column, "--text-column")
+    texts = column_values(rows, text_column, "--text-column", hint=chat_hint(rows))
     hint = " (text without labels: --task causal-lm trains a language model on it)" if all(
         label_column not in row for _, row in rows) else ""
     labels = column_values(rows, label_column, "--label-column", types=LABEL, allow_empty=False, hint=hint)
     return texts, [str(label) for label in labels]
 
 
+def chat_hint(rows: Sequence[Row]) -> str:
+    """For an error about a missing column: a hint to ``--task sft`` when the first row has the columns of a chat
+    format (``llm.data.FORMATS``: messages, prompt/completion, alpaca, ShareGPT), else ``""``."""
+    from ..llm.data import FORMATS
+
+    row = rows[0][1] if rows else {}
+    found = [name for name, columns in FORMATS.items() if all(column in row for column in columns)]
+    return f" (chat data in the {found[0]} format: --task sft trains on it)" if found else ""
+
+
+def refuse_dataset_folder(path: Path, what: str) -> None:
+    """Refuse a folder saved by ``datasets`` (``save_to_disk``): its subfolders are splits, not classes, and its
+    files are Arrow, not text; ``--task sft`` reads such folders."""
+    if any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        raise SingLoRAError(f"{path}: a dataset folder saved by `datasets`; {what} (--task sft reads dataset folders "
+                            "of chat data)")
+
+
 def read_texts(path: str | Path, text_column: str = "text", encoding: str | None = None) -> list[str]:
     """Documents for causal LM from a ``.txt`` file, a folder of ``.txt`` files, or a ``.csv`` / ``.jsonl`` file."""
     path = existing(path)
     if path.is_dir():
+        refuse_dataset_folder(path, "causal-lm reads a folder of .txt files")
         texts = [read_text(f, encoding) for f in sorted(path.rglob("*.txt"))]
     elif path.suffix.lower() in FILE_TYPES:
-        texts = column_values(read_rows(path, encoding), text_column, "--text-column")
+        rows = read_rows(path, encoding)
+        texts = column_values(rows, text_column, "--text-column", hint=chat_hint(rows))
     else:
         texts = [read_text(path, encoding)]
     texts = [t for t in texts if t.strip()]

@@ -34,13 +34,16 @@ from torch import nn
 from ..config import resolve_steps
 from ..errors import SingLoRAError
 from ..hf import check_model_folder
-from ..runs import RunFolder, check_resumable, data_fingerprint, model_fingerprint, write_run_info
+from ..runs import (RunFolder, check_resumable, data_fingerprint, folder_fingerprint, model_fingerprint,
+                    write_run_info)
 from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save_checkpoint
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
-from .methods import Method, MethodSettings, method_class, parse_targets
+from .methods import Method, MethodSettings, check_init_adapter, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
 from .registry import get_task
+from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
+from .tracking import Trackers, parse_report_to
 from .tasks import Task, TaskData
 
 
@@ -65,12 +68,14 @@ class Run:
     total_steps: int
     identity: dict[str, str]
     log: MetricsLog | None = None  # on the main process only
+    trackers: Trackers | None = None  # --report-to, on the main process only
     progress: Any = None
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next micro-batch
     batch: int = 0  # micro-batches of that epoch already done
     base_metrics: dict[str, Any] | None = None
     step_seconds: list[float] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # ``Task.loss`` statistics of the current step
 
     @property
     def main(self) -> bool:
@@ -80,14 +85,18 @@ class Run:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config``; returns the run summary (also written to ``<output_dir>/summary.json``)."""
     run = prepare(config)
-    if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
-        with run.method.disabled():  # the base model's score, before training
-            run.base_metrics = evaluate(run)
-    run.model.train()
-    while run.step < run.total_steps:
-        train_epoch(run)
-    run.progress.close()
-    return finish(run)
+    try:
+        if run.task.evaluate_base and run.eval_loader is not None and run.step == 0:
+            with run.method.reference():  # the score of the model the run starts from (base, or --init-adapter)
+                run.base_metrics = evaluate(run)
+        run.model.train()
+        while run.step < run.total_steps:
+            train_epoch(run)
+        run.progress.close()
+        return finish(run)
+    finally:
+        if run.trackers is not None:
+            run.trackers.close()
 
 
 # ---- 1. prepare -------------------------------------------------------------------------------------------------
@@ -96,7 +105,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Run:
     """Everything the steps need; on ``--resume`` restored from the checkpoint. Nothing is written into the output
     folder before the data and the model have loaded."""
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     from ..integrations.quantized import quiet_bitsandbytes
@@ -108,6 +116,9 @@ def prepare(config: TrainConfig) -> Run:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     folder = RunFolder(config.output_dir)
+    folder.check_inputs(config.inputs())  # also under --overwrite and --resume
+    if config.resume:
+        folder.check_resumable_folder()
     state = load_checkpoint(folder.checkpoint) if config.resume else None
     if state is None:
         folder.check_new_run(config.overwrite)
@@ -135,8 +146,11 @@ def prepare(config: TrainConfig) -> Run:
     method = make_method(config, task, data, tokenizer, total_steps)
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     method.bind_ramp(optimizer)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=resolve_steps(config.warmup, total_steps))
+    warmup = resolve_steps(config.warmup, total_steps)
+    scheduler = make_scheduler(config.scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps)
+    if accelerator.is_main_process and not config.quiet:
+        for warning in short_run_warnings(total_steps, warmup, method.ramp_up_steps()):
+            print(f"singlora train: warning: {warning}", file=sys.stderr)
     model, optimizer = accelerator.prepare(method.model, optimizer)
     parameters = list(method.named_trainable().values())
 
@@ -145,6 +159,8 @@ def prepare(config: TrainConfig) -> Run:
         on_nonfinite=config.on_nonfinite, skip_limit=NONFINITE_SKIP_LIMIT, check_gradients=config.precision != "fp16",
         advice=lambda: f"{folder.resume_advice()} (--on-nonfinite skip drops such steps; or lower --lr={config.lr})")
     identity = {"data": data_fingerprint([data.train, data.eval]), "model": model_fingerprint(config.model)}
+    if config.init_adapter:
+        identity["init_adapter"] = folder_fingerprint(config.init_adapter)
     run = Run(config, task, folder, accelerator, tokenizer, data, collate, method, model, optimizer, scheduler, stepper,
               eval_loader, batches_per_epoch, total_steps, identity)
     if state is not None:
@@ -168,8 +184,12 @@ def make_method(config: TrainConfig, task: Task, data: TaskData, tokenizer: Any,
         targets=parse_targets(config.target_modules),
         ramp_up_steps=config.ramp_up_steps,
         total_steps=total_steps, loraplus_lr_ratio=config.loraplus_lr_ratio, init=config.init,
+        init_adapter=config.init_adapter,
     )
-    return method_class(config.method).wrap(base, settings, task.heads(base))
+    method = method_class(config.method)
+    if config.init_adapter:
+        check_init_adapter(method, settings, base, task.heads(base))
+    return method.wrap(base, settings, task.heads(base))
 
 
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
@@ -218,6 +238,9 @@ def start_output(run: Run, state: TrainingState | None) -> None:
     files a killed run left, open the metrics log (resuming: its first ``log_records`` lines), the progress bar."""
     from tqdm.auto import tqdm
 
+    from ..atomic import atomic_write_text
+    from .run_config import resolved, to_yaml
+
     config, folder = run.config, run.folder
     if run.main:
         folder.create()
@@ -226,7 +249,12 @@ def start_output(run: Run, state: TrainingState | None) -> None:
                 print(f"singlora train: --overwrite: removed {folder.path / name}", file=sys.stderr)
         for stale in folder.remove_stale_temps():
             print(f"singlora train: removed {stale}, left by an interrupted write", file=sys.stderr)
-        run.log = MetricsLog(folder.metrics, keep_records=state.log_records if state is not None else None)
+        document = resolved(config)
+        run.trackers = Trackers(parse_report_to(config.report_to), folder.path, config.name or folder.path.name,
+                                document)  # first: one that cannot start leaves no run files
+        atomic_write_text(folder.config, to_yaml(document))  # `singlora train --config` repeats the run
+        run.log = MetricsLog(folder.metrics, keep_records=state.log_records if state is not None else None,
+                             sink=run.trackers.log)
     run.accelerator.wait_for_everyone()
     run.progress = tqdm(total=run.total_steps, initial=run.step, disable=config.quiet or not run.main,
                         desc=config.name or config.method)
@@ -247,27 +275,44 @@ def train_epoch(run: Run) -> None:
         size = min(config.grad_accum, run.batches_per_epoch - first)
         last = index == first + size - 1
         with run.stepper.accumulating(last):
-            run.stepper.backward(run.model(**batch).loss, size)
+            loss, stats = run.task.loss(run.model, batch, run.data.info)
+            run.stepper.backward(loss, size)
+        for name, value in stats.items():
+            run.stats[name] = run.stats.get(name, 0) + value.detach().float() / size
         if not last:
             continue
         run.batch = index + 1
+        lr = run.scheduler.get_last_lr()[0]  # what this step runs at (the scheduler moves on after it)
         loss = run.stepper.step(f"optimizer step {run.step + 1} (epoch {run.epoch}, micro-batches {first}-{index})")
+        stats = step_stats(run)
         if loss is not None:  # None: skipped (--on-nonfinite skip)
             run.step += 1
             run.step_seconds.append(time.perf_counter() - started)
-            after_step(run, loss)
+            after_step(run, loss, lr, stats)
             if run.step >= run.total_steps:
                 return
         started = time.perf_counter()
     run.epoch, run.batch = run.epoch + 1, 0
 
 
-def after_step(run: Run, loss: float) -> None:
-    """Log the step, show progress, evaluate and write a checkpoint when they are due."""
+def step_stats(run: Run) -> dict[str, float]:
+    """The ``Task.loss`` statistics of the step just ended: means over its micro-batches and the processes."""
+    stats, run.stats = run.stats, {}
+    if not stats:
+        return {}
+    names = sorted(stats)
+    means = run.accelerator.reduce(torch.stack([stats[n] for n in names]).to(run.accelerator.device), "mean")
+    return dict(zip(names, means.tolist()))
+
+
+def after_step(run: Run, loss: float, lr: float, stats: dict[str, float]) -> None:
+    """Log the step (its loss, the ``lr`` and ``u`` it ran at: ``u`` at rest after step k is the one step k used,
+    and its ``stats``), show progress, evaluate and write a checkpoint when they are due."""
     config = run.config
-    lr, u = run.scheduler.get_last_lr()[0], run.method.u()
+    u = run.method.u()
     if run.log is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
-        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u, "epoch": run.epoch})
+        run.log.write({"kind": "train", "step": run.step, "loss": loss, "lr": lr, "u": u,
+                       "grad_norm": run.stepper.grad_norm, "epoch": run.epoch, **stats})
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"u": f"{u:.2f}"} if u is not None else {}))
     if config.eval_every and run.eval_loader is not None and run.step % config.eval_every == 0 \
@@ -312,6 +357,7 @@ def save_state(run: Run) -> None:
 def finish(run: Run) -> dict[str, Any]:
     """The final evaluation; the adapter folder (written whole or not at all), summary.json, curves.png."""
     from ..atomic import atomic_directory, atomic_write_text
+    from .run_config import resolved
 
     config = run.config
     final = evaluate(run) if run.eval_loader is not None else {}
@@ -322,7 +368,9 @@ def finish(run: Run) -> dict[str, Any]:
             write_run_info(tmp, {
                 "task": config.task, "method": config.method, "base_model": str(Path(config.model).resolve()),
                 "tokenizer": str(Path(config.tokenizer or config.model).resolve()),
-                "target_modules": run.method.target_names, **run.data.info,
+                "target_modules": run.method.target_names,
+                "init_adapter": str(Path(config.init_adapter).resolve()) if config.init_adapter else None,
+                "config": resolved(config), **run.data.info,
             })
             weights_bytes = weights.stat().st_size
         summary = {

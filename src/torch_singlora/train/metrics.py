@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -39,11 +39,13 @@ class MetricsLog:
     lines (dropping what the killed run logged after its checkpoint, a torn last line included).
     """
 
-    def __init__(self, path: Path, keep_records: int | None = None) -> None:
-        """A new log at ``path`` (``keep_records=None``), or the first ``keep_records`` lines of the old one."""
+    def __init__(self, path: Path, keep_records: int | None = None,
+                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """A new log at ``path`` (``keep_records=None``), or the first ``keep_records`` lines of the old one;
+        ``sink`` also gets every record written (``tracking.Trackers.log``)."""
         from ..atomic import atomic_write_text
 
-        self.path = path
+        self.path, self.sink = path, sink
         kept: list[str] = []
         if keep_records is not None and path.exists():
             kept = read_lines(path)[:keep_records]
@@ -60,6 +62,8 @@ class MetricsLog:
         except OSError as exc:
             raise SingLoRAError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
         self.records += 1
+        if self.sink is not None:
+            self.sink(record)
 
 
 def read_lines(path: Path) -> list[str]:

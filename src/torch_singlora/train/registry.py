@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "classification": "torch_singlora.train.tasks:Classification",
     "causal-lm": "torch_singlora.train.tasks:CausalLM",
     "sft": "torch_singlora.llm.task:SFT",
+    "dpo": "torch_singlora.llm.dpo:DPO",
 }
 
 

@@ -47,6 +47,7 @@ class OptimizerStep:
         self.check_gradients, self.advice = check_gradients, advice
         self.skipped, self.in_a_row = 0, 0
         self.running = torch.zeros(())
+        self.grad_norm: float | None = None  # of the last step, before clipping
 
     def accumulating(self, last: bool) -> ContextManager[Any]:
         """Gradients of a micro-batch that is not the ``last`` of its group are not synced across processes."""
@@ -67,8 +68,9 @@ class OptimizerStep:
             self._nonfinite(f"non-finite loss ({float(loss)})" if not loss_ok else "non-finite gradients", where)
             return None
         self.in_a_row = 0
-        if self.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        # the total norm (all processes' gradients); max_norm inf multiplies by exactly 1 (no clipping)
+        norm = self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
+        self.grad_norm = float(norm) if norm is not None else None
         self.optimizer.step()
         if not all_finite(self.parameters):
             raise SingLoRAError(f"non-finite weights after {where}; stopped without writing an adapter; "

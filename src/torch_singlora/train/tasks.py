@@ -9,6 +9,8 @@ A task owns everything that depends on the data and the objective:
     read_eval_data(path, tokenizer, info, ...)    the same for ``singlora evaluate`` (settings from run_info.json)
     base_info(options)                            ``info`` for ``singlora evaluate`` of a base model (no adapter)
     collator(tokenizer, info)                     examples -> a batch of tensors with ``labels`` (model(**batch).loss)
+    loss(model, batch, info) -> (loss, stats)     the training loss of one micro-batch (default: model(**batch).loss)
+                                                  and statistics logged with the step (e.g. DPO's rewards)
     load_model(path, info, dtype)                 the transformers model class (and head) to load
     heads(model)                                  modules trained fully and saved with the adapter (e.g. classifier)
     evaluate(model, batches, dataset=, tokenizer=, info=, accelerator=) -> metrics: floats, plus any JSON value
@@ -16,6 +18,9 @@ A task owns everything that depends on the data and the objective:
     metrics                                       the metric names ``evaluate`` returns, the headline first
     evaluate_base                                 True: the loop also evaluates at step 0 (the base model's score)
     options                                       a dataclass of the task's own flags (``TrainConfig.task_options``)
+    input_options                                 those of its options that name files it reads (``inputs``)
+    needs_reference                               True: the objective compares the model with the one the run
+                                                  started from (``methods.reference``), so ``--method full`` is refused
     default_max_length                            ``--max-length`` when not given (128)
 
 Modules named in ``registry.TASKS`` are imported to build ``singlora train --help``: keep their top level light
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from ..errors import SingLoRAError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from torch.utils.data import Dataset
 
@@ -59,7 +65,14 @@ class Task:
     metrics: ClassVar[tuple[str, ...]]  # what ``evaluate`` returns (floats), the headline metric first
     evaluate_base: ClassVar[bool] = False  # evaluate at step 0 too (the base model's score, before training)
     options: ClassVar[type | None] = None  # dataclass of the task's own flags, or None
+    input_options: ClassVar[tuple[str, ...]] = ()  # the options naming a file the task reads (e.g. a chat template)
     default_max_length: ClassVar[int] = 128  # --max-length when not given (``TrainConfig.validate`` fills it)
+    needs_reference: ClassVar[bool] = False  # the loss needs the starting model (adapters disabled, or a copy)
+
+    def inputs(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``{flag: path}`` of the files that ``options`` (task options, as given) make the task read: what no
+        output of the command may overwrite (``atomic.check_not_input``)."""
+        return {"--" + name.replace("_", "-"): options.get(name) for name in self.input_options}
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:
         """The tokenizer in folder ``path`` (``flag`` names where the path came from). ``info``: the run's
@@ -85,6 +98,12 @@ class Task:
 
     def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
         raise NotImplementedError
+
+    def loss(self, model: "nn.Module", batch: dict[str, Any],
+             info: dict[str, Any]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        """The training loss of one micro-batch (a scalar tensor to back-propagate) and statistics to log with the
+        optimizer step (scalar tensors, averaged over the step's micro-batches and processes; none by default)."""
+        return model(**batch).loss, {}
 
     def heads(self, model: "nn.Module") -> list[str]:
         """Modules trained fully and saved with the adapter (full module names)."""
