@@ -103,8 +103,9 @@ def ops_table(tokens: int, r: int, rounds: int) -> list[str]:
                         steps[name]()
                 events = prof.key_averages(group_by_input_shape=True)
                 total = sum(e.self_cpu_time_total for e in events) / rounds / 1e3
-                lines += [f"### {d_in} -> {d_out}, {name}: {total:.2f} ms of self CPU per forward + backward, "
-                          f"{sum(e.count for e in events) // rounds} ops", "", "```",
+                lines += [f"### {d_in} -> {d_out}, {name}: {total:.2f} ms per forward + backward (the profiler's "
+                          f"\"Self CPU\" is wall time: it counts preemption), {sum(e.count for e in events) // rounds}"
+                          " ops", "", "```",
                           events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=28,
                                        max_shapes_column_width=70), "```", ""]
                 print("\n".join(lines[-6:]), flush=True)

@@ -41,7 +41,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _train(model: nn.Module, forward: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
-    """``STEPS`` SGD steps on ``rows`` of each batch; returns each ``A`` and its gradient at step 1 (u = 1/2)."""
+    """``STEPS`` SGD steps on ``rows`` of each batch; returns each ``A`` and its gradient in the first (u = 1 / T)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.bind_optimizer(optimizer)
     seen = {}
@@ -49,7 +49,7 @@ def _train(model: nn.Module, forward: nn.Module, rows: slice) -> dict[str, torch
         x, y = _batch(step)
         loss = (forward(x[rows]) - y[rows]).square().mean()
         loss.backward()
-        if step == 1:
+        if step == 0:
             for name, p in model.named_parameters():
                 if name.endswith(".A"):
                     seen[f"{name}.value"], seen[f"{name}.grad"] = _full(p), _full(p.grad)
@@ -94,7 +94,7 @@ def _worker(rank: int, how: str, init_file: str, out_dir: str) -> None:
         wrapped = _wrap(model, how)
         seen = _train(model, wrapped, slice(4 * rank, 4 * rank + 4))
         if rank == 0:
-            save_file(seen, f"{out_dir}/step1.safetensors")
+            save_file(seen, f"{out_dir}/step1.safetensors")  # optimizer step 1
         _save(model, how, rank, out_dir)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
         # DDP's reducer keeps gloo work alive; freed only at interpreter exit it aborted the process
@@ -114,14 +114,14 @@ def test_two_cpu_processes(tmp_path, how: str) -> None:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         if key.endswith(".ramp_step"):
             assert int(ranks[0][key]) == STEPS
-    # the gradients of step 1 (the training forward and backward of each rank, then averaged) against autograd on
-    # the dense update in float64, whole batch, from the same A
+    # the gradients of optimizer step 1 (the training forward and backward of each rank, then averaged) against
+    # autograd on the dense update in float64, whole batch, from the same A
     seen = load_file(str(tmp_path / "step1.safetensors"))
     base = _base().double()
     name = {i: next(k for k in seen if k.endswith(f"{i}.singlora.default.A.value"))[:-6] for i in ("0", "2")}
     A = {i: seen[f"{name[i]}.value"].double().requires_grad_(True) for i in name}
-    x, y = (t.double() for t in _batch(1))
-    c = 8 / 2 * 1 / 2  # s = alpha / r = 8 / 2 (the defaults), u = t / T = 1/2
+    x, y = (t.double() for t in _batch(0))
+    c = 8 / 2 * 1 / 2  # s = alpha / r = 8 / 2 (the defaults); step 1 of a run trains at u = 1 / T = 1/2
     hidden = torch.tanh(F.linear(x, base[0].weight + dense_update(A["0"], 10, 6, c), base[0].bias))
     out = F.linear(hidden, base[2].weight + dense_update(A["2"], 3, 10, c), base[2].bias)
     for i, grad in zip(A, torch.autograd.grad((out - y).square().mean(), list(A.values()))):
