@@ -9,11 +9,11 @@ transposition) and both ways of getting the base output::
   layer checks ``computes_base`` first); ``x_base`` is ``x`` unless the adapter's dropout gave ``x`` its own mask;
 - ``add_linear_update``: ``base`` given (the output of any base layer: quantized, hooked, a subclass).
 
-Why by hand (issue 27; per-op profile: ``python -m benchmarks.profile_adapter``): the update's products have r
-(8) columns, so each is bound by one pass over the activation it reads or writes, not by its arithmetic, and
-autograd's composition of them made about eleven such passes per layer and step (the ``+`` of the update, the
-backward's add of the two gradients of ``x``, slices of ``A``'s gradient zero-filled and summed, products in
-the layouts BLAS is slow at). Here, ``T`` tokens, ``g = dL/d out``::
+Why by hand (issue 27; per-op profile: ``python -m benchmarks.profile_adapter --ops``): the update's products
+have r (8) columns, so each is bound by the passes over the activation it reads or writes, not by its
+arithmetic, and autograd's composition of them made about twelve ``T x d`` passes per layer and step (the ``+``
+of the update, the backward's add of the two gradients of ``x``, slices of ``A``'s gradient zero-filled and
+summed, a product in a layout BLAS is slow at). Here six, ``T`` tokens, ``g = dL/d out``::
 
     forward   h   = x @ A_in                       (T, r)      reads x
               out = [h | 1] @ [c A_out | b].T        (T, d_out)  written once, the bias as a rank-one column
@@ -26,11 +26,12 @@ the layouts BLAS is slow at). Here, ``T`` tokens, ``g = dL/d out``::
               G[:, :d_in] += gh.T @ x              (r, d_in)   both halves of A's gradient in one (r, n) buffer
               dA  = c * G.T
 
-Four passes over activations (two reads of ``x``, two of ``g``) where the frozen base makes none; ``c`` (a
-0-dim tensor: no host sync, nothing for ``torch.compile`` to recompile on) scales only ``(n, r)``-sized
-things. Layouts: ``A`` is read both as given ``(n, r)`` (the products that write ``T`` rows, ``h @ A.T``) and
-as a contiguous ``(r, n)`` copy (the products that read ``T`` rows, ``x @ A.T.T``), and ``A``'s gradient is
-built ``(r, n)``: on MKL the other layouts of these skinny products ran 1.5-3.5x slower.
+Two reads of ``x``, two of ``g`` (one mostly from cache), and the first writes of ``out`` and ``gx`` (which the
+base's products then accumulate into); ``c`` (a 0-dim tensor: no host sync, nothing for ``torch.compile`` to
+recompile on) scales only ``(n, r)``-sized things. Layouts: ``A`` is read both as given ``(n, r)`` (the
+products that write ``T`` rows, ``h @ A.T``) and as a contiguous ``(r, n)`` copy (the products that read ``T``
+rows, ``x @ A.T.T``), and ``A``'s gradient is built ``(r, n)``: on MKL the other layouts of these skinny
+products ran 1.5-3.5x slower.
 
 Nothing is saved for backward beyond what ``F.linear`` saves (``x``, the weight) except ``h`` (``T x r``)
 and two ``n x r`` copies of ``A``. Gradients of the weight, bias, ``c`` and the given base output are computed
