@@ -3,7 +3,7 @@
 - no flag: one adapted Linear's forward + backward at all-MiniLM's shapes (2048 tokens, r = 8, the input
   requiring grad as inside a network), interleaved: the frozen ``base`` Linear alone, SingLoRA's hand-written
   forward and backward (``fused``: ``fused_linear``), SingLoRA by autograd's composition (``autograd``:
-  ``functional.factored_update``, ``layers.FUSED_TRAINING = False``) and PEFT-style ``lora`` (two matrices).
+  ``functional.factored_update``, ``fused_linear.ENABLED = False``) and PEFT-style ``lora`` (two matrices).
   Medians of thread CPU time (what this process computed; on a shared machine wall time adds the time other
   processes held the core) and of wall time, each over the base's.
 - ``--ops``: the ``torch.profiler`` table of the same layer, per op and input shapes, for ``fused`` and
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from torch_singlora import SingLoRALayer, layers
+from torch_singlora import SingLoRALayer, fused_linear
 from torch_singlora.atomic import atomic_write_text
 
 from .measure import interleaved_clocks
@@ -58,7 +58,7 @@ def layer_steps(d_in: int, d_out: int, tokens: int, r: int) -> dict[str, Callabl
 
     def step(forward: Callable[[torch.Tensor], torch.Tensor], fused: bool = True) -> Callable[[], None]:
         def run() -> None:
-            layers.FUSED_TRAINING = fused
+            fused_linear.ENABLED = fused
             forward(x0 * 1.0).backward(grad)
             for tensor in (x0, layer.singlora["default"].A, lora_A, lora_B):
                 tensor.grad = None
@@ -85,7 +85,7 @@ def layer_table(tokens: int, r: int, warmup: int, steps: int) -> list[str]:
             lines.append(f"| {d_in} -> {d_out} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     finally:
-        layers.FUSED_TRAINING = True
+        fused_linear.ENABLED = True
     return lines
 
 
@@ -110,7 +110,7 @@ def ops_table(tokens: int, r: int, rounds: int) -> list[str]:
                                        max_shapes_column_width=70), "```", ""]
                 print("\n".join(lines[-6:]), flush=True)
     finally:
-        layers.FUSED_TRAINING = True
+        fused_linear.ENABLED = True
     return lines
 
 
@@ -139,14 +139,14 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
-            layers.FUSED_TRAINING = name != "singlora_autograd"
+            fused_linear.ENABLED = name != "singlora_autograd"
             train_step(built[name], workload.batch)
         return run
 
     try:
         wall, cpu = interleaved_clocks({name: step(name) for name in built}, warmup, steps)
     finally:
-        layers.FUSED_TRAINING = True
+        fused_linear.ENABLED = True
     lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}", "",
              "| method | step CPU ms (median) | over base | step wall ms (median) | over base |", "|---|---|---|---|---|"]
     med = {clock: {n: statistics.median(t) * 1e3 for n, t in times.items()} for clock, times in

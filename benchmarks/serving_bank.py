@@ -163,6 +163,7 @@ def part_steps(settings: dict[str, Any], folder: Path, load_model: Callable[[boo
     model.delete_adapter("default")
     model.eval()
     merged = copy.deepcopy(model).merge_and_unload().eval()
+    plain = copy.deepcopy(base)  # every model timed is a copy (the loaded weights may be a file mapping)
     bank = AdapterBank(copy.deepcopy(base), max_rank=max(RANKS))
     names = [f"a{i:02d}" for i in range(16)]
     for i, name in enumerate(names):
@@ -172,7 +173,7 @@ def part_steps(settings: dict[str, Any], folder: Path, load_model: Callable[[boo
         for shape in ("prefill", "decode"):
             run = StepRunner(base, shape, settings["quick"])
             batch = run.batch
-            calls = {"base": run(base), "merged": run(merged), "singlora_model_unmerged": run(model),
+            calls = {"base": run(plain), "merged": run(merged), "singlora_model_unmerged": run(model),
                      "bank_one_adapter": in_bank(bank, [names[0]] * batch, run(bank.model)),
                      "bank_all_base": in_bank(bank, ["__base__"] * batch, run(bank.model)),
                      "bank_mixed": in_bank(bank, [names[i % 16] for i in range(batch)], run(bank.model))}

@@ -83,4 +83,24 @@ def save_tiny_chat_llama(folder, tokenizer, *, seed: int = 0, **config) -> None:
     tokenizer.save_pretrained(folder)
 
 
-__all__ = ["save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]
+def tiny_singlora_llama(dtype: torch.dtype, vocab: int = 97, layers: int = 2, **config) -> torch.nn.Module:
+    """A tiny random Llama (tied embeddings, GQA) with SingLoRA on every linear layer, ramp done (u = 1) and A
+    drawn large enough that the adapter changes the logits (so gradients and losses differ from the base's)."""
+    import transformers
+
+    from torch_singlora import SingLoRAConfig, get_singlora_model
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    settings.update(config)
+    model = get_singlora_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)),
+                               SingLoRAConfig(r=4, target_modules="all-linear", ramp_up_steps=0)).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+__all__ = ["tiny_singlora_llama", "save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]

@@ -65,7 +65,7 @@ def test_hundreds_of_adapters_of_mixed_ranks_cost_their_A_matrices_at_their_own_
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 160)).eval()  # square + rectangular
     model = one_adapter_per_rank(tmp_path, base, (2, 4, 8))
-    base_bytes = [p.data_ptr() for p in base.parameters()]
+    originals = [p.detach().clone() for p in base.parameters()]
     bank = AdapterBank(base, max_rank=8, capacity=2)  # grows from rows for 2 adapters of rank 8
     for i in range(300):
         bank.load(f"user{i}", tmp_path / f"r{(2, 4, 8)[i % 3]}")
@@ -80,10 +80,14 @@ def test_hundreds_of_adapters_of_mixed_ranks_cost_their_A_matrices_at_their_own_
         assert used_rows < pool.shape[0] - 1 <= used_rows + used_rows // 16 + 1  # grown by 1/16, no padding
         assert table.shape == (384, 8) and coefficients.shape == (384,)  # ids 0..300: 3 at first, doubled
     allocated = sum(layer.bank.pool.numel() * 4 + 384 * (8 * 8 + 4) for layer in (base[0], base[2]))
-    assert memory["allocated"] == allocated
+    spare = 2 * 8 * (64 + 1) * 4  # each weight and bias: 8 spare rows / entries (fused one-adapter steps)
+    assert memory["allocated"] == allocated + spare
     weights = sum(m["singlora"] for m in memory["per_adapter"].values())
     assert allocated < 1.1 * weights + 2 * 84 * (8 * 8 + 4)  # at most 1/16 of the rows free, and unused ids
-    assert [p.data_ptr() for p in base.parameters()] == base_bytes  # the base weights, not copied
+    for layer in (base[0], base[2]):  # the base weights moved into the fused buffers, not copied beside them
+        assert layer.weight.data_ptr() == layer.bank.fused.data_ptr()
+        assert layer.bias.data_ptr() == layer.bank.fused_bias.data_ptr()
+    assert all(torch.equal(p, w) for p, w in zip(base.parameters(), originals))
     x = torch.randn(4, 64)
     with torch.no_grad(), bank.use(["user0", "user299", "__base__", "user298"]):
         out = base(x)
@@ -160,7 +164,7 @@ def test_a_batch_on_one_adapter_reads_its_rows_without_a_gather(saved, monkeypat
     with torch.no_grad(), bank.use(["a", "b", "a"]):
         base(ids)
     assert gathers  # a mixed batch does gather (the count above could fail)
-    held = base.up.bank.rows_of(bank.adapters["a"].id)[0]
+    held = base.up.bank.shared(bank.adapters["a"].id, base.up.d_out, base.up.d_in).At
     assert held.data_ptr() != base.up.bank.pool.data_ptr() and held._base is base.up.bank.pool  # a view
 
 
@@ -239,3 +243,47 @@ def test_refusals_change_nothing(saved, tmp_path) -> None:
         bank.use(["a"])
     with pytest.raises(SingLoRAError, match="plain base model"):
         AdapterBank(base)
+
+
+class TiedNet(nn.Module):
+    """Three Linear layers; the last one's weight is also held by a module outside the forward (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.tied = nn.Linear(6, 10), nn.Linear(10, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.tied.weight = self.c.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(torch.tanh(self.a(x))))
+
+
+def test_one_adapter_steps_on_a_plain_linear_run_one_gemm(tmp_path) -> None:
+    """A plain Linear's weight moves (once, values kept) into a buffer with spare rows; a batch on one adapter runs
+    the base product and ``x @ A_in`` as one GEMM (its output: a view of that GEMM's first ``d_out`` columns),
+    adapter after adapter, equal to the adapter alone; a tied weight is never moved; after ``.to()`` moved the
+    weight the layer drops the buffer and takes the separate products."""
+    torch.manual_seed(0)
+    base = TiedNet().eval()
+    model = get_singlora_model(copy.deepcopy(base), SingLoRAConfig(
+        r=2, target_modules=["a", "b", "c"], init="gaussian", init_std=0.5), "a")
+    model.add_adapter("b", SingLoRAConfig(r=3, target_modules=["a", "b", "c"], init="gaussian", init_std=0.5))
+    for name in "ab":
+        model.save_adapter(tmp_path / name, name)
+    model.eval()
+    bank = AdapterBank(base)
+    for name in "ab":
+        bank.load(name, tmp_path / name)
+    assert base.a.bank.fused is not None and base.b.bank.fused is not None and base.c.bank.fused is None
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        for name in "abab":  # the spare rows follow the step's adapter
+            with bank.use([name] * 4):
+                hidden = base.a(x)
+                assert hidden._base is not None and hidden.stride(0) == 10 + {"a": 2, "b": 3}[name]
+                out = base(x)
+            assert_close(out, run_alone(model, name, x), dtype=torch.float32)
+        base.double()  # moves every weight: the fused buffers are dropped at the next step
+        with bank.use(["b"] * 4):
+            out = base(x.double())
+        assert base.a.bank.fused is None
+        assert_close(out, run_alone(model.double(), "b", x.double()), dtype=torch.float32)

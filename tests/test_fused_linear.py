@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from torch_singlora import SingLoRAConfig, SingLoRALayer, get_singlora_model, layers
-from torch_singlora import fused_linear
+from torch_singlora import SingLoRAConfig, SingLoRALayer, fused_linear, get_singlora_model
 from torch_singlora.fused_linear import add_linear_update, linear_with_update
 
 SHAPES = [(8, 8), (12, 5), (5, 12)]  # (d_out, d_in): square, tall (out > in), wide (in > out)
@@ -135,8 +134,8 @@ def base_matrix(base: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("fused", [True, False])
 def test_training_layer_matches_dense_float64_by_either_path(monkeypatch, d_out, d_in, kind, fused) -> None:
     """Two adapters on one layer (the first computed with the base when the base is a plain Linear / Conv1D, the
-    second added to it), by the hand-written backward and by autograd's composition (``FUSED_TRAINING``)."""
-    monkeypatch.setattr(layers, "FUSED_TRAINING", fused)
+    second added to it), by the hand-written backward and by autograd's composition (``fused_linear.ENABLED``)."""
+    monkeypatch.setattr(fused_linear, "ENABLED", fused)
     base = make_base(kind, d_out, d_in)
     layer = make_layer(base, names=("a", "b"))
     x = leaf(2, 5, d_in)

@@ -141,3 +141,63 @@ def test_bad_chat_data_is_refused_naming_row_and_column(run, tmp_path, capsys) -
     assert "bad.jsonl line 3, column 'messages', message 2: 'content' must be a string, got a list" in \
         capsys.readouterr().err
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def _train(run, out, *extra: str) -> dict:
+    assert main(["train", "--task", "sft", "--model", str(run / "base"), "--eval-data", str(run / "test.jsonl"),
+                 "--output-dir", str(out), "--lr", "3e-2", "--eval-generations", "0", "--quiet", "--no-plot",
+                 "--save-every", "0", *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _adapter(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_packing_changes_speed_not_the_result(run, tmp_path) -> None:
+    """--packing with --grad-accum and the assistant-only loss, on messages and on prompt/completion rows: the same
+    adapter and losses as the padded run (and the base model's step-0 loss, evaluated on packed rows)."""
+    rows = _rows(24)
+    for i, row in enumerate(rows):  # one long conversation (~90 tokens) in 4, else one exchange (28): packed 2 a row
+        row["messages"] = row["messages"] + row["messages"][1:] if i % 4 == 0 else row["messages"][:3]
+    messages, completions = tmp_path / "train.jsonl", tmp_path / "completions.jsonl"
+    messages.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    completions.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n"
+                                   for r in rows))
+    common = ("--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--max-length", "128")
+    for data in (messages, completions):
+        padded = _train(run, tmp_path / f"{data.stem}-padded", "--train-data", str(data), *common)
+        packed = _train(run, tmp_path / f"{data.stem}-packed", "--train-data", str(data), *common, "--packing")
+        assert packed["config"]["task_options"]["packing"] is True
+        for summary in (packed, packed["base"]):
+            reference = padded if summary is packed else padded["base"]
+            assert summary["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
+        ours, reference = _adapter(tmp_path / f"{data.stem}-packed"), _adapter(tmp_path / f"{data.stem}-padded")
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-5)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / f"train-{kind}" / "metrics.jsonl").read_text()
+               .splitlines() if json.loads(line)["kind"] == "train"] for kind in ("padded", "packed")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    out = tmp_path / "evaluated.json"  # singlora evaluate of the packed run packs as it trained (run_info.json)
+    assert main(["evaluate", str(tmp_path / "train-packed" / "adapter"), "--data", str(run / "test.jsonl"),
+                 "--output", str(out), "--quiet"]) == 0
+    trained = json.loads((tmp_path / "train-packed" / "summary.json").read_text())
+    assert json.loads(out.read_text())["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
+
+
+def test_cut_and_dropped_examples_are_reported_under_quiet(run, tmp_path, capsys) -> None:
+    rows = _rows(8)
+    rows[1]["messages"][0]["content"] = "Answer with one word. " * 40  # the answers fall beyond --max-length
+    rows[2]["messages"][-1]["content"] = "plum " * 60  # its last answer is cut
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _train(run, tmp_path / "out", "--train-data", str(tmp_path / "train.jsonl"), "--max-length", "64",
+                     "--max-steps", "1", "--batch-size", "4")
+    err = capsys.readouterr().err
+    assert "singlora train: train: 7 examples" in err and "2 truncated to 64 tokens, 1 of them dropped" in err
+    assert "eval:" not in err  # nothing cut there: quiet
+    counts = {"train": 2, "train_dropped": 1, "eval": 0, "eval_dropped": 0}
+    assert summary["truncated"] == counts
+    assert json.loads((tmp_path / "out" / "adapter" / "run_info.json").read_text())["truncated"] == counts

@@ -40,12 +40,13 @@ from torch import Tensor, nn
 
 from .adapter_file import A_SUFFIX, read_adapter_config, read_adapter_for
 from .config import SingLoRAConfig
-from .errors import SingLoRAError
 from .copies import TrainableCopy
+from .errors import SingLoRAError
 from .functional import saved_coefficient
 from .layers import SingLoRALayer, set_submodule
 from .mixed import BASE, Pooled, Selection, Shared, check_adapter_names, check_mixed_call
 from .names import check_adapter_name
+from .tied import shared_weights
 
 
 @dataclass
@@ -105,8 +106,7 @@ class BankSelection(Selection):
         bank = layer.bank
         if not torch.compiler.is_compiling():  # eager: exact sizes (a compiled graph keeps one shape)
             if self.shared is not None:
-                held = bank.rows_of(self.shared) if self.shared else None
-                return None if held is None else Shared(held[0].T, held[1])
+                return bank.shared(self.shared, layer.d_out, layer.d_in) if self.shared else None
             rows = bank.table[:, : self.width].index_select(0, self.ids)
         else:
             rows = bank.table.index_select(0, self.ids)
@@ -140,6 +140,7 @@ class AdapterBank:
         self._ids = 1  # adapter ids in use are < self._ids; 0 is the base model
         self._free_ids: list[int] = []
         self._selection = BankSelection(self.adapters)  # attached to every module the bank wraps
+        self._tied = set(shared_weights(model))  # weights several modules hold: never moved (fuse)
         self._wrapped_layers: list[SingLoRALayer] = []  # every layer the bank wrapped (never unwrapped)
         self._wrapped_copies: list[TrainableCopy] = []
 
@@ -171,7 +172,8 @@ class AdapterBank:
             return module
         layer = SingLoRALayer(module)
         width = self.max_rank or rank
-        layer.create_bank(rows=self.capacity * width, width=width, ids=max(self._ids, self.capacity + 1))
+        layer.create_bank(rows=self.capacity * width, width=width, ids=max(self._ids, self.capacity + 1),
+                          fuse=id(module.weight) not in self._tied)
         layer.selection = self._selection
         self._selection.device = module.weight.device
         set_submodule(self.model, name, layer)

@@ -126,11 +126,17 @@ def add_factored_update_(
     into ``out`` (``addmm_``), saving a pass over the output and its allocation; same products, so exact up to
     float rounding. ``out``: contiguous ``(..., d_out)``, same dtype as ``A``; nothing may need its gradient."""
     At = A.T.contiguous()  # (r, n)
-    h = F.linear(x.reshape(-1, d_in), At[:, :d_in])  # (tokens, r)
+    return add_update_(out, x, At[:, :d_in].T, At[:, :d_out], coefficient)
+
+
+def add_update_(out: Tensor, x: Tensor, A_in: Tensor, A_out: Tensor, coefficient: Tensor | float = 1.0) -> Tensor:
+    """``out += c * (x @ A_in) @ A_out`` in place (``add_factored_update_`` with ``A_in = A[:d_in]`` ``(d_in, r)``
+    and ``A_out = A[:d_out].T`` ``(r, d_out)`` given, e.g. views of a bank's rows). ``x``: ``(..., d_in)``."""
+    h = torch.mm(x.reshape(-1, A_in.shape[0]), A_in)  # (tokens, r)
     if isinstance(coefficient, Tensor):
-        out.view(-1, d_out).addmm_(h * coefficient, At[:, :d_out])
+        out.view(-1, A_out.shape[1]).addmm_(h * coefficient, A_out)
     else:  # a Python number: folded into addmm's alpha, one op fewer
-        out.view(-1, d_out).addmm_(h, At[:, :d_out], alpha=coefficient)
+        out.view(-1, A_out.shape[1]).addmm_(h, A_out, alpha=coefficient)
     return out
 
 

@@ -46,6 +46,9 @@ import torch
 from torch import Tensor, nn
 
 
+# False: layers train by autograd's composition of ``functional.factored_update`` everywhere (for A/B measurements:
+# ``benchmarks/profile_adapter.py --ab``; tests compare the two).
+ENABLED = True
 # Below this many tokens (rows of x) a layer trains by autograd's composition (``functional.factored_update``):
 # there the fixed cost of a Python autograd.Function (about 40 us per layer and step) is more than the passes it
 # saves; from 256 tokens on it was never slower at MiniLM's, the small Llama's and SmolLM2's shapes (issue 27).
@@ -145,10 +148,12 @@ def add_linear_update(base_out: Tensor, x: Tensor, A: Tensor, c: Tensor | float,
     return _AdaptedLinear.apply(x, A, _coefficient(c, A), base_out, None, None, None, d_out, d_in, False)
 
 
-def pays_off(x: Tensor, d_in: int) -> bool:
-    """Whether ``x`` (``(..., d_in)``) has ``MIN_TOKENS`` rows, or a graph is being compiled (no Python overhead
+def trains_by_hand(kind: str, x: Tensor, d_in: int) -> bool:
+    """Whether a layer of ``kind`` trains on ``x`` (``(..., d_in)``) through this module: ``ENABLED``, a Linear /
+    Conv1D, gradients on, and ``x`` has ``MIN_TOKENS`` rows or a graph is being compiled (no Python overhead
     there, and no guard on the batch size)."""
-    return torch.compiler.is_compiling() or x.numel() >= MIN_TOKENS * d_in
+    return (ENABLED and kind in ("linear", "conv1d_t") and torch.is_grad_enabled()
+            and (torch.compiler.is_compiling() or x.numel() >= MIN_TOKENS * d_in))
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -9,6 +9,10 @@ State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) 
 A layer may also hold banked storage for many frozen adapters selected per example (``create_bank``,
 ``set_banked``, ``reset_banked``: ``banked.LayerBank``, filled by ``bank.AdapterBank``), and holds the selection
 of the model it belongs to (``mixed.Selection``, attached once), which mixed-adapter calls activate.
+
+Long module: one class whose forward chooses among an adapted layer's paths (training by hand, inference in
+place, mixed batches, banked storage); the math of each lives in its own module (``fused_linear``,
+``functional``, ``mixed``, ``banked``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from torch import Tensor, nn
 from .banked import LayerBank
 from .errors import SingLoRAError
 from .functional import (
-    LayerKind, adapter_rows, add_factored_update_, conv_update, delta_weight, embedding_update, factored_update,
-    init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
+    LayerKind, adapter_rows, add_factored_update_, add_update_, conv_update, delta_weight, embedding_update,
+    factored_update, init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
-from .fused_linear import add_linear_update, adds_to, computes_base, linear_with_update, pays_off
+from .fused_linear import add_linear_update, adds_to, computes_base, linear_with_update, trains_by_hand
 from .mixed import Pooled, Selection, Shared
 
 
@@ -32,10 +36,6 @@ from .mixed import Pooled, Selection, Shared
 # add_factored_update_``): exact, one pass over the output fewer. False restores the out-of-place sum everywhere
 # (for A/B measurements: ``benchmarks/unmerged_overhead.py``; tests compare the two).
 IN_PLACE_INFERENCE = True
-# Training a Linear / Conv1D on at least ``fused_linear.MIN_TOKENS`` tokens runs the hand-written forward and
-# backward of ``fused_linear`` (issue 27). False restores autograd's composition of ``functional.factored_update``
-# everywhere (for A/B measurements: ``benchmarks/profile_adapter.py --ab``; tests compare the two).
-FUSED_TRAINING = True
 
 
 def _transformers_conv1d() -> type | None:
@@ -237,27 +237,23 @@ class SingLoRALayer(nn.Module):
 
     def _add_update(self, result: Tensor, x: Tensor, A: Tensor, coefficient: Tensor | float,
                     dropout: nn.Module | None = None) -> Tensor:
-        """``result`` plus the update of ``A`` for ``x``: added in place when ``_accumulates``; while training a
-        Linear / Conv1D of ``A``'s dtype, by the hand-written backward (``fused_linear.add_linear_update``)."""
+        """``result`` plus the update of ``A`` for ``x``: in place when ``_accumulates``; or ``fused_linear``'s."""
         if isinstance(coefficient, Tensor):
             coefficient = coefficient.to(A.dtype)
         if self._accumulates(result, A.dtype, dropout):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
-        if self._trains_by_hand(x) and adds_to(result, x, A):
+        if trains_by_hand(self.kind, x, self.d_in) and adds_to(result, x, A):
             adapter_x = x if dropout is None else dropout(x)
             return add_linear_update(result, adapter_x, A, coefficient, d_out=self.d_out, d_in=self.d_in)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
-    def _trains_by_hand(self, x: Tensor) -> bool:
-        """Whether ``fused_linear`` runs this Linear / Conv1D's training forward and backward for ``x``."""
-        return (FUSED_TRAINING and self.kind in ("linear", "conv1d_t") and torch.is_grad_enabled()
-                and pays_off(x, self.d_in))
-
-    def _fused_forward(self, x: Tensor, adapter: SingLoRAAdapter) -> Tensor:
-        """``base_layer(x)`` plus ``adapter``'s update in one node (``fused_linear.linear_with_update``)."""
-        base, adapter_x, c = self.base_layer, adapter.dropout(x), adapter.coefficient(adapter.in_step_forward())
-        return linear_with_update(adapter_x, adapter.A, c, base.weight, base.bias, d_out=self.d_out, d_in=self.d_in,
-                                  transposed=self.kind == "conv1d_t", base_x=None if adapter_x is x else x)
+    def _add_shared(self, result: Tensor, x: Tensor, found: Shared) -> Tensor:
+        """``result`` plus the update of the adapter every example uses (``mixed.Shared``)."""
+        dtype = found.At.dtype
+        if self._accumulates(result, dtype):
+            return add_update_(result, x if x.dtype == dtype else x.to(dtype), found.A_in, found.A_out,
+                               found.coefficient)
+        return self._add_update(result, x, found.At.T, found.coefficient)
 
     def _add_pooled(self, result: Tensor, x: Tensor, pooled: Pooled) -> Tensor:
         """``result`` plus the update when example ``b`` uses the adapter at ``pooled.pool[pooled.rows[b]]``
@@ -291,25 +287,23 @@ class SingLoRALayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         selection = self.selection
-        mixed = selection is not None and selection.active  # a mixed-adapter batch (torch_singlora.mixed)
-        pending = [] if self.disabled or mixed else [
+        if selection is not None and selection.active and not self.disabled:  # a mixed-adapter call (mixed.py)
+            return self._forward_selected(selection.for_layer(self), x, *args, **kwargs)
+        pending = [] if self.disabled else [
             self.singlora[name] for name in self.active_adapters if name not in self.merged_adapters]
-        if (pending and not args and not kwargs and self._trains_by_hand(x)
+        if (pending and not args and not kwargs and trains_by_hand(self.kind, x, self.d_in)
                 and computes_base(self.base_layer, x, pending[0].A)):  # training: base and update in one node
-            result = self._fused_forward(x, pending.pop(0))
+            adapter, base = pending.pop(0), self.base_layer
+            adapter_x, c = adapter.dropout(x), adapter.coefficient(adapter.in_step_forward())
+            result = linear_with_update(adapter_x, adapter.A, c, base.weight, base.bias, d_out=self.d_out,
+                                        d_in=self.d_in, transposed=self.kind == "conv1d_t",
+                                        base_x=None if adapter_x is x else x)
         else:
             result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
-        if mixed:
-            found = selection.for_layer(self)
-            if found is None:  # no example of this batch uses an adapter of this layer
-                return result
-            if isinstance(found, Shared):
-                return self._add_update(result, x, found.A, found.coefficient)
-            return self._add_pooled(result, x, found)
         for adapter in pending:
             in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
             coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
@@ -317,14 +311,33 @@ class SingLoRALayer(nn.Module):
             result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 
+    def _forward_selected(self, found: Shared | Pooled | None, x: Tensor, *args, **kwargs) -> Tensor:
+        """The forward of a mixed-adapter call: ``found`` is what its examples use here (``Selection.for_layer``).
+        One adapter for all, on a fused bank (``banked.LayerBank.fuse``): one GEMM for the base and first product."""
+        if (isinstance(found, Shared) and self.bank is not None and self.bank.fused is not None and not args
+                and not kwargs and not isinstance(found.coefficient, Tensor) and x.dtype == found.At.dtype
+                and IN_PLACE_INFERENCE and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            fused = self.bank.fused_forward(self.base_layer, x, found)
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        if found is None:  # no example of this batch uses an adapter of this layer
+            return result
+        if isinstance(found, Shared):
+            return self._add_shared(result, x, found)
+        return self._add_pooled(result, x, found)
+
     # ---- banked storage (bank.AdapterBank) -----------------------------------------------------------------------
 
-    def create_bank(self, *, rows: int, width: int, ids: int) -> None:
+    def create_bank(self, *, rows: int, width: int, ids: int, fuse: bool = False) -> None:
         """Allocate banked storage (``banked.LayerBank``: ``rows`` pool rows, ``width`` rows per adapter, ``ids``
-        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device."""
+        adapter ids) for frozen adapters of the ``adapter_dtype`` on this layer's device; ``fuse``: a plain
+        ``nn.Linear`` of that dtype runs one-adapter steps as one GEMM (``LayerBank.fuse``)."""
         weight = self.base_layer.weight
         self.bank = LayerBank(max(self.d_out, self.d_in), rows=rows, width=width, ids=ids,
                               dtype=adapter_dtype(weight), device=weight.device)
+        if fuse and type(self.base_layer) is nn.Linear and weight.dtype == self.bank.pool.dtype:
+            self.bank.fuse(self.base_layer)
 
     def set_banked(self, adapter_id: int, A: Tensor, coefficient: float) -> None:
         """Hold the frozen adapter ``A`` (``(n, r)``) with ``c = coefficient`` under ``adapter_id`` in the bank."""

@@ -9,7 +9,7 @@ once by its owner (``SingLoRAModel`` when it wraps the layer, ``bank.AdapterBank
 selects the names on that one object (``Selection.selecting``) and clears them after. During the call a layer asks
 the selection what its examples use (``for_layer``):
 
-- ``Shared(A, c)``: every example uses the same adapter on this layer: the ordinary single-adapter update;
+- ``Shared(A.T, c)``: every example uses the same adapter on this layer: the ordinary single-adapter update;
 - ``Pooled(pool, rows, coefficients)``: example ``b`` uses the adapter whose ``A.T`` is ``pool[rows[b]]``: instead of
   PEFT's Python loop over the adapters with a sub-batch each, one gather and two batched matrix products
   (``functional.mixed_factored_update``; S-LoRA / Punica's gather + bmm), whatever the number of adapters and
@@ -40,10 +40,18 @@ BASE = "__base__"  # the adapter name that means "no adapter" (PEFT's)
 
 
 class Shared(NamedTuple):
-    """Every example uses one adapter on the layer: ``A`` ``(n, r)``, ``c = s * u``."""
+    """Every example uses one adapter on the layer: ``At = A.T`` ``(r, n)``, the views an in-place update reads
+    (``A_in = A[:d_in]`` ``(d_in, r)``, ``A_out = A[:d_out].T`` ``(r, d_out)``) and ``c = s * u``."""
 
-    A: Tensor
+    At: Tensor
+    A_in: Tensor
+    A_out: Tensor
     coefficient: Tensor | float
+
+
+def shared(At: Tensor, d_out: int, d_in: int, coefficient: Tensor | float) -> Shared:
+    """The ``Shared`` of ``At`` (``(r, n)``) on a ``(d_out, d_in)`` layer."""
+    return Shared(At, At[:, :d_in].T, At[:, :d_out], coefficient)
 
 
 class Pooled(NamedTuple):
@@ -72,7 +80,8 @@ def check_mixed_call(modules: Sequence[nn.Module], model: nn.Module) -> None:
     """Refuse a mixed-adapter call on ``model`` (adapted ``modules``: layers and ``modules_to_save`` wrappers) in
     training mode, with adapters merged into the weights, or inside ``disable_adapters()``."""
     if model.training:
-        raise SingLoRAError("adapter_names is for inference: call model.eval() first")
+        raise SingLoRAError("mixed-adapter calls (adapter_names, AdapterBank.use) are for inference: call "
+                            "model.eval() first")
     merged = sorted({name for module in modules for name in getattr(module, "merged_adapters", ())})
     if merged:
         raise SingLoRAError(f"adapter_names cannot be used while adapters {merged} are merged; unmerge() first")
@@ -184,7 +193,8 @@ class NamedSelection(Selection):
             if not present:
                 self._cache[key] = None
             elif len(self.unique) == 1:
-                self._cache[key] = Shared(adapters[0].A, adapters[0].coefficient())
+                A = adapters[0].A
+                self._cache[key] = shared(A.T, layer.d_out, layer.d_in, adapters[0].coefficient().to(A.dtype))
             else:
                 pool, coefficients = stack_pool([a.A for a in adapters], [a.coefficient() for a in adapters])
                 slot = torch.tensor([present.index(n) + 1 if n in present else 0 for n in self.unique])

@@ -11,11 +11,20 @@ apart), and a ``UserWarning`` says so; ``unmerge()`` puts the shared weight back
 from __future__ import annotations
 
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 
 from torch import nn
 
 from .layers import SingLoRALayer
+
+
+def shared_weights(root: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): its names}`` for each parameter of ``root`` held under several names (tied weights, found
+    by identity, not by module names)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, parameter in root.named_parameters(remove_duplicate=False):
+        names[id(parameter)].append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}
 
 
 def untie_before_merge(root: nn.Module, layers: list[tuple[str, SingLoRALayer]]) -> bool:

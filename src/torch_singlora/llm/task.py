@@ -4,7 +4,10 @@
         --output-dir runs/sft --max-length 256 --lr 1e-3 [--chat-template FILE] [--no-assistant-only-loss]
 
 Data: ``llm.data`` (messages, prompt/completion, alpaca, ShareGPT; files or dataset folders). Tokens: the chat
-template, the loss on assistant tokens only by default (``llm.tokenization``), one example per sequence.
+template, the loss on assistant tokens only by default (``llm.tokenization``); batches padded to their longest
+example, or packed into rows without padding (``--packing``, ``train.packing``). The loss projects only the answer
+positions on the vocabulary (``train.lm_loss``). Examples cut to ``--max-length`` or dropped (no answer token left)
+are reported even under ``--quiet``, and counted in run_info.json and summary.json (``truncated``).
 Evaluation (at step 0, i.e. the base model, at every ``--eval-every`` and at the end): ``eval_loss`` (mean
 cross-entropy of the answer tokens) and ``perplexity``; then greedy answers to the first ``--eval-generations``
 held-out prompts give ``exact_match`` and ``rouge_l`` against the reference answers, and the first
@@ -40,6 +43,10 @@ class SFTOptions:
     assistant_only_loss: bool = _help("loss on the assistant answers only (TRL's assistant_only_loss; the completion "
                                       "of prompt/completion rows); --no-assistant-only-loss trains on every token",
                                       True)
+    packing: bool = _help("pack each batch's examples into rows without padding (TRL's packing: best-fit "
+                          "decreasing into rows as long as the batch's longest example; position_ids restart per "
+                          "example, attention stays within each); the same examples and loss per batch, less time "
+                          "and memory", False)
     data_format: str = _help("messages, prompt-completion, alpaca, conversations, or auto (from the columns)", "auto")
     data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
     eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
@@ -66,6 +73,15 @@ class SFT(CausalLM):
     options = SFTOptions
     input_options = ("chat_template",)
     default_max_length = 1024  # TRL's SFTConfig.max_length; batches are padded to their longest example only
+
+    def load_model(self, path: str, info: dict[str, Any], dtype: Any = None) -> "nn.Module":
+        """The causal LM; with ``--packing``, first checked to keep attention within packed examples."""
+        model = super().load_model(path, info, dtype)
+        if info.get("packing"):
+            from ..train.packing import check_confined
+
+            check_confined(model, vocab=model.config.vocab_size)
+        return model
 
     def load_tokenizer(self, path: str, info: dict[str, Any], flag: str = "--tokenizer") -> Any:
         """The tokenizer with the run's chat template (``info["chat_template"]`` when one was given)."""
@@ -96,7 +112,7 @@ class SFT(CausalLM):
         from .tokenization import read_chat_template
 
         return {"labels": None, "max_length": max_length, "data_format": options.data_format,
-                "assistant_only_loss": options.assistant_only_loss,
+                "assistant_only_loss": options.assistant_only_loss, "packing": options.packing,
                 "chat_template": None if options.chat_template is None else read_chat_template(options.chat_template),
                 "eval_generations": options.eval_generations, "max_new_tokens": options.max_new_tokens,
                 "eval_samples": options.eval_samples}
@@ -123,10 +139,9 @@ class SFT(CausalLM):
                                                          config.split_seed)]
         train = self._tokenize(tokenizer, conversations, info)
         evaluation = self._tokenize(tokenizer, held, info) if held else None
-        if not config.quiet:
-            for name, dataset in (("train", train), ("eval", evaluation)):
-                if dataset is not None:
-                    print(f"singlora train: {dataset.describe(name)}", file=sys.stderr)
+        for name, dataset in (("train", train), ("eval", evaluation)):
+            if dataset is not None and (dataset.truncated or not config.quiet):  # cut examples: even under --quiet
+                print(f"singlora train: {dataset.describe(name)}", file=sys.stderr)
         info["truncated"] = {"train": train.truncated, "train_dropped": train.dropped,
                              "eval": evaluation.truncated if evaluation is not None else 0,
                              "eval_dropped": evaluation.dropped if evaluation is not None else 0}
@@ -144,6 +159,10 @@ class SFT(CausalLM):
         return self._info(options, None)
 
     def collator(self, tokenizer: Any, info: dict[str, Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        if info.get("packing"):
+            from ..train.packing import PackingCollator
+
+            return PackingCollator(tokenizer.pad_token_id)
         from .tokenization import SFTCollator
 
         return SFTCollator(tokenizer.pad_token_id)

@@ -29,9 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SingLoRAError
+from ..train.lm_loss import IGNORE_INDEX
 from .data import Conversation, Message
-
-IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's cross-entropy ``ignore_index``)
 
 
 def read_chat_template(path: str | Path) -> str:

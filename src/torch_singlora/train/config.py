@@ -98,6 +98,9 @@ class TrainConfig:
     precision: str = _help(f"mixed precision: {', '.join(PRECISIONS)} (fp16 needs a CUDA GPU; bf16 also runs on "
                            "CPU)", default="no")
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory)", default=False)
+    group_by_length: bool = _help("batch examples of similar lengths together (less padding; transformers' "
+                                  "group_by_length: the random order sorted within groups of 50 batches)",
+                                  default=False)
     resume: bool = _help("continue the run in --output-dir from its checkpoint.pt", default=False)
     overwrite: bool = _help("replace the run already in --output-dir (its adapter, checkpoint, metrics, summary "
                             "and plot; other files stay)", default=False)

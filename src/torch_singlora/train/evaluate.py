@@ -28,18 +28,20 @@ def class_predictions(model: nn.Module, batches: Any, accelerator: Any = None) -
 
 
 def token_loss(model: nn.Module, batches: Any, accelerator: Any = None) -> tuple[float, int]:
-    """``(summed cross-entropy, number of predicted tokens)`` of a causal LM over ``batches``.
+    """``(summed cross-entropy, number of predicted tokens)`` of a causal LM over ``batches`` (padded or packed).
 
     A token counts when its label is not -100 (the model shifts labels by one: the first position predicts
-    nothing). ``model(**batch).loss`` is the mean over the batch's counted tokens, so sum = loss * count.
+    nothing); only those positions are projected on the vocabulary (``lm_loss``).
     """
+    from .lm_loss import lm_loss_sum
+
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches:
-            tokens = (batch["labels"][:, 1:] != -100).sum()
-            loss_sum = model(**batch).loss.float() * tokens
+            loss_sum, tokens = lm_loss_sum(model, batch)
+            summed = torch.stack([loss_sum.detach().float(), loss_sum.new_tensor(float(tokens), dtype=torch.float32)])
             if accelerator is not None:
-                loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
-            total += float(loss_sum)
-            count += int(tokens)
+                summed = accelerator.reduce(summed, "sum")
+            total += float(summed[0])
+            count += int(summed[1])
     return total, count

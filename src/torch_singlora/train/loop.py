@@ -40,6 +40,7 @@ from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, check_init_adapter, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
+from .packing import length_grouped_order
 from .registry import get_task
 from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
@@ -209,13 +210,17 @@ def make_accelerator(config: TrainConfig) -> Any:
 
 
 def epoch_loader(config: TrainConfig, accelerator: Any, data: TaskData, collate: Any, epoch: int) -> Any:
-    """The micro-batches of ``epoch``: a permutation drawn from ``seed + epoch``, not from the global RNG."""
+    """The micro-batches of ``epoch``: a permutation drawn from ``seed + epoch``, not from the global RNG
+    (``--group-by-length``: regrouped so that batches hold examples of similar lengths)."""
     from torch.utils.data import DataLoader, Subset
 
     generator = torch.Generator().manual_seed(config.seed + epoch)
-    order = torch.randperm(len(data.train), generator=generator)
+    order = torch.randperm(len(data.train), generator=generator).tolist()
+    if config.group_by_length:
+        lengths = [len(data.train[i]["input_ids"]) for i in range(len(data.train))]
+        order = length_grouped_order(order, lengths, config.batch_size)
     # The loader draws its base seed from ``generator``, not from the global RNG that dropout uses.
-    return accelerator.prepare(DataLoader(Subset(data.train, order.tolist()), batch_size=config.batch_size,
+    return accelerator.prepare(DataLoader(Subset(data.train, order), batch_size=config.batch_size,
                                           collate_fn=collate, generator=generator))
 
 
@@ -381,6 +386,7 @@ def finish(run: Run) -> dict[str, Any]:
             "steps": run.step, "total_steps": run.total_steps, "skipped_steps": run.stepper.skipped,
             "seconds_per_step": sum(run.step_seconds) / len(run.step_seconds) if run.step_seconds else None,
             "adapted_modules": len(run.method.target_names), "ramp_up_steps": run.method.ramp_up_steps(),
+            **({"truncated": run.data.info["truncated"]} if "truncated" in run.data.info else {}),
             "config": dataclasses.asdict(config),
         }
         atomic_write_text(run.folder.summary, json.dumps(summary, indent=2) + "\n")

@@ -8,7 +8,7 @@ A task owns everything that depends on the data and the objective:
     load_data(config, tokenizer) -> TaskData      read + check + split + tokenize; ``info`` goes to run_info.json
     read_eval_data(path, tokenizer, info, ...)    the same for ``singlora evaluate`` (settings from run_info.json)
     base_info(options)                            ``info`` for ``singlora evaluate`` of a base model (no adapter)
-    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels`` (model(**batch).loss)
+    collator(tokenizer, info)                     examples -> a batch of tensors with ``labels``
     loss(model, batch, info) -> (loss, stats)     the training loss of one micro-batch (default: model(**batch).loss)
                                                   and statistics logged with the step (e.g. DPO's rewards)
     load_model(path, info, dtype)                 the transformers model class (and head) to load
@@ -220,7 +220,8 @@ class Classification(Task):
 
 class CausalLM(Task):
     """Language modelling on raw text: documents joined with EOS and cut into blocks of ``max_length`` tokens,
-    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity."""
+    loss on every token -> ``AutoModelForCausalLM``. Metrics: eval loss (mean token cross-entropy), perplexity.
+    The loss (training and evaluation) projects only the positions whose next token counts (``lm_loss``)."""
 
     name = "causal-lm"
     metrics = ("eval_loss", "perplexity")
@@ -263,6 +264,13 @@ class CausalLM(Task):
         from ..hf import from_pretrained
 
         return from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+
+    def loss(self, model: "nn.Module", batch: dict[str, Any],
+             info: dict[str, Any]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        """The mean cross-entropy of the trained tokens, projecting only their positions (``lm_loss``)."""
+        from .lm_loss import lm_loss
+
+        return lm_loss(model, batch), {}
 
     def evaluate(self, model: "nn.Module", batches: Any, *, dataset: "Dataset", tokenizer: Any,
                  info: dict[str, Any], accelerator: Any = None) -> dict[str, Any]:
