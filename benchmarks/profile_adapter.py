@@ -11,8 +11,8 @@
 - ``--model NAME``: a ``torch.profiler`` table of one training step per method on a workload.
 - ``--ab NAME``: whole training steps of base, PEFT LoRA, SingLoRA fused and SingLoRA autograd, interleaved.
 
-``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab].md``, with the command and
-the load average before and after.
+``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME].md``, with the command
+and the load average before and after.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start_load = os.getloadavg()
     if args.ab:
-        lines, suffix = model_ab(args.ab, args.r, warmup=2, steps=args.steps or 10), "_ab"
+        lines, suffix = model_ab(args.ab, args.r, warmup=2, steps=args.steps or 10), f"_ab_{args.ab}"
     elif args.model:
         lines, suffix = model_table(args.model, args.methods, args.r), "_model"
     elif args.ops:
