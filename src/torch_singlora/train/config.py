@@ -27,9 +27,11 @@ PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
-# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``torch_singlora.runs``).
-RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite", "report_to",
-                     "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
+# result. Paths are not compared as text: the run's identity (fingerprints of the data, the model and the init
+# adapter) is (``torch_singlora.runs``).
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
+                     "report_to", "output_dir", "model", "tokenizer", "train_data", "eval_data", "init_adapter",
+                     "eval_every", "eval_batch_size", "log_every")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
