@@ -111,7 +111,11 @@ def report(data: dict[str, Any], figures: list[str]) -> str:
                           "change - SingLoRA's (same seed)", "SingLoRA forgets less"], rows)]
         if name == "sft":
             sweep = sorted((r for r in part["runs"] if r["seed"] == 0), key=lambda r: (r["method"], r["lr"]))
-            text += ["Seed-0 sweep (the rate with the lowest validation answer loss is chosen):",
+            settings = data["settings"]
+            grids = "; ".join(f"{NAMES[m]} {', '.join(f'{lr:g}' for lr in g)}" for m, g in part["grids"].items())
+            text += [f"Rates tried on seed 0: {grids} (edge extension {'on' if settings['sft_extend'] else 'off'}); "
+                     f"seeds at the chosen rate: {settings['sft_seeds'] or settings['seeds']}.",
+                     "Seed-0 sweep (the rate with the lowest validation answer loss is chosen):",
                      md_table(["method", "lr", "validation answer loss", "test answer loss", "test exact match",
                                "held-out change, nats/token"],
                               [[NAMES[r["method"]], f"{r['lr']:g}", f"{r['task']['val_eval_loss']:.3f}",
