@@ -83,8 +83,10 @@ def plots(parts: dict[str, Any], summary: dict[str, Any], out: Path) -> list[str
                            color=COLORS[method] if chosen else "none", edgecolor=COLORS[method],
                            label=f"{NAMES[method]}{'' if chosen else ' (other rates, seed 0)'}")
         ax.set_xlabel(label), ax.axhline(0, color="gray", lw=0.8), ax.grid(alpha=0.3)
+        ax.set_yscale("symlog", linthresh=0.1)  # linear below 0.1 nats, logarithmic above: a diverged run fits
+        ax.set_ylim(-0.05, 2 * max([0.1] + [r["heldout"]["delta"] for r in part["runs"]]))
         ax.set_title(PART_TITLES[name], fontsize=9), ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("held-out loss after - before (nats / token)")
+    axes[0][0].set_ylabel("held-out loss after - before (nats / token;\nlinear below 0.1, log above)")
     fig.suptitle("What each run learnt vs what it forgot (filled: chosen rate)", fontsize=10)
     save_figure(fig, out / "forgetting_vs_task.png")
     return ["forgetting.png", "forgetting_vs_task.png"]
