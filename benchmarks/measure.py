@@ -60,13 +60,24 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None] = _no_sync) -> float:
 def interleaved_times(fns: dict[str, Callable[[], None]], warmup: int, steps: int,
                       sync: Callable[[], None] = _no_sync) -> dict[str, list[float]]:
     """Run ``warmup + steps`` rounds; each round calls every fn once, in order. Returns the timed seconds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    return interleaved_clocks(fns, warmup, steps, sync)[0]
+
+
+def interleaved_clocks(fns: dict[str, Callable[[], None]], warmup: int, steps: int,
+                       sync: Callable[[], None] = _no_sync) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``interleaved_times``, and beside each wall time the CPU seconds the process got during the call
+    (``time.process_time``: all threads; on a shared machine it leaves out the time other processes held the
+    core, which wall time counts)."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + steps):
         for name, fn in fns.items():
+            start = time.process_time()
             elapsed = timed(fn, sync)
             if round_index >= warmup:
-                times[name].append(elapsed)
-    return times
+                wall[name].append(elapsed)
+                cpu[name].append(time.process_time() - start)
+    return wall, cpu
 
 
 def peak_step_bytes(fn: Callable[[], None], device: str = "cpu") -> int:

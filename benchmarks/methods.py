@@ -1,6 +1,7 @@
 """The methods compared, each built on a fresh copy of a workload's base model.
 
 - ``base``: the frozen base with inputs requiring grad (backward runs through the whole network): the floor.
+  ``base_compile``: the same under ``torch.compile`` (the floor of the compiled methods).
 - ``lora`` / ``lora_again``: PEFT LoRA, same r, alpha and targets (``lora_again`` is a second, identical copy
   timed in the same round robin: the spread between the two is the noise floor of every ratio).
 - ``singlora``: this library, eager. ``singlora_compile``: the same under ``torch.compile``.
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torch_singlora import SingLoRAConfig, get_singlora_model
 from torch_singlora.functional import delta_matrix, init_A, ramp_value, scaling
 
-METHODS = ("base", "lora", "lora_again", "singlora", "singlora_compile", "lora_compile", "dense_ref")
+METHODS = ("base", "lora", "lora_again", "singlora", "base_compile", "singlora_compile", "lora_compile", "dense_ref")
 RAMP_STEPS = 1000  # T of the ramp (the paper's GLUE value); u stays a tensor, so compile never recompiles on it
 
 
@@ -73,10 +74,10 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
 
 def build_method(name: str, base: nn.Module, targets: list[str], r: int, alpha: float) -> Method:
     """Wrap ``base`` (a fresh model, modified in place) as method ``name``."""
-    if name == "base":
+    if name in ("base", "base_compile"):
         model = _freeze(base)
         model.enable_input_require_grads()  # embeddings' output requires grad: backward runs to the input
-        return Method(name, model, model, None)
+        return Method(name, torch.compile(model) if name == "base_compile" else model, model, None)
     if name in ("lora", "lora_again", "lora_compile"):
         from peft import LoraConfig, get_peft_model
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .measure import (directory_bytes, inference_times, interleaved_times, machine_description, median_seconds,
+from .measure import (directory_bytes, inference_times, interleaved_clocks, machine_description, median_seconds,
                       optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,
                       trainable, write_outputs)
 from .methods import METHODS, Method, build_method, train_step
@@ -32,6 +32,7 @@ EAGER_METHODS = tuple(m for m in METHODS if not m.endswith("_compile"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --preset gpu: settings (flags given explicitly win) and each workload's (batch size, sequence length).
 GPU_PRESET: dict[str, Any] = {"device": "cuda", "dtype": "bfloat16", "llama_size": "1b", "warmup": 5, "steps": 30,
+                              "workloads": ("llama", "minilm"),
                               "methods": EAGER_METHODS, "out": Path(__file__).parent / "results" / "gpu"}
 GPU_SIZES = {"minilm": (128, 128), "llama": (8, 512)}
 
@@ -70,14 +71,15 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
     for name, method in methods.items():  # first call of a compiled module compiles: keep it out of warm-up
         if name.endswith("_compile"):
             compile_s[name] = timed(lambda m=method: train_step(m, workload.batch), sync)
-    times = interleaved_times({n: (lambda m=m: train_step(m, workload.batch)) for n, m in methods.items()},
-                              warmup, steps, sync)
+    times, cpu_times = interleaved_clocks({n: (lambda m=m: train_step(m, workload.batch))
+                                          for n, m in methods.items()}, warmup, steps, sync)
     train: dict[str, Any] = {}
     for name, method in methods.items():
         peak = peak_step_bytes(lambda m=method: train_step(m, workload.batch), device)
         persistent = tensor_bytes(list(method.model.parameters()) + list(method.model.buffers()))
         state = optimizer_state_bytes(method.optimizer)
-        train[name] = {**quartiles(times[name]), "peak_step_bytes": peak, "persistent_bytes": persistent + state,
+        train[name] = {**quartiles(times[name]), "cpu_median_ms": statistics.median(cpu_times[name]) * 1e3,
+                       "peak_step_bytes": peak, "persistent_bytes": persistent + state,
                        "peak_total_bytes": peak + persistent + state, "optimizer_state_bytes": state,
                        "trainable_params": sum(p.numel() for p in trainable(method.model)),
                        "compile_s": compile_s.get(name),
@@ -88,6 +90,10 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
                               "targets": len(workload.targets), "train": train,
                               "load_average_after_timing": list(os.getloadavg())}
     ratios = {
+        "step_singlora_over_base": _ratio(med.get("singlora"), med.get("base")),
+        "step_lora_over_base": _ratio(med.get("lora"), med.get("base")),
+        "step_singlora_compile_over_base_compile": _ratio(med.get("singlora_compile"), med.get("base_compile")),
+        "step_lora_compile_over_base_compile": _ratio(med.get("lora_compile"), med.get("base_compile")),
         "step_singlora_over_lora": _ratio(med.get("singlora"), med.get("lora")),
         "step_lora_again_over_lora (noise)": _ratio(med.get("lora_again"), med.get("lora")),
         "overhead_singlora_over_lora": _ratio(
@@ -103,6 +109,11 @@ def run_workload(workload: Workload, names: list[str], r: int, warmup: int, step
         "optimizer_state_singlora_over_lora": _ratio(train.get("singlora", {}).get("optimizer_state_bytes"),
                                                      train.get("lora", {}).get("optimizer_state_bytes")),
     }
+    cpu = {n: t["cpu_median_ms"] for n, t in train.items()}
+    for ratio, (a, b) in {"cpu_step_singlora_over_base": ("singlora", "base"),
+                          "cpu_step_lora_over_base": ("lora", "base"),
+                          "cpu_step_singlora_compile_over_base_compile": ("singlora_compile", "base_compile")}.items():
+        ratios[ratio] = _ratio(cpu.get(a), cpu.get(b))
     square = _square_state_bytes(methods)
     if square is not None:
         result["optimizer_state_square_layers"] = square
@@ -173,12 +184,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
     for name, w in results["workloads"].items():
         lines += [f"## {name}: {w['description']}", "",
-                  "| method | step ms (median) | q1-q3 ms | peak step MB | persistent MB | peak total MB "
-                  "| trainable params | optimizer state MB | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | step ms (median) | q1-q3 ms | CPU ms (median) | peak step MB | persistent MB "
+                  "| peak total MB | trainable params | optimizer state MB | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for method, t in w["train"].items():
             lines.append(
-                f"| {method} | {t['median_ms']:.1f} | {t['q1_ms']:.1f}-{t['q3_ms']:.1f} | {_mb(t['peak_step_bytes'])} "
+                f"| {method} | {t['median_ms']:.1f} | {t['q1_ms']:.1f}-{t['q3_ms']:.1f} "
+                f"| {_fmt(t.get('cpu_median_ms'), 1)} | {_mb(t['peak_step_bytes'])} "
                 f"| {_mb(t['persistent_bytes'])} | {_mb(t['peak_total_bytes'])} | {t['trainable_params']:,} "
                 f"| {_mb(t['optimizer_state_bytes'])} | {_fmt(t['compile_s'], 1)} |")
         lines += ["", "| ratio | value |", "|---|---|"]
@@ -208,7 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=["gpu"], default=None,
                         help="gpu: --device cuda --dtype bfloat16 --llama-size 1b, llama batch 8 x 512, minilm "
                              "128 x 128, 5 warm-up + 30 steps, eager methods, --out results/gpu")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
+                        help=f"default: all ({', '.join(sorted(WORKLOADS))}); --preset gpu: llama minilm")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help=f"default: all ({', '.join(METHODS)}); with --quick: {', '.join(QUICK_METHODS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cpu")
@@ -242,7 +255,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         "methods": list(pick("methods", QUICK_METHODS if args.quick else METHODS)),
         "warmup": pick("warmup", 1 if args.quick else 3), "steps": pick("steps", 3 if args.quick else 20),
-        "workloads": list(args.workloads), "r": args.r, "quick": args.quick, "preset": args.preset,
+        "workloads": list(pick("workloads", sorted(WORKLOADS))), "r": args.r, "quick": args.quick, "preset": args.preset,
         "device": pick("device", "cpu"),
         "dtype": pick("dtype", "float32"), "llama_size": pick("llama_size", "small"),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,

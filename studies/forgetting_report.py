@@ -25,9 +25,10 @@ def at_chosen_rate(part: dict[str, Any], method: str) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r["seed"])
 
 
-def summarise(parts: dict[str, Any], seeds: int) -> dict[str, Any]:
+def summarise(parts: dict[str, Any], seeds: dict[str, int]) -> dict[str, Any]:
     """Per part and method at its chosen rate: the held-out loss change (nats per token, and relative), the task
-    metric, and the seed-paired difference from SingLoRA's change (positive = the method forgets more)."""
+    metric, and the seed-paired difference from SingLoRA's change (positive = the method forgets more); a part is
+    ``complete`` when every method has its ``seeds[part]`` seeds."""
     out: dict[str, Any] = {}
     for name, part in parts.items():
         metric = TASK_METRIC[name][0]
@@ -48,7 +49,7 @@ def summarise(parts: dict[str, Any], seeds: int) -> dict[str, Any]:
                 "singlora_forgets_less": sum(p > 0 for p in paired) if method != "singlora" else None,
             }
         out[name] = {"base_loss": part["base"]["loss"], "tokens": part["base"]["tokens"], "methods": methods,
-                     "complete": all(m["seeds"] >= seeds for m in methods.values())}
+                     "complete": all(m["seeds"] >= seeds[name] for m in methods.values())}
     return out
 
 

@@ -133,9 +133,9 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], figures: list[str]) -> str:
-    zero, table, finals = state["zero_shot"], state["table"], state["finals"]
-    params = state["params"]
+def _rows(state: dict[str, Any]) -> dict[str, Any]:
+    """The rows of the report's tables (lists of cells), and ``lrs``: every rate any sensitivity method ran."""
+    table, finals, params = state["table"], state["finals"], state["params"]
     param_rows = [[NAMES[m], f"{params[m]['formula']:,}",
                    f"{params[m]['measured']:,}" if params[m]["measured"] else "-",
                    f"{params[m]['formula'] / params['lora']['formula']:.1%}" if "lora" in params else "-",
@@ -179,22 +179,14 @@ def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], fig
                           f"{mean:+.1f} ± {std:.1f} ({ahead}/{n} higher)",
                           ", ".join(f"{s}: {100 * a:.1f}" for s, a in mean_curve([r["curve"]["val"] for r in runs])),
                           _loss_cell([final_loss(r["curve"]) for r in runs])])
-    window = ", ".join(f"{lr:g}" for lr in state["window"]) or "-"
-    added = "; ".join(f"{NAMES[m]} {', '.join(f'{lr:g}' for lr in sorted(set(grid) - set(settings.grid)))}"
-                      for m, grid in state["grids"].items() if set(grid) - set(settings.grid)) or "none"
-    status = "complete" if notes["complete"] else "PARTIAL (still running or stopped early: see n)"
-    figures_md = "\n\n".join(f"![{f}]({f})" for f in figures)
-    return f"""# Study 6: the paper's LLM claim on SmolLM2-135M-Instruct (BBC News section from the headline)
+    return {"param_rows": param_rows, "sweep_rows": sweep_rows, "final_rows": final_rows, "pair_rows": pair_rows,
+            "lrs": lrs, "sens_rows": sens_rows, "by_lr_rows": by_lr_rows, "loss_rows": loss_rows,
+            "long_rows": long_rows}
 
-Command: `{notes['command']}`   Status: {status}. Wall time of this invocation: {notes['wall_s']:.0f} s (cached runs
-count 0); the runs below took {state['run_s']:.0f} s in total when they ran ({len(notes['runs'])} runs).
-Machine: 2-core CPU shared with other jobs (0 to ~7 others over the study: seconds per run are not comparable),
-one thread per run, `nice -n 10`, {settings.jobs} run(s) at a time.
 
-Paper's claims: LLaMA-7B on MNLI, r = 8 on all seven projections: SingLoRA 91.3 % (12M parameters, "60 % of LoRA's
-budget"), LoRA 89.1 % (20M), LoRA+ 90.2 % (20M), DoRA 90.6 % (21M); learning-rate sensitivity: {PAPER_SPREAD}.
-
-## Design
+def _design(settings: Settings, added: str) -> str:
+    """The report's "Design" section (``added``: the rates added where a best rate sat on the grid's edge)."""
+    return f"""## Design
 
 - Model: SmolLM2-135M-Instruct (30 Llama layers, GQA: k/v 576 -> 192, MLP 576 <-> 1536, float32), loaded as
   `LlamaForSequenceClassification`: a fresh 576 -> 5 `score` head on the last token, trained fully by every method
@@ -215,9 +207,12 @@ budget"), LoRA 89.1 % (20M), LoRA+ 90.2 % (20M), DoRA 90.6 % (21M); learning-rat
   seed-0 validation accuracy picks each method's rate (ties: macro-F1, then the smaller rate); a best rate on the
   grid's edge adds the next grid point (added: {added}). Then seeds 1..{settings.seeds - 1} at the chosen rate
   (LoRA+ and DoRA) or at every rate (LoRA and SingLoRA: the sensitivity study). The test split chooses nothing.
-- Seeds change the adapter / head initialisation and the example order; the split is fixed.
+- Seeds change the adapter / head initialisation and the example order; the split is fixed."""
 
-## Zero-shot (the base instruct model, test split, {zero['examples']} headlines)
+
+def _zero_shot(zero: dict[str, Any]) -> str:
+    """The report's zero-shot section: the base instruct model's scores ``zero`` (``zero_shot_cached``)."""
+    return f"""## Zero-shot (the base instruct model, test split, {zero['examples']} headlines)
 
 Prompt (user turn of the chat template, default system prompt): `{PROMPT.replace(chr(10), ' / ')}`.
 
@@ -227,11 +222,36 @@ Prompt (user turn of the chat template, default system prompt): `{PROMPT.replace
 | answer is one of the five label words (any) | {_pct(zero['valid_answer_rate'])} |
 | ranked choice (the label whose answer `word<|im_end|>` is most likely) | {_pct(zero['ranked_choice'])} |
 
-Chance is 20 %. The fine-tuned runs below start from this model with a fresh classification head.
+Chance is 20 %. The fine-tuned runs below start from this model with a fresh classification head."""
+
+
+def report(state: dict[str, Any], settings: Settings, notes: dict[str, Any], figures: list[str]) -> str:
+    """Study 6's REPORT.md from the study's ``state`` (``state_of``), its settings, the invocation's notes
+    (command, complete, wall_s, runs) and the figures' file names."""
+    zero, params, rows = state["zero_shot"], state["params"], _rows(state)
+    lrs = rows["lrs"]
+    window = ", ".join(f"{lr:g}" for lr in state["window"]) or "-"
+    added = "; ".join(f"{NAMES[m]} {', '.join(f'{lr:g}' for lr in sorted(set(grid) - set(settings.grid)))}"
+                      for m, grid in state["grids"].items() if set(grid) - set(settings.grid)) or "none"
+    status = "complete" if notes["complete"] else "PARTIAL (still running or stopped early: see n)"
+    figures_md = "\n\n".join(f"![{f}]({f})" for f in figures)
+    return f"""# Study 6: the paper's LLM claim on SmolLM2-135M-Instruct (BBC News section from the headline)
+
+Command: `{notes['command']}`   Status: {status}. Wall time of this invocation: {notes['wall_s']:.0f} s (cached runs
+count 0); the runs below took {state['run_s']:.0f} s in total when they ran ({len(notes['runs'])} runs).
+Machine: 2-core CPU shared with other jobs (0 to ~7 others over the study: seconds per run are not comparable),
+one thread per run, `nice -n 10`, {settings.jobs} run(s) at a time.
+
+Paper's claims: LLaMA-7B on MNLI, r = 8 on all seven projections: SingLoRA 91.3 % (12M parameters, "60 % of LoRA's
+budget"), LoRA 89.1 % (20M), LoRA+ 90.2 % (20M), DoRA 90.6 % (21M); learning-rate sensitivity: {PAPER_SPREAD}.
+
+{_design(settings, added)}
+
+{_zero_shot(zero)}
 
 ## Adapter parameters (r = 8, all seven projections of every layer)
 
-{md_table(["method", "formula, SmolLM2", "measured (PEFT / this library)", "of LoRA", "formula, LLaMA-7B", "paper"], param_rows)}
+{md_table(["method", "formula, SmolLM2", "measured (PEFT / this library)", "of LoRA", "formula, LLaMA-7B", "paper"], rows['param_rows'])}
 
 SingLoRA stores `max(d_in, d_out) * r` per matrix, LoRA `(d_in + d_out) * r`. On LLaMA-7B (square attention, MLP
 4096 <-> 11008) that is {params['singlora']['llama7b'] / params['lora']['llama7b']:.1%} of LoRA: the paper's "60 %".
@@ -241,37 +261,37 @@ trained by every method and not counted.
 
 ## Method comparison (test accuracy at each method's validation-chosen rate)
 
-{md_table(["method", "lr", "seeds", "test accuracy % (mean ± std)", "macro-F1 %", "min – max", "adapter params", "paper (MNLI)"], final_rows)}
+{md_table(["method", "lr", "seeds", "test accuracy % (mean ± std)", "macro-F1 %", "min – max", "adapter params", "paper (MNLI)"], rows['final_rows'])}
 
 Seed-paired differences (test accuracy points; same seed = same head init and example order):
 
-{md_table(["difference", "ours (mean ± std over seeds)", "SingLoRA ahead", "paper"], pair_rows)}
+{md_table(["difference", "ours (mean ± std over seeds)", "SingLoRA ahead", "paper"], rows['pair_rows'])}
 
 Learning-rate sweep, seed 0, validation accuracy % ({5 * settings.split.val_per_class} headlines):
 
-{md_table(["method", "lr: validation accuracy"], sweep_rows)}
+{md_table(["method", "lr: validation accuracy"], rows['sweep_rows'])}
 
 ## Learning-rate sensitivity (LoRA vs SingLoRA, test accuracy %, mean ± std over seeds)
 
-{md_table(["method"] + [f"lr {lr:g}" for lr in lrs] + ["spread, whole grid", f"spread, good range ({window})", "spread val, whole grid"], sens_rows)}
+{md_table(["method"] + [f"lr {lr:g}" for lr in lrs] + ["spread, whole grid", f"spread, good range ({window})", "spread val, whole grid"], rows['sens_rows'])}
 
 Spread = max - min over learning rates of the mean accuracy, in points. Good range = the three consecutive rates
 with the best mean validation accuracy over both methods and all seeds.
 
 Seed-paired SingLoRA − LoRA at each rate (test points):
 
-{md_table(["lr", "SingLoRA − LoRA (mean ± std)", "SingLoRA ahead"], by_lr_rows)}
+{md_table(["lr", "SingLoRA − LoRA (mean ± std)", "SingLoRA ahead"], rows['by_lr_rows'])}
 
 ## Convergence
 
 Training loss, mean of the last 8 steps (mean over seeds):
 
-{md_table(["method"] + [f"lr {lr:g}" for lr in lrs], loss_rows)}
+{md_table(["method"] + [f"lr {lr:g}" for lr in lrs], rows['loss_rows'])}
 
 The same runs with twice the steps ({2 * settings.steps}; the linear schedule stretched to the new length) at the
 chosen rate, validated every {max(1, settings.steps // 4)} steps (mean ± std over seeds; the difference is paired by seed):
 
-{md_table(["method", "lr", "seeds", f"{settings.steps} steps: val / test %", f"{2 * settings.steps} steps: val / test %", f"test, {2 * settings.steps} − {settings.steps} steps", "validation % during the long runs, mean over seeds (step: acc)", "final training loss"], long_rows)}
+{md_table(["method", "lr", "seeds", f"{settings.steps} steps: val / test %", f"{2 * settings.steps} steps: val / test %", f"test, {2 * settings.steps} − {settings.steps} steps", "validation % during the long runs, mean over seeds (step: acc)", "final training loss"], rows['long_rows'])}
 
 {figures_md}
 

@@ -105,9 +105,11 @@ def analyse(table: Table) -> dict[str, Any]:
                   if len(widths) > 1 else [],
                   "max_stable": [slope(logs, [optima[n][s]["max_stable"] for n in widths]) for s in seeds
                                  if len(widths) > 1 and all(optima[n][s]["max_stable"] is not None for n in widths)]}
+        local = {f"{a}-{b}": summarize((optima[b][s]["exponent"] - optima[a][s]["exponent"]) / math.log2(b / a)
+                                       for s in seeds) for a, b in zip(widths, widths[1:]) if seeds}
         out[method] = {"widths": per_width, "seeds_at_every_width": seeds,
                        "slope": {k: summarize(v) if v else None for k, v in slopes.items()},
-                       "slope_per_seed": slopes, "transfer": transfer(by_n, optima, seeds)}
+                       "slope_per_seed": slopes, "local_slope": local, "transfer": transfer(by_n, optima, seeds)}
     return out
 
 
@@ -218,7 +220,9 @@ def plot_optima(analysis: dict[str, Any], out: Path) -> str:
             for p, style in ((0.0, (0, (1, 3))), (0.5, "--"), (1.0, "-.")):
                 ax.plot(xs, [ys[0] - p * (x - xs[0]) for x in xs], ls=style, color="gray", lw=0.9,
                         label=f"slope -{p:g} (lr ~ n^-{p:g})")
-    ax.set_xlabel("log2 width n"), ax.set_ylabel("log2 learning rate"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    widths = sorted({int(n) for a in analysis.values() for n in a["widths"]})
+    ax.set_xticks([math.log2(n) for n in widths], [str(n) for n in widths])
+    ax.set_xlabel("width n (log scale)"), ax.set_ylabel("log2 learning rate"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
     ax.set_title("best learning rate vs width (mean ± std over seeds)", fontsize=10)
     save_figure(fig, out / "optimum_vs_width.png")
     return "optimum_vs_width.png"
@@ -245,9 +249,13 @@ def optimum_table(analysis: dict[str, Any], widths: list[int]) -> str:
 
 
 def slope_table(analysis: dict[str, Any]) -> str:
+    """The fitted slopes, and the local slope between consecutive widths (mean ± std over seeds)."""
+    pairs = list(next(iter(analysis.values()))["local_slope"]) if analysis else []
     rows = [[NAMES[m], _pm(a["slope"]["optimum"]), _pm(a["slope"]["max_stable"]), len(a["seeds_at_every_width"]),
-             " ".join(f"{v:+.2f}" for v in a["slope_per_seed"]["optimum"])] for m, a in analysis.items()]
-    return md_table(["method", "slope of best lr", "slope of largest stable lr", "seeds", "per seed"], rows)
+             " ".join(f"{v:+.2f}" for v in a["slope_per_seed"]["optimum"]),
+             *(_pm(a["local_slope"].get(pair)) for pair in pairs)] for m, a in analysis.items()]
+    return md_table(["method", "slope of best lr", "slope of largest stable lr", "seeds", "per seed",
+                     *(f"local slope {pair}" for pair in pairs)], rows)
 
 
 def transfer_table(analysis: dict[str, Any], widths: list[int]) -> str:
@@ -311,7 +319,8 @@ seeds), the grid minimum of the median curve, the median best loss, the largest 
 ## How the best rate moves with width
 
 Slope of log2(best lr) against log2(n), fitted per seed over all widths (mean ± std over seeds): 0 = the same rate
-transfers, -0.5 = lr ~ n^-1/2 (the paper's rule for SingLoRA), -1 = lr ~ n^-1.
+transfers, -0.5 = lr ~ n^-1/2 (the paper's rule for SingLoRA), -1 = lr ~ n^-1. Local slope a-b: the change of log2(best
+lr) from width a to width b per doubling.
 
 {slope_table(analysis)}
 

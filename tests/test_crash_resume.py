@@ -290,7 +290,7 @@ def test_resume_checks_identity_not_spelling(setup: dict[str, Any], monkeypatch:
     changed[changed.index("--train-data") + 1] = str(root / "changed.jsonl")
     capsys.readouterr()
     assert main([*changed, "--output-dir", spelled, "--resume"]) == 2
-    assert "was written with different inputs (tokenized data / base model): data" in capsys.readouterr().err
+    assert "was written with different inputs (tokenized data / base model / init adapter): data" in capsys.readouterr().err
 
     assert main([*args, "--output-dir", spelled, "--resume"]) == 0
     resumed = load_file(moved / "adapter" / "adapter_model.safetensors")

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import assert_close
-from torch_singlora import SingLoRAConfig, SingLoRAModel, get_singlora_model
+from conftest import assert_close, dense_update
+from torch_singlora import SingLoRAConfig, SingLoRAModel, fused_linear, get_singlora_model
 
 STEPS = 3
 
@@ -34,15 +35,27 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
 
 
-def _train(model: nn.Module, forward: nn.Module, rows: slice) -> None:
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathered from its shards under FSDP2 (a DTensor), as a plain tensor."""
+    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor.detach().clone()
+
+
+def _train(model: nn.Module, forward: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
+    """``STEPS`` SGD steps on ``rows`` of each batch; returns each ``A`` and its gradient in the first (u = 1 / T)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.bind_optimizer(optimizer)
+    seen = {}
     for step in range(STEPS):
         x, y = _batch(step)
         loss = (forward(x[rows]) - y[rows]).square().mean()
         loss.backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                if name.endswith(".A"):
+                    seen[f"{name}.value"], seen[f"{name}.grad"] = _full(p), _full(p.grad)
         optimizer.step()
         optimizer.zero_grad()
+    return seen
 
 
 def _wrap(model: nn.Module, how: str) -> nn.Module:
@@ -74,11 +87,14 @@ def _save(model: nn.Module, how: str, rank: int, out_dir: str) -> None:
 
 def _worker(rank: int, how: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    fused_linear.MIN_TOKENS = 0  # these 4-row batches train by the hand-written backward too (a speed rule)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = _model()
         wrapped = _wrap(model, how)
-        _train(model, wrapped, slice(4 * rank, 4 * rank + 4))
+        seen = _train(model, wrapped, slice(4 * rank, 4 * rank + 4))
+        if rank == 0:
+            save_file(seen, f"{out_dir}/step1.safetensors")  # optimizer step 1
         _save(model, how, rank, out_dir)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
         # DDP's reducer keeps gloo work alive; freed only at interpreter exit it aborted the process
@@ -98,6 +114,18 @@ def test_two_cpu_processes(tmp_path, how: str) -> None:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         if key.endswith(".ramp_step"):
             assert int(ranks[0][key]) == STEPS
+    # the gradients of optimizer step 1 (the training forward and backward of each rank, then averaged) against
+    # autograd on the dense update in float64, whole batch, from the same A
+    seen = load_file(str(tmp_path / "step1.safetensors"))
+    base = _base().double()
+    name = {i: next(k for k in seen if k.endswith(f"{i}.singlora.default.A.value"))[:-6] for i in ("0", "2")}
+    A = {i: seen[f"{name[i]}.value"].double().requires_grad_(True) for i in name}
+    x, y = (t.double() for t in _batch(0))
+    c = 8 / 2 * 1 / 2  # s = alpha / r = 8 / 2 (the defaults); step 1 of a run trains at u = 1 / T = 1/2
+    hidden = torch.tanh(F.linear(x, base[0].weight + dense_update(A["0"], 10, 6, c), base[0].bias))
+    out = F.linear(hidden, base[2].weight + dense_update(A["2"], 3, 10, c), base[2].bias)
+    for i, grad in zip(A, torch.autograd.grad((out - y).square().mean(), list(A.values()))):
+        assert_close(seen[f"{name[i]}.grad"], grad, dtype=torch.float32)
     # the ranks average the two half-batch gradients: the same as one process on the whole batch
     single = _model()
     _train(single, single, slice(0, 8))

@@ -92,6 +92,13 @@ def test_step0_is_ln2_then_training_prefers_chosen(files) -> None:
     assert final["chosen_reward"] - final["rejected_reward"] == pytest.approx(final["reward_margin"], abs=1e-5)
     summary = json.loads((files["root"] / "dpo" / "summary.json").read_text())
     assert summary["base"]["reward_accuracy"] == 0.0 and summary["reward_accuracy"] == final["reward_accuracy"]
+    # the base model evaluated alone is its own reference: the same step-0 numbers
+    assert main(["evaluate", "--model", files["model"], "--task", "dpo", "--data", files["test"], "--quiet",
+                 "--eval-generations", "2", "--max-new-tokens", "3", "--output", str(files["root"] / "base.json")]) == 0
+    alone = json.loads((files["root"] / "base.json").read_text())
+    _assert_policy_is_reference(alone, "eval_loss")
+    for name in ("preference_accuracy", "chosen_logps", "rejected_logps", "exact_match"):
+        assert alone[name] == pytest.approx(base[name], abs=1e-5), name
 
 
 def test_init_adapter_is_start_and_frozen_reference(files, sft_run) -> None:
@@ -261,3 +268,64 @@ def test_trl_dpo_trainer_recipe_one_model_reference_is_adapters_disabled(files, 
     after = model.adapter_state_dict("default")
     assert all(not torch.equal(after[k], before[k]) for k in before)
     assert trainer.state.log_history[0]["rewards/margins"] != 0.0
+
+
+def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C at step 3 of a DPO run from an SFT adapter, then --resume: the adapter equals an uninterrupted run's
+    (the frozen reference is loaded again from --init-adapter); a changed --init-adapter folder is refused."""
+    import shutil
+
+    import torch_singlora.train.loop as loop
+    from safetensors.torch import load_file
+
+    init = tmp_path / "sft_adapter"
+    shutil.copytree(sft_run, init)
+    argv = ["train", "--task", "dpo", "--model", files["model"], "--train-data", files["train"], "--init-adapter",
+            str(init), "--lr", "5e-2", "--max-steps", "5", "--batch-size", "4", "--save-every", "1", "--quiet",
+            "--no-plot"]
+    after_step = loop.after_step
+
+    def interrupted(run, *args):
+        after_step(run, *args)
+        if run.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "after_step", interrupted)
+    assert main([*argv, "--output-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(loop, "after_step", after_step)
+    assert main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    weights = init / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    from safetensors.torch import save_file
+
+    save_file({k: v * 1.5 for k, v in tensors.items()}, weights, metadata={"format": "singlora"})
+    capsys.readouterr()
+    assert main([*argv, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "different inputs (tokenized data / base model / init adapter): init_adapter" in error
+    weights.write_bytes(original)
+    assert main([*argv, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    resumed, straight = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("cut",
+                                                                                                           "straight"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_packed_and_padded_pairs_score_alike(files, smollm2_tokenizer) -> None:
+    """--packing: the 2B sequences of a batch packed into rows (position_ids restart per sequence) give each pair's
+    log-probabilities, loss and rewards of the padded batch."""
+    from torch_singlora.llm.dpo import score_pairs
+    from torch_singlora.llm.preference import PreferenceCollator, read_pairs, to_pair, tokenize_pairs
+
+    torch.manual_seed(2)
+    model = get_singlora_model(transformers.AutoModelForCausalLM.from_pretrained(files["model"]), SingLoRAConfig(
+        r=4, target_modules="all-linear", ramp_up_steps=0, init="gaussian", init_std=0.3)).eval()
+    long = to_pair({"prompt": "Count.", "chosen": "one two", "rejected": " ".join(["many"] * 60)}, "row 0")
+    data = tokenize_pairs(smollm2_tokenizer, [long, *read_pairs(files["train"])[:5]], max_length=None)
+    items = [data[i] for i in range(len(data))]
+    padded, packed = (PreferenceCollator(smollm2_tokenizer.pad_token_id, packing=p)(items) for p in (False, True))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows: really packed
+    with torch.no_grad():
+        a, b = (score_pairs(model, batch, beta=0.1, loss_type="sigmoid") for batch in (padded, packed))
+    for name in ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-4, rtol=1e-4)

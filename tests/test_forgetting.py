@@ -81,7 +81,7 @@ def test_summary_pairs_seeds_against_singlora() -> None:
     part = {"rates": {"singlora": 1e-3, "lora": 3e-3}, "base": {"loss": 2.0, "tokens": 10},
             "runs": [run("singlora", 1e-3, 0, 0.10), run("singlora", 1e-3, 1, 0.30), run("singlora", 3e-3, 0, 9.0),
                      run("lora", 3e-3, 1, 0.20), run("lora", 3e-3, 0, 0.40), run("lora", 1e-3, 0, -9.0)]}
-    summary = forgetting_report.summarise({"llm": part}, seeds=2)["llm"]
+    summary = forgetting_report.summarise({"llm": part}, {"llm": 2})["llm"]
     sing, lora = summary["methods"]["singlora"], summary["methods"]["lora"]
     assert sing["delta"]["mean"] == pytest.approx(0.2) and sing["seeds"] == 2  # the other rate's run is left out
     assert lora["minus_singlora"]["mean"] == pytest.approx(0.1)  # seed 0: 0.4 - 0.1, seed 1: 0.2 - 0.3
@@ -117,3 +117,8 @@ def test_quick_study_scores_the_tuned_backbones(fortune_folder: Path, tmp_path: 
     results = json.loads((run_dir / "result.json").read_text())
     again = forgetting.main(argv)  # every run and evaluation is cached
     assert again["parts"]["llm"]["runs"] == llm["runs"] and json.loads((run_dir / "result.json").read_text()) == results
+    # the pruned sft study: no edge extension, fewer seeds than the llm part; its runs come from the cache
+    pruned = forgetting.main(argv[:-6] + ["--parts", "sft", "--methods", "singlora", "--seeds", "2", "--sft-seeds",
+                                          "1", "--sft-lrs", "1e-3", "--no-sft-extend"])["parts"]["sft"]
+    assert pruned["grids"]["singlora"] == [1e-3] and [(r["lr"], r["seed"]) for r in pruned["runs"]] == [(1e-3, 0)]
+    assert pruned["runs"][0] == next(r for r in sft["runs"] if r["lr"] == 1e-3)

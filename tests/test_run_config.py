@@ -77,8 +77,12 @@ def test_run_keeps_its_config_and_repeats_from_it(files, capsys) -> None:
     kept = yaml.safe_load((first / "config.yaml").read_text())
     assert kept == json.loads((first / "adapter" / "run_info.json").read_text())["config"]
     assert kept["r"] == 2 and kept["max_steps"] == 3 and kept["train_data"] == str(files / "train.jsonl")
-    assert main(["train", "--config", str(first / "config.yaml")]) == 2  # the same output folder: refused
-    assert "already holds a run" in capsys.readouterr().err
+    before = {path: path.read_bytes() for path in first.rglob("*") if path.is_file()}
+    for flags in ([], ["--overwrite"], ["--resume"]):  # the file read is an input: never rewritten, nothing removed
+        assert main(["train", "--config", str(first / "config.yaml"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"is this command's --config {first / 'config.yaml'}: writing there would destroy it" in err, err
+        assert {path: path.read_bytes() for path in first.rglob("*") if path.is_file()} == before
     assert main(["train", "--config", str(first / "config.yaml"), "--output-dir", str(second)]) == 0
     from safetensors.torch import load_file
 

@@ -70,7 +70,8 @@ def run(tmp_path_factory, smollm2_tokenizer):
     for name in ("MLFLOW_TRACKING_URI", "TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "TRACKIO_SPACE_ID"):
         patch.delenv(name, raising=False)
     try:
-        assert main(["train", "--task", "sft", "--model", str(root / "model"), "--train-data", str(root / "train.jsonl"),
+        assert main(["train", "--task", "sft", "--model", str(root / "model"), "--train-data",
+                     str(root / "train.jsonl"),
                      "--eval-split", "0.25", "--output-dir", str(root / "out"), "--r", "2", "--max-steps", "4",
                      "--batch-size", "2", "--lr", "5e-2", "--eval-every", "2", "--eval-generations", "2",
                      "--max-new-tokens", "3", "--quiet", "--no-plot", "--name", "tracked",

@@ -57,7 +57,7 @@ def train_config(args: argparse.Namespace) -> Any:
     values.update({name: getattr(args, name) for name in train_fields() if hasattr(args, name)})
     options.update(task_options(args, values.get("task", TrainConfig.task)))
     args.output_dir = values.get("output_dir", "")  # for the Ctrl-C message
-    return TrainConfig(**values, task_options=options)
+    return TrainConfig(**values, task_options=options, config_file=args.config)
 
 
 def _add_train(subparsers: Any) -> None:

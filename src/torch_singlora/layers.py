@@ -9,6 +9,10 @@ State-dict keys of an adapted module ``m``: ``m.base_layer.*`` (the original's) 
 A layer may also hold banked storage for many frozen adapters selected per example (``create_bank``,
 ``set_banked``, ``reset_banked``: ``banked.LayerBank``, filled by ``bank.AdapterBank``), and holds the selection
 of the model it belongs to (``mixed.Selection``, attached once), which mixed-adapter calls activate.
+
+Long module: one class whose forward chooses among an adapted layer's paths (training by hand, inference in
+place, mixed batches, banked storage); the math of each lives in its own module (``fused_linear``,
+``functional``, ``mixed``, ``banked``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .functional import (
     LayerKind, adapter_rows, add_factored_update_, add_update_, conv_update, delta_weight, embedding_update,
     factored_update, init_A, matrix_dims, mixed_conv_update, mixed_embedding_update, mixed_factored_update, ramp_value,
 )
+from .fused_linear import add_linear_update, adds_to, computes_base, linear_with_update, trains_by_hand
 from .mixed import Pooled, Selection, Shared
 
 
@@ -232,11 +237,14 @@ class SingLoRALayer(nn.Module):
 
     def _add_update(self, result: Tensor, x: Tensor, A: Tensor, coefficient: Tensor | float,
                     dropout: nn.Module | None = None) -> Tensor:
-        """``result`` plus the update of ``A`` for ``x``: added in place when ``_accumulates``."""
+        """``result`` plus the update of ``A`` for ``x``: in place when ``_accumulates``; or ``fused_linear``'s."""
         if isinstance(coefficient, Tensor):
             coefficient = coefficient.to(A.dtype)
         if self._accumulates(result, A.dtype, dropout):
             return add_factored_update_(result, x.to(A.dtype), A, self.d_out, self.d_in, coefficient)
+        if trains_by_hand(self.kind, x, self.d_in) and adds_to(result, x, A):
+            adapter_x = x if dropout is None else dropout(x)
+            return add_linear_update(result, adapter_x, A, coefficient, d_out=self.d_out, d_in=self.d_in)
         return result + self._update(x, A, coefficient, dropout).to(result.dtype)
 
     def _add_shared(self, result: Tensor, x: Tensor, found: Shared) -> Tensor:
@@ -281,18 +289,26 @@ class SingLoRALayer(nn.Module):
         selection = self.selection
         if selection is not None and selection.active and not self.disabled:  # a mixed-adapter call (mixed.py)
             return self._forward_selected(selection.for_layer(self), x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        pending = [] if self.disabled else [
+            self.singlora[name] for name in self.active_adapters if name not in self.merged_adapters]
+        if (pending and not args and not kwargs and trains_by_hand(self.kind, x, self.d_in)
+                and computes_base(self.base_layer, x, pending[0].A)):  # training: base and update in one node
+            adapter, base = pending.pop(0), self.base_layer
+            adapter_x, c = adapter.dropout(x), adapter.coefficient(adapter.in_step_forward())
+            result = linear_with_update(adapter_x, adapter.A, c, base.weight, base.bias, d_out=self.d_out,
+                                        d_in=self.d_in, transposed=self.kind == "conv1d_t",
+                                        base_x=None if adapter_x is x else x)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             if self.merged_adapters:
                 raise SingLoRAError("adapters are merged into the weights; unmerge() before disabling them")
             return result
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                adapter = self.singlora[name]
-                in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
-                coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
-                    adapter.in_step_forward())  # a run's training forward: the step being taken
-                result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
+        for adapter in pending:
+            in_place = self._accumulates(result, adapter.A.dtype, adapter.dropout)
+            coefficient = _inference_coefficient(adapter) if in_place else adapter.coefficient(
+                adapter.in_step_forward())  # a run's training forward: the step being taken
+            result = self._add_update(result, x, adapter.A, coefficient, adapter.dropout)
         return result
 
     def _forward_selected(self, found: Shared | Pooled | None, x: Tensor, *args, **kwargs) -> Tensor:

@@ -28,9 +28,7 @@ way, the first ``--eval-train-pairs`` training pairs (``train_pairs_*``), and th
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -57,6 +55,8 @@ class DPOOptions:
     beta: float = _help("DPO's beta: how far the model may move from its reference (TRL's default)", 0.1)
     loss_type: str = _help(f"preference loss: {' or '.join(LOSS_TYPES)} (TRL's names)", "sigmoid")
     chat_template: str | None = _help("Jinja chat template file (default: the tokenizer's own template)", None)
+    packing: bool = _help("pack each batch's 2 x B sequences into rows without padding (--task sft's packing)",
+                          False)
     data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
     eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
     eval_train_pairs: int = _help("training pairs also scored at each evaluation (train_pairs_* metrics; 0 = none)",
@@ -82,17 +82,17 @@ class DPOOptions:
 
 
 def sequence_logps(model: "nn.Module", batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logps, tokens)`` (N,): the summed log-probability of each sequence's labelled tokens (labels not -100,
-    predicted from the position before), and how many there are. ``batch``: ``input_ids`` / ``attention_mask`` /
-    ``labels`` (N, T). Only the labelled positions' log-softmax is computed (in float32)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]  # (N, T-1): position t predicts token t+1
-    mask = labels != -100
-    selected = logits[:, :-1][mask].float()  # (M, V), M labelled tokens in the batch
-    token_logps = selected.log_softmax(-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)  # (M,)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return logps.index_add(0, rows, token_logps), mask.sum(1)
+    """``(logps, tokens)`` (N,): the summed log-probability of each sequence's trained tokens (labels not -100), and
+    how many there are, for the N sequences of ``batch`` (padded rows, or packed: ``example_index``). Only those
+    positions are projected on the vocabulary (``train.lm_loss.token_logprobs``)."""
+    from ..train.lm_loss import token_logprobs
+
+    logprobs, example = token_logprobs(model, batch)  # (M,) over the batch's M trained tokens
+    count = int(batch["example_index"].max()) + 1 if "example_index" in batch else batch["input_ids"].shape[0]
+    logps = logprobs.new_zeros(count).index_add(0, example, logprobs)
+    tokens = torch.zeros(count, dtype=torch.long, device=example.device).index_add(0, example,
+                                                                                   torch.ones_like(example))
+    return logps, tokens
 
 
 @dataclass
@@ -137,18 +137,23 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch
 
 
 def score_pairs(model: "nn.Module", batch: dict[str, torch.Tensor], *, beta: float, loss_type: str) -> PairScores:
-    """The pairs' scores: the reference's log-probabilities first (no gradient), then the policy's."""
+    """The pairs' scores: the reference's log-probabilities first (no gradient), then the policy's. A model without
+    adapters (a base model evaluated) is its own reference: one pass."""
     from ..train.methods import has_adapters, reference
 
-    with torch.no_grad(), reference(model) if has_adapters(model) else contextlib.nullcontext():
-        reference_logps, _ = sequence_logps(model, batch)
+    alone = not has_adapters(model)
+    if not alone:
+        with torch.no_grad(), reference(model):
+            reference_logps, _ = sequence_logps(model, batch)
     policy_logps, tokens = sequence_logps(model, batch)
+    if alone:
+        reference_logps = policy_logps.detach()
     return preference_loss(policy_logps, reference_logps, tokens, beta=beta, loss_type=loss_type)
 
 
 def scores_over(model: "nn.Module", batches: Any, info: dict[str, Any], accelerator: Any = None) -> PairScores:
     """The scores of every pair in ``batches`` (eval mode, no gradient; gathered over processes)."""
-    from ..train.evaluate import eval_mode
+    from ..hf import eval_mode
 
     parts = []
     with eval_mode(model):
@@ -184,55 +189,35 @@ class DPO(SFT):
         from .tokenization import read_chat_template
 
         return {"labels": None, "max_length": max_length, "beta": options.beta, "loss_type": options.loss_type,
+                "packing": options.packing,
                 "chat_template": None if options.chat_template is None else read_chat_template(options.chat_template),
                 "eval_train_pairs": options.eval_train_pairs, "eval_generations": options.eval_generations,
                 "max_new_tokens": options.max_new_tokens, "eval_samples": options.eval_samples}
 
+    def _read(self, path: str, info: dict[str, Any], split: str | None,
+              encoding: str | None) -> list["PreferencePair"]:
+        from .preference import read_pairs
+
+        return read_pairs(path, split=split, encoding=encoding)
+
+    def _tokenize(self, tokenizer: Any, pairs: list["PreferencePair"], info: dict[str, Any]) -> "PreferenceDataset":
+        from .preference import tokenize_pairs
+
+        return tokenize_pairs(tokenizer, pairs, max_length=info["max_length"])
+
     def load_data(self, config: "TrainConfig", tokenizer: Any) -> TaskData:
-        from ..train.data import split_indices
-        from ..train.tasks import _keep
-        from .preference import read_pairs, tokenize_pairs
-        from .tokenization import set_chat_template
-
-        options = self.parse_options(config.task_options)
-        info = self._info(options, config.max_length)
-        if info["chat_template"]:
-            tokenizer.chat_template = info["chat_template"]
-        set_chat_template(tokenizer)
-        pairs = read_pairs(config.train_data, split=options.data_split, encoding=config.encoding)
-        held: list["PreferencePair"] = []
-        if config.eval_data:
-            held = read_pairs(config.eval_data, split=options.eval_data_split, encoding=config.encoding)
-        elif config.eval_split:
-            keep, held_out = split_indices(len(pairs), config.eval_split, config.split_seed)
-            pairs, held = [pairs[i] for i in keep], [pairs[i] for i in held_out]
-        pairs = [pairs[i] for i in _keep(len(pairs), config.max_train_samples, config.split_seed)]
-        train = tokenize_pairs(tokenizer, pairs, max_length=config.max_length)
-        evaluation = tokenize_pairs(tokenizer, held, max_length=config.max_length) if held else None
-        if evaluation is not None and options.eval_train_pairs:
-            evaluation.probe = train.subset(range(min(options.eval_train_pairs, len(train))))
-        if not config.quiet:
-            for name, dataset in (("train", train), ("eval", evaluation)):
-                if dataset is not None:
-                    print(f"singlora train: {dataset.describe(name)}", file=sys.stderr)
-        info["truncated"] = {"train": train.truncated, "train_dropped": train.dropped,
-                             "eval": evaluation.truncated if evaluation is not None else 0,
-                             "eval_dropped": evaluation.dropped if evaluation is not None else 0}
-        return TaskData(train, evaluation, info)
-
-    def read_eval_data(self, path: str, tokenizer: Any, info: dict[str, Any],
-                       encoding: str | None) -> "PreferenceDataset":
-        from .preference import read_pairs, tokenize_pairs
-
-        dataset = tokenize_pairs(tokenizer, read_pairs(path, encoding=encoding), max_length=info["max_length"])
-        if dataset.truncated:
-            print(f"singlora evaluate: {dataset.describe(str(path))}", file=sys.stderr)
-        return dataset
+        """``--task sft``'s reading, splitting and tokenizing, of pairs; the held-out data carries the first
+        ``--eval-train-pairs`` training pairs (``probe``), scored at each evaluation too."""
+        data = super().load_data(config, tokenizer)
+        count = min(data.info["eval_train_pairs"], len(data.train))
+        if data.eval is not None and count:
+            data.eval.probe = data.train.subset(range(count))
+        return data
 
     def collator(self, tokenizer: Any, info: dict[str, Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         from .preference import PreferenceCollator
 
-        return PreferenceCollator(tokenizer.pad_token_id)
+        return PreferenceCollator(tokenizer.pad_token_id, packing=bool(info.get("packing")))
 
     def loss(self, model: "nn.Module", batch: dict[str, Any],
              info: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -32,7 +32,8 @@ import torch
 
 from ..errors import SingLoRAError
 from .data import Conversation, Message, _conversation, _kind, _messages, read_rows
-from .tokenization import IGNORE_INDEX, SFTCollator, check_contents, special_tokens, tokenize_conversation
+from .tokenization import (IGNORE_INDEX, SFTCollator, check_contents, special_tokens, tokenize_conversation,
+                           truncation_note)
 
 COLUMNS = ("chosen", "rejected")  # required; "prompt" is optional (implicit prompt without it)
 
@@ -140,11 +141,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                                  [self.pairs[i] for i in indices], self.max_length)
 
     def describe(self, name: str) -> str:
-        text = f"{name}: {len(self)} preference pairs"
-        if self.truncated:
-            text += (f"; {self.truncated} truncated to {self.max_length} tokens"
-                     f"{f', {self.dropped} of them dropped (no answer token left)' if self.dropped else ''}")
-        return text
+        return f"{name}: {len(self)} preference pairs{truncation_note(self)}"
 
 
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], *, max_length: int | None) -> PreferenceDataset:
@@ -175,12 +172,15 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], *, max_lengt
 
 
 class PreferenceCollator:
-    """A batch of B pairs -> one padded batch of 2B sequences, the B chosen then the B rejected (TRL's concatenated
-    forward): ``input_ids`` / ``attention_mask`` / ``labels`` (2B, T), padded on the right."""
+    """A batch of B pairs -> one batch of 2B sequences, the B chosen then the B rejected (TRL's concatenated
+    forward): padded on the right (``input_ids`` / ``attention_mask`` / ``labels`` (2B, T)), or with ``packing``
+    packed into rows (``train.packing.PackingCollator``: ``example_index`` numbers the 2B sequences)."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad = SFTCollator(pad_id)
+    def __init__(self, pad_id: int, packing: bool = False) -> None:
+        from ..train.packing import PackingCollator
+
+        self.collate = PackingCollator(pad_id) if packing else SFTCollator(pad_id)
 
     def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        return self.pad([{"input_ids": item[f"{side}_input_ids"], "labels": item[f"{side}_labels"]}
-                         for side in COLUMNS for item in items])
+        return self.collate([{"input_ids": item[f"{side}_input_ids"], "labels": item[f"{side}_labels"]}
+                             for side in COLUMNS for item in items])

@@ -95,6 +95,7 @@ class SFT(CausalLM):
         return tokenizer
 
     def _read(self, path: str, info: dict[str, Any], split: str | None, encoding: str | None) -> list["Conversation"]:
+        """The examples in ``path`` (``--task dpo``: preference pairs), checked."""
         from .data import read_conversations
 
         conversations, data_format = read_conversations(path, data_format=info["data_format"], split=split,
@@ -103,6 +104,7 @@ class SFT(CausalLM):
         return conversations
 
     def _tokenize(self, tokenizer: Any, conversations: list["Conversation"], info: dict[str, Any]) -> "SFTDataset":
+        """``_read``'s examples tokenized (a dataset with ``truncated``, ``dropped`` and ``describe``)."""
         from .tokenization import tokenize_conversations
 
         return tokenize_conversations(tokenizer, conversations, max_length=info["max_length"],
@@ -127,17 +129,16 @@ class SFT(CausalLM):
         if info["chat_template"]:  # read once, by _info
             tokenizer.chat_template = info["chat_template"]
         set_chat_template(tokenizer)
-        conversations = self._read(config.train_data, info, options.data_split, config.encoding)
-        held: list["Conversation"] = []
+        examples = self._read(config.train_data, info, options.data_split, config.encoding)
+        held: list[Any] = []
         if config.eval_data:
             held = self._read(config.eval_data, info, options.eval_data_split, config.encoding)
         elif config.eval_split:
-            keep, held_out = split_indices(len(conversations), config.eval_split, config.split_seed)
-            conversations, held = [conversations[i] for i in keep], [conversations[i] for i in held_out]
+            keep, held_out = split_indices(len(examples), config.eval_split, config.split_seed)
+            examples, held = [examples[i] for i in keep], [examples[i] for i in held_out]
         # --max-train-samples before tokenizing: only the examples used are tokenized
-        conversations = [conversations[i] for i in _keep(len(conversations), config.max_train_samples,
-                                                         config.split_seed)]
-        train = self._tokenize(tokenizer, conversations, info)
+        examples = [examples[i] for i in _keep(len(examples), config.max_train_samples, config.split_seed)]
+        train = self._tokenize(tokenizer, examples, info)
         evaluation = self._tokenize(tokenizer, held, info) if held else None
         for name, dataset in (("train", train), ("eval", evaluation)):
             if dataset is not None and (dataset.truncated or not config.quiet):  # cut examples: even under --quiet

@@ -158,11 +158,16 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def describe(self, name: str) -> str:
         """One line: examples, answer tokens, truncation."""
-        text = f"{name}: {len(self)} examples, {self.answer_tokens:,} trained tokens"
-        if self.truncated:
-            text += (f"; {self.truncated} truncated to {self.max_length} tokens"
-                     f"{f', {self.dropped} of them dropped (no answer token left)' if self.dropped else ''}")
-        return text
+        return f"{name}: {len(self)} examples, {self.answer_tokens:,} trained tokens{truncation_note(self)}"
+
+
+def truncation_note(dataset: Any) -> str:
+    """``"; N truncated to L tokens, M of them dropped (...)"`` for a tokenized dataset that cut examples, else ``""``
+    (``dataset``: ``truncated``, ``dropped``, ``max_length``)."""
+    if not dataset.truncated:
+        return ""
+    dropped = f", {dataset.dropped} of them dropped (no answer token left)" if dataset.dropped else ""
+    return f"; {dataset.truncated} truncated to {dataset.max_length} tokens{dropped}"
 
 
 def tokenize_conversations(tokenizer: Any, conversations: Sequence[Conversation], *, max_length: int | None,

@@ -27,9 +27,11 @@ PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
 NONFINITE_SKIP_LIMIT = 10  # consecutive skipped steps before ``--on-nonfinite skip`` gives up
 # Settings that may differ between a run and its resumption: they change neither the data, the model nor the
-# result. Paths are not compared as text: the run's identity (data and model fingerprints) is (``torch_singlora.runs``).
-RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite", "report_to",
-                     "output_dir", "model", "tokenizer", "train_data", "eval_data", "eval_every", "eval_batch_size", "log_every")
+# result. Paths are not compared as text: the run's identity (fingerprints of the data, the model and the init
+# adapter) is (``torch_singlora.runs``).
+RESUMABLE_CHANGES = ("resume", "overwrite", "quiet", "save_every", "save_dtype", "name", "plot", "on_nonfinite",
+                     "report_to", "output_dir", "model", "tokenizer", "train_data", "eval_data", "init_adapter",
+                     "eval_every", "eval_batch_size", "log_every", "config_file")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -116,12 +118,15 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "options of the chosen task (its Task.options dataclass; on the command line, its own flags)",
         "cli": False})
+    config_file: str | None = field(default=None, metadata={
+        "help": "the --config file the values were read from (an input: never overwritten); not kept in the run's "
+                "config", "cli": False})
 
     def inputs(self) -> dict[str, str | None]:
         """``{flag: path}`` of everything the run reads: no file it writes or removes may be one of them
         (``atomic.check_not_input``)."""
         return {"--model": self.model, "--tokenizer": self.tokenizer, "--train-data": self.train_data,
-                "--eval-data": self.eval_data, "--init-adapter": self.init_adapter,
+                "--eval-data": self.eval_data, "--init-adapter": self.init_adapter, "--config": self.config_file,
                 **task_class(self.task)().inputs(self.task_options)}
 
     def validate(self) -> None:

@@ -40,8 +40,9 @@ from .checkpoint import TrainingState, load_checkpoint, restore_parameters, save
 from .config import NONFINITE_SKIP_LIMIT, RESUMABLE_CHANGES, TrainConfig
 from .methods import Method, MethodSettings, check_init_adapter, method_class, parse_targets
 from .metrics import MetricsLog, summary_table
-from .packing import length_grouped_order
+from .packing import example_length, length_grouped_order
 from .registry import get_task
+from .run_config import resolved, to_yaml
 from .schedule import make_scheduler, short_run_warnings
 from .step import OptimizerStep
 from .tracking import Trackers, parse_report_to
@@ -217,7 +218,7 @@ def epoch_loader(config: TrainConfig, accelerator: Any, data: TaskData, collate:
     generator = torch.Generator().manual_seed(config.seed + epoch)
     order = torch.randperm(len(data.train), generator=generator).tolist()
     if config.group_by_length:
-        lengths = [len(data.train[i]["input_ids"]) for i in range(len(data.train))]
+        lengths = [example_length(data.train[i]) for i in range(len(data.train))]
         order = length_grouped_order(order, lengths, config.batch_size)
     # The loader draws its base seed from ``generator``, not from the global RNG that dropout uses.
     return accelerator.prepare(DataLoader(Subset(data.train, order), batch_size=config.batch_size,
@@ -226,7 +227,8 @@ def epoch_loader(config: TrainConfig, accelerator: Any, data: TaskData, collate:
 
 def restore(run: Run, state: TrainingState) -> None:
     """Continue from ``state``: the same inputs (else an error), weights, optimizer, scheduler, ramp, RNG, position."""
-    check_resumable(run.folder.checkpoint, state.identity, run.identity, "inputs (tokenized data / base model)")
+    check_resumable(run.folder.checkpoint, state.identity, run.identity,
+                    "inputs (tokenized data / base model / init adapter)")
     restore_parameters(run.method.named_trainable(), state.trainable, run.folder.checkpoint)
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
@@ -244,7 +246,6 @@ def start_output(run: Run, state: TrainingState | None) -> None:
     from tqdm.auto import tqdm
 
     from ..atomic import atomic_write_text
-    from .run_config import resolved, to_yaml
 
     config, folder = run.config, run.folder
     if run.main:
@@ -362,7 +363,6 @@ def save_state(run: Run) -> None:
 def finish(run: Run) -> dict[str, Any]:
     """The final evaluation; the adapter folder (written whole or not at all), summary.json, curves.png."""
     from ..atomic import atomic_directory, atomic_write_text
-    from .run_config import resolved
 
     config = run.config
     final = evaluate(run) if run.eval_loader is not None else {}

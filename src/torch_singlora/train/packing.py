@@ -111,6 +111,11 @@ def check_confined(model: Any, *, vocab: int, where: str = "--packing") -> None:
                             "(--group-by-length also cuts padding)")
 
 
+def example_length(item: dict[str, Any]) -> int:
+    """The tokens of a dataset item: its ``input_ids`` (a DPO pair: its ``chosen_`` and ``rejected_input_ids``)."""
+    return sum(len(value) for key, value in item.items() if key.endswith("input_ids"))
+
+
 def length_grouped_order(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[int]:
     """``order`` (a random permutation) regrouped: mega-batches of ``MEGA_BATCHES * batch_size`` examples (fewer
     for small data: at least 4 mega-batches), each sorted by length, longest first; the mega-batch holding the

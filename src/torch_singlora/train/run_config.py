@@ -21,8 +21,9 @@ flag as that number, as on the command line).
 
 The resolved config (defaults filled in, paths made absolute, the chosen task's options) is what
 ``--print-config`` prints and what a run keeps, in ``<output-dir>/config.yaml`` and in ``run_info.json``'s
-``config``; ``singlora train --config RUN/config.yaml`` repeats the run (with ``--output-dir`` elsewhere, or
-``--overwrite``).
+``config``; ``singlora train --config RUN/config.yaml --output-dir RUN2`` repeats the run. The file read is an input
+of the run (``TrainConfig.inputs``): a run whose ``--output-dir`` would rewrite it (RUN itself, with ``--overwrite``
+or ``--resume``) is refused.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 def train_fields() -> dict[str, dataclasses.Field]:
-    """The ``TrainConfig`` fields that are flags (all but ``task_options``)."""
+    """The ``TrainConfig`` fields that are flags (all but ``task_options`` and ``config_file``)."""
     return {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
 
 

@@ -23,7 +23,8 @@ Each record becomes Trainer's tags (``rewrite_logs``): a training step's keys un
 sample generations (``samples``) are text: a Markdown table in TensorBoard, a ``Table`` in wandb and trackio, a JSON
 artifact in MLflow. The run's resolved config (``run_config``) is the run's hyperparameters / config.
 
-Each tracker is an optional extra, imported only when named. A tracker that cannot start stops the run before it
+``--resume`` starts a new tracker run holding the steps after the checkpoint (as Trainer does without the trackers'
+own resume settings); ``metrics.jsonl`` holds them all. Each tracker is an optional extra, imported only when named. A tracker that cannot start stops the run before it
 trains (an error naming it); one that fails later is dropped with a warning, and the run goes on (``metrics.jsonl``
 has everything).
 """
