@@ -298,10 +298,13 @@ def part_classify(settings: dict[str, Any], folder: Path) -> list[dict[str, Any]
 
 # ---- the command --------------------------------------------------------------------------------------------------
 
+PARTS = ["llm", "classify", "memory", "steps"]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["llm", "classify", "memory", "steps"],
-                        choices=["llm", "classify", "memory", "steps"])
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                        help="what to measure (a subset writes serving_<parts>.md, beside the whole run's serving.md)")
     parser.add_argument("--configs", nargs="+", default=["16x16", "64x64"], help="CLIENTSxADAPTERS")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--per-client", type=int, default=1, help="generation requests per client")
@@ -338,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in args.parts:
             results["rows"][part] = parts[part](settings, Path(tmp))
             gc.collect()
-    print(write_outputs(results, markdown, Path(args.out), "serving_quick" if args.quick else "serving"))
+    stem = "serving" + "".join(f"_{part}" for part in args.parts if args.parts != PARTS) + "_quick" * args.quick
+    print(write_outputs(results, markdown, Path(args.out), stem))
     return results
 
 

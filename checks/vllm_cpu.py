@@ -304,10 +304,19 @@ def markdown(results: dict[str, Any]) -> str:
              f"## Greedy answers, float32 ({len(ours[base])} chat prompts, {results['settings']['max_tokens']} "
              "tokens)", "", "| model | variant | equal to vLLM | differs from the base model |", "|---|---|---|---|"]
     kinds = {name: variant for name, variant in zip(results["names"], variant_labels(len(results["names"])))}
+    held_back = []
     for name in [base, *results["names"]]:
         equal = sum(a == b for a, b in zip(ours[name], theirs[name]))
         changed = "-" if name == base else f"{sum(a != b for a, b in zip(ours[name], ours[base]))}/{len(ours[base])}"
-        lines.append(f"| {name} | {kinds.get(name, 'base model')} | {equal}/{len(ours[name])} | {changed} |")
+        tails = [a[len(b):] for a, b in zip(ours[name], theirs[name]) if a != b and a.startswith(b)
+                 and set(a[len(b):]) == {"\ufffd"}]
+        held_back += [f"{name}: {len(tail)}" for tail in tails]
+        lines.append(f"| {name} | {kinds.get(name, 'base model')} | {equal}/{len(ours[name])}"
+                     f"{f' (+{len(tails)} equal but for the tail)' if tails else ''} | {changed} |")
+    if held_back:
+        lines += ["", "Equal but for the tail: vLLM's text is ours without its last U+FFFD characters (the bytes of a "
+                  "character the 32 tokens did not finish, which vLLM's detokenizer holds back and ours writes as "
+                  f"U+FFFD, as `tokenizer.decode` does); U+FFFD withheld: {', '.join(held_back)}."]
     lines += ["", "## The `--for vllm` rules probed: each adapter exported without the check, loaded at run time", "",
               "| adapter | `--for vllm` says | vLLM load (`/v1/load_lora_adapter`) | adapter changes our answers | "
               "vLLM's answers equal ours | vLLM's base model unchanged after |", "|---|---|---|---|---|---|"]
@@ -322,7 +331,8 @@ def markdown(results: dict[str, Any]) -> str:
               "tokens each, greedy; chat prompts of 30-40 tokens). *One at a time*: `singlora serve --max-batch-size "
               "1`, 16 clients of one request (its throughput does not depend on the clients).", "",
               "| dtype | clients x adapters | singlora serve | vLLM | singlora / vLLM | one at a time | singlora / one "
-              "at a time | p50 s singlora / vLLM | server MB singlora / vLLM |", "|" + "---|" * 9]
+              "at a time | p50 s singlora / vLLM | server MB singlora / vLLM | load average singlora / vLLM |",
+              "|" + "---|" * 10]
     rows = {(r["dtype"], r["engine"], r["clients"], r["adapters"]): r for r in results["throughput"]}
     alone = {(r["dtype"], r["adapters"]): r for r in results["throughput"] if r["engine"] == "one_at_a_time"}
     for (dtype, engine, clients, adapters), ours_row in rows.items():
@@ -335,8 +345,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {dtype} | {clients} x {adapters} | {ours_row['tokens_per_s']:.1f} | "
                      f"{vllm['tokens_per_s']:.1f} | {ours_row['tokens_per_s'] / vllm['tokens_per_s']:.2f} | {one} | "
                      f"{versus} | {ours_row['p50_s']:.1f} / {vllm['p50_s']:.1f} | "
-                     f"{ours_row['server_mb']:.0f} / {vllm['server_mb']:.0f} |")
+                     f"{ours_row['server_mb']:.0f} / {vllm['server_mb']:.0f} | "
+                     f"{_load(ours_row)} / {_load(vllm)} |")
     return "\n".join(lines) + "\n"
+
+
+def _load(row: dict[str, Any]) -> str:
+    """The machine's 1-minute load average when ``row`` was measured (other jobs shared the 2 cores)."""
+    return f"{row['load_average'][0]:.1f}" if "load_average" in row else "-"
 
 
 def variant_labels(count: int) -> list[str]:
