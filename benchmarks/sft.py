@@ -100,9 +100,8 @@ def tokenized(model: str, data: Path, max_length: int) -> Any:
 def run_singlora(spec: dict) -> dict:
     """``singlora train --task sft`` on ``spec``'s data: the CLI's own config parsing and loop (``prepare`` +
     ``train_epoch``), timed around the steps only (no evaluation, no adapter written)."""
-    from torch_singlora.cli import parse_args
-    from torch_singlora.cli_options import dataclass_from_args, task_options
-    from torch_singlora.train.loop import TrainConfig, prepare, train_epoch
+    from torch_singlora.cli import parse_args, train_config
+    from torch_singlora.train.loop import prepare, train_epoch
 
     out = Path(spec["work"]) / spec["name"].replace(" ", "_").replace("-", "")
     argv = ["train", "--task", "sft", "--model", spec["model"], "--train-data", spec["data"], "--output-dir", str(out),
@@ -110,8 +109,7 @@ def run_singlora(spec: dict) -> dict:
             str(spec["lr"]), "--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch"]),
             "--max-length", str(spec["max_length"]), "--warmup", str(spec["warmup"]), "--ramp-up-steps", "0.01",
             "--save-every", "0", "--quiet", "--no-plot", "--overwrite", *spec["options"]]
-    args = parse_args(argv)
-    config = dataclass_from_args(TrainConfig, args, task_options=task_options(args, args.task))
+    config = train_config(parse_args(argv))
     run = prepare(config)
     run.model.train()
     cpu, wall = time.process_time(), time.perf_counter()

@@ -227,3 +227,15 @@ def test_quick_suite_on_cuda_in_bfloat16(tmp_path):
         for row in workload["train"].values():
             assert row["n"] == 2 and row["median_ms"] > 0 and row["peak_step_bytes"] > 0
         assert workload["ratios"]["optimizer_state_square_singlora_over_lora"] == 0.5
+
+
+def test_sft_benchmark_trains_through_the_cli_and_packing_keeps_the_losses(tmp_path: Path) -> None:
+    """``benchmarks.sft --quick`` (a tiny Llama) builds its runs with ``singlora train``'s own config parsing (it
+    broke once when the train parser changed); ``--packing`` changes speed, not the losses."""
+    from benchmarks import sft
+
+    sft.main(["--quick", "--datasets", "chat", "--runs", "singlora", "singlora --packing", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "quick-sft.json").read_text())["datasets"]["chat"]["runs"]
+    padded, packed = runs["singlora"]["losses"], runs["singlora --packing"]["losses"]
+    assert len(padded) == 2 and all(math.isfinite(loss) for loss in padded) and padded[0] > 5  # a random model
+    assert packed == pytest.approx(padded, abs=1e-5)
