@@ -89,15 +89,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float32 else f", base {str(dtype).removeprefix('torch.')} (adapters float32)"
 
 
-def minilm_path() -> str | None:
-    """The offline all-MiniLM-L6-v2 folder (the demo's locator), or None where its package is not installed."""
-    from torch_singlora.assets import minilm_path as locate
+def _installed(locate: Callable[[], str]) -> str | None:
+    """``locate()`` (a ``torch_singlora.assets`` locator), or None where its asset's package is not installed."""
     from torch_singlora.errors import SingLoRAError
 
     try:
         return locate()
     except SingLoRAError:
         return None
+
+
+def minilm_path() -> str | None:
+    """The offline all-MiniLM-L6-v2 folder (the demo's locator), or None where its package is not installed."""
+    from torch_singlora.assets import minilm_path as locate
+
+    return _installed(locate)
 
 
 def minilm(tiny: bool = False, batch_size: int = 16, seq_len: int = 128, device: str = "cpu",
@@ -194,12 +200,8 @@ def llama(tiny: bool = False, batch_size: int = 8, seq_len: int = 128, device: s
 def smollm2_folder() -> str | None:
     """The converted SmolLM2-135M-Instruct folder (``assets.smollm2_path``), or None where its package is missing."""
     from torch_singlora.assets import smollm2_path
-    from torch_singlora.errors import SingLoRAError
 
-    try:
-        return smollm2_path()
-    except SingLoRAError:
-        return None
+    return _installed(smollm2_path)
 
 
 def smollm2(tiny: bool = False, batch_size: int = 4, seq_len: int = 128, device: str = "cpu",
