@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import pytest
 import torch
@@ -104,3 +106,23 @@ def tiny_singlora_llama(dtype: torch.dtype, vocab: int = 97, layers: int = 2, **
 
 
 __all__ = ["tiny_singlora_llama", "save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]
+
+
+@contextlib.contextmanager
+def ctrl_c_after_step(step: int) -> Iterator[None]:
+    """Within it, ``singlora train`` is interrupted as by Ctrl-C (``KeyboardInterrupt``) right after optimizer step
+    ``step`` has been logged and checkpointed."""
+    import torch_singlora.train.loop as loop
+
+    after_step = loop.after_step
+
+    def interrupted(run, *logged):
+        after_step(run, *logged)
+        if run.step == step:
+            raise KeyboardInterrupt
+
+    loop.after_step = interrupted
+    try:
+        yield
+    finally:
+        loop.after_step = after_step

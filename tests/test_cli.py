@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, minilm_path, save_tiny_bert
+from conftest import assert_close, ctrl_c_after_step, minilm_path, save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -387,26 +387,16 @@ def test_an_existing_run_is_never_overwritten_silently(assets: dict[str, Path], 
 
 
 def test_ctrl_c_prints_one_line_and_the_run_resumes(assets: dict[str, Path], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture, monkeypatch) -> None:
+                                                    capsys: pytest.CaptureFixture) -> None:
     """Ctrl-C in `singlora train`: no traceback, exit 130, one line saying how to continue; --resume finishes."""
-    import torch_singlora.train.loop as loop
-
-    after_step = loop.after_step
-
-    def interrupted_at_step_2(run, *logged):
-        after_step(run, *logged)
-        if run.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "after_step", interrupted_at_step_2)
     args = ["train", "--model", str(assets["bert"]), "--train-data", str(assets["train"]), "--output-dir",
             str(tmp_path / "run"), "--quiet", "--max-steps", "3", "--save-every", "1", "--target-modules", "query"]
     capsys.readouterr()
-    assert main(args) == 130
+    with ctrl_c_after_step(2):
+        assert main(args) == 130
     error = capsys.readouterr().err
     assert error.strip() == (f"singlora train: interrupted; {tmp_path / 'run' / 'checkpoint.pt'} holds the last "
                              "checkpoint: the same command with --resume continues from it")
-    monkeypatch.setattr(loop, "after_step", after_step)
     assert main([*args, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
     with pytest.raises(SystemExit):  # an unknown flag is reported under the subcommand's usage

@@ -13,7 +13,7 @@ import torch
 from torch_singlora import SingLoRAConfig, SingLoRAError, get_singlora_model
 from torch_singlora.cli import main
 
-from conftest import save_tiny_chat_llama
+from conftest import ctrl_c_after_step, save_tiny_chat_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -270,12 +270,11 @@ def test_trl_dpo_trainer_recipe_one_model_reference_is_adapters_disabled(files, 
     assert trainer.state.log_history[0]["rewards/margins"] != 0.0
 
 
-def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_path, monkeypatch, capsys) -> None:
+def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_path, capsys) -> None:
     """Ctrl-C at step 3 of a DPO run from an SFT adapter, then --resume: the adapter equals an uninterrupted run's
     (the frozen reference is loaded again from --init-adapter); a changed --init-adapter folder is refused."""
     import shutil
 
-    import torch_singlora.train.loop as loop
     from safetensors.torch import load_file
 
     init = tmp_path / "sft_adapter"
@@ -283,16 +282,8 @@ def test_resume_with_init_adapter_equals_the_straight_run(files, sft_run, tmp_pa
     argv = ["train", "--task", "dpo", "--model", files["model"], "--train-data", files["train"], "--init-adapter",
             str(init), "--lr", "5e-2", "--max-steps", "5", "--batch-size", "4", "--save-every", "1", "--quiet",
             "--no-plot"]
-    after_step = loop.after_step
-
-    def interrupted(run, *args):
-        after_step(run, *args)
-        if run.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "after_step", interrupted)
-    assert main([*argv, "--output-dir", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(loop, "after_step", after_step)
+    with ctrl_c_after_step(3):
+        assert main([*argv, "--output-dir", str(tmp_path / "cut")]) == 130
     assert main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
     weights = init / "adapter_model.safetensors"
     original = weights.read_bytes()
