@@ -21,11 +21,23 @@ SHAPES = [(8, 8), (12, 5), (5, 12)]  # (d_out, d_in): square, tall (out > in), w
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _every_size_by_hand(monkeypatch) -> None:
+@pytest.fixture(autouse=True, params=["gx_written", "gx_merged"])
+def _every_size_by_hand(monkeypatch, request) -> None:
     """The layers train these few-token inputs by the hand-written function too (``MIN_TOKENS`` is a speed rule;
-    ``test_few_tokens_train_by_autograd`` checks it)."""
+    ``test_few_tokens_train_by_autograd`` checks it); every test runs with either backward for the gradient of
+    ``x`` (``merges_for_grad_x``, a speed rule: ``MERGE_RATIO`` 0 merges at every size, infinity never)."""
     monkeypatch.setattr(fused_linear, "MIN_TOKENS", 0)
+    monkeypatch.setattr(fused_linear, "MERGE_RATIO", 0.0 if request.param == "gx_merged" else float("inf"))
+
+
+def test_merge_rule_follows_tokens_rows_and_dtype(monkeypatch) -> None:
+    """``gx`` from the merged weight only from ``MERGE_RATIO * d_out`` tokens on, and never in 16-bit floats."""
+    monkeypatch.setattr(fused_linear, "MERGE_RATIO", 2.0)  # the module's value
+    assert fused_linear.merges_for_grad_x(torch.float32, 2048, 384)
+    assert fused_linear.merges_for_grad_x(torch.float64, 768, 384)
+    assert not fused_linear.merges_for_grad_x(torch.float32, 767, 384)
+    assert not fused_linear.merges_for_grad_x(torch.bfloat16, 2048, 384)
+    assert not fused_linear.merges_for_grad_x(torch.float16, 2048, 384)
 
 
 def leaf(*shape: int) -> torch.Tensor:

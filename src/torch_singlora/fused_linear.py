@@ -26,6 +26,10 @@ summed, a product in a layout BLAS is slow at). Here six, ``T`` tokens, ``g = dL
               G[:, :d_in] += gh.T @ x              (r, d_in)   both halves of A's gradient in one (r, n) buffer
               dA  = c * G.T
 
+In float32 / float64, when the weight has at most half as many rows as the batch has tokens
+(``merges_for_grad_x``), ``gx`` is instead one product on the merged weight, ``g @ (W + c A_out A_in.T)``: the
+``(d_out, d_in)`` sum costs less than the first write of the ``(T, d_in)`` gradient it replaces.
+
 Two reads of ``x``, two of ``g`` (one mostly from cache), and the first writes of ``out`` and ``gx`` (which the
 base's products then accumulate into); ``c`` (a 0-dim tensor: no host sync, nothing for ``torch.compile`` to
 recompile on) scales only ``(n, r)``-sized things. Layouts: ``A`` is read both as given ``(n, r)`` (the
@@ -55,6 +59,17 @@ ENABLED = True
 MIN_TOKENS = 256
 # Outputs of fewer elements take the bias from addmm (one op) rather than from a column of ones (three).
 FOLD_BIAS_MIN = 1 << 16
+# The gradient of x as one product on the merged weight when the weight has at most 1/MERGE_RATIO as many rows
+# (d_out) as the batch has tokens (``merges_for_grad_x``).
+MERGE_RATIO = 2.0
+
+
+def merges_for_grad_x(dtype: torch.dtype, tokens: int, d_out: int) -> bool:
+    """Whether the backward computes ``gx = g @ (W + c A_out A_in.T)`` rather than writing ``g @ A_out @ (c A_in).T``
+    and accumulating ``g @ W`` into it: when building the ``(d_out, d_in)`` merged weight costs less than that
+    ``(T, d_in)`` write (``d_out * MERGE_RATIO <= T``; all-MiniLM's 36 layers at 2048 tokens: 1 % of the step),
+    and only in float32 / float64 (in 16-bit floats the sum would round ``c A_out A_in.T`` to ``W``'s precision)."""
+    return dtype in (torch.float32, torch.float64) and d_out * MERGE_RATIO <= tokens
 
 
 class _AdaptedLinear(torch.autograd.Function):
@@ -96,15 +111,21 @@ class _AdaptedLinear(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)
         if torch.is_grad_enabled():  # double backward (create_graph=True): rebuild what was saved from the
             At, cA, h = A.T, A * c, x2 @ A[:d_in]  # inputs, so that the second graph reaches them
-        gh = g @ At[:, :d_out].T  # (T, r), = g @ A_out
+        fused_x = weight is not None and base_x is None  # x is also the base's input: one gradient for both
+        merged = need_x and fused_x and merges_for_grad_x(weight.dtype, g.shape[0], d_out)
+        gh = g @ At[:, :d_out].T if need_A or need_c or (need_x and not merged) else None  # (T, r), = g @ A_out
         G = None
         if need_A:  # A's gradient, transposed: (r, n)
             G = At.new_zeros(At.shape)
             G[:, :d_out].addmm_(h.T, g)  # g is still in cache from gh
-        gx = gh @ cA[:d_in].T if need_x else None  # (T, d_in)
-        fused_x = weight is not None and base_x is None  # x is also the base's input: one gradient for both
-        if fused_x and need_x:
-            gx.addmm_(g, weight.T if transposed else weight)
+        gx = None  # (T, d_in)
+        if merged:  # the base's product on the merged weight W + c A_out A_in.T, built in W's layout
+            gx = (g @ torch.addmm(weight, cA[:d_in], At[:, :d_out]).T if transposed
+                  else g @ torch.addmm(weight, cA[:d_out], At[:, :d_in]))
+        elif need_x:
+            gx = gh @ cA[:d_in].T
+            if fused_x:
+                gx.addmm_(g, weight.T if transposed else weight)
         if G is not None:
             G[:, :d_in].addmm_(gh.T, x2)
             G.mul_(c)
