@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import SingLoRAError
 from ..train.tasks import TaskData
-from .task import SFT, _help
+from .task import SFT, ChatOptions, _help
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,33 +49,23 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @dataclass
-class DPOOptions:
+class DPOOptions(ChatOptions):
     """The flags of ``--task dpo``."""
 
     beta: float = _help("DPO's beta: how far the model may move from its reference (TRL's default)", 0.1)
     loss_type: str = _help(f"preference loss: {' or '.join(LOSS_TYPES)} (TRL's names)", "sigmoid")
-    chat_template: str | None = _help("Jinja chat template file (default: the tokenizer's own template)", None)
     packing: bool = _help("pack each batch's 2 x B sequences into rows without padding (--task sft's packing)",
                           False)
-    data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
-    eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
     eval_train_pairs: int = _help("training pairs also scored at each evaluation (train_pairs_* metrics; 0 = none)",
                                   64)
-    eval_generations: int = _help("held-out prompts answered greedily at each evaluation for exact match and "
-                                  "ROUGE-L against the chosen answer (0 = none)", 32)
-    max_new_tokens: int = _help("most new tokens per answer at evaluation", 64)
-    eval_samples: int = _help("sample generations logged per evaluation", 3)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self._at_least(0, "eval_train_pairs")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise SingLoRAError(f"--beta={self.beta} must be a finite number > 0")
         if self.loss_type not in LOSS_TYPES:
             raise SingLoRAError(f"--loss-type={self.loss_type!r} must be one of {LOSS_TYPES}")
-        for name in ("eval_train_pairs", "eval_generations", "eval_samples"):
-            if getattr(self, name) < 0:
-                raise SingLoRAError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
-        if self.max_new_tokens < 1:
-            raise SingLoRAError(f"--max-new-tokens={self.max_new_tokens} must be >= 1")
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------

@@ -36,10 +36,33 @@ def _help(text: str, default: Any) -> Any:
 
 
 @dataclass
-class SFTOptions:
-    """The flags of ``--task sft``."""
+class ChatOptions:
+    """The flags every chat task has (``--task sft``, ``--task dpo``): the template, the splits, the greedy answers
+    of each evaluation."""
 
     chat_template: str | None = _help("Jinja chat template file (default: the tokenizer's own template)", None)
+    data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
+    eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
+    eval_generations: int = _help("held-out prompts answered greedily at each evaluation for exact match and "
+                                  "ROUGE-L against the reference answer (--task dpo: the chosen one; 0 = none)", 32)
+    max_new_tokens: int = _help("most new tokens per answer at evaluation", 64)
+    eval_samples: int = _help("sample generations logged per evaluation", 3)
+
+    def __post_init__(self) -> None:
+        self._at_least(0, "eval_generations", "eval_samples")
+        self._at_least(1, "max_new_tokens")
+
+    def _at_least(self, bound: int, *names: str) -> None:
+        """A clear error naming the flag when one of ``names`` is below ``bound``."""
+        for name in names:
+            if getattr(self, name) < bound:
+                raise SingLoRAError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= {bound}")
+
+
+@dataclass
+class SFTOptions(ChatOptions):
+    """The flags of ``--task sft``."""
+
     assistant_only_loss: bool = _help("loss on the assistant answers only (TRL's assistant_only_loss; the completion "
                                       "of prompt/completion rows); --no-assistant-only-loss trains on every token",
                                       True)
@@ -48,19 +71,6 @@ class SFTOptions:
                           "example, attention stays within each); the same examples and loss per batch, less time "
                           "and memory", False)
     data_format: str = _help("messages, prompt-completion, alpaca, conversations, or auto (from the columns)", "auto")
-    data_split: str | None = _help("split to read when --train-data is a dataset folder with several", None)
-    eval_data_split: str | None = _help("split to read when --eval-data is a dataset folder with several", None)
-    eval_generations: int = _help("held-out prompts answered greedily at each evaluation for exact match and "
-                                  "ROUGE-L (0 = none)", 32)
-    max_new_tokens: int = _help("most new tokens per answer at evaluation", 64)
-    eval_samples: int = _help("sample generations logged per evaluation", 3)
-
-    def __post_init__(self) -> None:
-        for name in ("eval_generations", "eval_samples"):
-            if getattr(self, name) < 0:
-                raise SingLoRAError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
-        if self.max_new_tokens < 1:
-            raise SingLoRAError(f"--max-new-tokens={self.max_new_tokens} must be >= 1")
 
 
 class SFT(CausalLM):
