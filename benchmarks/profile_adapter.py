@@ -9,7 +9,9 @@
 - ``--ops``: the ``torch.profiler`` table of the same layer, per op and input shapes, for ``fused`` and
   ``autograd`` (self CPU per call, call counts): which products the adapter adds and what each costs.
 - ``--model NAME``: a ``torch.profiler`` table of one training step per method on a workload.
-- ``--ab NAME``: whole training steps of base, PEFT LoRA, SingLoRA fused and SingLoRA autograd, interleaved.
+- ``--ab NAME``: whole training steps of base, PEFT LoRA, SingLoRA fused (also with the gradient of x never from
+  the merged weight, ``fused_linear.merges_for_grad_x``, and with A frozen: the cost of A's gradient apart) and
+  SingLoRA autograd, interleaved.
 
 ``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME].md``, with the command
 and the load average before and after.
@@ -130,23 +132,33 @@ def model_table(workload_name: str, methods: list[str], r: int) -> list[str]:
     return lines
 
 
+# The variants of SingLoRA's training path in ``--ab``: (fused_linear.ENABLED, fused_linear.MERGE_RATIO).
+AB_VARIANTS = {"singlora": (True, fused_linear.MERGE_RATIO), "singlora_gx_written": (True, float("inf")),
+               "singlora_autograd": (False, fused_linear.MERGE_RATIO)}
+
+
 def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
-    """Training steps of base, PEFT LoRA and SingLoRA with and without the hand-written backward, interleaved."""
+    """Training steps of base, PEFT LoRA and SingLoRA by hand (``singlora``; ``singlora_gx_written``: the gradient
+    of x never from the merged weight; ``singlora_frozen_A``: A frozen, so the step's cost without A's gradient)
+    and by autograd's composition, interleaved."""
     workload = WORKLOADS[workload_name]()
-    built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r)
-             for name in ("base", "lora", "singlora")}
-    built["singlora_autograd"] = build_method("singlora", workload.build(), workload.targets, r, alpha=r)
+    built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r) for name in ("base", "lora")}
+    built.update({name: build_method("singlora", workload.build(), workload.targets, r, alpha=r)
+                  for name in (*AB_VARIANTS, "singlora_frozen_A")})
+    built["singlora_frozen_A"].model.requires_grad_(False)  # the update's forward and gradient of x, not A's
+    built["singlora_frozen_A"].model.enable_input_require_grads()  # backward still runs through the network
+    defaults = fused_linear.ENABLED, fused_linear.MERGE_RATIO
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
-            fused_linear.ENABLED = name != "singlora_autograd"
+            fused_linear.ENABLED, fused_linear.MERGE_RATIO = AB_VARIANTS.get(name, defaults)
             train_step(built[name], workload.batch)
         return run
 
     try:
         wall, cpu = interleaved_clocks({name: step(name) for name in built}, warmup, steps)
     finally:
-        fused_linear.ENABLED = True
+        fused_linear.ENABLED, fused_linear.MERGE_RATIO = defaults
     lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}", "",
              "| method | step CPU ms (median) | over base | step wall ms (median) | over base |", "|---|---|---|---|---|"]
     med = {clock: {n: statistics.median(t) * 1e3 for n, t in times.items()} for clock, times in
