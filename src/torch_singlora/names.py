@@ -64,16 +64,15 @@ def walk_adaptable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every module of ``model`` (the root as ``""``), seen through singlora's wrappers: a
     ``SingLoRALayer`` or ``SingLoRAExperts`` is yielded as its ``base_layer``, a ``TrainableCopy`` as its
     ``original_module``, under the wrapper's name; nothing inside a wrapper is walked."""
-    wrappers: list[str] = []
+    inside: str | None = None  # "wrapper." while walking a wrapper's modules (contiguous: named_modules is pre-order)
     for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrappers):
+        if inside is not None and name.startswith(inside):
             continue
+        inside = None
         if isinstance(module, (SingLoRALayer, SingLoRAExperts)):
-            wrappers.append(name)
-            module = module.base_layer
+            inside, module = name + ".", module.base_layer
         elif isinstance(module, TrainableCopy):
-            wrappers.append(name)
-            module = module.original_module
+            inside, module = name + ".", module.original_module
         yield name, module
 
 
