@@ -239,3 +239,32 @@ def test_sft_benchmark_trains_through_the_cli_and_packing_keeps_the_losses(tmp_p
     padded, packed = runs["singlora"]["losses"], runs["singlora --packing"]["losses"]
     assert len(padded) == 2 and all(math.isfinite(loss) for loss in padded) and padded[0] > 5  # a random model
     assert packed == pytest.approx(padded, abs=1e-5)
+
+
+def test_profile_adapter_ab_runs_each_variant_with_its_own_settings_and_restores_them(monkeypatch) -> None:
+    """``profile_adapter --ab`` on the tiny Llama: each method's step runs with its ``fused_linear`` settings (the
+    merged gradient of x off for ``singlora_gx_written``, autograd's composition for ``singlora_autograd``), the
+    frozen-A variant trains nothing but still runs backward (an error otherwise), and the settings are restored."""
+    from benchmarks import profile_adapter
+    from torch_singlora import fused_linear
+
+    monkeypatch.setattr(profile_adapter, "WORKLOADS", {"llama": lambda: workloads.llama(tiny=True)})
+    seen = []
+
+    def recording_step(method, batch) -> None:
+        trainable = sum(p.numel() for p in method.model.parameters() if p.requires_grad)
+        seen.append((fused_linear.ENABLED, fused_linear.MERGE_RATIO, trainable))
+        train_step(method, batch)
+
+    train_step = profile_adapter.train_step
+    monkeypatch.setattr(profile_adapter, "train_step", recording_step)
+    lines = profile_adapter.model_ab("llama", r=2, warmup=0, steps=1)
+    merge = fused_linear.MERGE_RATIO
+    assert (fused_linear.ENABLED, merge) == (True, 2.0)
+    names = ["base", "lora", "singlora", "singlora_gx_written", "singlora_autograd", "singlora_frozen_A"]
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[4:]] == names
+    assert lines[4].split(" | ")[2] == "1.000"  # base over base
+    settings = [(enabled, ratio) for enabled, ratio, _ in seen]
+    assert settings[2:] == [(True, merge), (True, float("inf")), (False, merge), (True, merge)]
+    trainable = [count for _, _, count in seen]
+    assert trainable[0] == 0 and trainable[5] == 0 and trainable[2] == trainable[3] == trainable[4] > 0
