@@ -37,7 +37,7 @@ from torch_singlora import SingLoRALayer, fused_linear
 from torch_singlora.atomic import atomic_write_text
 
 from .measure import interleaved_clocks
-from .methods import METHODS, build_method, train_step
+from .methods import METHODS, build_method, start_backward_at, train_step
 from .workloads import WORKLOADS
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (d_in, d_out) of all-MiniLM's attention and MLP
@@ -145,8 +145,9 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
     built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r) for name in ("base", "lora")}
     built.update({name: build_method("singlora", workload.build(), workload.targets, r, alpha=r)
                   for name in (*AB_VARIANTS, "singlora_frozen_A")})
-    built["singlora_frozen_A"].model.requires_grad_(False)  # the update's forward and gradient of x, not A's
-    built["singlora_frozen_A"].model.enable_input_require_grads()  # backward still runs through the network
+    frozen = built["singlora_frozen_A"].model
+    frozen.requires_grad_(False)  # the update's forward and gradient of x, not A's
+    start_backward_at(frozen.model, workload.targets)  # backward still runs as far as with A trainable
     defaults = fused_linear.ENABLED, fused_linear.MERGE_RATIO
 
     def step(name: str) -> Callable[[], None]:

@@ -268,3 +268,35 @@ def test_profile_adapter_ab_runs_each_variant_with_its_own_settings_and_restores
     assert settings[2:] == [(True, merge), (True, float("inf")), (False, merge), (True, merge)]
     trainable = [count for _, _, count in seen]
     assert trainable[0] == 0 and trainable[5] == 0 and trainable[2] == trainable[3] == trainable[4] > 0
+
+
+def test_the_floor_runs_backward_to_the_adapted_outputs_and_no_further() -> None:
+    """``base``: the gradient reaching the first adapted layer's output is the one backward through the whole
+    network gives, and nothing before that layer is differentiated (its input never requires grad)."""
+    from benchmarks.methods import build_method, start_backward_at
+
+    workload = workloads.llama(tiny=True)
+    first = next(t for t in workload.targets if t.endswith("q_proj"))
+
+    def gradient_at_first(model: torch.nn.Module) -> tuple[torch.Tensor, bool]:
+        seen = {}
+
+        def watch(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen["input"] = args[0].requires_grad
+            out.register_hook(lambda grad: seen.__setitem__("g", grad))
+
+        model.get_submodule(first).register_forward_hook(watch)  # after start_backward_at's: sees its output
+        model(**workload.batch).loss.backward()
+        return seen["g"], seen["input"]
+
+    floor = build_method("base", workload.build(), workload.targets, r=2, alpha=2).module
+    whole = workload.build().requires_grad_(False)
+    whole.enable_input_require_grads()  # the reference: backward through everything, to the embeddings
+    got, input_requires_grad = gradient_at_first(floor)
+    want, reference_input = gradient_at_first(whole)
+    assert not input_requires_grad and reference_input
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+    plain = workload.build().requires_grad_(False)
+    start_backward_at(plain, [])  # no layer named: nothing requires grad, as with no adapter
+    assert not plain(**workload.batch).loss.requires_grad
