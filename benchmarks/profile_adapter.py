@@ -160,15 +160,28 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
         wall, cpu = interleaved_clocks({name: step(name) for name in built}, warmup, steps)
     finally:
         fused_linear.ENABLED, fused_linear.MERGE_RATIO = defaults
-    lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}", "",
-             "| method | step CPU ms (median) | over base | step wall ms (median) | over base |", "|---|---|---|---|---|"]
+    lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}; per round: the method's CPU time "
+             "over the base's in the same round, median (q1-q3 over the rounds: the spread of a ratio)", "",
+             "| method | step CPU ms (median) | over base | per round over base | step wall ms (median) | over base |",
+             "|---|---|---|---|---|---|"]
     med = {clock: {n: statistics.median(t) * 1e3 for n, t in times.items()} for clock, times in
            (("cpu", cpu), ("wall", wall))}
     for name in built:
         lines.append(f"| {name} | {med['cpu'][name]:.1f} | {med['cpu'][name] / med['cpu']['base']:.3f} "
+                     f"| {_per_round(cpu[name], cpu['base'])} "
                      f"| {med['wall'][name]:.1f} | {med['wall'][name] / med['wall']['base']:.3f} |")
     print("\n".join(lines), flush=True)
     return lines
+
+
+def _per_round(times: list[float], base: list[float]) -> str:
+    """``median (q1-q3)`` of ``times[i] / base[i]``: each round's ratio, so that a slow or fast stretch of the
+    machine, which moves both, cancels."""
+    ratios = [t / b for t, b in zip(times, base)]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.3f}"
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return f"{median:.3f} ({q1:.3f}-{q3:.3f})"
 
 
 def main() -> None:
