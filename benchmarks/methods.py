@@ -67,7 +67,9 @@ class DenseUpdateLinear(nn.Module):
 
 class _StartBackward(torch.autograd.Function):
     """The identity on a layer's output that makes it require grad (through ``anchor``, a 0-dim tensor that does):
-    backward reaches the output and stops there, computing nothing for what came before."""
+    backward reaches the output and stops there, computing nothing for what came before. ``anchor``'s gradient is
+    the first element of the output's: it depends on the whole backward, so that ``torch.compile`` cannot drop it
+    as dead code (as it does a constant gradient)."""
 
     @staticmethod
     def forward(ctx: Any, output: Tensor, anchor: Tensor) -> Tensor:
@@ -75,13 +77,14 @@ class _StartBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        return None, grad.new_zeros(())
+        return None, grad[(0,) * grad.dim()]
 
 
-def start_backward_at(model: nn.Module, names: list[str]) -> None:
+def start_backward_at(model: nn.Module, names: list[str]) -> Tensor:
     """Make the outputs of ``model``'s modules ``names`` require grad where nothing before them does, as an
     adapter's trainable ``A`` does: a frozen model's backward then runs as far as an adapted one's (forward hooks;
-    no graph break under ``torch.compile``)."""
+    no graph break under ``torch.compile``). Returns the 0-dim tensor whose gradient sums the first element of
+    each such output's."""
     anchor = torch.zeros((), requires_grad=True)
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
@@ -89,6 +92,7 @@ def start_backward_at(model: nn.Module, names: list[str]) -> None:
 
     for name in names:
         model.get_submodule(name).register_forward_hook(hook)
+    return anchor
 
 
 def _freeze(model: nn.Module) -> nn.Module:

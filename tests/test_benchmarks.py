@@ -300,3 +300,13 @@ def test_the_floor_runs_backward_to_the_adapted_outputs_and_no_further() -> None
     plain = workload.build().requires_grad_(False)
     start_backward_at(plain, [])  # no layer named: nothing requires grad, as with no adapter
     assert not plain(**workload.batch).loss.requires_grad
+    # compiled (AOTAutograd, as inductor), the backward is kept, not dropped as dead code: the anchor's gradient
+    # (first elements of the first outputs' gradients) as in eager, and not zero
+    anchors = []
+    for compiled in (False, True):
+        model = workload.build().requires_grad_(False)
+        anchors.append(start_backward_at(model, workload.targets))
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        run(**workload.batch).loss.backward()
+    assert anchors[0].grad != 0
+    torch.testing.assert_close(anchors[1].grad, anchors[0].grad)
