@@ -67,7 +67,7 @@ MERGE_RATIO = 2.0
 def merges_for_grad_x(dtype: torch.dtype, tokens: int, d_out: int) -> bool:
     """Whether the backward computes ``gx = g @ (W + c A_out A_in.T)`` rather than writing ``g @ A_out @ (c A_in).T``
     and accumulating ``g @ W`` into it: when building the ``(d_out, d_in)`` merged weight costs less than that
-    ``(T, d_in)`` write (``d_out * MERGE_RATIO <= T``; 0.3-1.3 % of the benchmark's training steps, issue 27),
+    ``(T, d_in)`` write (``d_out * MERGE_RATIO <= T``; 0.3-0.6 % of a benchmark step, paired, within the noise),
     and only in float32 / float64 (in 16-bit floats the sum would round ``c A_out A_in.T`` to ``W``'s precision)."""
     return dtype in (torch.float32, torch.float64) and d_out * MERGE_RATIO <= tokens
 
