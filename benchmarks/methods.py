@@ -85,7 +85,7 @@ def start_backward_at(model: nn.Module, names: list[str]) -> Tensor:
     adapter's trainable ``A`` does: a frozen model's backward then runs as far as an adapted one's (forward hooks;
     no graph break under ``torch.compile``). Returns the 0-dim tensor whose gradient sums the first element of
     each such output's."""
-    anchor = torch.zeros((), requires_grad=True)
+    anchor = torch.zeros((), requires_grad=True, device=next(model.parameters()).device)  # where the grads are
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
         return output if output.requires_grad else _StartBackward.apply(output, anchor)
