@@ -18,6 +18,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_at_least(options: Any, bound: int, *names: str) -> None:
+    """A ``SingLoRAError`` naming the flag (``--name=value must be >= bound``) for the first field of ``options``
+    among ``names`` that is below ``bound``."""
+    for name in names:
+        value = getattr(options, name)
+        if value < bound:
+            raise SingLoRAError(f"{_flag(name)}={value} must be >= {bound}")
+
+
 def add_dataclass_arguments(parser: Any, cls: type, *, suppress: bool = False, skip: Sequence[str] = ()) -> None:
     """One ``--flag`` per field of dataclass ``cls`` but those in ``skip``; the help is the field's
     ``metadata["help"]``. Fields with ``metadata["cli"] = False`` get no flag; ``metadata["aliases"]`` are other

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..cli_options import check_at_least
 from ..errors import SingLoRAError
 from ..train.tasks import TaskData
 from .task import SFT, ChatOptions, _help
@@ -61,7 +62,7 @@ class DPOOptions(ChatOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._at_least(0, "eval_train_pairs")
+        check_at_least(self, 0, "eval_train_pairs")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise SingLoRAError(f"--beta={self.beta} must be a finite number > 0")
         if self.loss_type not in LOSS_TYPES:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..cli_options import check_at_least
 from ..errors import SingLoRAError
 from ..hf import eval_mode
 from ..untrusted import read_json
@@ -47,16 +48,12 @@ class GenerationOptions:
 
     def validate(self) -> None:
         """Check the fields; errors name the flag."""
-        if self.max_new_tokens < 1:
-            raise SingLoRAError(f"--max-new-tokens={self.max_new_tokens} must be >= 1")
-        if self.batch_size < 1:
-            raise SingLoRAError(f"--batch-size={self.batch_size} must be >= 1")
+        check_at_least(self, 1, "max_new_tokens", "batch_size")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise SingLoRAError(f"--temperature={self.temperature} must be a finite number > 0")
         if not 0 < self.top_p <= 1:
             raise SingLoRAError(f"--top-p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise SingLoRAError(f"--top-k={self.top_k} must be >= 0")
+        check_at_least(self, 0, "top_k")
 
 
 @dataclass

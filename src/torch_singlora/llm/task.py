@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..cli_options import check_at_least
 from ..errors import SingLoRAError
 from ..train.tasks import CausalLM, TaskData
 
@@ -49,14 +50,8 @@ class ChatOptions:
     eval_samples: int = _help("sample generations logged per evaluation", 3)
 
     def __post_init__(self) -> None:
-        self._at_least(0, "eval_generations", "eval_samples")
-        self._at_least(1, "max_new_tokens")
-
-    def _at_least(self, bound: int, *names: str) -> None:
-        """A clear error naming the flag when one of ``names`` is below ``bound``."""
-        for name in names:
-            if getattr(self, name) < bound:
-                raise SingLoRAError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= {bound}")
+        check_at_least(self, 0, "eval_generations", "eval_samples")
+        check_at_least(self, 1, "max_new_tokens")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from ..adapter_file import SAVE_DTYPES
 from ..config import DEFAULT_RAMP_UP_STEPS, parse_steps_or_fraction
+from ..cli_options import check_at_least
 from ..errors import SingLoRAError
 from .methods import METHOD_NAMES
 from .registry import TASKS, task_class
@@ -150,12 +151,8 @@ class TrainConfig:
                               ("precision", PRECISIONS)):
             if getattr(self, flag) not in allowed:
                 raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r} must be one of {allowed}")
-        for flag in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every", "r"):
-            if getattr(self, flag) < 1:
-                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be >= 1")
-        for flag in ("epochs", "max_steps", "eval_every", "save_every", "max_train_samples"):
-            if getattr(self, flag) < 0:
-                raise SingLoRAError(f"--{flag.replace('_', '-')}={getattr(self, flag)} must be >= 0")
+        check_at_least(self, 1, "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every", "r")
+        check_at_least(self, 0, "epochs", "max_steps", "eval_every", "save_every", "max_train_samples")
         if self.epochs == 0 and self.max_steps == 0:
             raise SingLoRAError("--epochs=0 and --max-steps=0: nothing to train")
         if self.eval_data and self.eval_split:
