@@ -132,9 +132,9 @@ def model_table(workload_name: str, methods: list[str], r: int) -> list[str]:
     return lines
 
 
-# The variants of SingLoRA's training path in ``--ab``: (fused_linear.ENABLED, fused_linear.MERGE_RATIO).
-AB_VARIANTS = {"singlora": (True, fused_linear.MERGE_RATIO), "singlora_gx_written": (True, float("inf")),
-               "singlora_autograd": (False, fused_linear.MERGE_RATIO)}
+# What each variant of SingLoRA's training path in ``--ab`` sets in ``fused_linear`` (the rest as the module has it).
+AB_VARIANTS = {"singlora": {}, "singlora_gx_written": {"MERGE_RATIO": float("inf")},
+               "singlora_autograd": {"ENABLED": False}}
 
 
 def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
@@ -148,18 +148,20 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
     frozen = built["singlora_frozen_A"].model
     frozen.requires_grad_(False)  # the update's forward and gradient of x, not A's
     start_backward_at(frozen.model, workload.targets)  # backward still runs as far as with A trainable
-    defaults = fused_linear.ENABLED, fused_linear.MERGE_RATIO
+    defaults = {"ENABLED": fused_linear.ENABLED, "MERGE_RATIO": fused_linear.MERGE_RATIO}
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
-            fused_linear.ENABLED, fused_linear.MERGE_RATIO = AB_VARIANTS.get(name, defaults)
+            for setting, value in {**defaults, **AB_VARIANTS.get(name, {})}.items():
+                setattr(fused_linear, setting, value)
             train_step(built[name], workload.batch)
         return run
 
     try:
         wall, cpu = interleaved_clocks({name: step(name) for name in built}, warmup, steps)
     finally:
-        fused_linear.ENABLED, fused_linear.MERGE_RATIO = defaults
+        for setting, value in defaults.items():
+            setattr(fused_linear, setting, value)
     lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}; per round: the method's CPU time "
              "over the base's in the same round, median (q1-q3 over the rounds: the spread of a ratio)", "",
              "| method | step CPU ms (median) | over base | per round over base | step wall ms (median) | over base |",
