@@ -105,7 +105,7 @@ def tiny_singlora_llama(dtype: torch.dtype, vocab: int = 97, layers: int = 2, **
     return model
 
 
-__all__ = ["tiny_singlora_llama", "save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math"]
+__all__ = ["tiny_singlora_llama", "save_tiny_chat_llama", "TOLERANCES", "assert_close", "dense_update", "expected_coefficient", "minilm_path", "param_formula", "save_tiny_bert", "math", "ctrl_c_after_step"]
 
 
 @contextlib.contextmanager
