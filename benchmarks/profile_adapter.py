@@ -10,8 +10,9 @@
   ``autograd`` (self CPU per call, call counts): which products the adapter adds and what each costs.
 - ``--model NAME``: a ``torch.profiler`` table of one training step per method on a workload.
 - ``--ab NAME``: whole training steps of base, PEFT LoRA, SingLoRA fused (also with the gradient of x never from
-  the merged weight, ``fused_linear.merges_for_grad_x``, and with A frozen: the cost of A's gradient apart) and
-  SingLoRA autograd, interleaved.
+  the merged weight, ``fused_linear.merges_for_grad_x``; with A frozen: the cost of A's gradient apart; and with
+  the adapters disabled: what the wrapping modules alone cost) and SingLoRA autograd, interleaved, with the minor
+  page faults of each step (memory the allocator gave back to the system and takes again).
 
 ``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME].md``, with the command
 and the load average before and after.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -139,22 +141,29 @@ AB_VARIANTS = {"singlora": {}, "singlora_gx_written": {"MERGE_RATIO": float("inf
 
 def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
     """Training steps of base, PEFT LoRA and SingLoRA by hand (``singlora``; ``singlora_gx_written``: the gradient
-    of x never from the merged weight; ``singlora_frozen_A``: A frozen, so the step's cost without A's gradient)
-    and by autograd's composition, interleaved."""
+    of x never from the merged weight; ``singlora_frozen_A``: A frozen, so the step's cost without A's gradient;
+    ``singlora_wrapper_only``: the adapters disabled, each layer calls its base layer) and by autograd's
+    composition, interleaved. The two frozen variants start their backward at the adapted layers, as the base."""
     workload = WORKLOADS[workload_name]()
     built = {name: build_method(name, workload.build(), workload.targets, r, alpha=r) for name in ("base", "lora")}
     built.update({name: build_method("singlora", workload.build(), workload.targets, r, alpha=r)
-                  for name in (*AB_VARIANTS, "singlora_frozen_A")})
-    frozen = built["singlora_frozen_A"].model
-    frozen.requires_grad_(False)  # the update's forward and gradient of x, not A's
-    start_backward_at(frozen.model, workload.targets)  # backward still runs as far as with A trainable
+                  for name in (*AB_VARIANTS, "singlora_frozen_A", "singlora_wrapper_only")})
+    for name in ("singlora_frozen_A", "singlora_wrapper_only"):  # A's gradient apart; then the update too
+        frozen = built[name].model
+        frozen.requires_grad_(False)
+        start_backward_at(frozen.model, workload.targets)  # backward still runs as far as with A trainable
+    for _, layer in built["singlora_wrapper_only"].model.singlora_layers():
+        layer.disabled = True
     defaults = {"ENABLED": fused_linear.ENABLED, "MERGE_RATIO": fused_linear.MERGE_RATIO}
+    faults: dict[str, list[int]] = {name: [] for name in built}
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
             for setting, value in {**defaults, **AB_VARIANTS.get(name, {})}.items():
                 setattr(fused_linear, setting, value)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             train_step(built[name], workload.batch)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return run
 
     try:
@@ -164,14 +173,15 @@ def model_ab(workload_name: str, r: int, warmup: int, steps: int) -> list[str]:
             setattr(fused_linear, setting, value)
     lines = [f"{workload.description}; {steps} interleaved rounds after {warmup}; per round: the method's CPU time "
              "over the base's in the same round, median (q1-q3 over the rounds: the spread of a ratio)", "",
-             "| method | step CPU ms (median) | over base | per round over base | step wall ms (median) | over base |",
-             "|---|---|---|---|---|---|"]
+             "| method | step CPU ms (median) | over base | per round over base | step wall ms (median) | over base "
+             "| page faults per step |", "|---|---|---|---|---|---|---|"]
     med = {clock: {n: statistics.median(t) * 1e3 for n, t in times.items()} for clock, times in
            (("cpu", cpu), ("wall", wall))}
     for name in built:
         lines.append(f"| {name} | {med['cpu'][name]:.1f} | {med['cpu'][name] / med['cpu']['base']:.3f} "
                      f"| {_per_round(cpu[name], cpu['base'])} "
-                     f"| {med['wall'][name]:.1f} | {med['wall'][name] / med['wall']['base']:.3f} |")
+                     f"| {med['wall'][name]:.1f} | {med['wall'][name] / med['wall']['base']:.3f} "
+                     f"| {statistics.median(faults[name][warmup:]):.0f} |")
     print("\n".join(lines), flush=True)
     return lines
 

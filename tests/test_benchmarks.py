@@ -244,16 +244,19 @@ def test_sft_benchmark_trains_through_the_cli_and_packing_keeps_the_losses(tmp_p
 def test_profile_adapter_ab_runs_each_variant_with_its_own_settings_and_restores_them(monkeypatch) -> None:
     """``profile_adapter --ab`` on the tiny Llama: each method's step runs with its ``fused_linear`` settings (the
     merged gradient of x off for ``singlora_gx_written``, autograd's composition for ``singlora_autograd``), the
-    frozen-A variant trains nothing but still runs backward (an error otherwise), and the settings are restored."""
+    frozen-A and wrapper-only variants train nothing but still run backward (an error otherwise), only the latter
+    with its adapters disabled, every row counts its page faults, and the settings are restored."""
     from benchmarks import profile_adapter
-    from torch_singlora import fused_linear
+    from torch_singlora import SingLoRALayer, fused_linear
 
     monkeypatch.setattr(profile_adapter, "WORKLOADS", {"llama": lambda: workloads.llama(tiny=True)})
     seen = []
 
     def recording_step(method, batch) -> None:
         trainable = sum(p.numel() for p in method.model.parameters() if p.requires_grad)
-        seen.append((fused_linear.ENABLED, fused_linear.MERGE_RATIO, trainable))
+        layers = [layer for layer in method.model.modules() if isinstance(layer, SingLoRALayer)]
+        disabled = [layer.disabled for layer in layers]
+        seen.append((fused_linear.ENABLED, fused_linear.MERGE_RATIO, trainable, len(layers), all(disabled)))
         train_step(method, batch)
 
     train_step = profile_adapter.train_step
@@ -261,13 +264,18 @@ def test_profile_adapter_ab_runs_each_variant_with_its_own_settings_and_restores
     lines = profile_adapter.model_ab("llama", r=2, warmup=0, steps=1)
     merge = fused_linear.MERGE_RATIO
     assert (fused_linear.ENABLED, merge) == (True, 2.0)
-    names = ["base", "lora", "singlora", "singlora_gx_written", "singlora_autograd", "singlora_frozen_A"]
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[4:]] == names
-    assert lines[4].split(" | ")[2:4] == ["1.000", "1.000"]  # base over base: of the medians, and per round
-    settings = [(enabled, ratio) for enabled, ratio, _ in seen]
-    assert settings[2:] == [(True, merge), (True, float("inf")), (False, merge), (True, merge)]
-    trainable = [count for _, _, count in seen]
-    assert trainable[0] == 0 and trainable[5] == 0 and trainable[2] == trainable[3] == trainable[4] > 0
+    names = ["base", "lora", "singlora", "singlora_gx_written", "singlora_autograd", "singlora_frozen_A",
+             "singlora_wrapper_only"]
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == names
+    assert rows[0][2:4] == ["1.000", "1.000"]  # base over base: of the medians, and per round
+    assert all(row[-1].isdigit() for row in rows)  # page faults per step
+    settings = [(enabled, ratio) for enabled, ratio, *_ in seen]
+    assert settings[2:] == [(True, merge), (True, float("inf")), (False, merge), (True, merge), (True, merge)]
+    trainable = [count for _, _, count, _, _ in seen]
+    assert trainable[0] == trainable[5] == trainable[6] == 0 and trainable[2] == trainable[3] == trainable[4] > 0
+    wrapped = [(layers, disabled) for *_, layers, disabled in seen]
+    assert wrapped[6] == (wrapped[2][0], True) and wrapped[2][0] > 0 and not wrapped[5][1]
 
 
 def test_the_floor_runs_backward_to_the_adapted_outputs_and_no_further() -> None:
