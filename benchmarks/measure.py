@@ -30,6 +30,27 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 
+def keep_freed_memory() -> None:
+    """Make glibc's allocator keep the memory this process frees, so that steps stop page-faulting.
+
+    By default glibc returns freed memory to the system (big blocks are ``mmap``-ed and unmapped each time, the
+    heap's top is trimmed), so a step touches fresh pages wherever it allocates more than the heap holds: up to
+    ~100,000 minor page faults a step, and how many a method pays depends on what ran before it in an interleaved
+    round (one MiniLM run: 0 to 28,000 a step between methods, ~2-4 % of a step). Here every allocation comes from
+    the heap (``M_MMAP_MAX = 0``) and the heap is never trimmed (``M_TRIM_THRESHOLD``): after a few rounds every
+    step reuses pages the process already has, and the times measure computation. A user's run on default glibc
+    pays the faults too (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment, or jemalloc /
+    tcmalloc, remove them). Raises ``RuntimeError`` where ``mallopt`` is missing or refuses (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None or not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError(f"keep_freed_memory: no glibc mallopt here (C library {name!r})")
+
+
 def quartiles(samples: Sequence[float]) -> dict[str, float]:
     """Median, first and third quartile, min, of ``samples`` (seconds) in milliseconds."""
     ms = sorted(s * 1e3 for s in samples)

@@ -14,6 +14,9 @@
   the adapters disabled: what the wrapping modules alone cost) and SingLoRA autograd, interleaved, with the minor
   page faults of each step (memory the allocator gave back to the system and takes again).
 
+``--keep-memory``: glibc keeps the memory the process frees, so that no step page-faults
+(``measure.keep_freed_memory``): the computation alone, without the allocator's part, which differs between methods.
+
 ``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME].md``, with the command
 and the load average before and after.
 """
@@ -38,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch_singlora import SingLoRALayer, fused_linear
 from torch_singlora.atomic import atomic_write_text
 
-from .measure import interleaved_clocks
+from .measure import interleaved_clocks, keep_freed_memory
 from .methods import METHODS, build_method, start_backward_at, train_step
 from .workloads import WORKLOADS
 
@@ -207,8 +210,12 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to DIR/profile_adapter*.md")
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="glibc keeps freed memory: steps do not page-fault (measure.keep_freed_memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_memory:
+        keep_freed_memory()
     start_load = os.getloadavg()
     if args.ab:
         lines, suffix = model_ab(args.ab, args.r, warmup=2, steps=args.steps or 10), f"_ab_{args.ab}"

@@ -186,6 +186,40 @@ def test_cpu_timing_needs_no_synchronization(monkeypatch):
     assert events == ["clock", "call", "clock"]
 
 
+_FAULTS_OF_A_BIG_ALLOCATION = """
+import resource, sys, torch
+from benchmarks.measure import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+faults = []
+for _ in range(16):  # 128 MiB: above any threshold at which glibc serves blocks from the heap by default
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(32 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[-4:]), max(faults[-4:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_stops_a_repeated_allocation_from_page_faulting() -> None:
+    """By default glibc unmaps a freed 128 MiB tensor and the next one faults all its 32,768 pages in again; after
+    ``keep_freed_memory`` the heap keeps them, and once it holds a free block that fits (a few rounds: the small
+    allocations between them split the first ones) the same allocation reuses pages it already has."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def faults(mode: str) -> tuple[int, int]:
+        """The fewest and the most page faults of the last four allocations."""
+        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_BIG_ALLOCATION, mode], cwd=root, check=True,
+                             capture_output=True, text=True)
+        fewest, most = map(int, run.stdout.split())
+        return fewest, most
+
+    assert faults("default")[0] > 30000
+    assert faults("keep")[1] < 100
+
+
 def test_cuda_peak_is_the_allocator_peak_above_the_starting_level(monkeypatch):
     """The CUDA peak reads the allocator's counters in the right order (faked here: runs without a GPU)."""
     from benchmarks import measure
