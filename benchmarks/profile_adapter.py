@@ -17,8 +17,8 @@
 ``--keep-memory``: glibc keeps the memory the process frees, so that no step page-faults
 (``measure.keep_freed_memory``): the computation alone, without the allocator's part, which differs between methods.
 
-``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME].md``, with the command
-and the load average before and after.
+``--out DIR`` also writes what is printed to ``DIR/profile_adapter[_ops|_model|_ab_NAME][_keep_memory].md``, with
+the command and the load average before and after.
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def main() -> None:
     else:
         lines, suffix = layer_table(args.tokens, args.r, warmup=3, steps=args.steps or 25), ""
     if args.out is not None:
+        suffix += "_keep_memory" if args.keep_memory else ""
         command = "python -m benchmarks.profile_adapter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         header = [f"Command: `{command.strip()}` ({torch.get_num_threads()} thread(s), torch {torch.__version__})",
                   "", f"Load average (1, 5, 15 min) at the start: {start_load}, at the end: {os.getloadavg()}; "
