@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from .measure import (directory_bytes, inference_times, interleaved_clocks, machine_description, median_seconds,
-                      optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes, timed,
-                      trainable, write_outputs)
+from .measure import (directory_bytes, inference_times, interleaved_clocks, keep_freed_memory, machine_description,
+                      median_seconds, optimizer_state_bytes, peak_step_bytes, quartiles, synchronizer, tensor_bytes,
+                      timed, trainable, write_outputs)
 from .methods import METHODS, Method, build_method, train_step
 from .workloads import WORKLOADS, Workload
 
@@ -238,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 20; quick 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="glibc keeps freed memory: steps do not page-fault (measure.keep_freed_memory)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results)")
     parser.add_argument("--stem", default=None, help="output file names <stem>.json / .md (default results; "
                                                      "quick: quick)")
@@ -259,7 +261,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "device": pick("device", "cpu"),
         "dtype": pick("dtype", "float32"), "llama_size": pick("llama_size", "small"),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
-        "train_only": args.train_only,
+        "train_only": args.train_only, "keep_memory": args.keep_memory,
         "out": pick("out", Path(__file__).parent / "results"),
         "stem": args.stem or ("quick" if args.quick else "results"),
     }
@@ -304,6 +306,8 @@ def write_results(results: dict[str, Any], out: Path, stem: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = resolve(parse_args(argv))
     torch.set_num_threads(settings["threads"])
+    if settings["keep_memory"]:
+        keep_freed_memory()
     device, names = settings["device"], settings["methods"]
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results: dict[str, Any] = {"command": command.strip(), "machine": machine_description(device),

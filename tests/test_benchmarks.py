@@ -89,9 +89,16 @@ def test_quick_bfloat16_base_keeps_float32_adapters(tmp_path):
     assert 0 < workload["merged_vs_unmerged_max_abs_diff"] < 0.05
 
 
-def test_train_only_skips_the_singlora_extras(tmp_path):
+def test_train_only_skips_the_singlora_extras(tmp_path, monkeypatch):
+    """``--train-only`` times training steps only; ``--keep-memory`` sets the allocator first (here recorded
+    instead: it would stay set for the rest of the test session) and is written into the results' settings."""
+    from benchmarks import run
+
+    kept = []
+    monkeypatch.setattr(run, "keep_freed_memory", lambda: kept.append(len(kept)))
     results = main(["--quick", "--train-only", "--workloads", "minilm", "--methods", "lora", "singlora",
-                    "--steps", "2", "--out", str(tmp_path)])
+                    "--steps", "2", "--keep-memory", "--out", str(tmp_path)])
+    assert kept == [0] and results["settings"]["keep_memory"] is True
     workload = results["workloads"]["minilm-tiny"]
     assert list(workload["train"]) == ["lora", "singlora"] and results["settings"]["train_only"] is True
     assert "inference" not in workload and "merge" not in workload and "inference_merged_over_base" not in \
